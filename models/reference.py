@@ -1,0 +1,237 @@
+"""The sparse PyTorch reference forward: the oracle every deployed backend is compared with.
+
+`sparse_forward` runs a HF causal LM from its own weights (through an adapter) with per-sequence
+head and neuron masks, and *skips* what the masks switch off: for each distinct mask in the batch
+it gathers only the active rows of q/k/v/o and of the MLP projections, so the work done shrinks
+with the kept fraction, exactly as the custom ops of DESIGN §3 promise. Per-token masks
+(`[B, S, L, ·]`, the DejaVu baseline) change every position, so they are applied by zeroing the
+masked heads' context and neurons' activations instead.
+
+The KV cache is a tuple over layers of `(key, value)` tensors `[B, G, T, E]` (HF's legacy layout).
+Positions come from the attention mask (cumulative sum, as `generate` does), so left padding works.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .adapters import Arch, AttentionWeights, MLPWeights, activation_fn, adapter_for
+from .errors import ShadowError
+
+# observer(layer, name, tensor) -> tensor | None. Names: "residual" (layer input [B,S,D]),
+# "attn_out" (attention block output [B,S,D]), "head_context" (per-head context before o_proj
+# [B,S,H,E]) and "neuron_act" (MLP intermediate [B,S,F]). The last two are observed only where
+# every head / neuron is computed (dense or per-token masks). A returned tensor replaces the
+# observed one, which is how importance criteria attach gradients.
+Observer = Callable[[int, str, torch.Tensor], "torch.Tensor | None"]
+
+
+def _rows(w: torch.Tensor | None, idx: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    """Rows of blocks `idx` (each `size` rows) of a [N*size, ...] tensor; all of it when idx is None."""
+    if w is None or idx is None:
+        return w
+    blocks = w.reshape(-1, size, *w.shape[1:])
+    return blocks.index_select(0, idx).reshape(-1, *w.shape[1:])
+
+
+def _linear(x, w, b):
+    y = x @ w.t()
+    return y if b is None else y + b
+
+
+def _project_out(t, w_t, b):
+    """Output projection with a transposed (row-per-head / row-per-neuron) weight."""
+    y = t @ w_t
+    return y if b is None else y + b
+
+
+def _apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on t[b, n, S, E] with cos/sin [b, S, E/2]."""
+    half = t.shape[-1] // 2
+    t1, t2 = t[..., :half], t[..., half:]
+    c, s = cos[:, None], sin[:, None]
+    return torch.cat([t1 * c - t2 * s, t2 * c + t1 * s], dim=-1)
+
+
+def _observe(observer, layer, name, t):
+    if observer is None:
+        return t
+    out = observer(layer, name, t)
+    return t if out is None else out
+
+
+def _row_groups(mask: torch.Tensor | None, batch: int):
+    """Split a per-sequence mask [B, X] into groups of rows sharing the same mask.
+
+    Yields (rows, active) with rows a LongTensor of batch indices (None = the whole batch) and
+    active the kept indices (None = all). One group per distinct mask keeps a batch that shares a
+    mask (the common case) a single batched computation.
+    """
+    if mask is None:
+        yield None, None
+        return
+    uniq, inverse = torch.unique(mask, dim=0, return_inverse=True)
+    for u in range(uniq.shape[0]):
+        active = uniq[u].nonzero().flatten()
+        rows = (inverse == u).nonzero().flatten()
+        yield (None if rows.numel() == batch else rows), (None if active.numel() == mask.shape[1] else active)
+
+
+def _attention(arch: Arch, w: AttentionWeights, x, past, allowed, rope, heads, token_mask, kv_policy,
+               observer, layer):
+    """Attention block for rows sharing `heads` (None = all). Returns (y, key, value) for those rows."""
+    b, S, _ = x.shape
+    E, H, G = arch.head_dim, arch.num_heads, arch.num_kv_heads
+    per_group = arch.heads_per_group
+    if heads is None:
+        groups = None
+    elif kv_policy == "active":
+        groups = torch.unique(heads // per_group)
+    else:
+        groups = None
+    n_heads = H if heads is None else heads.numel()
+    n_groups = G if groups is None else groups.numel()
+
+    q = _linear(x, _rows(w.w_q, heads, E), _rows(w.b_q, heads, E)).view(b, S, n_heads, E).transpose(1, 2)
+    k = _linear(x, _rows(w.w_k, groups, E), _rows(w.b_k, groups, E)).view(b, S, n_groups, E).transpose(1, 2)
+    v = _linear(x, _rows(w.w_v, groups, E), _rows(w.b_v, groups, E)).view(b, S, n_groups, E).transpose(1, 2)
+    if rope is not None:
+        q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+    if groups is not None:
+        # kv_policy=active: kv heads no active query head reads stay uncomputed, zeros in the cache.
+        k_full, v_full = x.new_zeros(b, G, S, E), x.new_zeros(b, G, S, E)
+        k_full[:, groups], v_full[:, groups] = k, v
+        k, v = k_full, v_full
+    past_k, past_v = past
+    key, value = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+
+    head_ids = torch.arange(H, device=x.device) if heads is None else heads
+    kv_of_head = head_ids // per_group
+    keys, values = key.index_select(1, kv_of_head), value.index_select(1, kv_of_head)
+    scores = (q @ keys.transpose(-1, -2)) * arch.scale
+    scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    context = (probs @ values).transpose(1, 2)  # [b, S, n_heads, E]
+    if heads is None:
+        context = _observe(observer, layer, "head_context", context)
+    if token_mask is not None:
+        context = context * token_mask[..., None].to(context.dtype)
+    return _project_out(context.reshape(b, S, n_heads * E), _rows(w.w_o_t, heads, E), w.b_o), key, value
+
+
+def _mlp(arch: Arch, w: MLPWeights, x, neurons, token_mask, observer, layer):
+    act = activation_fn(arch.activation)
+    w_in, b_in = _rows(w.w_in, neurons, 1), _rows(w.b_in, neurons, 1)
+    if arch.gated:
+        hidden = act(x @ _rows(w.w_gate, neurons, 1).t()) * _linear(x, w_in, b_in)
+    else:
+        hidden = act(_linear(x, w_in, b_in))
+    if neurons is None:
+        hidden = _observe(observer, layer, "neuron_act", hidden)
+    if token_mask is not None:
+        hidden = hidden * token_mask.to(hidden.dtype)
+    return _project_out(hidden, _rows(w.w_out_t, neurons, 1), w.b_out)
+
+
+def _check_mask(name, mask, B, S, L, X):
+    if mask is None:
+        return None, None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ShadowError(f"{name} must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if tuple(mask.shape) == (B, L, X):
+        return mask, None
+    if tuple(mask.shape) == (B, S, L, X):
+        return None, mask
+    raise ShadowError(f"{name} has shape {tuple(mask.shape)}; expected [B, L, {X}] = {(B, L, X)} "
+                      f"(per sequence) or [B, S, L, {X}] = {(B, S, L, X)} (per token)")
+
+
+def _by_rows(groups_out, B, like):
+    """Reassemble per-group outputs [(rows, tensor)] into one batch-major tensor."""
+    if len(groups_out) == 1 and groups_out[0][0] is None:
+        return groups_out[0][1]
+    out = like.new_zeros((B,) + groups_out[0][1].shape[1:])
+    for rows, t in groups_out:
+        out = out.index_copy(0, rows, t)
+    return out
+
+
+def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention_mask=None, past=None,
+                   *, kv_policy: str = "all", observer: Observer | None = None):
+    """Run `model` on `input_ids` [B, S] with head / neuron masks; returns (logits [B,S,V], past).
+
+    head_mask: bool [B, L, H] (per sequence: masked heads are skipped) or [B, S, L, H] (per token:
+    zeroed); neuron_mask likewise with F. None means dense. attention_mask: [B, P+S] with 1 = attend
+    (left padding allowed), all ones when None. past: the tuple returned by the previous call.
+    kv_policy: "all" computes K/V for every kv head; "active" only for kv heads some active query
+    head uses (the others' new cache positions hold zeros), valid when masks stay fixed per sequence.
+    Gradients are not disabled here: wrap in torch.no_grad() / inference_mode() for inference.
+    """
+    adapter = adapter_for(model)
+    arch = adapter.arch
+    if kv_policy not in ("all", "active"):
+        raise ShadowError(f"kv_policy {kv_policy!r}: expected 'all' or 'active'")
+    if input_ids.dim() != 2:
+        raise ShadowError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    B, S = input_ids.shape
+    L = arch.num_layers
+    if past is not None and len(past) != L:
+        raise ShadowError(f"past has {len(past)} layers; the model has {L}")
+    P = 0 if past is None else past[0][0].shape[2]
+    T = P + S
+    if S and (int(input_ids.min()) < 0 or int(input_ids.max()) >= arch.vocab):
+        raise ShadowError(f"token ids must lie in [0, {arch.vocab}); got {int(input_ids.min())}..{int(input_ids.max())}")
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
+    if tuple(attention_mask.shape) != (B, T):
+        raise ShadowError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected [B, past+new] = {(B, T)}")
+    if arch.sliding_window is not None and T > arch.sliding_window:
+        raise ShadowError(f"sequence of {T} tokens exceeds the sliding window ({arch.sliding_window}), not supported")
+    seq_heads, tok_heads = _check_mask("head_mask", head_mask, B, S, L, arch.num_heads)
+    seq_neurons, tok_neurons = _check_mask("neuron_mask", neuron_mask, B, S, L, arch.ffn)
+
+    attention_mask = attention_mask.to(input_ids.device)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
+    if T and int(position_ids.max()) >= arch.max_positions:
+        raise ShadowError(f"position {int(position_ids.max())} exceeds the model's {arch.max_positions} positions")
+    causal = torch.arange(T, device=input_ids.device)[None, :] <= (P + torch.arange(S, device=input_ids.device))[:, None]
+    allowed = causal[None] & attention_mask.bool()[:, None, :]  # [B, S, T]
+
+    h = adapter.embed(input_ids, position_ids)
+    rope = adapter.rope(position_ids) if arch.rope else None
+    if past is None:
+        empty = h.new_zeros(B, arch.num_kv_heads, 0, arch.head_dim)
+        past = [(empty, empty)] * L
+    presents = []
+    for layer in range(L):
+        h = _observe(observer, layer, "residual", h)
+        # --- attention block ---
+        w = adapter.attention(layer)
+        x = adapter.attn_norm(layer)(h) if arch.pre_norm else h
+        ys, keys, values = [], [], []
+        for rows, heads in _row_groups(None if seq_heads is None else seq_heads[:, layer], B):
+            sel = (lambda t: t) if rows is None else (lambda t, r=rows: t.index_select(0, r))
+            y, k, v = _attention(
+                arch, w, sel(x), (sel(past[layer][0]), sel(past[layer][1])), sel(allowed),
+                None if rope is None else (sel(rope[0]), sel(rope[1])), heads,
+                None if tok_heads is None else tok_heads[:, :, layer], kv_policy, observer, layer)
+            ys.append((rows, y)), keys.append((rows, k)), values.append((rows, v))
+        a = _observe(observer, layer, "attn_out", _by_rows(ys, B, x))
+        presents.append((_by_rows(keys, B, x), _by_rows(values, B, x)))
+        h = h + a
+        if not arch.pre_norm:
+            h = adapter.attn_norm(layer)(h)
+        # --- MLP block ---
+        w = adapter.mlp(layer)
+        x = adapter.mlp_norm(layer)(h) if arch.pre_norm else h
+        ys = []
+        for rows, neurons in _row_groups(None if seq_neurons is None else seq_neurons[:, layer], B):
+            xr = x if rows is None else x.index_select(0, rows)
+            ys.append((rows, _mlp(arch, w, xr, neurons, None if tok_neurons is None else tok_neurons[:, :, layer],
+                                  observer, layer)))
+        h = h + _by_rows(ys, B, x)
+        if not arch.pre_norm:
+            h = adapter.mlp_norm(layer)(h)
+    return adapter.logits(h), tuple(presents)

@@ -1,0 +1,68 @@
+"""Models built in code from a config: tiny random ones for tests, large synthetic ones for benchmarks.
+
+Random weights are fine wherever what is checked is arithmetic (parity) or speed (bytes moved),
+and they need no download. A byte-level tokenizer comes with them so the whole CLI runs on a tiny
+model saved to a folder.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY_CONFIGS = {
+    # OPT: ReLU, biases, learned positions, multi-head attention.
+    "opt": dict(
+        model_type="opt", vocab_size=260, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+        ffn_dim=96, max_position_embeddings=128, word_embed_proj_dim=64, do_layer_norm_before=True,
+        activation_function="relu", pad_token_id=256, bos_token_id=257, eos_token_id=258,
+    ),
+    # Llama: RMSNorm, RoPE, GQA (6 query heads over 2 kv heads), SwiGLU, tied embeddings.
+    "llama": dict(
+        model_type="llama", vocab_size=260, hidden_size=96, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=16, intermediate_size=80, max_position_embeddings=128,
+        hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+        pad_token_id=256, bos_token_id=257, eos_token_id=258,
+    ),
+}
+
+
+def build_model(model_type: str, seed: int = 0, **overrides):
+    """A randomly initialised HF causal LM of `model_type` ("opt" | "llama") in fp32, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    params = dict(TINY_CONFIGS[model_type], **overrides)
+    config = AutoConfig.for_model(**params)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # HF initialises with std 0.02, which makes a tiny model's logits nearly uniform; larger random
+    # weights give parity tests logits with real spread (and real chances to disagree).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.15)
+            elif "bias" in name:
+                p.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens + <pad> <unk> <bos> <eos>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # ids 0..255
+    vocab.update({"<pad>": 256, "<bos>": 257, "<eos>": 258, "<unk>": 259})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def save_tiny(model_type: str, folder, seed: int = 0):
+    """Save a tiny random model + byte tokenizer as a local HF folder (safetensors)."""
+    model = build_model(model_type, seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    byte_tokenizer().save_pretrained(folder)
+    return model

@@ -1,0 +1,96 @@
+"""Loading local folders and the embedded model; bad folders are one clear error."""
+
+import json
+
+import pytest
+import torch
+
+from shadowllm.models import ShadowError, fingerprint, load
+from shadowllm.models.tiny import save_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny("llama", folder, seed=5)
+    return folder
+
+
+def test_local_folder_round_trip(tiny_folder):
+    model, tokenizer = load(tiny_folder)
+    original = save_tiny("llama", tiny_folder.parent / "again", seed=5)
+    ids = torch.tensor([tokenizer("hello world")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
+    assert fingerprint(model) == fingerprint(original)
+
+
+def test_fingerprint_tells_models_apart():
+    from shadowllm.models.tiny import build_model
+
+    assert fingerprint(build_model("llama", seed=1)) != fingerprint(build_model("llama", seed=2))
+
+
+def test_unknown_name_or_missing_folder(tmp_path):
+    with pytest.raises(ShadowError, match="no such folder, and not a known model name"):
+        load("no-such-model")
+    with pytest.raises(ShadowError, match="no config.json"):
+        load(tmp_path)
+
+
+def test_partial_and_corrupt_folders(tiny_folder, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_folder, partial)
+    (partial / "model.safetensors").unlink()
+    with pytest.raises(ShadowError, match="no model.safetensors"):
+        load(partial)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_folder, corrupt)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ShadowError, match="corrupt safetensors"):
+        load(corrupt)
+
+    bad_json = tmp_path / "badjson"
+    shutil.copytree(tiny_folder, bad_json)
+    (bad_json / "config.json").write_text("{not json")
+    with pytest.raises(ShadowError, match="not valid JSON"):
+        load(bad_json)
+
+
+def test_pickle_checkpoints_are_refused(tiny_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_folder, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(ShadowError, match="pickle"):
+        load(folder)
+
+
+def test_unsupported_architecture(tiny_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "gpt2"
+    shutil.copytree(tiny_folder, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ShadowError):
+        load(folder)
+
+
+@pytest.mark.slow
+def test_embedded_default_model(smollm2):
+    from shadowllm.models.loading import MANIFEST, cache_root
+
+    model, tokenizer = smollm2
+    folder = cache_root() / "models" / "smollm2-135m"
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["fingerprint"] == fingerprint(model)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in cfg  # the cached folder reloads without GGUF
+    assert tokenizer.decode(tokenizer("Paris is")["input_ids"]) == "Paris is"

@@ -22,7 +22,7 @@ from .errors import ShadowError
 
 # observer(layer, name, tensor) -> tensor | None. Names: "residual" (layer input [B,S,D]),
 # "attn_out" (attention block output [B,S,D]), "head_context" (per-head context before o_proj
-# [B,S,H,E]) and "neuron_act" (MLP intermediate [B,S,F]). The last two are observed only where
+# [B,S,H,E]), "mlp_in" (the normalised MLP input [B,S,D]) and "neuron_act" (MLP intermediate [B,S,F]). The last two are observed only where
 # every head / neuron is computed (dense or per-token masks). A returned tensor replaces the
 # observed one, which is how importance criteria attach gradients.
 Observer = Callable[[int, str, torch.Tensor], "torch.Tensor | None"]
@@ -225,7 +225,7 @@ def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention
             h = adapter.attn_norm(layer)(h)
         # --- MLP block ---
         w = adapter.mlp(layer)
-        x = adapter.mlp_norm(layer)(h) if arch.pre_norm else h
+        x = _observe(observer, layer, "mlp_in", adapter.mlp_norm(layer)(h) if arch.pre_norm else h)
         ys = []
         for rows, neurons in _row_groups(None if seq_neurons is None else seq_neurons[:, layer], B):
             xr = x if rows is None else x.index_select(0, rows)

@@ -56,6 +56,7 @@ class Importance:
     token_neurons: dict = field(default_factory=dict)  # criterion -> [B, K, L, F]
     attn0: torch.Tensor | None = None  # layer-0 attention output [B, S, D] (ShadowLLM's input)
     residual: torch.Tensor | None = None  # residual inputs at positions [B, K, L, D] (DejaVu's inputs)
+    positions: torch.Tensor | None = None  # [K]: where the token scores and residuals were taken
 
 
 def window_loss(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,7 @@ def importance(model, windows: torch.Tensor, criteria, positions: torch.Tensor |
     pos = torch.arange(S) if positions is None else positions
     grasp = "grasp" in criteria
     gradients = any(c != "l2_norm" for c in criteria)
-    out = Importance()
+    out = Importance(positions=pos)
     contexts, acts, mlp_ins, residuals = [None] * L, [None] * L, [None] * L, [None] * L
     gate_h = torch.ones(B, L, arch.num_heads, requires_grad=True) if grasp else None
     gate_n = torch.ones(B, L, arch.ffn, requires_grad=True) if grasp else None

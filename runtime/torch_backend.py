@@ -1,32 +1,95 @@
-"""The PyTorch reference backend: `sparse_forward` with fixed per-sequence masks."""
+"""The PyTorch reference backend: `sparse_forward` with fixed masks or a predictor's masks.
+
+- fixed masks [L, H] / [L, F] apply to every row (dense, static, random);
+- a shadow predictor with granularity `sequence` predicts each row's masks once at prefill from the
+  layer-0 attention output of the prompt's last token and keeps them for the request
+  (kv_policy=active); with granularity `token` the prefill runs dense and every decode step
+  predicts the new token's masks from its own layer-0 attention output, inside the same forward
+  (layer 0 is always dense, so its output is ready before the masks are needed).
+"""
 
 from __future__ import annotations
 
 import torch
 
 from shadowllm.models import adapter_for, sparse_forward
+from shadowllm.predictor.allocation import check_sparsity, keep_mask
+from shadowllm.predictor.predictors import Predictor, split_scores
 
 
 class TorchBackend:
-    """Runs a HF model through the sparse reference; masks [L, H] / [L, F] apply to every row."""
-
     name = "torch"
 
     def __init__(self, model, head_mask: torch.Tensor | None = None, neuron_mask: torch.Tensor | None = None,
-                 kv_policy: str = "all"):
+                 kv_policy: str = "all", predictor: Predictor | None = None, head_sparsity: float = 0.0,
+                 neuron_sparsity: float = 0.0, allocation: str = "per_layer"):
         self.model = model
         arch = adapter_for(model).arch
+        self.arch = arch
         self.max_positions = arch.max_positions
         self.vocab_size = arch.vocab
         self.head_mask, self.neuron_mask, self.kv_policy = head_mask, neuron_mask, kv_policy
+        self.predictor = predictor
+        self.head_sparsity = check_sparsity(head_sparsity, "head sparsity")
+        self.neuron_sparsity = check_sparsity(neuron_sparsity, "neuron sparsity")
+        self.allocation = allocation
+        if predictor is not None and predictor.kind != "shadow":
+            raise ValueError("TorchBackend drives shadow predictors; dejavu runs in `shadowllm eval`")
 
     @staticmethod
     def _rows(mask, batch):
         return None if mask is None else mask.unsqueeze(0).expand(batch, *mask.shape)
 
+    def _keep(self, scores):
+        heads, neurons = split_scores(scores, self.arch.num_heads)
+        return (keep_mask(heads, self.head_sparsity, self.allocation) if self.head_sparsity else None,
+                keep_mask(neurons, self.neuron_sparsity, self.allocation) if self.neuron_sparsity else None)
+
     def forward(self, input_ids, attention_mask, state):
-        B = input_ids.shape[0]
+        B, S = input_ids.shape
         with torch.inference_mode():
-            return sparse_forward(self.model, input_ids, self._rows(self.head_mask, B),
-                                  self._rows(self.neuron_mask, B), attention_mask, state,
-                                  kv_policy=self.kv_policy)
+            if self.predictor is None:
+                return sparse_forward(self.model, input_ids, self._rows(self.head_mask, B),
+                                      self._rows(self.neuron_mask, B), attention_mask, state,
+                                      kv_policy=self.kv_policy)
+            if self.predictor.granularity == "sequence":
+                return self._per_sequence(input_ids, attention_mask, state)
+            return self._per_token(input_ids, attention_mask, state)
+
+    def _ones(self, *lead):
+        a = self.arch
+        return (torch.ones(*lead, a.num_layers, a.num_heads, dtype=torch.bool) if self.head_sparsity else None,
+                torch.ones(*lead, a.num_layers, a.ffn, dtype=torch.bool) if self.neuron_sparsity else None)
+
+    def _observer_filling(self, heads, neurons, select):
+        """An observer that, at layer 0's attention output, writes predicted masks into heads / neurons.
+
+        Layer 0 is always dense, so the masks of layers 1.. are filled before any of them runs.
+        """
+        def observer(layer, name, t):
+            if name == "attn_out" and layer == 0:
+                h, n = self._keep(self.predictor.net(select(t)))
+                if heads is not None:
+                    heads.copy_(h)
+                if neurons is not None:
+                    neurons.copy_(n)
+            return None
+        return observer
+
+    def _per_sequence(self, input_ids, attention_mask, state):
+        if state is None:  # prefill: predict each row's masks from its last prompt token (left padding)
+            heads, neurons = self._ones(input_ids.shape[0])
+            observer = self._observer_filling(heads, neurons, lambda t: t[:, -1])
+            logits, past = sparse_forward(self.model, input_ids, heads, neurons, attention_mask,
+                                          kv_policy="active", observer=observer)
+            return logits, (past, heads, neurons)
+        past, heads, neurons = state
+        logits, past = sparse_forward(self.model, input_ids, heads, neurons, attention_mask, past, kv_policy="active")
+        return logits, (past, heads, neurons)
+
+    def _per_token(self, input_ids, attention_mask, state):
+        if state is None:  # dense prefill
+            return sparse_forward(self.model, input_ids, attention_mask=attention_mask)
+        heads, neurons = self._ones(*input_ids.shape)
+        observer = self._observer_filling(heads, neurons, lambda t: t)
+        return sparse_forward(self.model, input_ids, heads, neurons, attention_mask, state, observer=observer)

@@ -48,13 +48,22 @@ def cmd_generate(args):
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # validate before loading
     model, tokenizer = load(args.model)
-    heads, neurons = fixed_masks(args.masks, model, tokenizer, args.head_sparsity, args.neuron_sparsity,
-                                 seed=args.seed or 0)
-    if heads is not None or neurons is not None:
-        print(f"[shadowllm] {args.masks} masks: heads {describe(heads)}, neurons {describe(neurons)}",
-              file=sys.stderr)
+    if args.predictor:
+        from shadowllm.predictor.predictors import load_predictor
+
+        predictor = load_predictor(args.predictor, model)
+        backend = TorchBackend(model, predictor=predictor, head_sparsity=args.head_sparsity,
+                               neuron_sparsity=args.neuron_sparsity)
+        print(f"[shadowllm] {predictor.kind}/{predictor.granularity} predictor masks: heads "
+              f"{args.head_sparsity:.0%} off, neurons {args.neuron_sparsity:.0%} off (layer 0 dense)", file=sys.stderr)
+    else:
+        heads, neurons = fixed_masks(args.masks, model, tokenizer, args.head_sparsity, args.neuron_sparsity,
+                                     seed=args.seed or 0)
+        if heads is not None or neurons is not None:
+            print(f"[shadowllm] {args.masks} masks: heads {describe(heads)}, neurons {describe(neurons)}",
+                  file=sys.stderr)
+        backend = TorchBackend(model, heads, neurons)
     prompts = [_format_prompt(tokenizer, p, args.chat) for p in args.prompt]
-    backend = TorchBackend(model, heads, neurons)
     stream = len(prompts) == 1
     results = generate(backend, tokenizer, prompts, args.max_new_tokens, sampling, stop=args.stop,
                        on_text=(lambda _, delta: print(delta, end="", flush=True)) if stream else None)
@@ -75,6 +84,85 @@ def _format_prompt(tokenizer, prompt: str, chat: bool) -> str:
                                          add_generation_prompt=True)
 
 
+def cmd_calibrate(args):
+    import time
+
+    from shadowllm.models import load
+    from shadowllm.predictor.traces import calibrate
+
+    model, tokenizer = load(args.model)
+    start = time.perf_counter()
+    manifest = calibrate(model, tokenizer, args.out, args.criterion or ["plainact"], args.corpus, args.split,
+                         args.samples, args.window, args.batch_size, args.token_positions, args.shard_size, args.seed)
+    took = time.perf_counter() - start
+    print(f"traces of {manifest['samples']} windows ({', '.join(manifest['criteria'])}) in {args.out} "
+          f"[{took:.0f} s this run, peak RSS {_peak_rss_mb():.0f} MB]")
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cmd_train(args):
+    from shadowllm.predictor.train import train
+
+    model = None
+    if args.model:
+        from shadowllm.models import load
+        model, _ = load(args.model)
+    predictor = train(args.traces, args.kind, args.granularity, args.criterion, args.rank, args.width, args.epochs,
+                      args.lr, args.batch_size, args.holdout, args.label_keep, model=model)
+    predictor.save(args.out)
+    m, c = predictor.manifest["metrics"], predictor.manifest["cost"]
+    print(f"{args.kind}/{args.granularity} predictor ({predictor.manifest['criterion']}) -> {args.out}")
+    print(f"  held-out Spearman: heads {m['heads']['spearman_mean']:.3f}, neurons {m['neurons']['spearman_mean']:.3f}")
+    for name in ("heads", "neurons"):
+        rec = ", ".join(f"{s}: {v:.3f}" for s, v in m[name]["topk_recall"].items())
+        print(f"  top-k recall ({name}) at sparsity {rec}")
+    print(f"  {c['parameters']:,} parameters ({c['parameter_fraction']:.2%} of the model's blocks), "
+          f"{c['flops_per_prediction']:,} FLOPs per prediction ({c['flops_fraction_per_token']:.2%} of a token), "
+          f"runs {c['runs']}")
+
+
+def cmd_eval(args):
+    import shlex
+
+    from shadowllm.models import load
+    from shadowllm.predictor.evaluation import evaluate, markdown, write_reports
+    from shadowllm.predictor.predictors import load_predictor
+    from shadowllm.predictor.traces import load_traces
+
+    model, tokenizer = load(args.model)
+    predictors = [load_predictor(p, model) for p in args.predictor]
+    static = None
+    traces = args.traces or next((p.manifest["training"]["traces"] for p in predictors), None)
+    if traces:
+        from shadowllm.predictor.train import minmax_per_layer
+        manifest, t = load_traces(traces, model)
+        crit = args.static_criterion if args.static_criterion in manifest["criteria"] else manifest["criteria"][0]
+        static = (minmax_per_layer(t[f"seq.{crit}.heads"]).mean(0), minmax_per_layer(t[f"seq.{crit}.neurons"]).mean(0))
+    oracle = args.oracle_criterion or sorted({"l2_norm"} | {p.manifest["criterion"] for p in predictors})
+    rows = evaluate(model, tokenizer, predictors, args.sparsity, args.target or ["heads", "neurons", "both"],
+                    args.split, args.max_windows,
+                    args.window, args.prompt, static, oracle, args.allocation, args.lastword, args.seed,
+                    args.method)
+    command = "shadowllm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    meta = {"model": args.model or "smollm2-135m", "split": args.split, "window": args.window, "prompt": args.prompt,
+            "allocation": args.allocation, "predictors": [p.manifest for p in predictors]}
+    if args.out:
+        write_reports(rows, args.out, command, meta)
+    print(markdown(rows, command))
+
+
+def _sparsities(text: str):
+    values = [fraction(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expects a comma-separated list such as 0.1,0.2,0.3,0.5")
+    return values
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -82,6 +170,7 @@ def cmd_demo(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shadowllm.predictor.criteria import CRITERIA
     parser = _Parser(prog="shadowllm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"shadowllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -105,7 +194,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neuron-sparsity", type=fraction, default=0.0)
     p.add_argument("--masks", choices=["static", "random"], default="static",
                    help="where masks come from: static (L2 importance on the wiki train split) or random")
+    p.add_argument("--predictor", default=None, help="a shadow predictor folder: masks predicted per input")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("calibrate", help="collect importance traces (scores + predictor inputs) on a corpus")
+    _model_arg(p)
+    p.add_argument("--criterion", action="append", choices=CRITERIA, help="repeatable (default: plainact)")
+    p.add_argument("--corpus", default="wiki")
+    p.add_argument("--split", default="train", choices=["train", "validation", "test"])
+    p.add_argument("--samples", type=int, default=256, help="number of windows")
+    p.add_argument("--window", type=int, default=256, help="tokens per window")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--token-positions", type=int, default=16, help="positions per window kept for per-token targets")
+    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="traces folder (an unfinished run there is resumed)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("train", help="train a ShadowLLM or DejaVu predictor from traces")
+    p.add_argument("--traces", required=True)
+    p.add_argument("--kind", choices=["shadow", "dejavu"], default="shadow")
+    p.add_argument("--granularity", choices=["sequence", "token"], default="sequence")
+    p.add_argument("--criterion", choices=CRITERIA, default=None, help="default: plainact (shadow), l2_norm (dejavu)")
+    p.add_argument("--rank", type=int, default=None, help="output bottleneck rank (default 64 shadow, 128 dejavu)")
+    p.add_argument("--width", type=int, default=512, help="shadow predictor hidden width")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--holdout", type=float, default=0.1)
+    p.add_argument("--label-keep", type=float, default=0.5, help="dejavu: fraction labelled important")
+    p.add_argument("--model", default=None, help="check the traces against this model's fingerprint")
+    p.add_argument("--out", required=True, help="predictor folder")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity vs sparsity for every mask method")
+    _model_arg(p)
+    p.add_argument("--predictor", action="append", default=[], help="predictor folder; repeatable")
+    p.add_argument("--traces", default=None, help="traces for the static policy (default: the predictor's)")
+    p.add_argument("--static-criterion", default="plainact")
+    p.add_argument("--oracle-criterion", action="append", default=None, choices=CRITERIA)
+    p.add_argument("--sparsity", type=_sparsities, default=[0.1, 0.2, 0.3, 0.5])
+    p.add_argument("--target", action="append", default=None, choices=["heads", "neurons", "both"])
+    p.add_argument("--method", action="append", default=None,
+                   choices=["dense", "static", "random", "shadow", "dejavu", "gate", "oracle"])
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per window; the rest is scored")
+    p.add_argument("--allocation", default="per_layer", choices=["per_layer", "global", "hybrid"])
+    p.add_argument("--lastword", type=int, default=32, help="articles for last-word accuracy (0: skip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="report prefix: writes PREFIX.json, .md, .png")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="end-to-end demo on the embedded default model")
     p.add_argument("--model", default=None, help="model name or folder (default: smollm2-135m)")

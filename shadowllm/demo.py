@@ -1,10 +1,11 @@
 """`shadowllm demo`: the most complete end-to-end run the project can do so far, on the default model.
 
 1. load SmolLM2-135M-Instruct (converting the embedded GGUF once) and print its architecture;
-2. rank heads and neurons by L2 magnitude on a few wiki training windows (the `static` policy);
-3. perplexity on held-out wiki test windows: dense vs static and random masks, through the sparse
-   PyTorch reference (masked heads and neurons are skipped, not zeroed);
-4. the same question answered densely and with static masks, streamed side by side.
+2. calibrate (plainact importance on wiki train windows) and train two small ShadowLLM predictors,
+   per sequence and per token, or reuse the ones cached by an earlier demo;
+3. perplexity on held-out wiki test windows (prompt 128 tokens, the continuation scored) at 50%
+   neuron sparsity: dense vs static vs shadow, through the sparse PyTorch reference;
+4. the same question answered densely, with static masks and with the per-token predictor.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ import time
 
 import torch
 
-from shadowllm.models import adapter_for, corpus, load
-from shadowllm.predictor import fixed_masks, perplexity
-from shadowllm.predictor.fixed_masks import describe, static_scores
+from shadowllm.models import fingerprint, load
+from shadowllm.models.loading import cache_root
+from shadowllm.models.errors import ShadowError
+from shadowllm.predictor.evaluation import evaluate, markdown
+from shadowllm.predictor.predictors import load_predictor
+from shadowllm.predictor.traces import calibrate, load_traces
+from shadowllm.predictor.train import minmax_per_layer, train
 from shadowllm.runtime import TorchBackend, generate
 
 from .info import architecture_table
@@ -24,7 +29,28 @@ PROMPT = "What is the capital of France, and what is it famous for?"
 
 
 def _heading(text: str):
-    print(f"\n== {text}")
+    print(f"\n== {text}", flush=True)
+
+
+def _predictors(model, tokenizer, quick: bool):
+    """(sequence predictor, token predictor, static scores), trained once and cached per model."""
+    samples, window = (24, 128) if quick else (64, 128)
+    root = cache_root() / "demo" / f"{fingerprint(model).split(':')[1][:12]}-{samples}x{window}"
+    traces = root / "traces"
+    calibrate(model, tokenizer, traces, ["plainact"], samples=samples, window=window, batch_size=4,
+              token_positions=16, shard_size=16)
+    out = {}
+    for gran in ("sequence", "token"):
+        folder = root / f"shadow-{gran}"
+        try:
+            out[gran] = load_predictor(folder, model)
+        except ShadowError:
+            predictor = train(str(traces), "shadow", gran, epochs=60 if gran == "sequence" else 20, model=model)
+            predictor.save(folder)
+            out[gran] = load_predictor(folder, model)
+    _, t = load_traces(traces, model)
+    static = (minmax_per_layer(t["seq.plainact.heads"]).mean(0), minmax_per_layer(t["seq.plainact.neurons"]).mean(0))
+    return out["sequence"], out["token"], static
 
 
 def run_demo(model_name: str | None = None, quick: bool = False):
@@ -33,38 +59,34 @@ def run_demo(model_name: str | None = None, quick: bool = False):
     model, tokenizer = load(model_name)
     print(architecture_table(model))
 
-    n_windows, length = (4, 128) if quick else (8, 256)
-    _heading(f"static importance: L2 magnitude over {n_windows} wiki train windows of {length} tokens")
-    settings = [("heads 20%", 0.2, 0.0), ("neurons 20%", 0.0, 0.2), ("neurons 50%", 0.0, 0.5),
-                ("heads 30% + neurons 50%", 0.3, 0.5)]
-    scores = static_scores(model, tokenizer, n_windows, length, progress=False)
-    static = {name: fixed_masks("static", model, tokenizer, hs, ns, scores=scores) for name, hs, ns in settings}
-    random = {name: fixed_masks("random", model, tokenizer, hs, ns, seed=0) for name, hs, ns in settings}
+    _heading("ShadowLLM predictors (plainact importance on wiki train windows; cached after the first run)")
+    p_seq, p_tok, static = _predictors(model, tokenizer, quick)
+    for p in (p_seq, p_tok):
+        m, c = p.manifest["metrics"], p.manifest["cost"]
+        print(f"{p.granularity:>8}: held-out Spearman heads {m['heads']['spearman_mean']:.2f}, neurons "
+              f"{m['neurons']['spearman_mean']:.2f}; top-50% recall neurons {m['neurons']['topk_recall']['0.5']:.2f}; "
+              f"{c['parameters']:,} parameters ({c['parameter_fraction']:.1%} of the blocks), runs {c['runs']}")
 
-    _heading(f"perplexity on {n_windows} held-out wiki test windows of {length} tokens (layer 0 kept dense)")
-    test = corpus("wiki").windows(tokenizer, "test", length, limit=n_windows)
-    print(f"{'masks':<28}{'kept heads':>22}{'kept neurons':>26}{'static ppl':>12}{'random ppl':>12}")
-    print(f"{'dense':<28}{'all':>22}{'all':>26}{perplexity(model, test):>12.2f}{'':>12}")
-    for name, _, _ in settings:
-        heads, neurons = static[name]
-        ppl_static = perplexity(model, test, heads, neurons)
-        ppl_random = perplexity(model, test, *random[name])
-        print(f"{name:<28}{describe(heads):>22}{describe(neurons):>26}{ppl_static:>12.2f}{ppl_random:>12.2f}")
+    windows = 4 if quick else 8
+    _heading(f"perplexity of the continuation on {windows} held-out wiki test windows (128-token prompt + 128)")
+    rows = evaluate(model, tokenizer, [p_seq, p_tok], [0.5], ["neurons"], max_windows=windows, window=256,
+                    prompt=128, static_scores=static, oracle_criteria=(), lastword=0,
+                    methods=["dense", "static", "shadow", "gate"], progress=False)
+    print(markdown(rows, "shadowllm demo").split("\n\nGap closed")[0].split("\n", 2)[2])
 
     chat = getattr(tokenizer, "chat_template", None)
     prompt = (tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
                                             add_generation_prompt=True) if chat else PROMPT)
-    max_new = 24 if quick else 48
-    # One mask for every input (static) is the weakest policy: fine at 20%, visibly worse at 50%. The
-    # predictor (per-input masks) is what closes that gap.
-    for name, (heads, neurons) in [("dense", (None, None)), ("static, neurons 20%", static["neurons 20%"]),
-                                   ("static, neurons 50%", static["neurons 50%"])]:
-        _heading(f"answer ({name}, greedy, {max_new} tokens): {PROMPT}")
+    from shadowllm.predictor.allocation import keep_mask
+
+    static_neurons = keep_mask(static[1], 0.5)
+    max_new = 24 if quick else 40
+    backends = [("dense", TorchBackend(model)),
+                ("static masks, 50% of neurons off", TorchBackend(model, None, static_neurons)),
+                ("ShadowLLM per token, 50% of neurons off", TorchBackend(model, predictor=p_tok, neuron_sparsity=0.5))]
+    for name, backend in backends:
+        _heading(f"answer ({name}; greedy, {max_new} tokens): {PROMPT}")
         start = time.perf_counter()
-        out = generate(TorchBackend(model, heads, neurons), tokenizer, prompt, max_new,
-                       on_text=lambda _, d: print(d, end="", flush=True))[0]
-        dt = time.perf_counter() - start
-        print(f"\n   [{len(out.token_ids)} tokens in {dt:.1f} s, finish: {out.finish_reason}]")
-    arch = adapter_for(model).arch
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads "
-          f"({arch.num_layers} layers, masks skip the rows of dropped heads and neurons)")
+        out = generate(backend, tokenizer, prompt, max_new, on_text=lambda _, d: print(d, end="", flush=True))[0]
+        print(f"\n   [{len(out.token_ids)} tokens in {time.perf_counter() - start:.1f} s, finish: {out.finish_reason}]")
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads")

@@ -1,0 +1,420 @@
+"""Accuracy evaluation (`shadowllm eval`): perplexity vs sparsity for every mask method.
+
+Protocol (as deployment runs it): each held-out window is a prompt (its first `prompt` tokens) plus
+a continuation; perplexity counts the continuation only. Everything runs through the sparse
+reference forward, so a masked head or neuron contributes nothing.
+- per-sequence masks (static, random, shadow/sequence, oracle/sequence) come from the prompt alone
+  (shadow reads the layer-0 attention output at the prompt's last token) and apply to every position;
+- per-token masks (shadow/token, dejavu, gate, oracle/token) are made for each continuation token
+  from what that token's own forward pass has seen, as decoding would (the prompt runs dense, as a
+  dense prefill): shadow/token from the token's layer-0 attention output, dejavu layer by layer from
+  the previous layer's residual input *in the sparse run*, gate from |act(gate_proj x)| of the layer;
+- the oracle ranks by importance computed on the whole window: it sees the future, so it is a
+  ceiling, not a method.
+Second metric: last-word accuracy (LAMBADA-style): given an article's text up to its final word,
+is every token of that word the greedy prediction?
+Every row carries `bytes_fraction`: weights read per generated token (attention + MLP of all layers,
+plus the predictor's own weights when it runs per token) over the dense model's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from shadowllm.models import ShadowError, adapter_for, corpus, sparse_forward
+from shadowllm.models.adapters import activation_fn
+
+from .allocation import check_sparsity, keep_mask
+from .criteria import importance
+from .predictors import Predictor, split_scores
+
+TARGETS = ("heads", "neurons", "both")
+
+
+@dataclass
+class Row:
+    method: str
+    granularity: str
+    target: str
+    sparsity: float
+    criterion: str | None
+    ppl: float
+    windows: int
+    bytes_fraction: float
+    lastword_acc: float | None = None
+    lastword_n: int = 0
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer0_attention(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The layer-0 attention output [B, S, D] (ShadowLLM's input), running layer 0 only."""
+    captured = {}
+
+    def observe(layer, name, t):
+        if name == "attn_out" and layer == 0:
+            captured["x"] = t
+            raise _Stop
+    try:
+        sparse_forward(model, input_ids, observer=observe)
+    except _Stop:
+        pass
+    return captured["x"]
+
+
+# ---------------------------------------------------------------- mask methods
+class Method:
+    """Makes the masks of one evaluation row for a batch of windows sharing a prompt length."""
+
+    name = "?"
+    granularity = "sequence"
+    criterion = None
+    predictor_params_per_token = 0
+
+    def __init__(self, target: str, sparsity: float, allocation: str):
+        self.target, self.sparsity, self.allocation = target, sparsity, allocation
+
+    def _keep(self, scores, dense_layers=(0,)):
+        return keep_mask(scores, self.sparsity, self.allocation, dense_layers=dense_layers)
+
+    def masks(self, model, ids, prompt):
+        """(head_mask, neuron_mask, observer) for sparse_forward; masks per sequence or per token."""
+        raise NotImplementedError
+
+    def _select(self, heads, neurons):
+        return (heads if self.target in ("heads", "both") else None,
+                neurons if self.target in ("neurons", "both") else None)
+
+
+class Dense(Method):
+    name = "dense"
+
+    def masks(self, model, ids, prompt):
+        return None, None, None
+
+
+class Fixed(Method):
+    """static (aggregated importance) or random: the same kind of mask for every input."""
+
+    def __init__(self, name, scores_fn, *args):
+        super().__init__(*args)
+        self.name, self.scores_fn = name, scores_fn
+
+    def masks(self, model, ids, prompt):
+        h, n = self.scores_fn(ids.shape[0])
+        return (*self._select(self._keep(h), self._keep(n)), None)
+
+
+class ShadowSequence(Method):
+    name, granularity = "shadow", "sequence"
+
+    def __init__(self, predictor: Predictor, *args):
+        super().__init__(*args)
+        self.predictor, self.criterion = predictor, predictor.manifest["criterion"]
+
+    def masks(self, model, ids, prompt):
+        x = layer0_attention(model, ids[:, :prompt])[:, prompt - 1]
+        h, n = split_scores(self.predictor.net(x), model.config.num_attention_heads)
+        return (*self._select(self._keep(h), self._keep(n)), None)
+
+
+def _dense_token_masks(ids, arch):
+    """All-True per-token masks [B, S, L, ·]: the prompt stays dense, continuation slots are filled later."""
+    B, S = ids.shape
+    heads = torch.ones(B, S, arch.num_layers, arch.num_heads, dtype=torch.bool)
+    neurons = torch.ones(B, S, arch.num_layers, arch.ffn, dtype=torch.bool)
+    return heads, neurons
+
+
+class ShadowToken(Method):
+    name, granularity = "shadow", "token"
+
+    def __init__(self, predictor: Predictor, *args):
+        super().__init__(*args)
+        self.predictor, self.criterion = predictor, predictor.manifest["criterion"]
+        self.predictor_params_per_token = sum(p.numel() for p in predictor.net.parameters())
+
+    def masks(self, model, ids, prompt):
+        arch = adapter_for(model).arch
+        heads, neurons = _dense_token_masks(ids, arch)
+        x = layer0_attention(model, ids)[:, prompt:]
+        h, n = split_scores(self.predictor.net(x), arch.num_heads)
+        heads[:, prompt:], neurons[:, prompt:] = self._keep(h), self._keep(n)
+        return (*self._select(heads, neurons), None)
+
+
+class DejaVu(Method):
+    name, granularity = "dejavu", "token"
+
+    def __init__(self, predictor: Predictor, *args):
+        super().__init__(*args)
+        self.predictor, self.criterion = predictor, predictor.manifest["criterion"]
+        self.predictor_params_per_token = sum(p.numel() for p in predictor.net.parameters())
+
+    def masks(self, model, ids, prompt):
+        arch = adapter_for(model).arch
+        heads, neurons = _dense_token_masks(ids, arch)
+        H, L = arch.num_heads, arch.num_layers
+
+        def observe(layer, name, t):
+            # the residual input of layer l-1 (in the sparse run) predicts layer l: lookahead
+            if name == "residual" and layer + 1 < L:
+                logits = self.predictor.net.layer(layer + 1, t[:, prompt:].float())  # [B, S', H+F]
+                heads[:, prompt:, layer + 1] = self._keep(logits[..., None, :H], dense_layers=())[..., 0, :]
+                neurons[:, prompt:, layer + 1] = self._keep(logits[..., None, H:], dense_layers=())[..., 0, :]
+            return None
+        return (*self._select(heads, neurons), observe)
+
+
+class Gate(Method):
+    """Predictor-free, per token (Llama family): keep the neurons with the largest |act(gate_proj x)|."""
+
+    name, granularity = "gate", "token"
+
+    def masks(self, model, ids, prompt):
+        adapter = adapter_for(model)
+        arch = adapter.arch
+        _, neurons = _dense_token_masks(ids, arch)
+        act = activation_fn(arch.activation)
+
+        def observe(layer, name, t):
+            if name == "mlp_in" and layer > 0:
+                score = act(t[:, prompt:] @ adapter.mlp(layer).w_gate.t()).abs()
+                neurons[:, prompt:, layer] = self._keep(score[..., None, :], dense_layers=())[..., 0, :]
+            return None
+        return None, neurons, observe
+
+
+class Oracle(Method):
+    name = "oracle"
+
+    def __init__(self, criterion: str, granularity: str, *args):
+        super().__init__(*args)
+        self.criterion, self.granularity = criterion, granularity
+
+    def masks(self, model, ids, prompt):
+        imp = importance(model, ids, [self.criterion])
+        if self.granularity == "sequence":
+            h, n = imp.heads[self.criterion], imp.neurons[self.criterion]
+            return (*self._select(self._keep(h), self._keep(n)), None)
+        arch = adapter_for(model).arch
+        heads, neurons = _dense_token_masks(ids, arch)
+        heads[:, prompt:] = self._keep(imp.token_heads[self.criterion][:, prompt:])
+        neurons[:, prompt:] = self._keep(imp.token_neurons[self.criterion][:, prompt:].float())
+        return (*self._select(heads, neurons), None)
+
+
+# ---------------------------------------------------------------- measuring
+def _weights_read(arch, heads, neurons, prompt, gate: bool, kv_all: bool) -> float:
+    """Mean block weights read per generated token (in parameters) under the given masks."""
+    D, E, G = arch.hidden, arch.head_dim, arch.num_kv_heads
+    per_group = arch.heads_per_group
+    mlp_mats = 3 if arch.gated else 2
+    L = arch.num_layers
+    if heads is None:
+        attn = L * (2 * arch.num_heads + 2 * G) * E * D
+    else:
+        h = heads[:, prompt:] if heads.dim() == 4 else heads[:, None]
+        active_heads = h.float().sum(-1)  # [B, T, L]
+        groups = h.view(*h.shape[:-1], G, per_group).any(-1).float().sum(-1)
+        kv = G if kv_all else groups
+        attn = ((2 * active_heads + 2 * kv) * E * D).sum(-1).mean().item()
+    if neurons is None:
+        mlp = L * mlp_mats * arch.ffn * D
+    else:
+        n = neurons[:, prompt:] if neurons.dim() == 4 else neurons[:, None]
+        active = n.float().sum(-1)  # [B, T, L]
+        if gate:  # gate reads its whole gate projection, then up/down rows of the kept neurons
+            per_layer = arch.ffn * D + 2 * active * D
+            per_layer[..., 0] = mlp_mats * arch.ffn * D
+        else:
+            per_layer = mlp_mats * active * D
+        mlp = per_layer.sum(-1).mean().item()
+    return attn + mlp
+
+
+def _dense_read(arch) -> float:
+    return arch.num_layers * ((2 * arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim * arch.hidden
+                              + (3 if arch.gated else 2) * arch.ffn * arch.hidden)
+
+
+@torch.no_grad()
+def _logits(model, ids, method, prompt):
+    heads, neurons, observer = method.masks(model, ids, prompt)
+    kv_policy = "active" if method.granularity == "sequence" else "all"
+    logits, _ = sparse_forward(model, ids, heads, neurons, kv_policy=kv_policy, observer=observer)
+    return logits, heads, neurons
+
+
+def evaluate_method(model, method: Method, windows: torch.Tensor, prompt: int, lastword=(), batch_size: int = 4):
+    """(ppl, bytes_fraction, lastword_acc) of one method over `windows` and last-word items."""
+    arch = adapter_for(model).arch
+    nll, count, read = 0.0, 0, []
+    for start in range(0, windows.shape[0], batch_size):
+        w = windows[start:start + batch_size]
+        logits, heads, neurons = _logits(model, w, method, prompt)
+        V = logits.shape[-1]
+        nll += float(F.cross_entropy(logits[:, prompt - 1:-1].reshape(-1, V).float(), w[:, prompt:].reshape(-1),
+                                     reduction="sum"))
+        count += w[:, prompt:].numel()
+        read.append(_weights_read(arch, heads, neurons, prompt, isinstance(method, Gate),
+                                  kv_all=method.granularity == "token"))
+    bytes_fraction = (sum(read) / len(read) + method.predictor_params_per_token) / _dense_read(arch)
+    hits = 0
+    for context, target in lastword:
+        ids = torch.tensor([context + target])
+        logits, _, _ = _logits(model, ids, method, len(context))
+        pred = logits[0, len(context) - 1:-1].argmax(-1)
+        hits += int(pred.tolist() == target)
+    acc = hits / len(lastword) if lastword else None
+    return math.exp(nll / count), bytes_fraction, acc
+
+
+def lastword_items(tokenizer, split: str = "test", n: int = 64, max_context: int = 96):
+    """(context ids, final-word ids) for the first n articles of a split whose last word is alphabetic."""
+    items = []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    for _, text in corpus("wiki").articles(split):
+        m = re.search(r"\s([A-Za-z][\w'-]*)\W*$", text)
+        if not m:
+            continue
+        context = tokenizer(text[: m.start(1)].rstrip(), add_special_tokens=False)["input_ids"][-max_context:]
+        target = tokenizer(" " + m.group(1), add_special_tokens=False)["input_ids"]
+        items.append((bos + context, target))
+        if len(items) == n:
+            break
+    return items
+
+
+def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=TARGETS, split: str = "test",
+             max_windows: int = 16, window: int = 256, prompt: int = 128, static_scores=None,
+             oracle_criteria=("l2_norm",), allocation: str = "per_layer", lastword: int = 32, seed: int = 0,
+             methods=None, progress: bool = True) -> list[Row]:
+    """Every method x target x sparsity, through the sparse reference. Returns the rows."""
+    for s in sparsities:
+        check_sparsity(s)
+    for t in targets:
+        if t not in TARGETS:
+            raise ShadowError(f"--target {t!r}: expected one of {', '.join(TARGETS)}")
+    if not 0 < prompt < window:
+        raise ShadowError(f"--prompt {prompt} must lie between 0 and --window {window}")
+    arch = adapter_for(model).arch
+    windows = corpus("wiki").windows(tokenizer, split, window, limit=max_windows)
+    if windows.shape[0] == 0:
+        raise ShadowError(f"the {split} split has no window of {window} tokens")
+    items = lastword_items(tokenizer, split, lastword) if lastword else []
+    static = static_scores
+
+    def random_scores(seed_offset):
+        g = torch.Generator().manual_seed(seed + seed_offset)  # a fresh random mask for every window
+        return lambda b: (torch.rand(b, arch.num_layers, arch.num_heads, generator=g),
+                          torch.rand(b, arch.num_layers, arch.ffn, generator=g))
+
+    def plan():
+        yield Dense("both", 0.0, allocation)
+        for target in targets:
+            for s in sparsities:
+                args = (target, s, allocation)
+                if static is not None:
+                    yield Fixed("static", lambda b: (static[0].expand(b, -1, -1), static[1].expand(b, -1, -1)), *args)
+                yield Fixed("random", random_scores(int(s * 1000)), *args)
+                for p in predictors:
+                    if p.kind == "shadow":
+                        yield (ShadowSequence if p.granularity == "sequence" else ShadowToken)(p, *args)
+                    else:
+                        yield DejaVu(p, *args)
+                if arch.gated and target == "neurons":
+                    yield Gate(*args)
+                for c in oracle_criteria:
+                    for gran in ("sequence", "token"):
+                        yield Oracle(c, gran, *args)
+
+    todo = [m for m in plan() if methods is None or m.name in methods]
+    rows = []
+    for m in tqdm(todo, desc="eval", unit="row", disable=not progress):
+        ppl, frac, acc = evaluate_method(model, m, windows, prompt, items)
+        rows.append(Row(m.name, m.granularity, m.target if m.name != "dense" else "-", m.sparsity, m.criterion,
+                        round(ppl, 4), windows.shape[0], round(frac, 4),
+                        None if acc is None else round(acc, 4), len(items)))
+    return rows
+
+
+# ---------------------------------------------------------------- reports
+def write_reports(rows: list[Row], out_prefix: str | os.PathLike, command: str, meta: dict):
+    """<prefix>.json (rows + command), <prefix>.md (tables + gap summary), <prefix>.png (plot)."""
+    prefix = Path(out_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    data = {"command": command, **meta, "rows": [asdict(r) for r in rows]}
+    tmp = prefix.with_name(f".{prefix.name}.json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, prefix.with_suffix(".json"))
+    prefix.with_suffix(".md").write_text(markdown(rows, command))
+    plot(rows, prefix.with_suffix(".png"))
+
+
+def _label(r: Row) -> str:
+    label = r.method if r.method in ("dense", "random", "gate", "static") else f"{r.method}/{r.granularity}"
+    return label + (f" ({r.criterion})" if r.method == "oracle" else "")
+
+
+def markdown(rows: list[Row], command: str) -> str:
+    lines = [f"Command: `{command}`", "",
+             "| method | granularity | criterion | target | sparsity | ppl | last-word acc | bytes_fraction |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        acc = "" if r.lastword_acc is None else f"{r.lastword_acc:.3f}"
+        lines.append(f"| {r.method} | {r.granularity} | {r.criterion or ''} | {r.target} | {r.sparsity} | "
+                     f"{r.ppl:.2f} | {acc} | {r.bytes_fraction:.3f} |")
+    lines += ["", "Gap closed, (ppl_static - ppl_shadow) / (ppl_static - ppl_oracle), oracle of the same "
+              "granularity and criterion as the predictor:", "",
+              "| target | sparsity | granularity | static | shadow | oracle | gap closed |", "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.method != "shadow":
+            continue
+        static = next((x for x in rows if x.method == "static" and x.target == r.target and x.sparsity == r.sparsity), None)
+        oracle = next((x for x in rows if x.method == "oracle" and x.target == r.target and x.sparsity == r.sparsity
+                       and x.granularity == r.granularity and x.criterion == r.criterion), None)
+        if static and oracle and static.ppl != oracle.ppl:
+            closed = (static.ppl - r.ppl) / (static.ppl - oracle.ppl)
+            lines.append(f"| {r.target} | {r.sparsity} | {r.granularity} | {static.ppl:.2f} | {r.ppl:.2f} | "
+                         f"{oracle.ppl:.2f} | {closed:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = [t for t in TARGETS if any(r.target == t for r in rows)]
+    fig, axes = plt.subplots(1, max(1, len(targets)), figsize=(5.5 * max(1, len(targets)), 4.5), squeeze=False)
+    dense = next((r.ppl for r in rows if r.method == "dense"), None)
+    for ax, target in zip(axes[0], targets):
+        labels = sorted({_label(r) for r in rows if r.target == target})
+        for label in labels:
+            pts = sorted((r.sparsity, r.ppl) for r in rows if r.target == target and _label(r) == label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        if dense:
+            ax.axhline(dense, color="black", linestyle=":", label="dense")
+        ax.set_yscale("log")
+        ax.set_title(f"target: {target}")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("perplexity (continuation)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

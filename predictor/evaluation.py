@@ -117,12 +117,18 @@ class Fixed(Method):
         return (*self._select(self._keep(h), self._keep(n)), None)
 
 
-class ShadowSequence(Method):
-    name, granularity = "shadow", "sequence"
+class PredictorMethod(Method):
+    """A method driven by a trained predictor; one that runs every token pays for its weights per token."""
 
     def __init__(self, predictor: Predictor, *args):
         super().__init__(*args)
         self.predictor, self.criterion = predictor, predictor.manifest["criterion"]
+        if self.granularity == "token":
+            self.predictor_params_per_token = sum(p.numel() for p in predictor.net.parameters())
+
+
+class ShadowSequence(PredictorMethod):
+    name, granularity = "shadow", "sequence"
 
     def masks(self, model, ids, prompt):
         x = layer0_attention(model, ids[:, :prompt])[:, prompt - 1]
@@ -138,13 +144,8 @@ def _dense_token_masks(ids, arch):
     return heads, neurons
 
 
-class ShadowToken(Method):
+class ShadowToken(PredictorMethod):
     name, granularity = "shadow", "token"
-
-    def __init__(self, predictor: Predictor, *args):
-        super().__init__(*args)
-        self.predictor, self.criterion = predictor, predictor.manifest["criterion"]
-        self.predictor_params_per_token = sum(p.numel() for p in predictor.net.parameters())
 
     def masks(self, model, ids, prompt):
         arch = adapter_for(model).arch
@@ -155,13 +156,8 @@ class ShadowToken(Method):
         return (*self._select(heads, neurons), None)
 
 
-class DejaVu(Method):
+class DejaVu(PredictorMethod):
     name, granularity = "dejavu", "token"
-
-    def __init__(self, predictor: Predictor, *args):
-        super().__init__(*args)
-        self.predictor, self.criterion = predictor, predictor.manifest["criterion"]
-        self.predictor_params_per_token = sum(p.numel() for p in predictor.net.parameters())
 
     def masks(self, model, ids, prompt):
         arch = adapter_for(model).arch
@@ -200,12 +196,16 @@ class Gate(Method):
 class Oracle(Method):
     name = "oracle"
 
-    def __init__(self, criterion: str, granularity: str, *args):
+    def __init__(self, criterion: str, granularity: str, cache: dict, *args):
         super().__init__(*args)
-        self.criterion, self.granularity = criterion, granularity
+        self.criterion, self.granularity, self.cache = criterion, granularity, cache
 
     def masks(self, model, ids, prompt):
-        imp = importance(model, ids, [self.criterion])
+        # True importance does not depend on target or sparsity: compute it once per window batch.
+        key = (self.criterion, tuple(ids.shape), hash(ids.numpy().tobytes()))
+        if key not in self.cache:
+            self.cache[key] = importance(model, ids, [self.criterion])
+        imp = self.cache[key]
         if self.granularity == "sequence":
             h, n = imp.heads[self.criterion], imp.neurons[self.criterion]
             return (*self._select(self._keep(h), self._keep(n)), None)
@@ -316,6 +316,7 @@ def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=
         raise ShadowError(f"the {split} split has no window of {window} tokens")
     items = lastword_items(tokenizer, split, lastword) if lastword else []
     static = static_scores
+    oracle_cache: dict = {}
 
     def random_scores(seed_offset):
         g = torch.Generator().manual_seed(seed + seed_offset)  # a fresh random mask for every window
@@ -339,7 +340,7 @@ def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=
                     yield Gate(*args)
                 for c in oracle_criteria:
                     for gran in ("sequence", "token"):
-                        yield Oracle(c, gran, *args)
+                        yield Oracle(c, gran, oracle_cache, *args)
 
     todo = [m for m in plan() if methods is None or m.name in methods]
     rows = []
@@ -390,7 +391,32 @@ def markdown(rows: list[Row], command: str) -> str:
             closed = (static.ppl - r.ppl) / (static.ppl - oracle.ppl)
             lines.append(f"| {r.target} | {r.sparsity} | {r.granularity} | {static.ppl:.2f} | {r.ppl:.2f} | "
                          f"{oracle.ppl:.2f} | {closed:.2f} |")
+    gate_rows = [r for r in rows if r.method == "gate"]
+    if gate_rows:
+        lines += ["", "Against gate at the same weight bytes read per token (each method's perplexity "
+                  "interpolated, log-linearly, at the gate row's bytes_fraction):", "",
+                  "| gate sparsity | bytes_fraction | gate ppl | " + " | ".join(_comparable(rows)) + " |",
+                  "|---:|---:|---:|" + "---:|" * len(_comparable(rows))]
+        for g in gate_rows:
+            cells = []
+            for label in _comparable(rows):
+                pts = sorted((r.bytes_fraction, r.ppl) for r in rows if r.target == g.target and _label(r) == label)
+                cells.append(_interpolate(pts, g.bytes_fraction))
+            lines.append(f"| {g.sparsity} | {g.bytes_fraction:.3f} | {g.ppl:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _comparable(rows):
+    return sorted({_label(r) for r in rows if r.method in ("shadow", "dejavu", "static")})
+
+
+def _interpolate(points, x) -> str:
+    """ppl at bytes fraction x from (bytes, ppl) points, log-linear; '' outside their range."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1 and x1 > x0:
+            w = (x - x0) / (x1 - x0)
+            return f"{math.exp((1 - w) * math.log(y0) + w * math.log(y1)):.2f}"
+    return ""
 
 
 def plot(rows: list[Row], path: Path):

@@ -5,21 +5,28 @@
   factorised through a rank-r bottleneck: D -> hidden -> r -> (L-1)*(H+F).
 - DejaVuPredictor: one low-rank MLP per layer l >= 1, D -> r -> H+F, fed the residual input of
   layer l-1 (lookahead: the prediction for layer l is ready before layer l runs).
-Both standardise their inputs with a mean/std saved beside the weights. Layer 0 is always dense, so
-neither predicts it; `scores` pads it with +inf (always kept).
+Both standardise their inputs with a mean/std saved beside the weights, and both predict a
+correction to a prior, the mean training target of each unit (a `prior` buffer, the static
+policy's scores), with the last layer initialised to zero: training starts from the static masks and
+can only move away from them where the input says so. Without it, a predictor trained on a few
+hundred sequences ranks units worse than the static prior it should refine. Layer 0 is always
+dense, so neither predicts it; `split_scores` pads it with +inf (always kept).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from shadowllm.models import ShadowError, adapter_for, fingerprint
+from shadowllm.models import ShadowError
+
+from .artifacts import check_model, read_manifest
 
 ARTIFACT_WEIGHTS = "predictor.safetensors"
 ARTIFACT_MANIFEST = "predictor.json"
@@ -32,13 +39,16 @@ class ShadowPredictor(nn.Module):
         self.layers, self.heads, self.neurons = layers, heads, neurons
         self.register_buffer("mean", torch.zeros(hidden))
         self.register_buffer("std", torch.ones(hidden))
+        self.register_buffer("prior", torch.zeros(layers - 1, heads + neurons))
         self.body = nn.Sequential(nn.Linear(hidden, width), nn.ReLU(), nn.Linear(width, rank, bias=False))
         self.out = nn.Linear(rank, (layers - 1) * (heads + neurons))
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> scores [..., L-1, H+F] (layers 1..L-1)."""
         y = self.out(self.body((x - self.mean) / self.std))
-        return y.view(*x.shape[:-1], self.layers - 1, self.heads + self.neurons)
+        return self.prior + y.view(*x.shape[:-1], self.layers - 1, self.heads + self.neurons)
 
 
 class DejaVuPredictor(nn.Module):
@@ -50,20 +60,21 @@ class DejaVuPredictor(nn.Module):
         self.register_buffer("std", torch.ones(n, hidden))
         self.w1 = nn.Parameter(torch.randn(n, hidden, rank) * hidden**-0.5)
         self.b1 = nn.Parameter(torch.zeros(n, rank))
-        self.w2 = nn.Parameter(torch.randn(n, rank, heads + neurons) * rank**-0.5)
+        self.w2 = nn.Parameter(torch.zeros(n, rank, heads + neurons))
         self.b2 = nn.Parameter(torch.zeros(n, heads + neurons))
+        self.register_buffer("prior", torch.zeros(n, heads + neurons))  # logit of each unit's label rate
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
         """residual [..., L-1, D] (inputs of layers 0..L-2) -> logits [..., L-1, H+F] for layers 1..L-1."""
         x = (residual - self.mean) / self.std
         h = torch.relu(torch.einsum("...ld,ldr->...lr", x, self.w1) + self.b1)
-        return torch.einsum("...lr,lro->...lo", h, self.w2) + self.b2
+        return torch.einsum("...lr,lro->...lo", h, self.w2) + self.b2 + self.prior
 
     def layer(self, layer: int, residual: torch.Tensor) -> torch.Tensor:
         """Logits [..., H+F] of one layer (>= 1) from the residual input of layer-1."""
         i = layer - 1
         x = (residual - self.mean[i]) / self.std[i]
-        return torch.relu(x @ self.w1[i] + self.b1[i]) @ self.w2[i] + self.b2[i]
+        return torch.relu(x @ self.w1[i] + self.b1[i]) @ self.w2[i] + self.b2[i] + self.prior[i]
 
 
 def split_scores(pred: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +120,6 @@ class Predictor:
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)
             os.replace(tmp, folder)
-            import shutil
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
@@ -125,20 +135,8 @@ def build_net(manifest: dict) -> nn.Module:
 def load_predictor(folder: str | os.PathLike, model=None) -> Predictor:
     """Load a predictor folder; with `model`, refuse one trained on another model."""
     folder = Path(folder)
-    path = folder / ARTIFACT_MANIFEST
-    if not path.is_file():
-        raise ShadowError(f"--predictor {folder}: no {ARTIFACT_MANIFEST} (not a folder written by `shadowllm train`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShadowError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ShadowError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    if model is not None:
-        if manifest["model_fingerprint"] != fingerprint(model):
-            raise ShadowError(f"--predictor {folder} was trained on another model (fingerprint "
-                              f"{manifest['model_fingerprint']}, this model {fingerprint(model)})")
-        adapter_for(model)
+    manifest = read_manifest(folder, ARTIFACT_MANIFEST, FORMAT, "--predictor", "train")
+    check_model(manifest, model, f"--predictor {folder} was trained")
     net = build_net(manifest)
     try:
         net.load_state_dict(load_file(str(folder / ARTIFACT_WEIGHTS)))

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from shadowllm.models import ShadowError, adapter_for, corpus, fingerprint
 
+from .artifacts import check_model, read_manifest
 from .criteria import SEQUENCE_ONLY, check_criteria, importance
 
 MANIFEST = "traces.json"
@@ -129,21 +130,11 @@ def _resume(out: Path, params: dict) -> dict:
 def load_traces(folder: str | os.PathLike, model=None) -> tuple[dict, dict]:
     """(manifest, tensors concatenated over shards). With `model`, its fingerprint must match."""
     folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise ShadowError(f"--traces {folder}: no {MANIFEST} (not a folder written by `shadowllm calibrate`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShadowError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ShadowError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = read_manifest(folder, MANIFEST, FORMAT, "--traces", "calibrate")
     if not manifest.get("complete"):
         raise ShadowError(f"--traces {folder}: calibration is unfinished; rerun the same `shadowllm calibrate` "
                           "command to complete it")
-    if model is not None and manifest["model_fingerprint"] != fingerprint(model):
-        raise ShadowError(f"--traces {folder} were collected on another model (fingerprint "
-                          f"{manifest['model_fingerprint']}, this model {fingerprint(model)})")
+    check_model(manifest, model, f"--traces {folder} were collected")
     shards = []
     for s in manifest["shards"]:
         try:

@@ -133,6 +133,10 @@ def train(traces: str, kind: str = "shadow", granularity: str = "sequence", crit
     xt = x[train_idx]
     net.mean.copy_(xt.mean(0))
     net.std.copy_(xt.std(0).clamp(min=1e-6))
+    prior = target[train_idx].float().mean(0)
+    if kind == "dejavu":  # BCE logits: start from each unit's label rate
+        prior = torch.logit(prior.clamp(1e-4, 1 - 1e-4))
+    net.prior.copy_(prior)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     steps = epochs * max(1, math.ceil(len(train_idx) / batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)

@@ -62,3 +62,27 @@ def test_a_file_is_not_a_model(tmp_path):
     f.write_text("hello")
     result = run_cli("info", str(f))
     assert result.returncode == 2 and "not a folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predictor_commands_report_bad_input(tiny_folder, tmp_path):
+    result = run_cli("train", "--traces", str(tmp_path / "none"), "--out", str(tmp_path / "p"))
+    assert result.returncode == 2 and "no traces.json" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "p").exists()
+    result = run_cli("eval", str(tiny_folder), "--predictor", str(tmp_path / "none"))
+    assert result.returncode == 2 and "no predictor.json" in result.stderr
+    result = run_cli("eval", str(tiny_folder), "--sparsity", "0.2,1.5")
+    assert result.returncode == 2 and "must lie in [0, 1), got 1.5" in result.stderr
+
+
+def test_calibrate_train_eval_from_the_command_line(tiny_folder, tmp_path, capsys):
+    traces, pred, report = tmp_path / "traces", tmp_path / "pred", tmp_path / "out" / "eval"
+    assert main(["calibrate", str(tiny_folder), "--criterion", "plainact", "--criterion", "l2_norm", "--samples", "8",
+                 "--window", "40", "--shard-size", "4", "--token-positions", "4", "--out", str(traces)]) == 0
+    assert main(["train", "--traces", str(traces), "--kind", "shadow", "--granularity", "token", "--epochs", "2",
+                 "--model", str(tiny_folder), "--out", str(pred)]) == 0
+    assert main(["eval", str(tiny_folder), "--predictor", str(pred), "--sparsity", "0.5", "--target", "neurons",
+                 "--max-windows", "2", "--window", "32", "--prompt", "16", "--lastword", "0",
+                 "--out", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "| shadow | token | plainact | neurons | 0.5 |" in out and "| static |" in out
+    assert report.with_suffix(".json").is_file() and report.with_suffix(".png").is_file()

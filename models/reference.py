@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .adapters import Arch, AttentionWeights, MLPWeights, activation_fn, adapter_for
+from .adapters import AttentionWeights, MLPWeights, activation_fn, adapter_for
 from .errors import ShadowError
 
 # observer(layer, name, tensor) -> tensor | None. Names: "residual" (layer input [B,S,D]),
@@ -79,9 +79,13 @@ def _row_groups(mask: torch.Tensor | None, batch: int):
         yield (None if rows.numel() == batch else rows), (None if active.numel() == mask.shape[1] else active)
 
 
-def _attention(arch: Arch, w: AttentionWeights, x, past, allowed, rope, heads, token_mask, kv_policy,
+def _attention(arch, w: AttentionWeights, x, past, allowed, rope, heads, token_mask, kv_policy,
                observer, layer):
-    """Attention block for rows sharing `heads` (None = all). Returns (y, key, value) for those rows."""
+    """Attention for rows sharing `heads` (None = all). Returns (y, key, value) for those rows.
+
+    `arch` needs only head_dim, num_heads, num_kv_heads, heads_per_group and scale (an Arch or the
+    attributes of a SparseHeadAttention node).
+    """
     b, S, _ = x.shape
     E, H, G = arch.head_dim, arch.num_heads, arch.num_kv_heads
     per_group = arch.heads_per_group
@@ -121,10 +125,10 @@ def _attention(arch: Arch, w: AttentionWeights, x, past, allowed, rope, heads, t
     return _project_out(context.reshape(b, S, n_heads * E), _rows(w.w_o_t, heads, E), w.b_o), key, value
 
 
-def _mlp(arch: Arch, w: MLPWeights, x, neurons, token_mask, observer, layer):
-    act = activation_fn(arch.activation)
+def _mlp(activation: str, w: MLPWeights, x, neurons, token_mask, observer, layer):
+    act = activation_fn(activation)
     w_in, b_in = _rows(w.w_in, neurons, 1), _rows(w.b_in, neurons, 1)
-    if arch.gated:
+    if w.w_gate is not None:
         hidden = act(x @ _rows(w.w_gate, neurons, 1).t()) * _linear(x, w_in, b_in)
     else:
         hidden = act(_linear(x, w_in, b_in))
@@ -156,6 +160,35 @@ def _by_rows(groups_out, B, like):
     for rows, t in groups_out:
         out = out.index_copy(0, rows, t)
     return out
+
+
+def attention_block(arch, w: AttentionWeights, x, past, allowed, rope, head_mask=None, token_mask=None,
+                    kv_policy: str = "all", observer: Observer | None = None, layer: int = 0):
+    """One attention block over a batch: x [B,S,D], past (key, value) [B,G,P,E], allowed [B,S,T] bool,
+    rope (cos, sin) [B,S,E/2] or None, head_mask [B,H] (per sequence: skipped) or None, token_mask
+    [B,S,H] (zeroed) or None. Returns (y [B,S,D], key, value [B,G,T,E])."""
+    B = x.shape[0]
+    ys, keys, values = [], [], []
+    for rows, heads in _row_groups(head_mask, B):
+        sel = (lambda t: t) if rows is None else (lambda t, r=rows: t.index_select(0, r))
+        y, k, v = _attention(arch, w, sel(x), (sel(past[0]), sel(past[1])), sel(allowed),
+                             None if rope is None else (sel(rope[0]), sel(rope[1])), heads,
+                             None if token_mask is None else sel(token_mask), kv_policy, observer, layer)
+        ys.append((rows, y)), keys.append((rows, k)), values.append((rows, v))
+    return _by_rows(ys, B, x), _by_rows(keys, B, x), _by_rows(values, B, x)
+
+
+def mlp_block(activation: str, w: MLPWeights, x, neuron_mask=None, token_mask=None,
+              observer: Observer | None = None, layer: int = 0):
+    """One MLP block over a batch: x [B,S,D]; neuron_mask [B,F] (per sequence: skipped) or None;
+    token_mask [B,S,F] (zeroed) or None. Returns y [B,S,D]."""
+    B = x.shape[0]
+    ys = []
+    for rows, neurons in _row_groups(neuron_mask, B):
+        sel = (lambda t: t) if rows is None else (lambda t, r=rows: t.index_select(0, r))
+        ys.append((rows, _mlp(activation, w, sel(x), neurons, None if token_mask is None else sel(token_mask),
+                              observer, layer)))
+    return _by_rows(ys, B, x)
 
 
 def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention_mask=None, past=None,
@@ -210,28 +243,20 @@ def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention
         # --- attention block ---
         w = adapter.attention(layer)
         x = adapter.attn_norm(layer)(h) if arch.pre_norm else h
-        ys, keys, values = [], [], []
-        for rows, heads in _row_groups(None if seq_heads is None else seq_heads[:, layer], B):
-            sel = (lambda t: t) if rows is None else (lambda t, r=rows: t.index_select(0, r))
-            y, k, v = _attention(
-                arch, w, sel(x), (sel(past[layer][0]), sel(past[layer][1])), sel(allowed),
-                None if rope is None else (sel(rope[0]), sel(rope[1])), heads,
-                None if tok_heads is None else tok_heads[:, :, layer], kv_policy, observer, layer)
-            ys.append((rows, y)), keys.append((rows, k)), values.append((rows, v))
-        a = _observe(observer, layer, "attn_out", _by_rows(ys, B, x))
-        presents.append((_by_rows(keys, B, x), _by_rows(values, B, x)))
+        y, key, value = attention_block(arch, w, x, past[layer], allowed, rope,
+                                        None if seq_heads is None else seq_heads[:, layer],
+                                        None if tok_heads is None else tok_heads[:, :, layer], kv_policy,
+                                        observer, layer)
+        a = _observe(observer, layer, "attn_out", y)
+        presents.append((key, value))
         h = h + a
         if not arch.pre_norm:
             h = adapter.attn_norm(layer)(h)
         # --- MLP block ---
         w = adapter.mlp(layer)
         x = _observe(observer, layer, "mlp_in", adapter.mlp_norm(layer)(h) if arch.pre_norm else h)
-        ys = []
-        for rows, neurons in _row_groups(None if seq_neurons is None else seq_neurons[:, layer], B):
-            xr = x if rows is None else x.index_select(0, rows)
-            ys.append((rows, _mlp(arch, w, xr, neurons, None if tok_neurons is None else tok_neurons[:, :, layer],
-                                  observer, layer)))
-        h = h + _by_rows(ys, B, x)
+        h = h + mlp_block(arch.activation, w, x, None if seq_neurons is None else seq_neurons[:, layer],
+                          None if tok_neurons is None else tok_neurons[:, :, layer], observer, layer)
         if not arch.pre_norm:
             h = adapter.mlp_norm(layer)(h)
     return adapter.logits(h), tuple(presents)

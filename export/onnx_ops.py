@@ -1,0 +1,239 @@
+"""The ONNX side of the sparse ops: domain `ai.shadowllm` v1 schemas and model-local function bodies.
+
+Each exported model carries one FunctionProto per op, written for that model's variant (biases or
+not, gated or not, RoPE or not, its activation): a standard-op body that computes densely and
+multiplies by the mask, so stock onnxruntime runs the model with no native code. When the native
+library is registered, ORT runs its kernel for the node instead. Absent optional inputs are passed
+as "" by the node and never referenced by the body of that variant.
+
+Schemas are registered with `onnx.defs` so `onnx.checker.check_model(full_check=True)` and shape
+inference accept the nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+DOMAIN = "ai.shadowllm"
+VERSION = 1
+OPSET = 21  # standard opset of the bodies (Gelu needs >= 20)
+PLUGIN_ATTRS = {"plugin_namespace": "shadowllm", "plugin_version": "1"}
+MLP_INPUTS = ["x", "w_in", "b_in", "w_gate", "w_out_t", "b_out", "mask"]
+ATTENTION_INPUTS = ["x", "w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o_t", "b_o", "past_key", "past_value",
+                    "attention_mask", "position_ids", "cos", "sin", "head_mask"]
+ATTENTION_OUTPUTS = ["y", "present_key", "present_value"]
+MASKED = float(np.finfo(np.float32).min)  # score of a hidden key: a fully hidden row attends uniformly
+
+
+class _Body:
+    """Collects the nodes of a function body; each call returns its output name."""
+
+    def __init__(self):
+        self.nodes, self.n = [], 0
+
+    def __call__(self, op, *inputs, **attrs):
+        self.n += 1
+        out = f"t{self.n}"
+        self.nodes.append(helper.make_node(op, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, value, dtype=np.int64):
+        self.n += 1
+        out = f"c{self.n}"
+        self.nodes.append(helper.make_node("Constant", [], [out], value=onnx.numpy_helper.from_array(
+            np.array(value, dtype=dtype), out)))
+        return out
+
+    def rename(self, src, dst):
+        self.nodes.append(helper.make_node("Identity", [src], [dst]))
+
+
+def _linear(b: _Body, x, w, bias):
+    y = b("MatMul", x, b("Transpose", w, perm=[1, 0]))
+    return b("Add", y, bias) if bias else y
+
+
+def _activation(b: _Body, name: str, t):
+    if name == "relu":
+        return b("Relu", t)
+    if name == "gelu":
+        return b("Gelu", t)
+    if name == "gelu_tanh":
+        return b("Gelu", t, approximate="tanh")
+    if name == "silu":
+        return b("Mul", t, b("Sigmoid", t))
+    raise ValueError(f"activation {name!r}")
+
+
+@dataclass(frozen=True)
+class MLPVariant:
+    activation: str
+    gated: bool
+    bias_in: bool
+    bias_out: bool
+
+
+@dataclass(frozen=True)
+class AttentionVariant:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    rope: bool
+    bias_qkv: bool
+    bias_o: bool
+    kv_policy: str  # all | active
+
+
+def mlp_function(v: MLPVariant) -> onnx.FunctionProto:
+    """y = (act(x w_gate^T) * (x w_in^T) | act(x w_in^T + b_in)) * mask @ w_out_t + b_out."""
+    b = _Body()
+    up = _linear(b, "x", "w_in", "b_in" if v.bias_in else None)
+    h = b("Mul", _activation(b, v.activation, _linear(b, "x", "w_gate", None)), up) if v.gated \
+        else _activation(b, v.activation, up)
+    mask = b("Unsqueeze", b("CastLike", "mask", "x"), b.const([1]))  # [B, 1, F]
+    y = b("MatMul", b("Mul", h, mask), "w_out_t")
+    b.rename(b("Add", y, "b_out") if v.bias_out else y, "y")
+    return helper.make_function(DOMAIN, "SparseNeuronMLP", MLP_INPUTS, ["y"], b.nodes,
+                                [helper.make_opsetid("", OPSET)],
+                                attributes=["activation", "plugin_namespace", "plugin_version"])
+
+
+def _heads(b: _Body, t, n, E):
+    """[B, S, n*E] -> [B, n, S, E]."""
+    return b("Transpose", b("Reshape", t, b.const([0, 0, n, E])), perm=[0, 2, 1, 3])
+
+
+def _rope(b: _Body, t, cos, sin, E):
+    half = E // 2
+    t1 = b("Slice", t, b.const([0]), b.const([half]), b.const([3]))
+    t2 = b("Slice", t, b.const([half]), b.const([E]), b.const([3]))
+    first = b("Sub", b("Mul", t1, cos), b("Mul", t2, sin))
+    second = b("Add", b("Mul", t2, cos), b("Mul", t1, sin))
+    return b("Concat", first, second, axis=3)
+
+
+def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
+    """Dense attention for every head, then head outputs x head_mask; see DESIGN §3."""
+    b = _Body()
+    H, G, E = v.num_heads, v.num_kv_heads, v.head_dim
+    q = _heads(b, _linear(b, "x", "w_q", "b_q" if v.bias_qkv else None), H, E)
+    k = _heads(b, _linear(b, "x", "w_k", "b_k" if v.bias_qkv else None), G, E)
+    val = _heads(b, _linear(b, "x", "w_v", "b_v" if v.bias_qkv else None), G, E)
+    if v.rope:
+        cos = b("Unsqueeze", b("Gather", "cos", "position_ids", axis=0), b.const([1]))  # [B, 1, S, E/2]
+        sin = b("Unsqueeze", b("Gather", "sin", "position_ids", axis=0), b.const([1]))
+        q, k = _rope(b, q, cos, sin, E), _rope(b, k, cos, sin, E)
+    if v.kv_policy == "active":  # kv heads no active query head reads: zeros in the new cache slots
+        groups = b("ReduceMax", b("Reshape", b("Cast", "head_mask", to=TensorProto.INT64), b.const([0, G, H // G])),
+                   b.const([2]), keepdims=0)  # [B, G]
+        group_on = b("Unsqueeze", b("CastLike", groups, "x"), b.const([2, 3]))
+        k, val = b("Mul", k, group_on), b("Mul", val, group_on)
+    b.rename(b("Concat", "past_key", k, axis=2), "present_key")
+    b.rename(b("Concat", "past_value", val, axis=2), "present_value")
+
+    def per_head(t):  # [B, G, T, E] -> [B, H, T, E]: query head h reads kv head h // (H/G)
+        shape = b("Shape", t)
+        expanded = b("Expand", b("Unsqueeze", t, b.const([2])),
+                     b("Concat", b("Slice", shape, b.const([0]), b.const([2])), b.const([H // G]),
+                       b("Slice", shape, b.const([2]), b.const([4])), axis=0))
+        return b("Reshape", expanded, b.const([0, H, -1, E]))
+    keys, values = per_head("present_key"), per_head("present_value")
+    scores = b("Mul", b("MatMul", q, b("Transpose", keys, perm=[0, 1, 3, 2])), b.const(v.scale, np.float32))
+    # causal and padding mask: key j visible to new token i when j <= past + i and attention_mask[b, j]
+    past = b("Slice", b("Shape", "past_key"), b.const([2]), b.const([3]))
+    S = b("Slice", b("Shape", "x"), b.const([1]), b.const([2]))
+    T = b("Slice", b("Shape", "attention_mask"), b.const([1]), b.const([2]))
+    zero, one = b.const(0), b.const(1)
+    i = b("Add", b("Range", zero, b("Squeeze", S), one), b("Squeeze", past))
+    j = b("Range", zero, b("Squeeze", T), one)
+    causal = b("LessOrEqual", b("Unsqueeze", j, b.const([0])), b("Unsqueeze", i, b.const([1])))  # [S, T]
+    padding = b("Unsqueeze", b("Cast", "attention_mask", to=TensorProto.BOOL), b.const([1, 2]))  # [B, 1, 1, T]
+    visible = b("And", causal, padding)
+    scores = b("Where", visible, scores, b("CastLike", b.const(MASKED, np.float32), "x"))
+    context = b("MatMul", b("Softmax", scores, axis=-1), values)  # [B, H, S, E]
+    on = b("Unsqueeze", b("CastLike", "head_mask", "x"), b.const([2, 3]))
+    context = b("Reshape", b("Transpose", b("Mul", context, on), perm=[0, 2, 1, 3]), b.const([0, 0, H * E]))
+    y = b("MatMul", context, "w_o_t")
+    b.rename(b("Add", y, "b_o") if v.bias_o else y, "y")
+    return helper.make_function(DOMAIN, "SparseHeadAttention", ATTENTION_INPUTS, ATTENTION_OUTPUTS, b.nodes,
+                                [helper.make_opsetid("", OPSET)],
+                                attributes=["num_heads", "num_kv_heads", "head_dim", "scale", "rope", "kv_policy",
+                                            "plugin_namespace", "plugin_version"])
+
+
+def mlp_node(inputs: dict, output: str, activation: str, name: str) -> onnx.NodeProto:
+    """A SparseNeuronMLP node; `inputs` maps formal names to tensor names (absent optional: missing)."""
+    return helper.make_node("SparseNeuronMLP", [inputs.get(k, "") for k in MLP_INPUTS], [output], name=name,
+                            domain=DOMAIN, activation=activation, **PLUGIN_ATTRS)
+
+
+def attention_node(inputs: dict, outputs: list[str], v: AttentionVariant, name: str) -> onnx.NodeProto:
+    return helper.make_node("SparseHeadAttention", [inputs.get(k, "") for k in ATTENTION_INPUTS], outputs,
+                            name=name, domain=DOMAIN, num_heads=v.num_heads, num_kv_heads=v.num_kv_heads,
+                            head_dim=v.head_dim, scale=float(v.scale), rope=int(v.rope), kv_policy=v.kv_policy,
+                            **PLUGIN_ATTRS)
+
+
+# ---------------------------------------------------------------- schemas
+def _schema(name, inputs, outputs, attrs, doc, infer):
+    P, S = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption
+    types = {"mask": "B", "head_mask": "B", "attention_mask": "I", "position_ids": "I"}
+    optional = {"b_in", "w_gate", "b_out", "b_q", "b_k", "b_v", "b_o", "cos", "sin"}
+    formal_in = [P(n, types.get(n, "T"), "", param_option=S.Optional if n in optional else S.Single)
+                 for n in inputs]
+    formal_out = [P(n, "T", "") for n in outputs]
+    constraints = [("T", ["tensor(float)", "tensor(float16)"], "activations and weights"),
+                   ("B", ["tensor(bool)"], "masks"), ("I", ["tensor(int64)"], "positions and attention mask")]
+    schema = onnx.defs.OpSchema(name, DOMAIN, VERSION, doc, inputs=formal_in, outputs=formal_out,
+                                type_constraints=constraints, attributes=attrs)
+    schema.set_type_and_shape_inference_function(infer)
+    return schema
+
+
+def _attr(name, kind, required=True):
+    return onnx.defs.OpSchema.Attribute(name, kind, "", required=required)
+
+
+def _infer_mlp(ctx):
+    ctx.set_output_type(0, ctx.get_input_type(0))
+
+
+def _infer_attention(ctx):
+    x = ctx.get_input_type(0)
+    ctx.set_output_type(0, x)
+    past = ctx.get_input_type(9)
+    elem = x.tensor_type.elem_type
+    dims = [d for d in past.tensor_type.shape.dim] if past.tensor_type.HasField("shape") else None
+    for out in (1, 2):
+        t = onnx.TypeProto()
+        t.tensor_type.elem_type = elem
+        if dims is not None and len(dims) == 4:
+            for k, d in enumerate(dims):
+                nd = t.tensor_type.shape.dim.add()
+                if k != 2 and d.HasField("dim_value"):
+                    nd.dim_value = d.dim_value
+                elif k != 2 and d.HasField("dim_param"):
+                    nd.dim_param = d.dim_param
+        ctx.set_output_type(out, t)
+
+
+def register_schemas() -> None:
+    """Register the domain's schemas once per process (idempotent)."""
+    if onnx.defs.has("SparseNeuronMLP", DOMAIN):
+        return
+    A = onnx.defs.OpSchema.AttrType
+    plugin = [_attr("plugin_namespace", A.STRING, False), _attr("plugin_version", A.STRING, False)]
+    onnx.defs.register_schema(_schema(
+        "SparseNeuronMLP", MLP_INPUTS, ["y"], [_attr("activation", A.STRING)] + plugin,
+        "FFN that computes only the neurons kept by mask[B,F] (DESIGN §3).", _infer_mlp))
+    onnx.defs.register_schema(_schema(
+        "SparseHeadAttention", ATTENTION_INPUTS, ATTENTION_OUTPUTS,
+        [_attr("num_heads", A.INT), _attr("num_kv_heads", A.INT), _attr("head_dim", A.INT), _attr("scale", A.FLOAT),
+         _attr("rope", A.INT), _attr("kv_policy", A.STRING)] + plugin,
+        "Attention that computes only the heads kept by head_mask[B,H], with KV cache (DESIGN §3).",
+        _infer_attention))

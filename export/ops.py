@@ -1,0 +1,84 @@
+"""The two sparse ops of DESIGN §3 as `torch.library` custom ops (eager kernel + fake kernel).
+
+The eager kernels are the sparse reference's own blocks (`models.reference.attention_block` /
+`mlp_block`): for each distinct mask row they gather only the active heads' and neurons' rows, so the
+op and the reference forward cannot drift apart. The fake kernels give shapes for tracing.
+
+shadowllm::sparse_neuron_mlp(x[B,S,D], w_in[F,D], b_in[F]?, w_gate[F,D]?, w_out_t[F,D], b_out[D]?,
+                             mask[B,F] bool, activation) -> y[B,S,D]
+shadowllm::sparse_head_attention(x, w_q, b_q?, w_k, b_k?, w_v, b_v?, w_o_t, b_o?, past_key[B,G,P,E],
+                             past_value, attention_mask[B,T], position_ids[B,S], cos[M,E/2]?,
+                             sin[M,E/2]?, head_mask[B,H] bool, num_heads, num_kv_heads, head_dim,
+                             scale, rope, kv_policy) -> (y, present_key[B,G,T,E], present_value)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from shadowllm.models.adapters import AttentionWeights, MLPWeights
+from shadowllm.models.reference import attention_block, mlp_block
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """The attributes of a SparseHeadAttention node that the attention kernel needs."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@torch.library.custom_op("shadowllm::sparse_neuron_mlp", mutates_args=())
+def sparse_neuron_mlp(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_gate: Optional[Tensor], w_out_t: Tensor,
+                      b_out: Optional[Tensor], mask: Tensor, activation: str) -> Tensor:
+    w = MLPWeights(w_in=w_in, w_out_t=w_out_t, w_gate=w_gate, b_in=b_in, b_out=b_out)
+    return mlp_block(activation, w, x, mask.bool()).clone()
+
+
+@sparse_neuron_mlp.register_fake
+def _(x, w_in, b_in, w_gate, w_out_t, b_out, mask, activation):
+    return torch.empty_like(x)
+
+
+def _allowed(attention_mask: Tensor, past_len: int, S: int) -> Tensor:
+    """[B, S, T] bool: key j is visible to new token i when j <= past_len + i and attention_mask[b, j]."""
+    T = attention_mask.shape[1]
+    causal = torch.arange(T, device=attention_mask.device)[None, :] <= (
+        past_len + torch.arange(S, device=attention_mask.device))[:, None]
+    return causal[None] & attention_mask.bool()[:, None, :]
+
+
+@torch.library.custom_op("shadowllm::sparse_head_attention", mutates_args=())
+def sparse_head_attention(x: Tensor, w_q: Tensor, b_q: Optional[Tensor], w_k: Tensor, b_k: Optional[Tensor],
+                          w_v: Tensor, b_v: Optional[Tensor], w_o_t: Tensor, b_o: Optional[Tensor],
+                          past_key: Tensor, past_value: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                          cos: Optional[Tensor], sin: Optional[Tensor], head_mask: Tensor, num_heads: int,
+                          num_kv_heads: int, head_dim: int, scale: float, rope: int,
+                          kv_policy: str) -> tuple[Tensor, Tensor, Tensor]:
+    shape = HeadShape(num_heads, num_kv_heads, head_dim, scale)
+    w = AttentionWeights(w_q=w_q, w_k=w_k, w_v=w_v, w_o_t=w_o_t, b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o)
+    tables = (cos[position_ids], sin[position_ids]) if rope else None
+    allowed = _allowed(attention_mask, past_key.shape[2], x.shape[1])
+    y, key, value = attention_block(shape, w, x, (past_key, past_value), allowed, tables, head_mask.bool(),
+                                    kv_policy=kv_policy)
+    return y.clone(), key.clone(), value.clone()
+
+
+@sparse_head_attention.register_fake
+def _(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask, position_ids, cos, sin,
+      head_mask, num_heads, num_kv_heads, head_dim, scale, rope, kv_policy):
+    B, G, P, E = past_key.shape
+    T = P + x.shape[1]
+    return torch.empty_like(x), past_key.new_empty(B, G, T, E), past_value.new_empty(B, G, T, E)

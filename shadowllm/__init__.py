@@ -6,3 +6,10 @@ corpora, sparse reference forward), predictor (importance, allocation, masks, ac
 """
 
 __version__ = "0.1.0"
+
+
+def load(folder, sparsity: float = 0.0):
+    """Load an export folder (from `shadowllm export`) on ONNX Runtime: `load(DIR).generate("...")`."""
+    from .api import load as _load
+
+    return _load(folder, sparsity)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -41,12 +42,29 @@ def cmd_info(args):
 
 
 def cmd_generate(args):
+    from shadowllm.runtime import Sampling
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # validate before loading
+    from .api import is_export_folder
+
+    if args.backend == "ort" or (args.backend is None and is_export_folder(args.model)):
+        from .api import Deployed
+
+        deployed = Deployed(args.model or "", args.sparsity)
+        tokenizer, backend = deployed.tokenizer, deployed.backend
+        print(f"[shadowllm] onnxruntime ({backend.device}), policy {deployed.manifest['policy']}, sparsity "
+              f"{args.sparsity}", file=sys.stderr)
+    else:
+        tokenizer, backend = _torch_backend(args)
+    _run_generation(args, tokenizer, backend, sampling)
+
+
+def _torch_backend(args):
     from shadowllm.models import load
     from shadowllm.predictor import fixed_masks
     from shadowllm.predictor.fixed_masks import describe
-    from shadowllm.runtime import Sampling, TorchBackend, generate
+    from shadowllm.runtime import TorchBackend
 
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # validate before loading
     model, tokenizer = load(args.model)
     if args.predictor:
         from shadowllm.predictor.predictors import load_predictor
@@ -63,6 +81,12 @@ def cmd_generate(args):
             print(f"[shadowllm] {args.masks} masks: heads {describe(heads)}, neurons {describe(neurons)}",
                   file=sys.stderr)
         backend = TorchBackend(model, heads, neurons)
+    return tokenizer, backend
+
+
+def _run_generation(args, tokenizer, backend, sampling):
+    from shadowllm.runtime import generate
+
     prompts = [_format_prompt(tokenizer, p, args.chat) for p in args.prompt]
     stream = len(prompts) == 1
     results = generate(backend, tokenizer, prompts, args.max_new_tokens, sampling, stop=args.stop,
@@ -163,6 +187,45 @@ def _sparsities(text: str):
     return values
 
 
+def cmd_export(args):
+    from shadowllm.export.exporter import export
+    from shadowllm.models import load
+
+    model, tokenizer = load(args.model)
+    static, source = None, None
+    if args.policy == "static":
+        from shadowllm.predictor.train import minmax_per_layer
+
+        if args.traces:
+            from shadowllm.predictor.traces import load_traces
+
+            manifest, t = load_traces(args.traces, model)
+            crit = args.criterion if args.criterion in manifest["criteria"] else manifest["criteria"][0]
+            static = (minmax_per_layer(t[f"seq.{crit}.heads"]).mean(0), minmax_per_layer(t[f"seq.{crit}.neurons"]).mean(0))
+            source = {"traces": str(args.traces), "criterion": crit, "samples": manifest["samples"]}
+        else:
+            from shadowllm.predictor.fixed_masks import static_scores
+
+            static = static_scores(model, tokenizer)
+            source = {"traces": None, "criterion": "l2_norm", "samples": 8, "note": "built-in calibration"}
+    out = export(model, tokenizer, args.out, args.policy, static, source, args.target)
+    sizes = sum(f.stat().st_size for f in out.iterdir())
+    print(f"exported {args.policy} model to {out} ({sizes / 2**20:.1f} MiB)")
+
+
+def cmd_parity(args):
+    from shadowllm.models import load
+    from shadowllm.runtime.ort_backend import check_export_folder
+    from shadowllm.runtime.parity import check, write_report
+
+    manifest = check_export_folder(Path(args.folder))
+    model, tokenizer = load(args.model or manifest.get("model"))
+    report = check(args.folder, model, tokenizer, args.sparsity, args.steps)
+    print(report.table())
+    write_report(report, args.json or Path(args.folder) / "parity.json")
+    return 0 if report.passed else 1
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -179,9 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("generate", help="generate text (backend torch: the sparse PyTorch reference)")
-    _model_arg(p)
-    p.add_argument("--backend", choices=["torch"], default="torch")
+    p = sub.add_parser("generate", help="generate text: an export folder on onnxruntime, or a model on the "
+                                        "sparse PyTorch reference")
+    p.add_argument("model", nargs="?", default=None,
+                   help="an export folder (onnxruntime), a model name (default smollm2-135m) or a HF folder (torch)")
+    p.add_argument("--backend", choices=["torch", "ort"], default=None, help="default: ort for export folders")
+    p.add_argument("--sparsity", type=fraction, default=0.0, help="runtime sparsity of an export folder")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -247,6 +313,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report prefix: writes PREFIX.json, .md, .png")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("export", help="export model + masks to ONNX with the sparse custom ops")
+    _model_arg(p)
+    p.add_argument("--policy", choices=["dense", "static"], default="dense")
+    p.add_argument("--traces", default=None, help="static: importance from a calibrate run (default: built-in)")
+    p.add_argument("--criterion", default="l2_norm", help="static: which criterion of the traces")
+    p.add_argument("--target", choices=["heads", "neurons", "both"], default="both",
+                   help="static: what the runtime sparsity applies to")
+    p.add_argument("--out", required=True, help="export folder (must not exist or be empty)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("parity", help="check an export folder against the PyTorch reference")
+    p.add_argument("folder")
+    p.add_argument("--model", default=None, help="the model it was exported from (default: as recorded)")
+    p.add_argument("--sparsity", type=fraction, default=0.5)
+    p.add_argument("--steps", type=int, default=32, help="greedy tokens compared")
+    p.add_argument("--json", default=None, help="report path (default DIR/parity.json)")
+    p.set_defaults(func=cmd_parity)
+
     p = sub.add_parser("demo", help="end-to-end demo on the embedded default model")
     p.add_argument("--model", default=None, help="model name or folder (default: smollm2-135m)")
     p.add_argument("--quick", action="store_true", help="fewer windows and tokens")
@@ -259,14 +343,14 @@ def main(argv=None) -> int:
     from shadowllm.models import ShadowError
 
     try:
-        args.func(args)
+        status = args.func(args)
     except ShadowError as e:
         print(f"shadowllm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("shadowllm: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

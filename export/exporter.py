@@ -1,0 +1,191 @@
+"""`shadowllm export`: trace model + masks into one model.onnx with the sparse custom ops.
+
+The dynamo exporter traces `ExportModule`; a custom translation table turns the two torch ops into
+`ai.shadowllm` nodes (with plugin_namespace / plugin_version for TensorRT's parser); then each node is
+named after its layer (`layers.3.attention`, `layers.3.mlp`), the model-local function bodies of this
+model's variant are attached (so stock onnxruntime runs it), and the folder of DESIGN §4 is written:
+model.onnx + model.onnx.data, config.json, tokenizer files, genai_config.json, shadowllm.json. It is
+written to a temporary folder and renamed, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import onnx
+import onnxscript
+import torch
+
+from shadowllm.models import ShadowError, adapter_for, fingerprint
+
+from .graph import POLICIES, ExportModule
+from .onnx_ops import (DOMAIN, OPSET, PLUGIN_ATTRS, AttentionVariant, MLPVariant, attention_function, mlp_function,
+                       register_schemas)
+
+MANIFEST = "shadowllm.json"
+FORMAT = "shadowllm-export/1"
+_custom = onnxscript.values.Opset(domain=DOMAIN, version=1)
+
+
+def _mlp_translation(x, w_in, b_in, w_gate, w_out_t, b_out, mask, activation: str):
+    return _custom.SparseNeuronMLP(x, w_in, b_in, w_gate, w_out_t, b_out, mask, activation=activation,
+                                   **PLUGIN_ATTRS)
+
+
+def _attention_translation(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask,
+                           position_ids, cos, sin, head_mask, num_heads: int, num_kv_heads: int, head_dim: int,
+                           scale: float, rope: int, kv_policy: str):
+    return _custom.SparseHeadAttention(
+        x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask, position_ids, cos, sin,
+        head_mask, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale, rope=rope,
+        kv_policy=kv_policy, **PLUGIN_ATTRS)
+
+
+def io_names(num_layers: int):
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "position_ids", *past, "shadow_head_mask", "shadow_neuron_mask",
+              "sparsity"]
+    outputs = ["logits", *present, "shadow_head_mask_out", "shadow_neuron_mask_out"]
+    return inputs, outputs
+
+
+def _example(arch, B=2, S=3, P=2):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, arch.vocab, (B, S), generator=g)
+    mask = torch.ones(B, P + S, dtype=torch.long)
+    pos = torch.arange(P, P + S).expand(B, S).contiguous()
+    past = [torch.randn(B, arch.num_kv_heads, P, arch.head_dim, generator=g) for _ in range(2 * arch.num_layers)]
+    heads = torch.ones(B, arch.num_layers, arch.num_heads, dtype=torch.bool)
+    neurons = torch.ones(B, arch.num_layers, arch.ffn, dtype=torch.bool)
+    return ids, mask, pos, past, heads, neurons, torch.tensor(0.0)
+
+
+def _dynamic_shapes(num_layers):
+    batch, seq, past, total = (torch.export.Dim(n, min=1, max=65536) for n in ("batch", "sequence", "past", "total"))
+    return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
+            [{0: batch, 2: past} for _ in range(2 * num_layers)], {0: batch}, {0: batch}, None)
+
+
+def trace(model, policy: str = "dense", static_scores=None, target: str = "both") -> onnx.ModelProto:
+    """The ONNX model (in memory, weights inside) for `model` under `policy`."""
+    if policy not in POLICIES:
+        raise ShadowError(f"--policy {policy!r}: expected one of {', '.join(POLICIES)} "
+                          "(shadow and dejavu export is not built yet)")
+    register_schemas()
+    arch = adapter_for(model).arch
+    if policy == "static" and static_scores is None:
+        raise ShadowError("--policy static needs importance scores (from --traces, or the built-in calibration)")
+    module = ExportModule(model, policy, static_scores, target).eval()
+    inputs, outputs = io_names(arch.num_layers)
+    with torch.no_grad(), _one_line_errors():
+        program = torch.onnx.export(
+            module, _example(arch), dynamo=True, opset_version=OPSET, input_names=inputs, output_names=outputs,
+            dynamic_shapes=_dynamic_shapes(arch.num_layers), verbose=False,
+            custom_translation_table={torch.ops.shadowllm.sparse_neuron_mlp.default: _mlp_translation,
+                                      torch.ops.shadowllm.sparse_head_attention.default: _attention_translation})
+    proto = program.model_proto
+    _name_nodes(proto)
+    w0 = adapter_for(model).attention(0)
+    m0 = adapter_for(model).mlp(0)
+    proto.functions.extend([
+        mlp_function(MLPVariant(arch.activation, m0.w_gate is not None, m0.b_in is not None, m0.b_out is not None)),
+        attention_function(AttentionVariant(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.scale, arch.rope,
+                                            w0.b_q is not None, w0.b_o is not None, "all")),
+    ])
+    return proto
+
+
+class _one_line_errors:
+    """The exporter's failure is a long report; the user gets its last line, the report stays on stderr."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is not None and not isinstance(err, (ShadowError, KeyboardInterrupt)):
+            raise ShadowError(f"ONNX export failed: {str(err).strip().splitlines()[-1][:300]}") from err
+        return False
+
+
+def _name_nodes(proto: onnx.ModelProto):
+    """Name each custom node after its layer, in graph order, for readable graphs (Netron)."""
+    counts = {"SparseHeadAttention": 0, "SparseNeuronMLP": 0}
+    for node in proto.graph.node:
+        if node.domain == DOMAIN and node.op_type in counts:
+            kind = "attention" if node.op_type == "SparseHeadAttention" else "mlp"
+            node.name = f"layers.{counts[node.op_type]}.{kind}"
+            counts[node.op_type] += 1
+
+
+def genai_config(model, arch) -> dict:
+    cfg = model.config
+    _, outputs = io_names(arch.num_layers)
+    return {
+        "model": {
+            "type": arch.model_type, "vocab_size": arch.vocab, "context_length": arch.max_positions,
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+            "decoder": {
+                "filename": "model.onnx", "hidden_size": arch.hidden, "num_hidden_layers": arch.num_layers,
+                "num_attention_heads": arch.num_heads, "num_key_value_heads": arch.num_kv_heads,
+                "head_size": arch.head_dim,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"max_length": arch.max_positions, "do_sample": False},
+    }
+
+
+def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", static_scores=None,
+           static_source: dict | None = None, target: str = "both") -> Path:
+    """Write the export folder `out` (atomically). Returns its path."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ShadowError(f"--out {out}: folder exists and is not empty; choose a new folder")
+    arch = adapter_for(model).arch
+    print(f"[shadowllm] tracing {arch.model_type} ({arch.num_layers} layers) with policy {policy}", file=sys.stderr)
+    if target not in ("heads", "neurons", "both"):
+        raise ShadowError(f"--target {target!r}: expected heads, neurons or both")
+    proto = trace(model, policy, static_scores, target)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        onnx.save_model(proto, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if policy == "static":  # kept beside the graph so parity can derive the masks independently
+            from safetensors.torch import save_file
+            save_file({"heads": static_scores[0].float().contiguous(), "neurons": static_scores[1].float().contiguous()},
+                      str(tmp / "static_scores.safetensors"))
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(model, arch), indent=2) + "\n")
+        inputs, outputs = io_names(arch.num_layers)
+        manifest = {
+            "format": FORMAT, "policy": policy, "granularity": None, "criterion": (static_source or {}).get("criterion"),
+            "allocation": "per_layer", "target": target, "model_fingerprint": fingerprint(model),
+            "model": getattr(model, "_shadowllm_source", None), "predictor_fingerprint": None,
+            "static_source": static_source,
+            "ops": {f"{DOMAIN}::SparseHeadAttention": 1, f"{DOMAIN}::SparseNeuronMLP": 1},
+            "arch": {"family": arch.family, "layers": arch.num_layers, "heads": arch.num_heads,
+                     "kv_heads": arch.num_kv_heads, "head_dim": arch.head_dim, "neurons": arch.ffn,
+                     "vocab": arch.vocab, "max_positions": arch.max_positions},
+            "inputs": inputs, "outputs": outputs, "parity": None,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,112 @@
+"""The module the exporter traces: a HF causal LM rebuilt on the sparse custom ops, with the KV cache
+and the carried mask state as explicit inputs and outputs (DESIGN §4).
+
+Weights are copied once into the layouts of DESIGN §3 (output projections transposed and made
+contiguous, so each head / neuron owns contiguous rows in the ONNX initializers). Masks:
+- `dense`: the graph applies the masks it is given (`shadow_head_mask` / `shadow_neuron_mask`), so
+  the runtime feeds all-True masks for dense decoding, and parity tests can feed any masks;
+- `static`: constant importance scores live in the graph; masks are derived from them and the
+  runtime `sparsity` input on every call (per-layer allocation, layer 0 dense), no re-export needed;
+  `target` says which of heads / neurons the sparsity applies to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shadowllm.models import adapter_for
+
+from . import ops  # noqa: F401  (registers torch.ops.shadowllm.*)
+
+POLICIES = ("dense", "static")
+
+
+def importance_rank(scores: torch.Tensor) -> torch.Tensor:
+    """[L, X] -> int64 rank of each unit within its layer, 0 = least important (computed at export)."""
+    return torch.argsort(torch.argsort(scores.float(), dim=-1), dim=-1)
+
+
+def keep_from_sparsity(rank: torch.Tensor, sparsity: torch.Tensor) -> torch.Tensor:
+    """Traceable per-layer allocation: drop the floor(s*X + 0.5) lowest-ranked units of each layer
+    (layer 0 kept whole). rank [L, X] -> bool [L, X]. Matches `predictor.allocation.keep_mask`."""
+    X = rank.shape[-1]
+    drop = torch.floor(sparsity.float() * X + 0.5).to(torch.int64)
+    keep = rank >= drop
+    dense_first = torch.zeros_like(keep)
+    dense_first[0] = True
+    return keep | dense_first
+
+
+class ExportModule(nn.Module):
+    def __init__(self, model, policy: str = "dense", static_scores=None, target: str = "both"):
+        super().__init__()
+        self.target = target
+        adapter = adapter_for(model)
+        self.adapter, self.arch, self.policy = adapter, adapter.arch, policy
+        a = self.arch
+        self.model = model  # embeddings, norms and lm_head are read through the adapter
+
+        def keep(t):
+            return None if t is None else t.detach().contiguous().clone()
+
+        self.attn, self.mlp = [], []
+        for layer in range(a.num_layers):
+            w, m = adapter.attention(layer), adapter.mlp(layer)
+            self.attn.append({k: keep(getattr(w, k)) for k in ("w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o_t", "b_o")})
+            self.mlp.append({k: keep(getattr(m, k)) for k in ("w_in", "b_in", "w_gate", "w_out_t", "b_out")})
+        # Register them so torch.export lifts them into initializers with readable names.
+        for layer, (wa, wm) in enumerate(zip(self.attn, self.mlp)):
+            for k, t in list(wa.items()) + list(wm.items()):
+                if t is not None:
+                    self.register_buffer(f"layers_{layer}_{k}", t, persistent=False)
+                    (wa if k in wa else wm)[k] = getattr(self, f"layers_{layer}_{k}")
+        if a.rope:
+            cos, sin = adapter.rope(torch.arange(a.max_positions)[None])
+            self.register_buffer("rope_cos", cos[0].contiguous(), persistent=False)
+            self.register_buffer("rope_sin", sin[0].contiguous(), persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+        if policy == "static":
+            heads, neurons = static_scores
+            # Scores are constants, so their order is too: only the rank goes into the graph.
+            self.register_buffer("static_head_rank", importance_rank(heads), persistent=False)
+            self.register_buffer("static_neuron_rank", importance_rank(neurons), persistent=False)
+
+    def masks(self, head_mask, neuron_mask, sparsity):
+        if self.policy == "static":
+            B = head_mask.shape[0]
+            heads = keep_from_sparsity(self.static_head_rank, sparsity)
+            neurons = keep_from_sparsity(self.static_neuron_rank, sparsity)
+            if self.target == "neurons":
+                heads = torch.ones_like(heads)
+            if self.target == "heads":
+                neurons = torch.ones_like(neurons)
+            return heads.unsqueeze(0).expand(B, -1, -1), neurons.unsqueeze(0).expand(B, -1, -1)
+        return head_mask, neuron_mask
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values, head_mask, neuron_mask, sparsity):
+        a, adapter = self.arch, self.adapter
+        heads, neurons = self.masks(head_mask, neuron_mask, sparsity)
+        kv_policy = "all"
+        h = adapter.embed(input_ids, position_ids)
+        presents = []
+        for layer in range(a.num_layers):
+            w = self.attn[layer]
+            x = adapter.attn_norm(layer)(h) if a.pre_norm else h
+            y, key, value = torch.ops.shadowllm.sparse_head_attention(
+                x, w["w_q"], w["b_q"], w["w_k"], w["b_k"], w["w_v"], w["b_v"], w["w_o_t"], w["b_o"],
+                past_key_values[2 * layer], past_key_values[2 * layer + 1], attention_mask, position_ids,
+                self.rope_cos, self.rope_sin, heads[:, layer], a.num_heads, a.num_kv_heads, a.head_dim,
+                a.scale, int(a.rope), kv_policy)
+            presents += [key, value]
+            h = h + y
+            if not a.pre_norm:
+                h = adapter.attn_norm(layer)(h)
+            m = self.mlp[layer]
+            x = adapter.mlp_norm(layer)(h) if a.pre_norm else h
+            h = h + torch.ops.shadowllm.sparse_neuron_mlp(x, m["w_in"], m["b_in"], m["w_gate"], m["w_out_t"],
+                                                          m["b_out"], neurons[:, layer], a.activation)
+            if not a.pre_norm:
+                h = adapter.mlp_norm(layer)(h)
+        return adapter.logits(h), *presents, heads, neurons

@@ -1,0 +1,107 @@
+"""The ONNX Runtime backend over an export folder (DESIGN §4).
+
+One InferenceSession per folder (CPU by default, CUDA first when that provider exists). The KV cache
+and the carried masks stay ORT values between steps: `present.*` outputs are bound with I/O binding
+and fed back as the next step's `past_key_values.*` without a round trip through NumPy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shadowllm.models import ShadowError
+
+REQUIRED = ("model.onnx", "config.json", "shadowllm.json")
+
+
+def check_export_folder(folder: Path) -> dict:
+    """The manifest of an export folder; one clear line if the folder is missing or partial."""
+    if not folder.is_dir():
+        raise ShadowError(f"{folder}: no such export folder (expected the output of `shadowllm export`)")
+    missing = [f for f in REQUIRED if not (folder / f).is_file()]
+    if missing:
+        raise ShadowError(f"{folder}: partial export folder, missing {', '.join(missing)}")
+    try:
+        manifest = json.loads((folder / "shadowllm.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ShadowError(f"{folder / 'shadowllm.json'}: not valid JSON ({e})") from None
+    data = folder / "model.onnx.data"
+    if not data.is_file():
+        raise ShadowError(f"{folder}: partial export folder, missing model.onnx.data (the weights)")
+    return manifest
+
+
+class OrtBackend:
+    name = "ort"
+
+    def __init__(self, folder: str | os.PathLike, sparsity: float = 0.0, providers=None, threads: int | None = None):
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        self.manifest = check_export_folder(folder)
+        if not 0.0 <= float(sparsity) < 1.0:
+            raise ShadowError(f"--sparsity must lie in [0, 1), got {sparsity}")
+        a = self.manifest["arch"]
+        self.layers, self.heads, self.kv_heads = a["layers"], a["heads"], a["kv_heads"]
+        self.head_dim, self.neurons = a["head_dim"], a["neurons"]
+        self.vocab_size, self.max_positions = a["vocab"], a["max_positions"]
+        self.sparsity = np.array(float(sparsity), dtype=np.float32)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        available = ort.get_available_providers()
+        providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        try:
+            self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for corrupt models
+            raise ShadowError(f"{folder / 'model.onnx'}: onnxruntime cannot load it "
+                              f"({str(e).splitlines()[0][:200]})") from None
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    def initial_state(self, batch: int, head_mask=None, neuron_mask=None):
+        import onnxruntime as ort
+
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        heads = np.ones((batch, self.layers, self.heads), bool) if head_mask is None else np.asarray(head_mask)
+        neurons = np.ones((batch, self.layers, self.neurons), bool) if neuron_mask is None else np.asarray(neuron_mask)
+        value = ort.OrtValue.ortvalue_from_numpy
+        return {"past": [value(empty) for _ in range(2 * self.layers)], "heads": value(heads),
+                "neurons": value(neurons)}
+
+    def forward(self, input_ids, attention_mask, state):
+        """input_ids [B, S] and attention_mask [B, P+S] (torch) -> (logits torch [B, S, V], state)."""
+        import onnxruntime as ort
+
+        ids = input_ids.numpy().astype(np.int64)
+        mask = attention_mask.numpy().astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ShadowError(f"token ids must lie in [0, {self.vocab_size}); got {ids.min()}..{ids.max()}")
+        if mask.shape[1] > self.max_positions:
+            raise ShadowError(f"{mask.shape[1]} tokens exceed the model's {self.max_positions} positions")
+        if state is None:
+            state = self.initial_state(ids.shape[0])
+        P = mask.shape[1] - ids.shape[1]
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, P:].astype(np.int64)
+        binding = self.session.io_binding()
+        value = ort.OrtValue.ortvalue_from_numpy
+        binding.bind_ortvalue_input("input_ids", value(ids))
+        binding.bind_ortvalue_input("attention_mask", value(mask))
+        binding.bind_ortvalue_input("position_ids", value(positions))
+        for i, past in enumerate(state["past"]):
+            binding.bind_ortvalue_input(f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}", past)
+        binding.bind_ortvalue_input("shadow_head_mask", state["heads"])
+        binding.bind_ortvalue_input("shadow_neuron_mask", state["neurons"])
+        binding.bind_ortvalue_input("sparsity", value(self.sparsity))
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outs = dict(zip(self.output_names, binding.get_outputs()))
+        logits = torch.from_numpy(outs["logits"].numpy())
+        past = [outs[f"present.{i // 2}.{('key', 'value')[i % 2]}"] for i in range(2 * self.layers)]
+        return logits, {"past": past, "heads": outs["shadow_head_mask_out"], "neurons": outs["shadow_neuron_mask_out"]}

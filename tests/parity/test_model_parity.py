@@ -1,0 +1,142 @@
+"""Model-level parity of exports (tiny OPT and tiny Llama, dense and static policies) against HF
+PyTorch and the sparse PyTorch reference, through Polygraphy; stock onnxruntime loads the files."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from shadowllm.export.exporter import export
+from shadowllm.models import ShadowError, sparse_forward
+from shadowllm.models.tiny import build_model, byte_tokenizer
+from shadowllm.predictor.allocation import keep_mask
+from shadowllm.runtime import generate
+from shadowllm.runtime.ort_backend import OrtBackend
+from shadowllm.runtime.parity import check
+from tests.hf_oracle import hf_logits
+
+
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def exported(request, tmp_path_factory):
+    model = build_model(request.param, seed=7)
+    tok = byte_tokenizer()
+    root = tmp_path_factory.mktemp(f"export-{request.param}")
+    from shadowllm.models import adapter_for
+    a = adapter_for(model).arch
+    g = torch.Generator().manual_seed(3)
+    scores = (torch.rand(a.num_layers, a.num_heads, generator=g), torch.rand(a.num_layers, a.ffn, generator=g))
+    dense = export(model, tok, root / "dense")
+    static = export(model, tok, root / "static", "static", scores)
+    return model, tok, dense, static, scores
+
+
+def test_dense_export_matches_hf_through_prefill_and_decode(exported):
+    model, tok, dense, _, _ = exported
+    backend = OrtBackend(dense)
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 256, (2, 9), generator=g)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    logits, state = backend.forward(ids, mask, None)
+    with torch.no_grad():
+        ref, cache = hf_logits(model, ids, mask)
+        assert (logits - ref)[mask.bool()].abs().max() <= 1e-4
+        for _ in range(3):
+            step = torch.randint(0, 256, (2, 1), generator=g)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+            logits, state = backend.forward(step, mask, state)
+            ref, cache = hf_logits(model, step, mask, cache)
+            assert (logits - ref).abs().max() <= 1e-4
+
+
+def test_dense_export_applies_fed_masks_like_the_reference(exported):
+    model, _, dense, _, _ = exported
+    backend = OrtBackend(dense)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 256, (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    L, H, F = backend.layers, backend.heads, backend.neurons
+    heads, neurons = torch.rand(2, L, H, generator=g) < 0.6, torch.rand(2, L, F, generator=g) < 0.6
+    logits, state = backend.forward(ids, mask, backend.initial_state(2, heads.numpy(), neurons.numpy()))
+    with torch.no_grad():
+        ref, _ = sparse_forward(model, ids, heads, neurons, mask)
+    assert (logits - ref).abs().max() <= 1e-4
+    assert np.array_equal(state["heads"].numpy(), heads.numpy())
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
+def test_static_masks_follow_runtime_sparsity(exported, sparsity):
+    model, _, _, static, scores = exported
+    backend = OrtBackend(static, sparsity)
+    ids = torch.randint(0, 256, (1, 5))
+    logits, state = backend.forward(ids, torch.ones(1, 5, dtype=torch.long), None)
+    heads, neurons = keep_mask(scores[0], sparsity), keep_mask(scores[1], sparsity)
+    assert np.array_equal(state["heads"].numpy()[0], heads.numpy())
+    assert np.array_equal(state["neurons"].numpy()[0], neurons.numpy())
+    with torch.no_grad():
+        ref, _ = sparse_forward(model, ids, heads[None], neurons[None])
+    assert (logits - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("which", ["dense", "static"])
+def test_parity_report_polygraphy_and_32_greedy_tokens(exported, which):
+    model, tok, dense, static, _ = exported
+    report = check(dense if which == "dense" else static, model, tok, sparsity=0.5, steps=32)
+    assert report.passed, report.table()
+    assert report.greedy_tokens == 32 and report.polygraphy_passed
+
+
+def test_stock_onnxruntime_loads_the_files(exported):
+    """Nothing but onnxruntime: a fresh interpreter that never imports shadowllm."""
+    _, _, dense, static, _ = exported
+    for folder in (dense, static):
+        code = ("import sys, onnxruntime as ort; ort.InferenceSession(sys.argv[1]); "
+                "assert 'shadowllm' not in sys.modules; print('ok')")
+        out = subprocess.run([sys.executable, "-c", code, str(folder / "model.onnx")], capture_output=True, text=True)
+        assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_graph_names_and_plugin_attributes(exported):
+    import onnx
+
+    _, _, dense, _, _ = exported
+    proto = onnx.load(str(dense / "model.onnx"), load_external_data=False)
+    custom = [n for n in proto.graph.node if n.domain == "ai.shadowllm"]
+    assert [n.name for n in custom][:2] == ["layers.0.attention", "layers.0.mlp"]
+    attrs = {a.name: a.s for a in custom[0].attribute if a.type == onnx.AttributeProto.STRING}
+    assert attrs["plugin_namespace"] == b"shadowllm" and attrs["plugin_version"] == b"1"
+    assert {f.name for f in proto.functions} == {"SparseHeadAttention", "SparseNeuronMLP"}
+    names = [i.name for i in proto.graph.input]
+    assert names[:4] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"]
+    assert names[-3:] == ["shadow_head_mask", "shadow_neuron_mask", "sparsity"]
+
+
+def test_bad_export_folders_and_inputs(exported, tmp_path):
+    import shutil
+
+    model, tok, dense, _, _ = exported
+    with pytest.raises(ShadowError, match="no such export folder"):
+        OrtBackend(tmp_path / "nothing")
+    partial = tmp_path / "partial"
+    shutil.copytree(dense, partial)
+    (partial / "model.onnx.data").unlink()
+    with pytest.raises(ShadowError, match="partial export folder, missing model.onnx.data"):
+        OrtBackend(partial)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(dense, corrupt)
+    (corrupt / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(ShadowError, match="onnxruntime cannot load it"):
+        OrtBackend(corrupt)
+    with pytest.raises(ShadowError, match=r"sparsity must lie in \[0, 1\)"):
+        OrtBackend(dense, sparsity=1.0)
+    backend = OrtBackend(dense)
+    with pytest.raises(ShadowError, match="token ids must lie in"):
+        backend.forward(torch.tensor([[10**6]]), torch.ones(1, 1, dtype=torch.long), None)
+    with pytest.raises(ShadowError, match="exceeds the model's 128 positions"):
+        generate(backend, tok, "x" * 120, max_new_tokens=20)
+    with pytest.raises(ShadowError, match="folder exists and is not empty"):
+        export(model, tok, dense)
+    with pytest.raises(ShadowError, match="another model"):
+        check(dense, build_model("llama", seed=99), tok)

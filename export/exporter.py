@@ -71,16 +71,20 @@ def _dynamic_shapes(num_layers):
             [{0: batch, 2: past} for _ in range(2 * num_layers)], {0: batch}, {0: batch}, None)
 
 
-def trace(model, policy: str = "dense", static_scores=None, target: str = "both") -> onnx.ModelProto:
+def trace(model, policy: str = "dense", static_scores=None, target: str = "both", predictor=None) -> onnx.ModelProto:
     """The ONNX model (in memory, weights inside) for `model` under `policy`."""
     if policy not in POLICIES:
-        raise ShadowError(f"--policy {policy!r}: expected one of {', '.join(POLICIES)} "
-                          "(shadow and dejavu export is not built yet)")
+        raise ShadowError(f"--policy {policy!r}: expected one of {', '.join(POLICIES)}")
     register_schemas()
     arch = adapter_for(model).arch
     if policy == "static" and static_scores is None:
         raise ShadowError("--policy static needs importance scores (from --traces, or the built-in calibration)")
-    module = ExportModule(model, policy, static_scores, target).eval()
+    if policy in ("shadow", "dejavu"):
+        if predictor is None:
+            raise ShadowError(f"--policy {policy} needs a trained predictor (--predictor DIR from `shadowllm train`)")
+        if predictor.kind != policy:
+            raise ShadowError(f"--policy {policy} needs a {policy} predictor; --predictor holds a {predictor.kind} one")
+    module = ExportModule(model, policy, static_scores, target, predictor).eval()
     inputs, outputs = io_names(arch.num_layers)
     with torch.no_grad(), _one_line_errors():
         program = torch.onnx.export(
@@ -95,7 +99,8 @@ def trace(model, policy: str = "dense", static_scores=None, target: str = "both"
     proto.functions.extend([
         mlp_function(MLPVariant(arch.activation, m0.w_gate is not None, m0.b_in is not None, m0.b_out is not None)),
         attention_function(AttentionVariant(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.scale, arch.rope,
-                                            w0.b_q is not None, w0.b_o is not None, "all")),
+                                            w0.b_q is not None, w0.b_o is not None,
+                                            "active" if module.granularity == "sequence" else "all")),
     ])
     return proto
 
@@ -108,7 +113,11 @@ class _one_line_errors:
 
     def __exit__(self, kind, err, tb):
         if err is not None and not isinstance(err, (ShadowError, KeyboardInterrupt)):
-            raise ShadowError(f"ONNX export failed: {str(err).strip().splitlines()[-1][:300]}") from err
+            root = err
+            while root.__cause__ is not None:  # the exporter wraps the real failure several times
+                root = root.__cause__
+            line = (str(root).strip().splitlines() or [type(root).__name__])[0]
+            raise ShadowError(f"ONNX export failed: {type(root).__name__}: {line[:300]}") from err
         return False
 
 
@@ -120,6 +129,18 @@ def _name_nodes(proto: onnx.ModelProto):
             kind = "attention" if node.op_type == "SparseHeadAttention" else "mlp"
             node.name = f"layers.{counts[node.op_type]}.{kind}"
             counts[node.op_type] += 1
+
+
+def _predictor_fingerprint(predictor) -> str | None:
+    if predictor is None:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(predictor.net.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
 
 
 def genai_config(model, arch) -> dict:
@@ -145,7 +166,8 @@ def genai_config(model, arch) -> dict:
 
 
 def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", static_scores=None,
-           static_source: dict | None = None, target: str = "both") -> Path:
+           static_source: dict | None = None, target: str = "both", predictor=None,
+           predictor_dir: str | None = None) -> Path:
     """Write the export folder `out` (atomically). Returns its path."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -154,7 +176,7 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
     print(f"[shadowllm] tracing {arch.model_type} ({arch.num_layers} layers) with policy {policy}", file=sys.stderr)
     if target not in ("heads", "neurons", "both"):
         raise ShadowError(f"--target {target!r}: expected heads, neurons or both")
-    proto = trace(model, policy, static_scores, target)
+    proto = trace(model, policy, static_scores, target, predictor)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -170,9 +192,13 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(model, arch), indent=2) + "\n")
         inputs, outputs = io_names(arch.num_layers)
         manifest = {
-            "format": FORMAT, "policy": policy, "granularity": None, "criterion": (static_source or {}).get("criterion"),
+            "format": FORMAT, "policy": policy,
+            "granularity": predictor.granularity if predictor else None,
+            "criterion": predictor.manifest["criterion"] if predictor else (static_source or {}).get("criterion"),
+            "kv_policy": "active" if predictor is not None and predictor.granularity == "sequence" else "all",
             "allocation": "per_layer", "target": target, "model_fingerprint": fingerprint(model),
-            "model": getattr(model, "_shadowllm_source", None), "predictor_fingerprint": None,
+            "model": getattr(model, "_shadowllm_source", None),
+            "predictor": predictor_dir, "predictor_fingerprint": _predictor_fingerprint(predictor),
             "static_source": static_source,
             "ops": {f"{DOMAIN}::SparseHeadAttention": 1, f"{DOMAIN}::SparseNeuronMLP": 1},
             "arch": {"family": arch.family, "layers": arch.num_layers, "heads": arch.num_heads,

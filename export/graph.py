@@ -7,7 +7,15 @@ contiguous, so each head / neuron owns contiguous rows in the ONNX initializers)
   the runtime feeds all-True masks for dense decoding, and parity tests can feed any masks;
 - `static`: constant importance scores live in the graph; masks are derived from them and the
   runtime `sparsity` input on every call (per-layer allocation, layer 0 dense), no re-export needed;
-  `target` says which of heads / neurons the sparsity applies to.
+- `shadow`, granularity `sequence`: the predictor reads the layer-0 attention output of the last
+  prompt token inside an `If` taken when the past is empty (prefill; `torch.cond`); decode steps
+  carry the masks in and out unchanged (kv_policy=active: their inactive heads never read the cache);
+- `shadow`, granularity `token`: dense prefill; every decode step predicts the masks of its token from
+  its own layer-0 attention output (kv_policy=all);
+- `dejavu`: dense prefill; every decode step predicts layer l's masks from the residual input of layer
+  l-1 (lookahead), layer by layer (kv_policy=all).
+`target` says which of heads / neurons the runtime sparsity applies to. "Prefill" is a call whose
+attention mask is as long as its input (no past).
 """
 
 from __future__ import annotations
@@ -19,12 +27,21 @@ from shadowllm.models import adapter_for
 
 from . import ops  # noqa: F401  (registers torch.ops.shadowllm.*)
 
-POLICIES = ("dense", "static")
+POLICIES = ("dense", "static", "shadow", "dejavu")
 
 
 def importance_rank(scores: torch.Tensor) -> torch.Tensor:
     """[L, X] -> int64 rank of each unit within its layer, 0 = least important (computed at export)."""
     return torch.argsort(torch.argsort(scores.float(), dim=-1), dim=-1)
+
+
+def keep_rows(scores: torch.Tensor, sparsity: torch.Tensor) -> torch.Tensor:
+    """Traceable per-layer allocation of input-dependent scores [..., X] -> bool [..., X]: the rank of
+    each unit comes from a full TopK (sort) and a scatter, then the floor(s*X + 0.5) lowest are dropped."""
+    X = scores.shape[-1]
+    order = torch.topk(scores, X, dim=-1, largest=False).indices
+    rank = torch.zeros_like(order).scatter(-1, order, torch.arange(X).expand_as(order).contiguous())
+    return rank >= torch.floor(sparsity.float() * X + 0.5).to(torch.int64)
 
 
 def keep_from_sparsity(rank: torch.Tensor, sparsity: torch.Tensor) -> torch.Tensor:
@@ -39,9 +56,11 @@ def keep_from_sparsity(rank: torch.Tensor, sparsity: torch.Tensor) -> torch.Tens
 
 
 class ExportModule(nn.Module):
-    def __init__(self, model, policy: str = "dense", static_scores=None, target: str = "both"):
+    def __init__(self, model, policy: str = "dense", static_scores=None, target: str = "both", predictor=None):
         super().__init__()
         self.target = target
+        self.predictor = predictor.net if predictor is not None else None
+        self.granularity = predictor.granularity if predictor is not None else None
         adapter = adapter_for(model)
         self.adapter, self.arch, self.policy = adapter, adapter.arch, policy
         a = self.arch
@@ -73,32 +92,68 @@ class ExportModule(nn.Module):
             self.register_buffer("static_head_rank", importance_rank(heads), persistent=False)
             self.register_buffer("static_neuron_rank", importance_rank(neurons), persistent=False)
 
+    def _targeted(self, heads, neurons):
+        """Keep whole what the runtime sparsity does not target."""
+        if self.target == "neurons":
+            heads = torch.ones_like(heads)
+        if self.target == "heads":
+            neurons = torch.ones_like(neurons)
+        return heads, neurons
+
+    def _shadow_masks(self, x, sparsity):
+        """[B, D] layer-0 attention output -> masks [B, L, H], [B, L, F] (layer 0 kept)."""
+        pred = self.predictor(x)  # [B, L-1, H+F]
+        H = self.arch.num_heads
+        heads, neurons = keep_rows(pred[..., :H], sparsity), keep_rows(pred[..., H:], sparsity)
+        first_h = torch.ones_like(heads[:, :1])
+        first_n = torch.ones_like(neurons[:, :1])
+        return self._targeted(torch.cat([first_h, heads], 1), torch.cat([first_n, neurons], 1))
+
     def masks(self, head_mask, neuron_mask, sparsity):
         if self.policy == "static":
             B = head_mask.shape[0]
-            heads = keep_from_sparsity(self.static_head_rank, sparsity)
-            neurons = keep_from_sparsity(self.static_neuron_rank, sparsity)
-            if self.target == "neurons":
-                heads = torch.ones_like(heads)
-            if self.target == "heads":
-                neurons = torch.ones_like(neurons)
+            heads, neurons = self._targeted(keep_from_sparsity(self.static_head_rank, sparsity),
+                                            keep_from_sparsity(self.static_neuron_rank, sparsity))
             return heads.unsqueeze(0).expand(B, -1, -1), neurons.unsqueeze(0).expand(B, -1, -1)
         return head_mask, neuron_mask
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values, head_mask, neuron_mask, sparsity):
         a, adapter = self.arch, self.adapter
-        heads, neurons = self.masks(head_mask, neuron_mask, sparsity)
-        kv_policy = "all"
+        prefill = attention_mask.shape[1] == input_ids.shape[1]  # symbolic: the predicate of torch.cond
+        past_len = torch.zeros((), dtype=torch.int64) + (attention_mask.shape[1] - input_ids.shape[1])
+        prefill_t = past_len == 0  # the same as a tensor: masks | prefill_t = dense at prefill
+        B = input_ids.shape[0]
+        full_h = torch.ones(B, a.num_heads, dtype=torch.bool)  # layer 0 is always dense
+        full_n = torch.ones(B, a.ffn, dtype=torch.bool)
+        if self.policy in ("dense", "static"):
+            heads, neurons = self.masks(head_mask, neuron_mask, sparsity)
+            layer_heads = [heads[:, l] for l in range(a.num_layers)]
+            layer_neurons = [neurons[:, l] for l in range(a.num_layers)]
+        else:  # filled as the predictors run; layer 0 is always dense
+            layer_heads, layer_neurons = [full_h] + [None] * (a.num_layers - 1), [full_n] + [None] * (a.num_layers - 1)
+        kv_policy = "active" if self.granularity == "sequence" else "all"
         h = adapter.embed(input_ids, position_ids)
         presents = []
         for layer in range(a.num_layers):
+            if self.policy == "dejavu" and layer + 1 < a.num_layers:
+                # lookahead: this layer's input predicts the next layer's masks (dense at prefill)
+                logits = self.predictor.layer(layer + 1, h[:, -1])
+                hm, nm = self._targeted(keep_rows(logits[:, :a.num_heads], sparsity),
+                                        keep_rows(logits[:, a.num_heads:], sparsity))
+                layer_heads[layer + 1] = hm | prefill_t  # (ORT has no bool Where: Or does it)
+                layer_neurons[layer + 1] = nm | prefill_t
             w = self.attn[layer]
             x = adapter.attn_norm(layer)(h) if a.pre_norm else h
             y, key, value = torch.ops.shadowllm.sparse_head_attention(
                 x, w["w_q"], w["b_q"], w["w_k"], w["b_k"], w["w_v"], w["b_v"], w["w_o_t"], w["b_o"],
                 past_key_values[2 * layer], past_key_values[2 * layer + 1], attention_mask, position_ids,
-                self.rope_cos, self.rope_sin, heads[:, layer], a.num_heads, a.num_kv_heads, a.head_dim,
+                self.rope_cos, self.rope_sin, layer_heads[layer], a.num_heads, a.num_kv_heads, a.head_dim,
                 a.scale, int(a.rope), kv_policy)
+            if layer == 0 and self.policy == "shadow":
+                heads, neurons = self._predict_after_layer0(y[:, -1], head_mask, neuron_mask, sparsity, prefill,
+                                                            prefill_t)
+                layer_heads = [heads[:, l] for l in range(a.num_layers)]
+                layer_neurons = [neurons[:, l] for l in range(a.num_layers)]
             presents += [key, value]
             h = h + y
             if not a.pre_norm:
@@ -106,7 +161,19 @@ class ExportModule(nn.Module):
             m = self.mlp[layer]
             x = adapter.mlp_norm(layer)(h) if a.pre_norm else h
             h = h + torch.ops.shadowllm.sparse_neuron_mlp(x, m["w_in"], m["b_in"], m["w_gate"], m["w_out_t"],
-                                                          m["b_out"], neurons[:, layer], a.activation)
+                                                          m["b_out"], layer_neurons[layer], a.activation)
             if not a.pre_norm:
                 h = adapter.mlp_norm(layer)(h)
-        return adapter.logits(h), *presents, heads, neurons
+        return (adapter.logits(h), *presents, torch.stack(layer_heads, 1), torch.stack(layer_neurons, 1))
+
+    def _predict_after_layer0(self, x0_last, head_mask, neuron_mask, sparsity, prefill, prefill_t):
+        if self.granularity == "sequence":
+            # predictor only at prefill (an ONNX If); decode steps carry the request's masks
+            def predict(x, hm, nm, s):
+                return self._shadow_masks(x, s)
+
+            def carry(x, hm, nm, s):
+                return hm.clone(), nm.clone()
+            return torch.cond(prefill, predict, carry, (x0_last, head_mask, neuron_mask, sparsity))
+        heads, neurons = self._shadow_masks(x0_last, sparsity)  # token: every step, dense at prefill
+        return heads | prefill_t, neurons | prefill_t

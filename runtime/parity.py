@@ -19,7 +19,6 @@ import torch
 
 from shadowllm.models import ShadowError, fingerprint, sparse_forward
 
-from .generate import generate
 from .ort_backend import OrtBackend, check_export_folder
 from .torch_backend import TorchBackend
 
@@ -63,32 +62,56 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def reference_masks(folder: Path, manifest: dict, batch: int, sparsity: float):
-    """The masks the export must produce, derived in PyTorch (static) or chosen here (dense)."""
+def reference_backend(folder: Path, manifest: dict, model, sparsity: float) -> TorchBackend:
+    """The PyTorch reference of an export: the sparse reference forward driven like the graph."""
     from shadowllm.predictor.allocation import keep_mask
 
     a = manifest["arch"]
-    if manifest["policy"] == "static":
+    target = manifest.get("target", "both")
+    hs = sparsity if target in ("heads", "both") else 0.0
+    ns = sparsity if target in ("neurons", "both") else 0.0
+    policy = manifest["policy"]
+    if policy == "dense":  # the graph applies whatever masks it is fed: feed random ones
+        g = torch.Generator().manual_seed(1234)
+        heads = torch.rand(a["layers"], a["heads"], generator=g) >= hs
+        neurons = torch.rand(a["layers"], a["neurons"], generator=g) >= ns
+        heads[0], neurons[0] = True, True
+        return TorchBackend(model, heads, neurons)
+    if policy == "static":
         from safetensors.torch import load_file
 
         scores = load_file(str(folder / "static_scores.safetensors"))
-        heads = keep_mask(scores["heads"], sparsity) if manifest.get("target", "both") != "neurons" else \
-            torch.ones(a["layers"], a["heads"], dtype=torch.bool)
-        neurons = keep_mask(scores["neurons"], sparsity) if manifest.get("target", "both") != "heads" else \
-            torch.ones(a["layers"], a["neurons"], dtype=torch.bool)
-        return heads.expand(batch, -1, -1), neurons.expand(batch, -1, -1)
-    g = torch.Generator().manual_seed(1234)
-    keep = 1.0 - sparsity
-    heads = torch.rand(batch, a["layers"], a["heads"], generator=g) < keep
-    neurons = torch.rand(batch, a["layers"], a["neurons"], generator=g) < keep
-    heads[:, 0], neurons[:, 0] = True, True
-    return heads, neurons
+        return TorchBackend(model, keep_mask(scores["heads"], hs) if hs else None,
+                            keep_mask(scores["neurons"], ns) if ns else None)
+    from shadowllm.export.exporter import _predictor_fingerprint
+    from shadowllm.predictor.predictors import load_predictor
+
+    if not manifest.get("predictor"):
+        raise ShadowError(f"{folder}: the manifest names no predictor folder to check the {policy} policy against")
+    predictor = load_predictor(manifest["predictor"], model)
+    if _predictor_fingerprint(predictor) != manifest.get("predictor_fingerprint"):
+        raise ShadowError(f"predictor {manifest['predictor']} changed since the export (fingerprint differs)")
+    return TorchBackend(model, predictor=predictor, head_sparsity=hs, neuron_sparsity=ns)
+
+
+def _masks_numpy(masks, batch, a):
+    heads, neurons = masks
+    if heads is None:
+        heads = torch.ones(batch, a["layers"], a["heads"], dtype=torch.bool)
+    if neurons is None:
+        neurons = torch.ones(batch, a["layers"], a["neurons"], dtype=torch.bool)
+    return heads.numpy(), neurons.numpy()
+
+
+def _past_of(state):
+    return state[0] if isinstance(state, tuple) and len(state) == 3 and isinstance(state[1], torch.Tensor) else state
 
 
 def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, steps: int = 32,
           seed: int = 0) -> ParityReport:
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import CompareFunc, Comparator, RunResults
+    from polygraphy.logger import G_LOGGER
 
     folder = Path(folder)
     manifest = check_export_folder(folder)
@@ -97,32 +120,34 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
                           f"this model {fingerprint(model)}); pass the right one with --model")
     a = manifest["arch"]
     report = ParityReport(str(folder), manifest["policy"], sparsity)
+    reference = reference_backend(folder, manifest, model, sparsity)
+
+    # 1. prefill, output by output, through Polygraphy
     g = torch.Generator().manual_seed(seed)
     B, S = 2, 12
     ids = torch.randint(0, a["vocab"], (B, S), generator=g)
     mask = torch.ones(B, S, dtype=torch.long)
     mask[1, :3] = 0  # left padding on the second row
-    heads, neurons = reference_masks(folder, manifest, B, sparsity)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy(),
-             "shadow_head_mask": heads.numpy() if manifest["policy"] == "dense" else np.ones_like(heads.numpy()),
-             "shadow_neuron_mask": neurons.numpy() if manifest["policy"] == "dense" else np.ones_like(neurons.numpy()),
-             "sparsity": np.array(sparsity, dtype=np.float32)}
+    logits, state = reference.forward(ids, mask, None)
+    heads, neurons = _masks_numpy(reference.last_masks, B, a)
+    fed_heads, fed_neurons = (heads, neurons) if manifest["policy"] == "dense" else (np.ones_like(heads),
+                                                                                       np.ones_like(neurons))
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+             "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).numpy(), "shadow_head_mask": fed_heads,
+             "shadow_neuron_mask": fed_neurons, "sparsity": np.array(sparsity, dtype=np.float32)}
     for i in range(a["layers"]):
         for kv in ("key", "value"):
             feeds[f"past_key_values.{i}.{kv}"] = np.zeros((B, a["kv_heads"], 0, a["head_dim"]), np.float32)
-
-    with torch.no_grad():
-        logits, past = sparse_forward(model, ids, heads, neurons, mask)
-    golden = {"logits": logits.numpy(), "shadow_head_mask_out": heads.numpy(), "shadow_neuron_mask_out": neurons.numpy()}
-    for i, (k, v) in enumerate(past):
+    golden = {"logits": logits.numpy(), "shadow_head_mask_out": heads, "shadow_neuron_mask_out": neurons}
+    for i, (k, v) in enumerate(_past_of(state)):
         golden[f"present.{i}.key"], golden[f"present.{i}.value"] = k.numpy(), v.numpy()
 
+    G_LOGGER.module_severity = G_LOGGER.ERROR  # our table reports per output; keep Polygraphy's log short
     runner = OnnxrtRunner(SessionFromOnnx(str(folder / "model.onnx")), name="onnxruntime")
     results = Comparator.run([runner], data_loader=[feeds])
-    reference = RunResults()
-    reference.add([golden], runner_name="pytorch-reference")
-    results.extend(reference)
+    golden_results = RunResults()
+    golden_results.add([golden], runner_name="pytorch-reference")
+    results.extend(golden_results)
     ours = results[0][1][0]
     valid = mask.bool().numpy()
     for name, expect in golden.items():
@@ -138,18 +163,39 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
         max_abs = float(diff.max()) if diff.size else 0.0
         max_rel = max_abs / max(float(np.abs(expect).max()), 1e-30)
         report.outputs.append(OutputCheck(name, max_abs, max_rel, max_abs <= ATOL))
-    # Polygraphy's own verdict on the same pair (padded logits rows compare too: they must match as well)
-    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=ATOL, rtol=0.0))
-    report.polygraphy_passed = bool(accuracy)
+    # Polygraphy's own verdict on the same pair. Logits at padded positions belong to no one (their
+    # queries see no key), so both sides keep only the real positions.
+    for runner_results in (results[0][1], results[1][1]):
+        runner_results[0]["logits"] = runner_results[0]["logits"][valid]
+    report.polygraphy_passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(
+        atol=ATOL, rtol=0.0)))
 
-    prompts = ["The history of the city", "A short note"]
-    onnx_out = generate(OrtBackend(folder, sparsity), tokenizer, prompts, steps, eos_ids=[])
-    torch_masks = reference_masks(folder, manifest, 1, sparsity)
-    torch_backend = TorchBackend(model, torch_masks[0][0], torch_masks[1][0]) if manifest["policy"] == "static" \
-        else TorchBackend(model)
-    torch_out = generate(torch_backend, tokenizer, prompts, steps, eos_ids=[])
+    # 2. greedy decoding step by step on both backends: tokens, masks and last-position logits
+    onnx_backend = OrtBackend(folder, sparsity)
+    from .generate import encode_batch
+
+    ids, mask = encode_batch(tokenizer, ["The history of the city", "A short note"],
+                             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    B = ids.shape[0]
+    if manifest["policy"] == "dense":  # feed the reference's (row-shared) masks
+        start = onnx_backend.initial_state(B, np.repeat(heads[:1], B, 0), np.repeat(neurons[:1], B, 0))
+    else:
+        start = onnx_backend.initial_state(B)
+    o_logits, o_state = onnx_backend.forward(ids, mask, start)
+    t_logits, t_state = reference.forward(ids, mask, None)
+    decode_diff = 0.0
+    for _ in range(steps):
+        o_next, t_next = o_logits[:, -1].argmax(-1), t_logits[:, -1].argmax(-1)
+        report.tokens_identical &= bool(torch.equal(o_next, t_next))
+        decode_diff = max(decode_diff, float((o_logits[:, -1] - t_logits[:, -1]).abs().max()))
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
+        o_logits, o_state = onnx_backend.forward(t_next[:, None], mask, o_state)
+        t_logits, t_state = reference.forward(t_next[:, None], mask, t_state)
+        th, tn = _masks_numpy(reference.last_masks, B, a)
+        report.masks_identical &= bool(np.array_equal(o_state["heads"].numpy(), th)
+                                       and np.array_equal(o_state["neurons"].numpy(), tn))
     report.greedy_tokens = steps
-    report.tokens_identical = all(o.token_ids == t.token_ids for o, t in zip(onnx_out, torch_out))
+    report.outputs.append(OutputCheck(f"decode logits ({steps} steps)", decode_diff, 0.0, decode_diff <= ATOL))
     return report
 
 

@@ -5,7 +5,11 @@
   layer-0 attention output of the prompt's last token and keeps them for the request
   (kv_policy=active); with granularity `token` the prefill runs dense and every decode step
   predicts the new token's masks from its own layer-0 attention output, inside the same forward
-  (layer 0 is always dense, so its output is ready before the masks are needed).
+  (layer 0 is always dense, so its output is ready before the masks are needed);
+- a dejavu predictor (dense prefill) predicts layer l's masks at each decode step from the residual
+  input of layer l-1 in the sparse run, just before layer l needs them.
+`last_masks` holds the (heads, neurons) masks of the last position of the last call, [B, L, ·]
+(None = all kept), for parity checks.
 """
 
 from __future__ import annotations
@@ -33,8 +37,7 @@ class TorchBackend:
         self.head_sparsity = check_sparsity(head_sparsity, "head sparsity")
         self.neuron_sparsity = check_sparsity(neuron_sparsity, "neuron sparsity")
         self.allocation = allocation
-        if predictor is not None and predictor.kind != "shadow":
-            raise ValueError("TorchBackend drives shadow predictors; dejavu runs in `shadowllm eval`")
+        self.last_masks = (None, None)
 
     @staticmethod
     def _rows(mask, batch):
@@ -49,8 +52,8 @@ class TorchBackend:
         B, S = input_ids.shape
         with torch.inference_mode():
             if self.predictor is None:
-                return sparse_forward(self.model, input_ids, self._rows(self.head_mask, B),
-                                      self._rows(self.neuron_mask, B), attention_mask, state,
+                self.last_masks = (self._rows(self.head_mask, B), self._rows(self.neuron_mask, B))
+                return sparse_forward(self.model, input_ids, *self.last_masks, attention_mask, state,
                                       kv_policy=self.kv_policy)
             if self.predictor.granularity == "sequence":
                 return self._per_sequence(input_ids, attention_mask, state)
@@ -82,6 +85,7 @@ class TorchBackend:
             observer = self._observer_filling(heads, neurons, lambda t: t[:, -1])
             logits, past = sparse_forward(self.model, input_ids, heads, neurons, attention_mask,
                                           kv_policy="active", observer=observer)
+            self.last_masks = (heads, neurons)
             return logits, (past, heads, neurons)
         past, heads, neurons = state
         logits, past = sparse_forward(self.model, input_ids, heads, neurons, attention_mask, past, kv_policy="active")
@@ -89,7 +93,28 @@ class TorchBackend:
 
     def _per_token(self, input_ids, attention_mask, state):
         if state is None:  # dense prefill
+            self.last_masks = (None, None)
             return sparse_forward(self.model, input_ids, attention_mask=attention_mask)
         heads, neurons = self._ones(*input_ids.shape)
-        observer = self._observer_filling(heads, neurons, lambda t: t)
-        return sparse_forward(self.model, input_ids, heads, neurons, attention_mask, state, observer=observer)
+        if self.predictor.kind == "dejavu":
+            observer = self._observer_lookahead(heads, neurons)
+        else:
+            observer = self._observer_filling(heads, neurons, lambda t: t)
+        out = sparse_forward(self.model, input_ids, heads, neurons, attention_mask, state, observer=observer)
+        self.last_masks = (None if heads is None else heads[:, -1], None if neurons is None else neurons[:, -1])
+        return out
+
+    def _observer_lookahead(self, heads, neurons):
+        """DejaVu: the residual input of layer l-1 (in this sparse run) predicts layer l's masks."""
+        H, L = self.arch.num_heads, self.arch.num_layers
+
+        def observer(layer, name, t):
+            if name == "residual" and layer + 1 < L:
+                logits = self.predictor.net.layer(layer + 1, t)  # [B, S, H+F]
+                if heads is not None:
+                    heads[:, :, layer + 1] = keep_mask(logits[..., None, :H], self.head_sparsity, dense_layers=())[..., 0, :]
+                if neurons is not None:
+                    neurons[:, :, layer + 1] = keep_mask(logits[..., None, H:], self.neuron_sparsity,
+                                                         dense_layers=())[..., 0, :]
+            return None
+        return observer

@@ -208,7 +208,15 @@ def cmd_export(args):
 
             static = static_scores(model, tokenizer)
             source = {"traces": None, "criterion": "l2_norm", "samples": 8, "note": "built-in calibration"}
-    out = export(model, tokenizer, args.out, args.policy, static, source, args.target)
+    predictor = None
+    if args.policy in ("shadow", "dejavu"):
+        if not args.predictor:
+            from shadowllm.models import ShadowError
+            raise ShadowError(f"--policy {args.policy} needs --predictor DIR (from `shadowllm train`)")
+        from shadowllm.predictor.predictors import load_predictor
+
+        predictor = load_predictor(args.predictor, model)
+    out = export(model, tokenizer, args.out, args.policy, static, source, args.target, predictor, args.predictor)
     sizes = sum(f.stat().st_size for f in out.iterdir())
     print(f"exported {args.policy} model to {out} ({sizes / 2**20:.1f} MiB)")
 
@@ -315,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export model + masks to ONNX with the sparse custom ops")
     _model_arg(p)
-    p.add_argument("--policy", choices=["dense", "static"], default="dense")
+    p.add_argument("--policy", choices=["dense", "static", "shadow", "dejavu"], default="dense")
+    p.add_argument("--predictor", default=None, help="shadow / dejavu: a predictor folder from `shadowllm train`")
     p.add_argument("--traces", default=None, help="static: importance from a calibrate run (default: built-in)")
     p.add_argument("--criterion", default="l2_norm", help="static: which criterion of the traces")
     p.add_argument("--target", choices=["heads", "neurons", "both"], default="both",

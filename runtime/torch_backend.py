@@ -8,8 +8,10 @@
   (layer 0 is always dense, so its output is ready before the masks are needed);
 - a dejavu predictor (dense prefill) predicts layer l's masks at each decode step from the residual
   input of layer l-1 in the sparse run, just before layer l needs them.
-`last_masks` holds the (heads, neurons) masks of the last position of the last call, [B, L, ·]
-(None = all kept), for parity checks.
+`last_masks` holds the (heads, neurons) masks the predictor chose for the last position of the last
+call, [B, L, ·] (None = all kept), and `last_scores` the scores they were ranked from. For parity
+checks, `force = (heads, neurons)` ([B, L, ·] numpy or torch) makes the next call compute with those
+masks instead, while still predicting (and reporting) its own.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class TorchBackend:
         self.neuron_sparsity = check_sparsity(neuron_sparsity, "neuron sparsity")
         self.allocation = allocation
         self.last_masks = (None, None)
+        self.last_scores = (None, None)
+        self.force = None
 
     @staticmethod
     def _rows(mask, batch):
@@ -45,6 +49,7 @@ class TorchBackend:
 
     def _keep(self, scores):
         heads, neurons = split_scores(scores, self.arch.num_heads)
+        self.last_scores = (heads, neurons)
         return (keep_mask(heads, self.head_sparsity, self.allocation) if self.head_sparsity else None,
                 keep_mask(neurons, self.neuron_sparsity, self.allocation) if self.neuron_sparsity else None)
 
@@ -72,12 +77,20 @@ class TorchBackend:
         def observer(layer, name, t):
             if name == "attn_out" and layer == 0:
                 h, n = self._keep(self.predictor.net(select(t)))
+                self.last_masks = (h, n)
+                h, n = self._forced(h, n)
                 if heads is not None:
-                    heads.copy_(h)
+                    heads.copy_(h if heads.dim() == h.dim() else h[:, None])
                 if neurons is not None:
-                    neurons.copy_(n)
+                    neurons.copy_(n if neurons.dim() == n.dim() else n[:, None])
             return None
         return observer
+
+    def _forced(self, heads, neurons):
+        if self.force is None:
+            return heads, neurons
+        fh, fn = (torch.as_tensor(f) for f in self.force)
+        return (None if heads is None else fh), (None if neurons is None else fn)
 
     def _per_sequence(self, input_ids, attention_mask, state):
         if state is None:  # prefill: predict each row's masks from its last prompt token (left padding)
@@ -85,7 +98,7 @@ class TorchBackend:
             observer = self._observer_filling(heads, neurons, lambda t: t[:, -1])
             logits, past = sparse_forward(self.model, input_ids, heads, neurons, attention_mask,
                                           kv_policy="active", observer=observer)
-            self.last_masks = (heads, neurons)
+            self.force = None
             return logits, (past, heads, neurons)
         past, heads, neurons = state
         logits, past = sparse_forward(self.model, input_ids, heads, neurons, attention_mask, past, kv_policy="active")
@@ -99,22 +112,30 @@ class TorchBackend:
         if self.predictor.kind == "dejavu":
             observer = self._observer_lookahead(heads, neurons)
         else:
-            observer = self._observer_filling(heads, neurons, lambda t: t)
+            observer = self._observer_filling(heads, neurons, lambda t: t[:, -1])
         out = sparse_forward(self.model, input_ids, heads, neurons, attention_mask, state, observer=observer)
-        self.last_masks = (None if heads is None else heads[:, -1], None if neurons is None else neurons[:, -1])
+        self.force = None
         return out
 
     def _observer_lookahead(self, heads, neurons):
         """DejaVu: the residual input of layer l-1 (in this sparse run) predicts layer l's masks."""
         H, L = self.arch.num_heads, self.arch.num_layers
+        B = (heads if heads is not None else neurons).shape[0]
+        scores = (torch.full((B, L, H), float("inf")), torch.full((B, L, self.arch.ffn), float("inf")))
+        chosen = (torch.ones(B, L, H, dtype=torch.bool), torch.ones(B, L, self.arch.ffn, dtype=torch.bool))
+        self.last_scores = scores
+        self.last_masks = (chosen[0] if heads is not None else None, chosen[1] if neurons is not None else None)
+        forced = None if self.force is None else tuple(torch.as_tensor(f) for f in self.force)
 
         def observer(layer, name, t):
             if name == "residual" and layer + 1 < L:
-                logits = self.predictor.net.layer(layer + 1, t)  # [B, S, H+F]
-                if heads is not None:
-                    heads[:, :, layer + 1] = keep_mask(logits[..., None, :H], self.head_sparsity, dense_layers=())[..., 0, :]
-                if neurons is not None:
-                    neurons[:, :, layer + 1] = keep_mask(logits[..., None, H:], self.neuron_sparsity,
-                                                         dense_layers=())[..., 0, :]
+                logits = self.predictor.net.layer(layer + 1, t[:, -1])  # [B, H+F]
+                for i, (mask, sparsity, part) in enumerate(((heads, self.head_sparsity, logits[:, :H]),
+                                                            (neurons, self.neuron_sparsity, logits[:, H:]))):
+                    if mask is None:
+                        continue
+                    scores[i][:, layer + 1] = part
+                    chosen[i][:, layer + 1] = keep_mask(part[:, None], sparsity, dense_layers=())[:, 0]
+                    mask[:, -1, layer + 1] = (forced[i] if forced is not None else chosen[i])[:, layer + 1]
             return None
         return observer

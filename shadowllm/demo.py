@@ -1,11 +1,13 @@
 """`shadowllm demo`: the most complete end-to-end run the project can do so far, on the default model.
 
 1. load SmolLM2-135M-Instruct (converting the embedded GGUF once) and print its architecture;
-2. calibrate (plainact importance on wiki train windows) and train two small ShadowLLM predictors,
+2. calibrate (L2 importance on wiki train windows) and train two small ShadowLLM predictors,
    per sequence and per token, or reuse the ones cached by an earlier demo;
 3. perplexity on held-out wiki test windows (prompt 128 tokens, the continuation scored) at 50%
-   neuron sparsity: dense vs static vs shadow, through the sparse PyTorch reference;
-4. the same question answered densely, with static masks and with the per-token predictor.
+   neuron sparsity: dense vs static vs shadow vs gate, through the sparse PyTorch reference;
+4. export model + per-token predictor to ONNX (policy shadow, custom sparse ops, cached), answer a
+   question on ONNX Runtime at 50% neuron sparsity next to the dense PyTorch answer;
+5. the parity report of that export against the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from shadowllm.predictor.evaluation import evaluate, markdown
 from shadowllm.predictor.predictors import load_predictor
 from shadowllm.predictor.traces import calibrate, load_traces
 from shadowllm.predictor.train import minmax_per_layer, train
+from shadowllm.export.exporter import export
 from shadowllm.runtime import TorchBackend, generate
+from shadowllm.runtime.ort_backend import OrtBackend
+from shadowllm.runtime.parity import check
 
 from .info import architecture_table
 
@@ -35,9 +40,9 @@ def _heading(text: str):
 def _predictors(model, tokenizer, quick: bool):
     """(sequence predictor, token predictor, static scores), trained once and cached per model."""
     samples, window = (24, 128) if quick else (64, 128)
-    root = cache_root() / "demo" / f"{fingerprint(model).split(':')[1][:12]}-{samples}x{window}"
+    root = cache_root() / "demo" / f"{fingerprint(model).split(':')[1][:12]}-{samples}x{window}-l2_norm"
     traces = root / "traces"
-    calibrate(model, tokenizer, traces, ["plainact"], samples=samples, window=window, batch_size=4,
+    calibrate(model, tokenizer, traces, ["l2_norm"], samples=samples, window=window, batch_size=4,
               token_positions=16, shard_size=16)
     out = {}
     for gran in ("sequence", "token"):
@@ -45,12 +50,13 @@ def _predictors(model, tokenizer, quick: bool):
         try:
             out[gran] = load_predictor(folder, model)
         except ShadowError:
-            predictor = train(str(traces), "shadow", gran, epochs=60 if gran == "sequence" else 20, model=model)
+            predictor = train(str(traces), "shadow", gran, criterion="l2_norm", epochs=60 if gran == "sequence" else 20,
+                              model=model)
             predictor.save(folder)
             out[gran] = load_predictor(folder, model)
     _, t = load_traces(traces, model)
-    static = (minmax_per_layer(t["seq.plainact.heads"]).mean(0), minmax_per_layer(t["seq.plainact.neurons"]).mean(0))
-    return out["sequence"], out["token"], static
+    static = (minmax_per_layer(t["seq.l2_norm.heads"]).mean(0), minmax_per_layer(t["seq.l2_norm.neurons"]).mean(0))
+    return out["sequence"], out["token"], static, root
 
 
 def run_demo(model_name: str | None = None, quick: bool = False):
@@ -59,8 +65,8 @@ def run_demo(model_name: str | None = None, quick: bool = False):
     model, tokenizer = load(model_name)
     print(architecture_table(model))
 
-    _heading("ShadowLLM predictors (plainact importance on wiki train windows; cached after the first run)")
-    p_seq, p_tok, static = _predictors(model, tokenizer, quick)
+    _heading("ShadowLLM predictors (L2 importance on wiki train windows; cached after the first run)")
+    p_seq, p_tok, static, root = _predictors(model, tokenizer, quick)
     for p in (p_seq, p_tok):
         m, c = p.manifest["metrics"], p.manifest["cost"]
         print(f"{p.granularity:>8}: held-out Spearman heads {m['heads']['spearman_mean']:.2f}, neurons "
@@ -74,19 +80,30 @@ def run_demo(model_name: str | None = None, quick: bool = False):
                     methods=["dense", "static", "shadow", "gate"], progress=False)
     print(markdown(rows, "shadowllm demo").split("\n\nGap closed")[0].split("\n", 2)[2])
 
+    deployed = _exported(model, tokenizer, p_tok, root)
     chat = getattr(tokenizer, "chat_template", None)
     prompt = (tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
                                             add_generation_prompt=True) if chat else PROMPT)
-    from shadowllm.predictor.allocation import keep_mask
-
-    static_neurons = keep_mask(static[1], 0.5)
     max_new = 24 if quick else 40
-    backends = [("dense", TorchBackend(model)),
-                ("static masks, 50% of neurons off", TorchBackend(model, None, static_neurons)),
-                ("ShadowLLM per token, 50% of neurons off", TorchBackend(model, predictor=p_tok, neuron_sparsity=0.5))]
+    backends = [("dense, PyTorch", TorchBackend(model)),
+                ("ShadowLLM per token on ONNX Runtime, 50% of neurons off", OrtBackend(deployed, sparsity=0.5))]
     for name, backend in backends:
         _heading(f"answer ({name}; greedy, {max_new} tokens): {PROMPT}")
         start = time.perf_counter()
         out = generate(backend, tokenizer, prompt, max_new, on_text=lambda _, d: print(d, end="", flush=True))[0]
         print(f"\n   [{len(out.token_ids)} tokens in {time.perf_counter() - start:.1f} s, finish: {out.finish_reason}]")
+
+    _heading(f"parity of {deployed} (ONNX Runtime, function bodies) vs the PyTorch reference at sparsity 0.5")
+    report = check(deployed, model, tokenizer, sparsity=0.5, steps=8 if quick else 16)
+    print("\n".join(line for line in report.table().splitlines() if not line.startswith("present.")))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads")
+
+
+def _exported(model, tokenizer, predictor, root):
+    """The shadow/token export of the demo's predictor (neurons targeted), made once and cached."""
+    folder = root / "export-shadow-token"
+    if not (folder / "shadowllm.json").is_file():
+        _heading("exporting model + predictor to ONNX (policy shadow, granularity token, target neurons)")
+        export(model, tokenizer, folder, "shadow", target="neurons", predictor=predictor,
+               predictor_dir=str(root / "shadow-token"))
+    return folder

@@ -86,3 +86,30 @@ def test_calibrate_train_eval_from_the_command_line(tiny_folder, tmp_path, capsy
     out = capsys.readouterr().out
     assert "| shadow | token | plainact | neurons | 0.5 |" in out and "| static |" in out
     assert report.with_suffix(".json").is_file() and report.with_suffix(".png").is_file()
+
+
+def test_export_generate_and_parity_from_the_command_line(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert main(["export", str(tiny_folder), "--policy", "static", "--traces", str(_traces(tiny_folder, tmp_path)),
+                 "--criterion", "l2_norm", "--out", str(out)]) == 0
+    assert (out / "model.onnx").is_file() and (out / "genai_config.json").is_file()
+    assert main(["generate", str(out), "--prompt", "Hello", "--max-new-tokens", "5", "--sparsity", "0.5"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["parity", str(out), "--model", str(tiny_folder), "--steps", "8",
+                 "--json", str(tmp_path / "parity.json")]) == 0
+    assert '"passed": true' in (tmp_path / "parity.json").read_text()
+
+
+def _traces(tiny_folder, tmp_path):
+    traces = tmp_path / "traces"
+    main(["calibrate", str(tiny_folder), "--criterion", "l2_norm", "--samples", "4", "--window", "40",
+          "--shard-size", "4", "--token-positions", "4", "--out", str(traces)])
+    return traces
+
+
+def test_export_bad_input(tiny_folder, tmp_path):
+    result = run_cli("export", str(tiny_folder), "--policy", "shadow", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "needs --predictor" in result.stderr
+    assert not (tmp_path / "x").exists()
+    result = run_cli("generate", str(tmp_path / "missing-export"), "--backend", "ort", "--prompt", "hi")
+    assert result.returncode == 2 and "no such export folder" in result.stderr

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from shadowllm.export.exporter import export
-from shadowllm.models import ShadowError, sparse_forward
+from shadowllm.models import ShadowError, adapter_for, sparse_forward
+from shadowllm.predictor.predictors import load_predictor
+from shadowllm.predictor.traces import calibrate
+from shadowllm.predictor.train import train
 from shadowllm.models.tiny import build_model, byte_tokenizer
 from shadowllm.predictor.allocation import keep_mask
 from shadowllm.runtime import generate
@@ -23,13 +26,29 @@ def exported(request, tmp_path_factory):
     model = build_model(request.param, seed=7)
     tok = byte_tokenizer()
     root = tmp_path_factory.mktemp(f"export-{request.param}")
-    from shadowllm.models import adapter_for
     a = adapter_for(model).arch
     g = torch.Generator().manual_seed(3)
     scores = (torch.rand(a.num_layers, a.num_heads, generator=g), torch.rand(a.num_layers, a.ffn, generator=g))
     dense = export(model, tok, root / "dense")
     static = export(model, tok, root / "static", "static", scores)
     return model, tok, dense, static, scores
+
+
+@pytest.fixture(scope="module")
+def predictor_exports(exported, tmp_path_factory):
+    """shadow/sequence, shadow/token and dejavu exports from predictors trained on quick traces."""
+    model, tok, _, _, _ = exported
+    root = tmp_path_factory.mktemp("predictor-exports")
+    calibrate(model, tok, root / "traces", ["l2_norm"], samples=8, window=40, token_positions=8, shard_size=8,
+              progress=False)
+    out = {}
+    for kind, gran in (("shadow", "sequence"), ("shadow", "token"), ("dejavu", "token")):
+        name = f"{kind}-{gran}"
+        predictor = train(str(root / "traces"), kind, gran, criterion="l2_norm", epochs=4, progress=False)
+        predictor.save(root / f"p-{name}")
+        out[name] = export(model, tok, root / name, kind, predictor=load_predictor(root / f"p-{name}", model),
+                           predictor_dir=str(root / f"p-{name}"))
+    return out
 
 
 def test_dense_export_matches_hf_through_prefill_and_decode(exported):
@@ -88,6 +107,24 @@ def test_parity_report_polygraphy_and_32_greedy_tokens(exported, which):
     assert report.greedy_tokens == 32 and report.polygraphy_passed
 
 
+@pytest.mark.parametrize("name", ["shadow-sequence", "shadow-token", "dejavu-token"])
+def test_predictor_policies_parity(exported, predictor_exports, name):
+    """The predictor inside the graph (If at prefill, or every decode step) picks the very masks the
+    PyTorch reference picks, and logits and 32 greedy tokens agree."""
+    model, tok, _, _, _ = exported
+    report = check(predictor_exports[name], model, tok, sparsity=0.5, steps=32)
+    assert report.passed, report.table()
+    backend = OrtBackend(predictor_exports[name], 0.5)
+    ids = torch.randint(0, 256, (1, 6))
+    mask = torch.ones(1, 6, dtype=torch.long)
+    _, state = backend.forward(ids, mask, None)
+    prefill_dense = bool(state["neurons"].numpy().all())
+    _, state = backend.forward(ids[:, :1], torch.ones(1, 7, dtype=torch.long), state)
+    kept = state["neurons"].numpy()[0, 1:].mean()  # layers 1..: half of the neurons are off
+    assert abs(kept - 0.5) < 0.05
+    assert prefill_dense == (name != "shadow-sequence")  # sequence masks come at prefill, the others decode
+
+
 def test_stock_onnxruntime_loads_the_files(exported):
     """Nothing but onnxruntime: a fresh interpreter that never imports shadowllm."""
     _, _, dense, static, _ = exported
@@ -140,3 +177,16 @@ def test_bad_export_folders_and_inputs(exported, tmp_path):
         export(model, tok, dense)
     with pytest.raises(ShadowError, match="another model"):
         check(dense, build_model("llama", seed=99), tok)
+
+
+def test_mask_agreement_tolerates_only_score_ties():
+    from shadowllm.runtime.parity import mask_agreement
+
+    scores = torch.tensor([[[0.1, 0.5, 0.5000001, 0.9]]])  # [B=1, L=1, X=4]
+    expect = np.array([[[False, True, False, True]]])
+    swapped_tie = np.array([[[False, False, True, True]]])
+    swapped_far = np.array([[[True, True, False, False]]])
+    assert mask_agreement(expect, expect, scores) == (True, 0)
+    assert mask_agreement(swapped_tie, expect, scores) == (True, 2)
+    assert mask_agreement(swapped_far, expect, scores)[0] is False
+    assert mask_agreement(swapped_tie, expect, None)[0] is False  # no scores (fixed masks): exact only

@@ -49,6 +49,23 @@ def static_scores(model, tokenizer, calibration_windows: int = 8, window_length:
     return l2_scores(model, windows, progress=progress)
 
 
+def static_from_traces(traces, model, criterion: str = "l2_norm"):
+    """((head_scores [L, H], neuron_scores [L, F]), source): per-window min-max normalised scores of
+    a calibrate run, averaged over its windows. Falls back (and says so) to the run's first criterion."""
+    import sys
+
+    from .traces import load_traces
+    from .train import minmax_per_layer
+
+    manifest, t = load_traces(traces, model)
+    crit = criterion
+    if crit not in manifest["criteria"]:
+        crit = manifest["criteria"][0]
+        print(f"[shadowllm] static scores: {traces} holds no {criterion!r}; using {crit!r}", file=sys.stderr)
+    scores = (minmax_per_layer(t[f"seq.{crit}.heads"]).mean(0), minmax_per_layer(t[f"seq.{crit}.neurons"]).mean(0))
+    return scores, {"traces": str(traces), "criterion": crit, "samples": manifest["samples"]}
+
+
 def describe(mask: torch.Tensor | None) -> str:
     if mask is None:
         return "dense"

@@ -131,7 +131,9 @@ def _past_of(state):
 
 
 def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, steps: int = 32,
-          seed: int = 0) -> ParityReport:
+          seed: int = 0, golden_path: str | os.PathLike | None = None) -> ParityReport:
+    """Prefill through Polygraphy + `steps` greedy decode steps; `golden_path` saves the PyTorch
+    RunResults (Polygraphy JSON) so the same comparison can be rerun against another runner."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import CompareFunc, Comparator, RunResults
     from polygraphy.logger import G_LOGGER
@@ -183,6 +185,8 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
         golden[f"present.{i}.key"], golden[f"present.{i}.value"] = k.numpy(), v.numpy()
     golden_results = RunResults()
     golden_results.add([golden], runner_name="pytorch-reference")  # masks: checked above, up to ties
+    if golden_path:
+        golden_results.save(str(golden_path))
     results.extend(golden_results)
     valid = mask.bool().numpy()
     for name, expect in golden.items():

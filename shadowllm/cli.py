@@ -155,18 +155,15 @@ def cmd_eval(args):
 
     from shadowllm.models import load
     from shadowllm.predictor.evaluation import evaluate, markdown, write_reports
+    from shadowllm.predictor.fixed_masks import static_from_traces
     from shadowllm.predictor.predictors import load_predictor
-    from shadowllm.predictor.traces import load_traces
 
     model, tokenizer = load(args.model)
     predictors = [load_predictor(p, model) for p in args.predictor]
     static = None
     traces = args.traces or next((p.manifest["training"]["traces"] for p in predictors), None)
     if traces:
-        from shadowllm.predictor.train import minmax_per_layer
-        manifest, t = load_traces(traces, model)
-        crit = args.static_criterion if args.static_criterion in manifest["criteria"] else manifest["criteria"][0]
-        static = (minmax_per_layer(t[f"seq.{crit}.heads"]).mean(0), minmax_per_layer(t[f"seq.{crit}.neurons"]).mean(0))
+        static, _ = static_from_traces(traces, model, args.static_criterion)
     oracle = args.oracle_criterion or sorted({"l2_norm"} | {p.manifest["criterion"] for p in predictors})
     rows = evaluate(model, tokenizer, predictors, args.sparsity, args.target or ["heads", "neurons", "both"],
                     args.split, args.max_windows,
@@ -194,15 +191,10 @@ def cmd_export(args):
     model, tokenizer = load(args.model)
     static, source = None, None
     if args.policy == "static":
-        from shadowllm.predictor.train import minmax_per_layer
-
         if args.traces:
-            from shadowllm.predictor.traces import load_traces
+            from shadowllm.predictor.fixed_masks import static_from_traces
 
-            manifest, t = load_traces(args.traces, model)
-            crit = args.criterion if args.criterion in manifest["criteria"] else manifest["criteria"][0]
-            static = (minmax_per_layer(t[f"seq.{crit}.heads"]).mean(0), minmax_per_layer(t[f"seq.{crit}.neurons"]).mean(0))
-            source = {"traces": str(args.traces), "criterion": crit, "samples": manifest["samples"]}
+            static, source = static_from_traces(args.traces, model, args.criterion)
         else:
             from shadowllm.predictor.fixed_masks import static_scores
 
@@ -228,7 +220,7 @@ def cmd_parity(args):
 
     manifest = check_export_folder(Path(args.folder))
     model, tokenizer = load(args.model or manifest.get("model"))
-    report = check(args.folder, model, tokenizer, args.sparsity, args.steps)
+    report = check(args.folder, model, tokenizer, args.sparsity, args.steps, golden_path=args.golden)
     print(report.table())
     write_report(report, args.json or Path(args.folder) / "parity.json")
     return 0 if report.passed else 1
@@ -305,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     p.add_argument("--predictor", action="append", default=[], help="predictor folder; repeatable")
     p.add_argument("--traces", default=None, help="traces for the static policy (default: the predictor's)")
-    p.add_argument("--static-criterion", default="plainact")
+    p.add_argument("--static-criterion", default="l2_norm")
     p.add_argument("--oracle-criterion", action="append", default=None, choices=CRITERIA)
     p.add_argument("--sparsity", type=_sparsities, default=[0.1, 0.2, 0.3, 0.5])
     p.add_argument("--target", action="append", default=None, choices=["heads", "neurons", "both"])
@@ -338,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=fraction, default=0.5)
     p.add_argument("--steps", type=int, default=32, help="greedy tokens compared")
     p.add_argument("--json", default=None, help="report path (default DIR/parity.json)")
+    p.add_argument("--golden", default=None, help="also save the PyTorch golden outputs (Polygraphy RunResults JSON)")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("demo", help="end-to-end demo on the embedded default model")

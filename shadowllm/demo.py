@@ -21,8 +21,9 @@ from shadowllm.models.loading import cache_root
 from shadowllm.models.errors import ShadowError
 from shadowllm.predictor.evaluation import evaluate, markdown
 from shadowllm.predictor.predictors import load_predictor
-from shadowllm.predictor.traces import calibrate, load_traces
-from shadowllm.predictor.train import minmax_per_layer, train
+from shadowllm.predictor.traces import calibrate
+from shadowllm.predictor.fixed_masks import static_from_traces
+from shadowllm.predictor.train import train
 from shadowllm.export.exporter import export
 from shadowllm.runtime import TorchBackend, generate
 from shadowllm.runtime.ort_backend import OrtBackend
@@ -54,8 +55,7 @@ def _predictors(model, tokenizer, quick: bool):
                               model=model)
             predictor.save(folder)
             out[gran] = load_predictor(folder, model)
-    _, t = load_traces(traces, model)
-    static = (minmax_per_layer(t["seq.l2_norm.heads"]).mean(0), minmax_per_layer(t["seq.l2_norm.neurons"]).mean(0))
+    static, _ = static_from_traces(traces, model, "l2_norm")
     return out["sequence"], out["token"], static, root
 
 

@@ -2,7 +2,9 @@
 
 One InferenceSession per folder (CPU by default, CUDA first when that provider exists). The KV cache
 and the carried masks stay ORT values between steps: `present.*` outputs are bound with I/O binding
-and fed back as the next step's `past_key_values.*` without a round trip through NumPy.
+and fed back as the next step's `past_key_values.*` without a round trip through NumPy. The native
+custom-op library is registered when it is built (`native=None`), required (`True`) or left out
+(`False`, the function bodies run).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def check_export_folder(folder: Path) -> dict:
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, folder: str | os.PathLike, sparsity: float = 0.0, providers=None, threads: int | None = None):
+    def __init__(self, folder: str | os.PathLike, sparsity: float = 0.0, providers=None, threads: int | None = None,
+                 native: bool | None = None):
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -54,6 +57,9 @@ class OrtBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        from .native import register_native
+
+        self.native = register_native(options, native)
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:

@@ -1,4 +1,5 @@
-"""Op-level parity: the torch eager kernels and the ONNX function bodies (run by onnxruntime) against
+"""Op-level parity: the torch eager kernels, the ONNX function bodies (run by onnxruntime) and the C++
+kernels of the native library (registered in onnxruntime) against
 the float64 NumPy reference, on random shapes, masks and padding (hypothesis). fp32 relative error
 (max |error| / max |reference|) < 1e-5."""
 
@@ -26,8 +27,17 @@ def rel_error(ours, reference):
     return float(np.abs(np.asarray(ours, dtype=np.float64) - reference).max() / max(np.abs(reference).max(), 1e-30))
 
 
-def run_function(node, function, feeds, outputs):
-    """A one-node model carrying the op's function body, run by stock onnxruntime.
+def native_library():
+    from shadowllm.runtime.native import ort_ops_library
+
+    path = ort_ops_library()
+    assert path is not None, "build/libshadowllm_ort_ops.so is not built: run scripts/setup.sh"
+    return str(path)
+
+
+def run_function(node, function, feeds, outputs, native=False):
+    """A one-node model carrying the op's function body, run by onnxruntime: with native=True the
+    C++ kernel of the registered library runs instead of the body.
 
     outputs: {name: shape}."""
     register_schemas()
@@ -39,7 +49,10 @@ def run_function(node, function, feeds, outputs):
     model = helper.make_model(graph, functions=[function],
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)])
     onnx.checker.check_model(model, full_check=True)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if native:
+        options.register_custom_ops_library(native_library())
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return sess.run(list(outputs), feeds)
 
 
@@ -72,9 +85,10 @@ def test_sparse_neuron_mlp(case):
     eager = torch.ops.shadowllm.sparse_neuron_mlp(tt["x"], tt["w_in"], tt.get("b_in"), tt.get("w_gate"), tt["w_out_t"],
                                                   tt.get("b_out"), tt["mask"], v.activation)
     assert rel_error(eager.numpy(), expect) < REL
-    (onnx_y,) = run_function(mlp_node({k: k for k in t}, "y", v.activation, "mlp"), mlp_function(v), t,
-                             {"y": (B, S, D)})
-    assert rel_error(onnx_y, expect) < REL
+    for native in (False, True):  # the function body, then the C++ kernel
+        (onnx_y,) = run_function(mlp_node({k: k for k in t}, "y", v.activation, "mlp"), mlp_function(v), t,
+                                 {"y": (B, S, D)}, native)
+        assert rel_error(onnx_y, expect) < REL, f"native={native}"
 
 
 @st.composite
@@ -119,9 +133,12 @@ def test_sparse_head_attention(case):
     names = ["y", "present_key", "present_value"]
     shapes = dict(zip(names, [(B, S, D), (B, G, T, E), (B, G, T, E)]))
     got = run_function(attention_node({k: k for k in t}, names, v, "attn"), attention_function(v), t, shapes)
-    for ours_eager, ours_onnx, reference in zip(eager, got, expect):
+    native = run_function(attention_node({k: k for k in t}, names, v, "attn"), attention_function(v), t, shapes,
+                          native=True)
+    for ours_eager, ours_onnx, ours_native, reference in zip(eager, got, native, expect):
         assert rel_error(ours_eager.numpy(), reference) < REL
         assert rel_error(ours_onnx, reference) < REL
+        assert rel_error(ours_native, reference) < REL
 
 
 def test_schemas_make_shape_inference_work():

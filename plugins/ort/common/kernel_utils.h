@@ -1,0 +1,60 @@
+// Small helpers shared by the CPU kernels: activations, dot products, active-row lists.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace shadowllm {
+
+enum class Activation { kRelu, kGelu, kGeluTanh, kSilu };
+
+inline Activation ParseActivation(const std::string& name) {
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "silu") return Activation::kSilu;
+  throw std::invalid_argument("SparseNeuronMLP: activation '" + name +
+                              "' is not one of relu, gelu, gelu_tanh, silu");
+}
+
+inline float Activate(Activation a, float t) {
+  switch (a) {
+    case Activation::kRelu: return t > 0.f ? t : 0.f;
+    case Activation::kGelu: return 0.5f * t * (1.f + std::erf(t * 0.70710678118654752f));
+    case Activation::kGeluTanh:
+      return 0.5f * t * (1.f + std::tanh(0.79788456080286536f * (t + 0.044715f * t * t * t)));
+    case Activation::kSilu: return t / (1.f + std::exp(-t));
+  }
+  return t;
+}
+
+// Dot product of two contiguous float rows, accumulated in double pairs of lanes the compiler can
+// vectorise; fp32 products, fp32 accumulation in 8 independent lanes (keeps rounding close to a GEMM).
+inline float Dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
+  float s = 0.f;
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s + ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// y[0:n] += w * x[0:n]
+inline void Axpy(float w, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+}
+
+// The indices i with mask[i] true: computed once per call and row, then only those rows are read.
+inline std::vector<int64_t> ActiveRows(const bool* mask, int64_t n) {
+  std::vector<int64_t> rows;
+  rows.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    if (mask[i]) rows.push_back(i);
+  return rows;
+}
+
+}  // namespace shadowllm

@@ -1,0 +1,60 @@
+#include "op.h"
+
+#include <stdexcept>
+
+namespace shadowllm {
+
+SparseHeadAttentionKernel::SparseHeadAttentionKernel(const OrtKernelInfo* info)
+    : num_heads(Attribute<int64_t>(info, "num_heads", 0)),
+      num_kv_heads(Attribute<int64_t>(info, "num_kv_heads", 0)),
+      head_dim(Attribute<int64_t>(info, "head_dim", 0)),
+      scale(Attribute<float>(info, "scale", 0.f)),
+      rope(Attribute<int64_t>(info, "rope", 0) != 0),
+      kv_active(Attribute<std::string>(info, "kv_policy", "all") == "active") {
+  if (num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || num_heads % num_kv_heads != 0)
+    throw std::invalid_argument("SparseHeadAttention: num_heads, num_kv_heads, head_dim must be positive and "
+                                "num_heads a multiple of num_kv_heads");
+}
+
+void SparseHeadAttentionKernel::Compute(OrtKernelContext* context) {
+  Ort::KernelContext ctx(context);
+  const std::vector<int64_t> x_shape = InputShape(ctx, 0), past_shape = InputShape(ctx, 9);
+  AttentionArgs a{};
+  a.B = x_shape[0];
+  a.S = x_shape[1];
+  a.D = x_shape[2];
+  a.P = past_shape[2];
+  a.H = num_heads;
+  a.G = num_kv_heads;
+  a.E = head_dim;
+  a.scale = scale;
+  a.rope = rope;
+  a.kv_active = kv_active;
+  a.x = InputData<float>(ctx, 0);
+  a.w_q = InputData<float>(ctx, 1);
+  a.b_q = InputData<float>(ctx, 2);
+  a.w_k = InputData<float>(ctx, 3);
+  a.b_k = InputData<float>(ctx, 4);
+  a.w_v = InputData<float>(ctx, 5);
+  a.b_v = InputData<float>(ctx, 6);
+  a.w_o_t = InputData<float>(ctx, 7);
+  a.b_o = InputData<float>(ctx, 8);
+  a.past_key = InputData<float>(ctx, 9);
+  a.past_value = InputData<float>(ctx, 10);
+  a.attention_mask = InputData<int64_t>(ctx, 11);
+  a.position_ids = InputData<int64_t>(ctx, 12);
+  a.cos = InputData<float>(ctx, 13);
+  a.sin = InputData<float>(ctx, 14);
+  a.head_mask = InputData<bool>(ctx, 15);
+  if (rope && (a.cos == nullptr || a.sin == nullptr))
+    throw std::invalid_argument("SparseHeadAttention: rope=1 needs the cos and sin inputs");
+  if (InputShape(ctx, 11)[1] != a.P + a.S)
+    throw std::invalid_argument("SparseHeadAttention: attention_mask must cover past + new tokens");
+  const std::vector<int64_t> present{a.B, a.G, a.P + a.S, a.E};
+  a.y = ctx.GetOutput(0, x_shape).GetTensorMutableData<float>();
+  a.present_key = ctx.GetOutput(1, present).GetTensorMutableData<float>();
+  a.present_value = ctx.GetOutput(2, present).GetTensorMutableData<float>();
+  SparseHeadAttention(a);
+}
+
+}  // namespace shadowllm

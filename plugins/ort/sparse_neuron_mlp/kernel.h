@@ -1,0 +1,28 @@
+// SparseNeuronMLP on the CPU (DESIGN §3): only the rows of kept neurons are read, in place.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/kernel_utils.h"
+
+namespace shadowllm {
+
+struct MLPArgs {
+  const float* x;        // [B, S, D]
+  const float* w_in;     // [F, D]
+  const float* b_in;     // [F] or null
+  const float* w_gate;   // [F, D] or null (ungated)
+  const float* w_out_t;  // [F, D]
+  const float* b_out;    // [D] or null
+  const bool* mask;      // [B, F]
+  float* y;              // [B, S, D]
+  int64_t B, S, D, F;
+  Activation activation;
+};
+
+// y = sum over kept n of h_n(x) * w_out_t[n] + b_out, computed per batch row:
+// phase 1 (parallel over kept neurons) streams w_in / w_gate rows once for all S tokens;
+// phase 2 (parallel over slices of D) streams the kept w_out_t rows once.
+void SparseNeuronMLP(const MLPArgs& a);
+
+}  // namespace shadowllm

@@ -1,0 +1,28 @@
+#include "op.h"
+
+namespace shadowllm {
+
+SparseNeuronMLPKernel::SparseNeuronMLPKernel(const OrtKernelInfo* info)
+    : activation(ParseActivation(Attribute<std::string>(info, "activation", "relu"))) {}
+
+void SparseNeuronMLPKernel::Compute(OrtKernelContext* context) {
+  Ort::KernelContext ctx(context);
+  const std::vector<int64_t> x_shape = InputShape(ctx, 0), w_shape = InputShape(ctx, 1);
+  MLPArgs a{};
+  a.B = x_shape[0];
+  a.S = x_shape[1];
+  a.D = x_shape[2];
+  a.F = w_shape[0];
+  a.x = InputData<float>(ctx, 0);
+  a.w_in = InputData<float>(ctx, 1);
+  a.b_in = InputData<float>(ctx, 2);
+  a.w_gate = InputData<float>(ctx, 3);
+  a.w_out_t = InputData<float>(ctx, 4);
+  a.b_out = InputData<float>(ctx, 5);
+  a.mask = InputData<bool>(ctx, 6);
+  a.activation = activation;
+  a.y = ctx.GetOutput(0, x_shape).GetTensorMutableData<float>();
+  SparseNeuronMLP(a);
+}
+
+}  // namespace shadowllm

@@ -1,0 +1,30 @@
+// The ai.shadowllm::SparseNeuronMLP custom op for ONNX Runtime's CPU provider.
+#pragma once
+
+#include "../common/ort_helpers.h"
+#include "kernel.h"
+
+namespace shadowllm {
+
+struct SparseNeuronMLPKernel {
+  explicit SparseNeuronMLPKernel(const OrtKernelInfo* info);
+  void Compute(OrtKernelContext* context);
+  Activation activation;
+};
+
+struct SparseNeuronMLPOp : Ort::CustomOpBase<SparseNeuronMLPOp, SparseNeuronMLPKernel> {
+  void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new SparseNeuronMLPKernel(info); }
+  const char* GetName() const { return "SparseNeuronMLP"; }
+  size_t GetInputTypeCount() const { return 7; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 6 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    const bool optional = i == 2 || i == 3 || i == 5;  // b_in, w_gate, b_out
+    return optional ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace shadowllm

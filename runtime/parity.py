@@ -19,6 +19,7 @@ import torch
 
 from shadowllm.models import ShadowError, fingerprint, sparse_forward
 
+from .native import register_native
 from .ort_backend import OrtBackend, check_export_folder
 from .torch_backend import TorchBackend
 
@@ -63,6 +64,7 @@ class ParityReport:
     masks_identical: bool = True
     mask_flips_at_ties: int = 0
     greedy_tokens: int = 0
+    native: bool = False
     tokens_identical: bool = True
     polygraphy_passed: bool = True
 
@@ -72,7 +74,9 @@ class ParityReport:
                 and self.polygraphy_passed)
 
     def table(self) -> str:
-        lines = [f"parity of {self.folder} (policy {self.policy}, sparsity {self.sparsity}) vs PyTorch reference",
+        kernels = "native kernels" if self.native else "function bodies"
+        lines = [f"parity of {self.folder} (policy {self.policy}, sparsity {self.sparsity}, onnxruntime with "
+                 f"{kernels}) vs PyTorch reference",
                  f"{'output':<28}{'max abs':>12}{'max rel':>12}  result"]
         for o in self.outputs:
             lines.append(f"{o.name:<28}{o.max_abs:>12.3e}{o.max_rel:>12.3e}  {'pass' if o.passed else 'FAIL'}")
@@ -131,10 +135,11 @@ def _past_of(state):
 
 
 def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, steps: int = 32,
-          seed: int = 0, golden_path: str | os.PathLike | None = None) -> ParityReport:
+          seed: int = 0, golden_path: str | os.PathLike | None = None, native: bool | None = None) -> ParityReport:
     """Prefill through Polygraphy + `steps` greedy decode steps; `golden_path` saves the PyTorch
     RunResults (Polygraphy JSON) so the same comparison can be rerun against another runner."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import CompareFunc, Comparator, RunResults
     from polygraphy.logger import G_LOGGER
 
@@ -165,7 +170,10 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
         for kv in ("key", "value"):
             feeds[f"past_key_values.{i}.{kv}"] = np.zeros((B, a["kv_heads"], 0, a["head_dim"]), np.float32)
     G_LOGGER.module_severity = G_LOGGER.ERROR  # our table reports per output; keep Polygraphy's log short
-    runner = OnnxrtRunner(SessionFromOnnx(str(folder / "model.onnx")), name="onnxruntime")
+    options = ort.SessionOptions()
+    report.native = register_native(options, native)
+    session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    runner = OnnxrtRunner(session, name="onnxruntime")
     results = Comparator.run([runner], data_loader=[feeds])
     ours = results[0][1][0]
     # A predictor picks masks in both runtimes; the reference computes with the graph's masks (so that
@@ -204,7 +212,7 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
         atol=ATOL, rtol=0.0)))
 
     # 2. greedy decoding step by step on both backends: tokens, masks and last-position logits
-    onnx_backend = OrtBackend(folder, sparsity)
+    onnx_backend = OrtBackend(folder, sparsity, native=report.native)
     from .generate import encode_batch
 
     ids, mask = encode_batch(tokenizer, ["The history of the city", "A short note"],

@@ -220,10 +220,22 @@ def cmd_parity(args):
 
     manifest = check_export_folder(Path(args.folder))
     model, tokenizer = load(args.model or manifest.get("model"))
-    report = check(args.folder, model, tokenizer, args.sparsity, args.steps, golden_path=args.golden)
+    native = {"auto": None, "on": True, "off": False}[args.native]
+    report = check(args.folder, model, tokenizer, args.sparsity, args.steps, golden_path=args.golden, native=native)
     print(report.table())
     write_report(report, args.json or Path(args.folder) / "parity.json")
     return 0 if report.passed else 1
+
+
+def cmd_build(args):
+    import json
+
+    from shadowllm.compiler.build import build
+
+    out = build(args.folder, args.target)
+    info = json.loads((out / "shadowllm.json").read_text())["build"]
+    print(f"built {args.target} model in {out}: {info['nodes_before']} -> {info['nodes_after']} nodes "
+          f"({', '.join(info['passes'])})")
 
 
 def cmd_demo(args):
@@ -331,7 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=32, help="greedy tokens compared")
     p.add_argument("--json", default=None, help="report path (default DIR/parity.json)")
     p.add_argument("--golden", default=None, help="also save the PyTorch golden outputs (Polygraphy RunResults JSON)")
+    p.add_argument("--native", choices=["auto", "on", "off"], default="auto",
+                   help="C++ kernels of the native library (auto: when built) or the ONNX function bodies (off)")
     p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser("build", help="compile an export folder for a target (ort-cpu; tensorrt where present)")
+    p.add_argument("folder")
+    p.add_argument("--target", choices=["ort-cpu", "tensorrt"], default="ort-cpu")
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("demo", help="end-to-end demo on the embedded default model")
     p.add_argument("--model", default=None, help="model name or folder (default: smollm2-135m)")

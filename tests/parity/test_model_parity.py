@@ -212,3 +212,15 @@ def test_mask_agreement_tolerates_only_score_ties():
     assert mask_agreement(swapped_tie, expect, scores) == (True, 2)
     assert mask_agreement(swapped_far, expect, scores)[0] is False
     assert mask_agreement(swapped_tie, expect, None)[0] is False  # no scores (fixed masks): exact only
+
+
+def test_build_ort_cpu_keeps_parity(exported, predictor_exports):
+    from shadowllm.compiler.build import build
+
+    model, tok, _, _, _ = exported
+    out = build(predictor_exports["shadow-token"], "ort-cpu")
+    assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file()
+    report = check(out, model, tok, sparsity=0.5, steps=16)
+    assert report.passed and report.native, report.table()
+    with pytest.raises(ShadowError, match="tensorrt"):
+        build(predictor_exports["shadow-token"], "tensorrt")

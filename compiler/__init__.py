@@ -1,0 +1,1 @@
+"""Stage 4: ONNX passes and build targets (`shadowllm build`)."""

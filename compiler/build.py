@@ -1,0 +1,105 @@
+"""`shadowllm build DIR --target ort-cpu | tensorrt`.
+
+ort-cpu runs the passes for CPU and writes DIR/ort-cpu/ (a complete export folder):
+  1. validate: onnx.checker with full_check (the ai.shadowllm schemas registered);
+  2. shape inference: strict, through the custom nodes' schemas;
+  3. weight layout: checks that every custom node's weights are initializers in the DESIGN §3
+     layouts (output projections [rows, D], one row per head / neuron), as the exporter writes them;
+  4. optimise: ONNX Runtime's extended graph optimisations (constant folding, Cast/Transpose/Shape
+     elimination, fusions) with the native library registered, so the custom nodes stay custom
+     nodes and the folded graph is saved (ORT's optimised-graph output).
+tensorrt needs the `tensorrt` package, a GPU and the plugin library; none of them exist on this kind of
+machine, so it fails with a line that says which is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import onnx
+
+from shadowllm.export.onnx_ops import DOMAIN, register_schemas
+from shadowllm.models import ShadowError
+from shadowllm.runtime.native import ort_ops_library
+from shadowllm.runtime.ort_backend import check_export_folder
+
+TARGETS = ("ort-cpu", "tensorrt")
+COPIED = ("config.json", "genai_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+          "special_tokens_map.json", "static_scores.safetensors")
+
+
+def _validate(path: Path) -> onnx.ModelProto:
+    register_schemas()
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ShadowError(f"{path}: invalid ONNX model ({str(e).splitlines()[0]})") from None
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _check_layout(model: onnx.ModelProto):
+    """Custom nodes' weights are initializers of rank 2 whose last dim is the hidden size D."""
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        weights = [node.input[i] for i in ((1, 3, 5, 7) if node.op_type == "SparseHeadAttention" else (1, 3, 4))]
+        dims = [inits.get(w) for w in weights if w]
+        if any(d is None or len(d) != 2 for d in dims) or len({d[1] for d in dims}) != 1:
+            raise ShadowError(f"node {node.name}: weights are not [rows, D] initializers (re-export the model)")
+
+
+def build(folder: str | os.PathLike, target: str = "ort-cpu") -> Path:
+    folder = Path(folder)
+    if target not in TARGETS:
+        raise ShadowError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
+    manifest = check_export_folder(folder)
+    if target == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise ShadowError("--target tensorrt: the `tensorrt` Python package is not installed (and the TensorRT "
+                              "plugin library is not built yet); use --target ort-cpu") from None
+        raise ShadowError("--target tensorrt: the TensorRT plugin library (libshadowllm_trt_plugins.so) is not "
+                          "built yet")
+    import onnxruntime as ort
+
+    model = _validate(folder / "model.onnx")
+    onnx.shape_inference.infer_shapes_path(str(folder / "model.onnx"), str(folder / ".shape-check.onnx"),
+                                           strict_mode=True)
+    (folder / ".shape-check.onnx").unlink(missing_ok=True)
+    _check_layout(model)
+    library = ort_ops_library()
+    if library is None:
+        raise ShadowError("--target ort-cpu keeps the custom nodes for the native kernels: build the native "
+                          "library first (scripts/setup.sh)")
+    out = folder / target
+    tmp = folder / f".{target}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(str(library))
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(tmp / "model.onnx")
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        for name in COPIED:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, tmp / name)
+        before = len(model.graph.node)
+        after = len(onnx.load(str(tmp / "model.onnx"), load_external_data=False).graph.node)
+        manifest = dict(manifest, build_target=target, requires_native=True,
+                        build={"passes": ["validate", "shape-infer", "weight-layout", "ort-extended-optimise"],
+                               "nodes_before": before, "nodes_after": after, "source": str(folder)})
+        (tmp / "shadowllm.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -238,6 +238,21 @@ def cmd_build(args):
           f"({', '.join(info['passes'])})")
 
 
+def cmd_bench(args):
+    import shlex
+
+    from shadowllm.models import load
+    from shadowllm.runtime.bench import bench, markdown, write
+
+    model, _ = load(args.model)
+    rows = bench(model, args.model or "smollm2-135m", args.dense_export, args.export, args.sparsity, args.tokens,
+                 args.repeats, args.prompt_tokens, args.threads)
+    command = "shadowllm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.out:
+        write(rows, args.out, command)
+    print(markdown(rows, command))
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -351,6 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder")
     p.add_argument("--target", choices=["ort-cpu", "tensorrt"], default="ort-cpu")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("bench", help="decode tokens/s and prefill latency per backend (first cut)")
+    _model_arg(p)
+    p.add_argument("--dense-export", required=True, help="a dense export of the model")
+    p.add_argument("--export", required=True, help="a sparse export (static / shadow / dejavu) of the model")
+    p.add_argument("--sparsity", type=_sparsities, default=[0.0, 0.5])
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="report prefix: writes PREFIX.json and PREFIX.md")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="end-to-end demo on the embedded default model")
     p.add_argument("--model", default=None, help="model name or folder (default: smollm2-135m)")

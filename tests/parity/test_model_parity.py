@@ -224,3 +224,16 @@ def test_build_ort_cpu_keeps_parity(exported, predictor_exports):
     assert report.passed and report.native, report.table()
     with pytest.raises(ShadowError, match="tensorrt"):
         build(predictor_exports["shadow-token"], "tensorrt")
+
+
+def test_bench_measures_every_backend(exported, tmp_path):
+    """Runs the benchmark plumbing end to end (speeds are measured, never asserted)."""
+    from shadowllm.runtime.bench import bench, write
+
+    model, _, dense, static, _ = exported
+    rows = bench(model, "tiny", dense, static, [0.0, 0.5], tokens=4, repeats=1, prompt_tokens=8)
+    assert [r.backend for r in rows] == ["hf-eager", "ort-dense", "ort-function", "ort-native", "ort-function",
+                                         "ort-native"]
+    assert all(r.decode_tok_s > 0 and r.prefill_ms > 0 for r in rows)
+    write(rows, tmp_path / "bench", "shadowllm bench ...")
+    assert "vs ort-dense" in (tmp_path / "bench.md").read_text()

@@ -353,6 +353,12 @@ def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=
 
 
 # ---------------------------------------------------------------- reports
+def rows_from_json(path: str | os.PathLike) -> tuple[list[Row], dict]:
+    """Rows and header of a report written by `write_reports` (to redraw tables and plots)."""
+    data = json.loads(Path(path).read_text())
+    return [Row(**r) for r in data.pop("rows")], data
+
+
 def write_reports(rows: list[Row], out_prefix: str | os.PathLike, command: str, meta: dict):
     """<prefix>.json (rows + command), <prefix>.md (tables + gap summary), <prefix>.png (plot)."""
     prefix = Path(out_prefix)
@@ -367,7 +373,7 @@ def write_reports(rows: list[Row], out_prefix: str | os.PathLike, command: str, 
 
 def _label(r: Row) -> str:
     label = r.method if r.method in ("dense", "random", "gate", "static") else f"{r.method}/{r.granularity}"
-    return label + (f" ({r.criterion})" if r.method == "oracle" else "")
+    return label + (f" ({r.criterion})" if r.method in ("oracle", "shadow", "dejavu") else "")
 
 
 def markdown(rows: list[Row], command: str) -> str:
@@ -380,7 +386,8 @@ def markdown(rows: list[Row], command: str) -> str:
                      f"{r.ppl:.2f} | {acc} | {r.bytes_fraction:.3f} |")
     lines += ["", "Gap closed, (ppl_static - ppl_shadow) / (ppl_static - ppl_oracle), oracle of the same "
               "granularity and criterion as the predictor:", "",
-              "| target | sparsity | granularity | static | shadow | oracle | gap closed |", "|---|---:|---|---:|---:|---:|---:|"]
+              "| target | sparsity | granularity | criterion | static | shadow | oracle | gap closed |",
+              "|---|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
         if r.method != "shadow":
             continue
@@ -389,8 +396,8 @@ def markdown(rows: list[Row], command: str) -> str:
                        and x.granularity == r.granularity and x.criterion == r.criterion), None)
         if static and oracle and static.ppl != oracle.ppl:
             closed = (static.ppl - r.ppl) / (static.ppl - oracle.ppl)
-            lines.append(f"| {r.target} | {r.sparsity} | {r.granularity} | {static.ppl:.2f} | {r.ppl:.2f} | "
-                         f"{oracle.ppl:.2f} | {closed:.2f} |")
+            lines.append(f"| {r.target} | {r.sparsity} | {r.granularity} | {r.criterion} | {static.ppl:.2f} | "
+                         f"{r.ppl:.2f} | {oracle.ppl:.2f} | {closed:.2f} |")
     gate_rows = [r for r in rows if r.method == "gate"]
     if gate_rows:
         lines += ["", "Against gate at the same weight bytes read per token (each method's perplexity "

@@ -60,6 +60,10 @@ class OrtBackend:
         from .native import register_native
 
         self.native = register_native(options, native)
+        if self.native:
+            # The C++ kernels run their own OpenMP threads; ORT's idle pool threads must not spin
+            # against them (SmolLM2-135M decode at 50%: 23.7 tok/s with spinning, 48.1 without).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:

@@ -115,7 +115,9 @@ def _attention(arch, w: AttentionWeights, x, past, allowed, rope, heads, token_m
     kv_of_head = head_ids // per_group
     keys, values = key.index_select(1, kv_of_head), value.index_select(1, kv_of_head)
     scores = (q @ keys.transpose(-1, -2)) * arch.scale
-    scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+    # Hidden keys score float32's minimum (the ops' contract): a row that sees no key attends uniformly
+    # instead of producing NaN, in any dtype. Softmax runs in fp32, as HF computes it.
+    scores = scores.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     context = (probs @ values).transpose(1, 2)  # [b, S, n_heads, E]
     if heads is None:

@@ -76,7 +76,7 @@ class TorchBackend:
         """
         def observer(layer, name, t):
             if name == "attn_out" and layer == 0:
-                h, n = self._keep(self.predictor.net(select(t)))
+                h, n = self._keep(self.predictor.net(select(t).float()))
                 self.last_masks = (h, n)
                 h, n = self._forced(h, n)
                 if heads is not None:
@@ -129,7 +129,7 @@ class TorchBackend:
 
         def observer(layer, name, t):
             if name == "residual" and layer + 1 < L:
-                logits = self.predictor.net.layer(layer + 1, t[:, -1])  # [B, H+F]
+                logits = self.predictor.net.layer(layer + 1, t[:, -1].float())  # [B, H+F]
                 for i, (mask, sparsity, part) in enumerate(((heads, self.head_sparsity, logits[:, :H]),
                                                             (neurons, self.neuron_sparsity, logits[:, H:]))):
                     if mask is None:

@@ -77,11 +77,11 @@ void SparseHeadAttention(const AttentionArgs& a) {
           p[j] = (j <= P + s && visible[j]) ? Dot(qs, keys + j * E, E) * a.scale : -FLT_MAX;
           top = std::max(top, p[j]);
         }
-        float total = 0.f;
+        double total = 0.0;
         for (int64_t j = 0; j < T; ++j) total += (p[j] = std::exp(p[j] - top));
-        float* out = context.data() + (k * S + s) * E;
-        std::fill(out, out + E, 0.f);
-        for (int64_t j = 0; j < T; ++j) Axpy(p[j] / total, values + j * E, out, E);
+        std::vector<double> out(static_cast<size_t>(E), 0.0);
+        for (int64_t j = 0; j < T; ++j) Axpy(p[j] / total, values + j * E, out.data(), E);
+        for (int64_t e = 0; e < E; ++e) context[(k * S + s) * E + e] = static_cast<float>(out[e]);
       }
     }
 
@@ -91,15 +91,17 @@ void SparseHeadAttention(const AttentionArgs& a) {
 #pragma omp parallel for schedule(static)
     for (int64_t d0 = 0; d0 < D; d0 += slice) {
       const int64_t len = std::min(slice, D - d0);
-      for (int64_t s = 0; s < S; ++s)
-        for (int64_t i = 0; i < len; ++i) y[s * D + d0 + i] = a.b_o ? a.b_o[d0 + i] : 0.f;
+      std::vector<double> acc(static_cast<size_t>(S * len), 0.0);
       for (int64_t k = 0; k < K; ++k) {
         const float* w = a.w_o_t + heads[k] * E * D + d0;
         for (int64_t s = 0; s < S; ++s) {
           const float* c = context.data() + (k * S + s) * E;
-          for (int64_t e = 0; e < E; ++e) Axpy(c[e], w + e * D, y + s * D + d0, len);
+          for (int64_t e = 0; e < E; ++e) Axpy(c[e], w + e * D, acc.data() + s * len, len);
         }
       }
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t i = 0; i < len; ++i)
+          y[s * D + d0 + i] = static_cast<float>(acc[s * len + i] + (a.b_o ? a.b_o[d0 + i] : 0.f));
     }
   }
 }

@@ -1,5 +1,7 @@
 #include "kernel.h"
 
+#include "../common/gather_project.h"
+
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -57,9 +59,10 @@ void SparseHeadAttention(const AttentionArgs& a) {
         for (int64_t s = 0; s < S; ++s) Rope(pk + (P + s) * E, a.cos, a.sin, positions[s], E);
     }
 
-    // Per kept head: q, scores over visible keys, softmax, context [S, E].
+    // Per kept head: q, scores over visible keys, softmax, context, stored [K*E, S] (one row per
+    // w_o_t row) for the output projection.
     const int64_t K = static_cast<int64_t>(heads.size());
-    std::vector<float> context(static_cast<size_t>(K * S * E));
+    std::vector<float> context(static_cast<size_t>(K * E * S));
     const int64_t* visible = a.attention_mask + b * T;
 #pragma omp parallel for schedule(static)
     for (int64_t k = 0; k < K; ++k) {
@@ -81,28 +84,16 @@ void SparseHeadAttention(const AttentionArgs& a) {
         for (int64_t j = 0; j < T; ++j) total += (p[j] = std::exp(p[j] - top));
         std::vector<double> out(static_cast<size_t>(E), 0.0);
         for (int64_t j = 0; j < T; ++j) Axpy(p[j] / total, values + j * E, out.data(), E);
-        for (int64_t e = 0; e < E; ++e) context[(k * S + s) * E + e] = static_cast<float>(out[e]);
+        for (int64_t e = 0; e < E; ++e) context[(k * E + e) * S + s] = static_cast<float>(out[e]);
       }
     }
 
-    // y = sum over kept heads of context_h @ w_o_t[hE:(h+1)E] + b_o, parallel over slices of D.
-    float* y = a.y + b * S * D;
-    const int64_t slice = 64;
-#pragma omp parallel for schedule(static)
-    for (int64_t d0 = 0; d0 < D; d0 += slice) {
-      const int64_t len = std::min(slice, D - d0);
-      std::vector<double> acc(static_cast<size_t>(S * len), 0.0);
-      for (int64_t k = 0; k < K; ++k) {
-        const float* w = a.w_o_t + heads[k] * E * D + d0;
-        for (int64_t s = 0; s < S; ++s) {
-          const float* c = context.data() + (k * S + s) * E;
-          for (int64_t e = 0; e < E; ++e) Axpy(c[e], w + e * D, acc.data() + s * len, len);
-        }
-      }
-      for (int64_t s = 0; s < S; ++s)
-        for (int64_t i = 0; i < len; ++i)
-          y[s * D + d0 + i] = static_cast<float>(acc[s * len + i] + (a.b_o ? a.b_o[d0 + i] : 0.f));
-    }
+    // y = sum over kept heads of context_h @ w_o_t[hE:(h+1)E] + b_o: the E rows of each kept head.
+    std::vector<int64_t> rows;
+    rows.reserve(static_cast<size_t>(K * E));
+    for (int64_t h : heads)
+      for (int64_t e = 0; e < E; ++e) rows.push_back(h * E + e);
+    GatherProject(rows, context.data(), a.w_o_t, a.b_o, a.y + b * S * D, S, D);
   }
 }
 

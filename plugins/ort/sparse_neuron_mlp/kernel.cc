@@ -1,5 +1,7 @@
 #include "kernel.h"
 
+#include "../common/gather_project.h"
+
 #include <algorithm>
 #include <vector>
 
@@ -26,20 +28,7 @@ void SparseNeuronMLP(const MLPArgs& a) {
       }
     }
 
-    // Each thread owns a slice of the D output columns, so no two threads write the same y.
-    const int64_t slice = 64;
-#pragma omp parallel for schedule(static)
-    for (int64_t d0 = 0; d0 < D; d0 += slice) {
-      const int64_t len = std::min(slice, D - d0);
-      std::vector<double> acc(static_cast<size_t>(S * len), 0.0);
-      for (int64_t k = 0; k < K; ++k) {
-        const float* w_out = a.w_out_t + rows[k] * D + d0;
-        for (int64_t s = 0; s < S; ++s) Axpy(h[k * S + s], w_out, acc.data() + s * len, len);
-      }
-      for (int64_t s = 0; s < S; ++s)
-        for (int64_t i = 0; i < len; ++i)
-          y[s * D + d0 + i] = static_cast<float>(acc[s * len + i] + (a.b_out ? a.b_out[d0 + i] : 0.f));
-    }
+    GatherProject(rows, h.data(), a.w_out_t, a.b_out, y, S, D);
   }
 }
 

@@ -131,7 +131,7 @@ def _name_nodes(proto: onnx.ModelProto):
             counts[node.op_type] += 1
 
 
-def _predictor_fingerprint(predictor) -> str | None:
+def predictor_fingerprint(predictor) -> str | None:
     if predictor is None:
         return None
     import hashlib
@@ -198,7 +198,7 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
             "kv_policy": "active" if predictor is not None and predictor.granularity == "sequence" else "all",
             "allocation": "per_layer", "target": target, "model_fingerprint": fingerprint(model),
             "model": getattr(model, "_shadowllm_source", None),
-            "predictor": predictor_dir, "predictor_fingerprint": _predictor_fingerprint(predictor),
+            "predictor": predictor_dir, "predictor_fingerprint": predictor_fingerprint(predictor),
             "static_source": static_source,
             "ops": {f"{DOMAIN}::SparseHeadAttention": 1, f"{DOMAIN}::SparseNeuronMLP": 1},
             "arch": {"family": arch.family, "layers": arch.num_layers, "heads": arch.num_heads,

@@ -21,10 +21,10 @@ from .adapters import AttentionWeights, MLPWeights, activation_fn, adapter_for
 from .errors import ShadowError
 
 # observer(layer, name, tensor) -> tensor | None. Names: "residual" (layer input [B,S,D]),
-# "attn_out" (attention block output [B,S,D]), "head_context" (per-head context before o_proj
-# [B,S,H,E]), "mlp_in" (the normalised MLP input [B,S,D]) and "neuron_act" (MLP intermediate [B,S,F]). The last two are observed only where
-# every head / neuron is computed (dense or per-token masks). A returned tensor replaces the
-# observed one, which is how importance criteria attach gradients.
+# "attn_out" (attention block output [B,S,D]), "mlp_in" (the normalised MLP input [B,S,D]),
+# "head_context" (per-head context before o_proj [B,S,H,E]) and "neuron_act" (MLP intermediate
+# [B,S,F]); the last two only where every head / neuron is computed (dense or per-token masks).
+# A returned tensor replaces the observed one, which is how importance criteria attach gradients.
 Observer = Callable[[int, str, torch.Tensor], "torch.Tensor | None"]
 
 

@@ -121,13 +121,13 @@ def reference_backend(folder: Path, manifest: dict, model, sparsity: float) -> T
         scores = load_file(str(folder / "static_scores.safetensors"))
         return TorchBackend(model, keep_mask(scores["heads"], hs) if hs else None,
                             keep_mask(scores["neurons"], ns) if ns else None)
-    from shadowllm.export.exporter import _predictor_fingerprint
+    from shadowllm.export.exporter import predictor_fingerprint
     from shadowllm.predictor.predictors import load_predictor
 
     if not manifest.get("predictor"):
         raise ShadowError(f"{folder}: the manifest names no predictor folder to check the {policy} policy against")
     predictor = load_predictor(manifest["predictor"], model)
-    if _predictor_fingerprint(predictor) != manifest.get("predictor_fingerprint"):
+    if predictor_fingerprint(predictor) != manifest.get("predictor_fingerprint"):
         raise ShadowError(f"predictor {manifest['predictor']} changed since the export (fingerprint differs)")
     return TorchBackend(model, predictor=predictor, head_sparsity=hs, neuron_sparsity=ns)
 

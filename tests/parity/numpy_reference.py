@@ -21,18 +21,21 @@ def activation(name, t):
     raise ValueError(name)
 
 
-def sparse_neuron_mlp(x, w_in, b_in, w_gate, w_out_t, b_out, mask, act):
+def sparse_neuron_mlp(x, w_in, b_in, w_gate, w_out_t, b_out, mask, act, magnitude=False):
+    """y; with magnitude=True also the sum of |terms| added into each output (its rounding scale)."""
     x = x.astype(np.float64)
     B, S, D = x.shape
-    y = np.zeros((B, S, D))
+    y, mag = np.zeros((B, S, D)), np.zeros((B, S, D))
     for b in range(B):
         for n in np.flatnonzero(mask[b]):
             up = x[b] @ w_in[n] + (b_in[n] if b_in is not None else 0.0)
             h = activation(act, x[b] @ w_gate[n]) * up if w_gate is not None else activation(act, up)
             y[b] += h[:, None] * w_out_t[n][None, :]
+            mag[b] += np.abs(h[:, None] * w_out_t[n][None, :])
     if b_out is not None:
         y += b_out
-    return y
+        mag += np.abs(b_out)
+    return (y, mag) if magnitude else y
 
 
 def _rope(t, cos, sin):
@@ -42,13 +45,14 @@ def _rope(t, cos, sin):
 
 
 def sparse_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask,
-                          position_ids, cos, sin, head_mask, H, G, E, scale, rope, kv_policy):
+                          position_ids, cos, sin, head_mask, H, G, E, scale, rope, kv_policy, magnitude=False):
+    """(y, present_key, present_value); with magnitude=True also the sum of |terms| added into y."""
     x = x.astype(np.float64)
     B, S, D = x.shape
     P = past_key.shape[2]
     T = P + S
     per_group = H // G
-    y = np.zeros((B, S, D))
+    y, mag = np.zeros((B, S, D)), np.zeros((B, S, D))
     new_k, new_v = np.zeros((B, G, S, E)), np.zeros((B, G, S, E))
     for b in range(B):
         for g in range(G):
@@ -76,7 +80,10 @@ def sparse_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key,
             scores = scores - scores.max(-1, keepdims=True)
             probs = np.exp(scores)
             probs /= probs.sum(-1, keepdims=True)
-            y[b] += (probs @ present_v[b, g]) @ w_o_t[h * E:(h + 1) * E]
+            context = probs @ present_v[b, g]
+            y[b] += context @ w_o_t[h * E:(h + 1) * E]
+            mag[b] += np.abs(context) @ np.abs(w_o_t[h * E:(h + 1) * E])
     if b_o is not None:
         y += b_o
-    return y, present_k, present_v
+        mag += np.abs(b_o)
+    return (y, present_k, present_v, mag) if magnitude else (y, present_k, present_v)

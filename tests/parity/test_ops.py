@@ -1,7 +1,9 @@
 """Op-level parity: the torch eager kernels, the ONNX function bodies (run by onnxruntime) and the C++
-kernels of the native library (registered in onnxruntime) against
-the float64 NumPy reference, on random shapes, masks and padding (hypothesis). fp32 relative error
-(max |error| / max |reference|) < 1e-5."""
+kernels of the native library (registered in onnxruntime) against the float64 NumPy reference, on
+random shapes, masks and padding (hypothesis). fp32 relative error < 1e-5, relative to the scale
+of what was summed: max |error| / max(max |reference|, max sum of |terms| of an output). Without
+the second term, an output that cancels (terms of size 1 summing to 0.005) would judge fp32's
+rounding, which every fp32 implementation shares, instead of the kernel."""
 
 import numpy as np
 import onnx
@@ -19,12 +21,13 @@ from shadowllm.export.onnx_ops import (ATTENTION_INPUTS, DOMAIN, MLP_INPUTS, OPS
 from tests.parity import numpy_reference as ref
 
 REL = 1e-5
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def rel_error(ours, reference):
+def rel_error(ours, reference, magnitude=None):
     reference = np.asarray(reference, dtype=np.float64)
-    return float(np.abs(np.asarray(ours, dtype=np.float64) - reference).max() / max(np.abs(reference).max(), 1e-30))
+    scale = max(np.abs(reference).max(), 0.0 if magnitude is None else float(np.max(magnitude)), 1e-30)
+    return float(np.abs(np.asarray(ours, dtype=np.float64) - reference).max() / scale)
 
 
 def native_library():
@@ -79,16 +82,16 @@ def test_sparse_neuron_mlp(case):
         t["b_in"] = f(F)
     if v.bias_out:
         t["b_out"] = f(D)
-    expect = ref.sparse_neuron_mlp(t["x"], t["w_in"], t.get("b_in"), t.get("w_gate"), t["w_out_t"], t.get("b_out"),
-                                   t["mask"], v.activation)
+    expect, magnitude = ref.sparse_neuron_mlp(t["x"], t["w_in"], t.get("b_in"), t.get("w_gate"), t["w_out_t"],
+                                              t.get("b_out"), t["mask"], v.activation, magnitude=True)
     tt = {k: torch.from_numpy(a) for k, a in t.items()}
     eager = torch.ops.shadowllm.sparse_neuron_mlp(tt["x"], tt["w_in"], tt.get("b_in"), tt.get("w_gate"), tt["w_out_t"],
                                                   tt.get("b_out"), tt["mask"], v.activation)
-    assert rel_error(eager.numpy(), expect) < REL
+    assert rel_error(eager.numpy(), expect, magnitude) < REL
     for native in (False, True):  # the function body, then the C++ kernel
         (onnx_y,) = run_function(mlp_node({k: k for k in t}, "y", v.activation, "mlp"), mlp_function(v), t,
                                  {"y": (B, S, D)}, native)
-        assert rel_error(onnx_y, expect) < REL, f"native={native}"
+        assert rel_error(onnx_y, expect, magnitude) < REL, f"native={native}"
 
 
 @st.composite
@@ -126,7 +129,9 @@ def test_sparse_head_attention(case):
         inv = 1.0 / (10000 ** (np.arange(0, E, 2) / E))
         angles = np.arange(16)[:, None] * inv[None, :]
         t.update(cos=np.cos(angles).astype(np.float32), sin=np.sin(angles).astype(np.float32))
-    expect = ref.sparse_head_attention(*[t.get(k) for k in ATTENTION_INPUTS], H, G, E, v.scale, v.rope, v.kv_policy)
+    *expect, magnitude = ref.sparse_head_attention(*[t.get(k) for k in ATTENTION_INPUTS], H, G, E, v.scale, v.rope,
+                                                   v.kv_policy, magnitude=True)
+    magnitudes = [magnitude, None, None]  # the caches are plain projections, no long sums
     tt = {k: torch.from_numpy(a) for k, a in t.items()}
     eager = torch.ops.shadowllm.sparse_head_attention(*[tt.get(k) for k in ATTENTION_INPUTS], H, G, E, v.scale,
                                                       int(v.rope), v.kv_policy)
@@ -135,10 +140,10 @@ def test_sparse_head_attention(case):
     got = run_function(attention_node({k: k for k in t}, names, v, "attn"), attention_function(v), t, shapes)
     native = run_function(attention_node({k: k for k in t}, names, v, "attn"), attention_function(v), t, shapes,
                           native=True)
-    for ours_eager, ours_onnx, ours_native, reference in zip(eager, got, native, expect):
-        assert rel_error(ours_eager.numpy(), reference) < REL
-        assert rel_error(ours_onnx, reference) < REL
-        assert rel_error(ours_native, reference) < REL
+    for ours_eager, ours_onnx, ours_native, reference, mag in zip(eager, got, native, expect, magnitudes):
+        assert rel_error(ours_eager.numpy(), reference, mag) < REL
+        assert rel_error(ours_onnx, reference, mag) < REL
+        assert rel_error(ours_native, reference, mag) < REL
 
 
 def test_schemas_make_shape_inference_work():

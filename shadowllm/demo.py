@@ -93,7 +93,7 @@ def run_demo(model_name: str | None = None, quick: bool = False):
         out = generate(backend, tokenizer, prompt, max_new, on_text=lambda _, d: print(d, end="", flush=True))[0]
         print(f"\n   [{len(out.token_ids)} tokens in {time.perf_counter() - start:.1f} s, finish: {out.finish_reason}]")
 
-    _heading(f"parity of {deployed} (ONNX Runtime, function bodies) vs the PyTorch reference at sparsity 0.5")
+    _heading(f"parity of {deployed} (ONNX Runtime) vs the PyTorch reference at sparsity 0.5")
     report = check(deployed, model, tokenizer, sparsity=0.5, steps=8 if quick else 16)
     print("\n".join(line for line in report.table().splitlines() if not line.startswith("present.")))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads")

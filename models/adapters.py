@@ -80,6 +80,17 @@ class Arch:
     def scale(self) -> float:
         return self.head_dim**-0.5
 
+    @property
+    def block_parameters(self) -> int:
+        return block_parameters(self.num_layers, self.hidden, self.num_heads, self.num_kv_heads, self.head_dim,
+                                self.ffn, self.gated)
+
+
+def block_parameters(layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int, gated: bool) -> int:
+    """Weights of the attention and MLP blocks (what a dense decode step reads; embeddings excluded):
+    q and o are heads*head_dim x hidden each, k and v kv_heads*head_dim x hidden, the MLP 2 or 3 x ffn x hidden."""
+    return layers * ((2 * heads + 2 * kv_heads) * head_dim * hidden + (3 if gated else 2) * ffn * hidden)
+
 
 @dataclass
 class AttentionWeights:

@@ -245,11 +245,6 @@ def _weights_read(arch, heads, neurons, prompt, gate: bool, kv_all: bool) -> flo
     return attn + mlp
 
 
-def _dense_read(arch) -> float:
-    return arch.num_layers * ((2 * arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim * arch.hidden
-                              + (3 if arch.gated else 2) * arch.ffn * arch.hidden)
-
-
 @torch.no_grad()
 def _logits(model, ids, method, prompt):
     heads, neurons, observer = method.masks(model, ids, prompt)
@@ -271,7 +266,7 @@ def evaluate_method(model, method: Method, windows: torch.Tensor, prompt: int, l
         count += w[:, prompt:].numel()
         read.append(_weights_read(arch, heads, neurons, prompt, isinstance(method, Gate),
                                   kv_all=method.granularity == "token"))
-    bytes_fraction = (sum(read) / len(read) + method.predictor_params_per_token) / _dense_read(arch)
+    bytes_fraction = (sum(read) / len(read) + method.predictor_params_per_token) / arch.block_parameters
     hits = 0
     for context, target in lastword:
         ids = torch.tensor([context + target])

@@ -65,7 +65,8 @@ def calibrate(model, tokenizer, out: str | os.PathLike, criteria, corpus_name: s
     params = {
         "format": FORMAT, "model_fingerprint": fingerprint(model), "model": getattr(model, "_shadowllm_source", None),
         "arch": {"layers": arch.num_layers, "hidden": arch.hidden, "heads": arch.num_heads,
-                 "kv_heads": arch.num_kv_heads, "neurons": arch.ffn, "family": arch.family},
+                 "kv_heads": arch.num_kv_heads, "head_dim": arch.head_dim, "neurons": arch.ffn,
+                 "gated": arch.gated, "family": arch.family},
         "corpus": corpus_name, "split": split, "samples": samples, "window": window, "criteria": criteria,
         "token_positions": min(token_positions, window - 2), "shard_size": shard_size, "seed": seed,
     }

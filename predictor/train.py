@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shadowllm.models import ShadowError
+from shadowllm.models.adapters import block_parameters
 
 from .allocation import keep_mask
 from .criteria import SEQUENCE_ONLY
@@ -166,7 +167,8 @@ def train(traces: str, kind: str = "shadow", granularity: str = "sequence", crit
 
     params = parameter_count(net)
     flops = flops_per_prediction(net)
-    model_params = L * (D * (H + 2 * a["kv_heads"]) * (D // H) + D * H * (D // H) + (3 if a["family"] != "opt" else 2) * D * Fn)
+    model_params = block_parameters(L, D, H, a["kv_heads"], a.get("head_dim", D // H), Fn,
+                                    a.get("gated", a["family"] != "opt"))  # traces before head_dim was recorded
     result = Predictor(net, {
         "format": FORMAT, "kind": kind, "granularity": granularity, "criterion": criterion,
         "model_fingerprint": manifest["model_fingerprint"], "model": manifest.get("model"),

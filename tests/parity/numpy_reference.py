@@ -21,6 +21,12 @@ def activation(name, t):
     raise ValueError(name)
 
 
+def activation_magnitude(name, t):
+    """The size of the terms an activation combines: gelu is 0.5 t + 0.5 t erf(.), which cancels to
+    almost nothing for negative t, so its rounding scale is |t|; the others' is their |value|."""
+    return np.abs(t) if name in ("gelu", "gelu_tanh") else np.abs(activation(name, t))
+
+
 def sparse_neuron_mlp(x, w_in, b_in, w_gate, w_out_t, b_out, mask, act, magnitude=False):
     """y; with magnitude=True also the sum of |terms| added into each output (its rounding scale)."""
     x = x.astype(np.float64)
@@ -31,7 +37,9 @@ def sparse_neuron_mlp(x, w_in, b_in, w_gate, w_out_t, b_out, mask, act, magnitud
             up = x[b] @ w_in[n] + (b_in[n] if b_in is not None else 0.0)
             h = activation(act, x[b] @ w_gate[n]) * up if w_gate is not None else activation(act, up)
             y[b] += h[:, None] * w_out_t[n][None, :]
-            mag[b] += np.abs(h[:, None] * w_out_t[n][None, :])
+            h_mag = (activation_magnitude(act, x[b] @ w_gate[n]) * np.abs(up) if w_gate is not None
+                     else activation_magnitude(act, up))
+            mag[b] += h_mag[:, None] * np.abs(w_out_t[n][None, :])
     if b_out is not None:
         y += b_out
         mag += np.abs(b_out)

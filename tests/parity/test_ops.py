@@ -1,16 +1,17 @@
 """Op-level parity: the torch eager kernels, the ONNX function bodies (run by onnxruntime) and the C++
 kernels of the native library (registered in onnxruntime) against the float64 NumPy reference, on
 random shapes, masks and padding (hypothesis). fp32 relative error < 1e-5, relative to the scale
-of what was summed: max |error| / max(max |reference|, max sum of |terms| of an output). Without
-the second term, an output that cancels (terms of size 1 summing to 0.005) would judge fp32's
-rounding, which every fp32 implementation shares, instead of the kernel."""
+of what was combined: max |error| / max(max |reference|, max sum of |terms| of an output, with
+gelu's own terms counted). Without the second term, an output that cancels (terms of size 1
+summing to 0.005, or gelu far in its negative tail) would judge fp32's rounding, which every fp32
+implementation shares, instead of the kernel."""
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
@@ -70,6 +71,7 @@ def mlp_case(draw):
 
 
 @given(mlp_case())
+@example((1, 1, 8, 1, MLPVariant('gelu', False, False, False), 90269, 0.3))  # gelu tail: once flaky
 @SETTINGS
 def test_sparse_neuron_mlp(case):
     B, S, D, F, v, seed, keep = case

@@ -22,9 +22,10 @@ def activation(name, t):
 
 
 def activation_magnitude(name, t):
-    """The size of the terms an activation combines: gelu is 0.5 t + 0.5 t erf(.), which cancels to
-    almost nothing for negative t, so its rounding scale is |t|; the others' is their |value|."""
-    return np.abs(t) if name in ("gelu", "gelu_tanh") else np.abs(activation(name, t))
+    """The rounding scale of an activation's value. gelu, gelu_tanh and silu are t x gate(t) with the
+    gate in [0, 1] computed to absolute, not relative, precision (erf, tanh, a logistic): far in the
+    negative tail the value is tiny but its fp32 error is ~|t| x eps. relu is exact."""
+    return np.abs(t) if name != "relu" else np.abs(activation(name, t))
 
 
 def sparse_neuron_mlp(x, w_in, b_in, w_gate, w_out_t, b_out, mask, act, magnitude=False):

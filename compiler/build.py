@@ -8,8 +8,8 @@ ort-cpu runs the passes for CPU and writes DIR/ort-cpu/ (a complete export folde
   4. optimise: ONNX Runtime's extended graph optimisations (constant folding, Cast/Transpose/Shape
      elimination, fusions) with the native library registered, so the custom nodes stay custom
      nodes and the folded graph is saved (ORT's optimised-graph output).
-tensorrt needs the `tensorrt` package, a GPU and the plugin library; none of them exist on this kind of
-machine, so it fails with a line that says which is missing.
+tensorrt (compiler/tensorrt.py) writes DIR/tensorrt/ with model.engine; it needs the `tensorrt`
+package, a GPU and the plugin library, and fails with a line that names whichever is missing.
 """
 
 from __future__ import annotations
@@ -52,19 +52,18 @@ def _check_layout(model: onnx.ModelProto):
             raise ShadowError(f"node {node.name}: weights are not [rows, D] initializers (re-export the model)")
 
 
-def build(folder: str | os.PathLike, target: str = "ort-cpu") -> Path:
+def build(folder: str | os.PathLike, target: str = "ort-cpu", fp16: bool = False) -> Path:
     folder = Path(folder)
     if target not in TARGETS:
         raise ShadowError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
     manifest = check_export_folder(folder)
+    if fp16 and target != "tensorrt":
+        raise ShadowError("--fp16 applies to --target tensorrt only (the CPU kernels compute in fp32)")
     if target == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise ShadowError("--target tensorrt: the `tensorrt` Python package is not installed (and the TensorRT "
-                              "plugin library is not built yet); use --target ort-cpu") from None
-        raise ShadowError("--target tensorrt: the TensorRT plugin library (libshadowllm_trt_plugins.so) is not "
-                          "built yet")
+        from .tensorrt import build_engine
+
+        _validate(folder / "model.onnx")
+        return build_engine(folder, fp16=fp16)
     import onnxruntime as ort
 
     model = _validate(folder / "model.onnx")

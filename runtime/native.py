@@ -1,7 +1,9 @@
-"""Finding the native ONNX Runtime custom-op library (built by the README's setup with CMake).
+"""Finding the native libraries the README's setup builds with CMake.
 
-Looked up in $SHADOWLLM_ORT_OPS, then in the repository's build/ folder. When it is absent, sessions
-run the ops' ONNX function bodies (correct, dense compute x mask) and one log line says so.
+libshadowllm_ort_ops.so (the ONNX Runtime CPU custom ops): $SHADOWLLM_ORT_OPS, then build/. When it
+is absent, sessions run the ops' ONNX function bodies (correct, dense compute x mask) and one log
+line says so. libshadowllm_trt_plugins.so (TensorRT plugins + CUDA kernels): $SHADOWLLM_TRT_PLUGINS,
+then build/; built only where a CUDA compiler is found.
 """
 
 from __future__ import annotations
@@ -14,18 +16,28 @@ from pathlib import Path
 from shadowllm.models import ShadowError
 
 LIBRARY = "libshadowllm_ort_ops.so"
+TRT_LIBRARY = "libshadowllm_trt_plugins.so"
+BUILD = Path(__file__).resolve().parent.parent / "build"
+
+
+def _find(variable: str, name: str) -> Path | None:
+    env = os.environ.get(variable)
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise ShadowError(f"{variable}={env}: no such file (expected {name})")
+        return path
+    return BUILD / name if (BUILD / name).is_file() else None
 
 
 @lru_cache(maxsize=1)
 def ort_ops_library() -> Path | None:
-    env = os.environ.get("SHADOWLLM_ORT_OPS")
-    if env:
-        path = Path(env)
-        if not path.is_file():
-            raise ShadowError(f"SHADOWLLM_ORT_OPS={env}: no such file (expected {LIBRARY})")
-        return path
-    built = Path(__file__).resolve().parent.parent / "build" / LIBRARY
-    return built if built.is_file() else None
+    return _find("SHADOWLLM_ORT_OPS", LIBRARY)
+
+
+@lru_cache(maxsize=1)
+def trt_plugins_library() -> Path | None:
+    return _find("SHADOWLLM_TRT_PLUGINS", TRT_LIBRARY)
 
 
 def register_native(options, native: bool | None) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shadowllm.models import ShadowError, fingerprint, sparse_forward
+from shadowllm.models import ShadowError, fingerprint
 
 from .native import register_native
 from .ort_backend import OrtBackend, check_export_folder
@@ -76,6 +76,7 @@ class ParityReport:
     native: bool = False
     tokens_identical: bool = True
     polygraphy_passed: bool = True
+    against: str = "pytorch"
 
     @property
     def passed(self) -> bool:
@@ -84,8 +85,9 @@ class ParityReport:
 
     def table(self) -> str:
         kernels = "native kernels" if self.native else "function bodies"
+        versus = "TensorRT engine vs onnxruntime" if self.against == "tensorrt" else "vs PyTorch reference"
         lines = [f"parity of {self.folder} (policy {self.policy}, sparsity {self.sparsity}, onnxruntime with "
-                 f"{kernels}) vs PyTorch reference",
+                 f"{kernels}) {versus}",
                  f"{'output':<28}{'max abs':>12}{'max rel':>12}  result"]
         for o in self.outputs:
             lines.append(f"{o.name:<28}{o.max_abs:>12.3e}{o.max_rel:>12.3e}  {'pass' if o.passed else 'FAIL'}")
@@ -94,8 +96,9 @@ class ParityReport:
         lines.append(f"{f'greedy tokens ({self.greedy_tokens})':<52}  {'pass' if self.tokens_identical else 'FAIL'}")
         lines.append(f"{'polygraphy comparator (atol %.1e)' % self.tolerance:<52}  "
                      f"{'pass' if self.polygraphy_passed else 'FAIL'}")
-        lines.append(f"golden: float64 reference; PyTorch fp32 is {self.fp32_reference_error:.1e} from it; "
-                     f"tolerance {self.tolerance:.1e}")
+        if self.against == "pytorch":
+            lines.append(f"golden: float64 reference; PyTorch fp32 is {self.fp32_reference_error:.1e} from it; "
+                         f"tolerance {self.tolerance:.1e}")
         lines.append("PASSED" if self.passed else "FAILED")
         return "\n".join(lines)
 
@@ -282,3 +285,69 @@ def write_report(report: ParityReport, path: str | os.PathLike):
     data = asdict(report)
     data["passed"] = report.passed
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+# TensorRT against ONNX Runtime: fp32 engines are held to this; fp16 engines to fp16's rounding.
+TRT_ATOL = {False: 1e-3, True: 5e-2}
+
+
+def check_tensorrt(folder: str | os.PathLike, tokenizer, sparsity: float = 0.5, steps: int = 16,
+                   seed: int = 0) -> ParityReport:
+    """The engine of `build --target tensorrt` against the same export on onnxruntime (native kernels
+    when built): prefill outputs through Polygraphy's Comparator (OnnxrtRunner vs TrtRunner), then
+    greedy decoding step by step on both backends with identical tokens."""
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.comparator import CompareFunc, Comparator
+
+    from .trt_backend import TrtBackend, engine_folder
+
+    folder = Path(folder)
+    manifest = check_export_folder(folder)
+    fp16 = bool(json.loads((engine_folder(folder) / "shadowllm.json").read_text())["build"].get("fp16"))
+    report = ParityReport(str(folder), manifest["policy"], sparsity, tolerance=TRT_ATOL[fp16], against="tensorrt")
+    a = manifest["arch"]
+    trt_backend = TrtBackend(folder, sparsity)
+    g = torch.Generator().manual_seed(seed)
+    B, S = 2, 12
+    ids = torch.randint(0, a["vocab"], (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[1, :3] = 0
+    ones = trt_backend.initial_state(B)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+             "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).numpy(), "shadow_head_mask": ones["heads"],
+             "shadow_neuron_mask": ones["neurons"], "sparsity": np.array(sparsity, dtype=np.float32)}
+    for i in range(a["layers"]):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = ones["past"][2 * i]
+    options = ort.SessionOptions()
+    report.native = register_native(options, None)
+    session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    results = Comparator.run([OnnxrtRunner(session, name="onnxruntime"), trt_backend.runner], data_loader=[feeds])
+    valid = mask.bool().numpy()
+    for runner_results in (results[0][1], results[1][1]):
+        runner_results[0]["logits"] = runner_results[0]["logits"][valid]
+    ours, theirs = results[0][1][0], results[1][1][0]
+    for name in ours.keys():
+        diff = np.abs(np.asarray(theirs[name], dtype=np.float64) - np.asarray(ours[name], dtype=np.float64))
+        max_abs = float(diff.max()) if diff.size else 0.0
+        max_rel = max_abs / max(float(np.abs(np.asarray(ours[name], dtype=np.float64)).max()), 1e-30)
+        report.outputs.append(OutputCheck(f"tensorrt {name}", max_abs, max_rel, max_abs <= report.tolerance))
+    report.polygraphy_passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(
+        atol=report.tolerance, rtol=0.0)))
+
+    from .generate import encode_batch
+
+    onnx_backend = OrtBackend(folder, sparsity, native=report.native)
+    ids, mask = encode_batch(tokenizer, ["The history of the city", "A short note"],
+                             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    o_logits, o_state = onnx_backend.forward(ids, mask, None)
+    t_logits, t_state = trt_backend.forward(ids, mask, None)
+    for _ in range(steps):
+        o_next, t_next = o_logits[:, -1].argmax(-1), t_logits[:, -1].argmax(-1)
+        report.tokens_identical &= bool(torch.equal(o_next, t_next))
+        mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=torch.long)], 1)
+        o_logits, o_state = onnx_backend.forward(o_next[:, None], mask, o_state)
+        t_logits, t_state = trt_backend.forward(o_next[:, None], mask, t_state)
+    report.greedy_tokens = steps
+    return report

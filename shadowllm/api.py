@@ -11,14 +11,22 @@ from shadowllm.runtime.ort_backend import OrtBackend, check_export_folder
 
 
 class Deployed:
-    """An export folder loaded on ONNX Runtime with its tokenizer."""
+    """An export folder loaded with its tokenizer on ONNX Runtime, or on TensorRT when the folder holds
+    an engine built by `shadowllm build DIR --target tensorrt` and backend="tensorrt"."""
 
-    def __init__(self, folder: str | os.PathLike, sparsity: float = 0.0):
+    def __init__(self, folder: str | os.PathLike, sparsity: float = 0.0, backend: str = "ort"):
         from transformers import AutoTokenizer
 
         self.folder = Path(folder)
         self.manifest = check_export_folder(self.folder)
-        self.backend = OrtBackend(self.folder, sparsity)
+        if backend == "tensorrt":
+            from shadowllm.runtime.trt_backend import TrtBackend
+
+            self.backend = TrtBackend(self.folder, sparsity)
+        elif backend == "ort":
+            self.backend = OrtBackend(self.folder, sparsity)
+        else:
+            raise ShadowError(f"--backend {backend!r}: expected ort or tensorrt for an export folder")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         except (OSError, ValueError) as e:
@@ -32,8 +40,8 @@ class Deployed:
         return out[0] if isinstance(prompts, str) else out
 
 
-def load(folder: str | os.PathLike, sparsity: float = 0.0) -> Deployed:
-    return Deployed(folder, sparsity)
+def load(folder: str | os.PathLike, sparsity: float = 0.0, backend: str = "ort") -> Deployed:
+    return Deployed(folder, sparsity, backend)
 
 
 def is_export_folder(path) -> bool:

@@ -47,13 +47,13 @@ def cmd_generate(args):
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # validate before loading
     from .api import is_export_folder
 
-    if args.backend == "ort" or (args.backend is None and is_export_folder(args.model)):
+    if args.backend in ("ort", "tensorrt") or (args.backend is None and is_export_folder(args.model)):
         from .api import Deployed
 
-        deployed = Deployed(args.model or "", args.sparsity)
+        deployed = Deployed(args.model or "", args.sparsity, args.backend or "ort")
         tokenizer, backend = deployed.tokenizer, deployed.backend
-        print(f"[shadowllm] onnxruntime ({backend.device}), policy {deployed.manifest['policy']}, sparsity "
-              f"{args.sparsity}", file=sys.stderr)
+        where = "tensorrt" if backend.name == "tensorrt" else f"onnxruntime ({backend.device})"
+        print(f"[shadowllm] {where}, policy {deployed.manifest['policy']}, sparsity {args.sparsity}", file=sys.stderr)
     else:
         tokenizer, backend = _torch_backend(args)
     _run_generation(args, tokenizer, backend, sampling)
@@ -220,8 +220,14 @@ def cmd_parity(args):
 
     manifest = check_export_folder(Path(args.folder))
     model, tokenizer = load(args.model or manifest.get("model"))
-    native = {"auto": None, "on": True, "off": False}[args.native]
-    report = check(args.folder, model, tokenizer, args.sparsity, args.steps, golden_path=args.golden, native=native)
+    if args.against == "tensorrt":
+        from shadowllm.runtime.parity import check_tensorrt
+
+        report = check_tensorrt(args.folder, tokenizer, args.sparsity, args.steps)
+    else:
+        native = {"auto": None, "on": True, "off": False}[args.native]
+        report = check(args.folder, model, tokenizer, args.sparsity, args.steps, golden_path=args.golden,
+                       native=native)
     print(report.table())
     write_report(report, args.json or Path(args.folder) / "parity.json")
     return 0 if report.passed else 1
@@ -232,10 +238,14 @@ def cmd_build(args):
 
     from shadowllm.compiler.build import build
 
-    out = build(args.folder, args.target)
+    out = build(args.folder, args.target, args.fp16)
     info = json.loads((out / "shadowllm.json").read_text())["build"]
-    print(f"built {args.target} model in {out}: {info['nodes_before']} -> {info['nodes_after']} nodes "
-          f"({', '.join(info['passes'])})")
+    if args.target == "tensorrt":
+        print(f"built TensorRT engine {out / 'model.engine'} ({'fp16' if args.fp16 else 'fp32'}; "
+              f"{', '.join(info['passes'])})")
+    else:
+        print(f"built {args.target} model in {out}: {info['nodes_before']} -> {info['nodes_after']} nodes "
+              f"({', '.join(info['passes'])})")
 
 
 def cmd_bench(args):
@@ -273,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "sparse PyTorch reference")
     p.add_argument("model", nargs="?", default=None,
                    help="an export folder (onnxruntime), a model name (default smollm2-135m) or a HF folder (torch)")
-    p.add_argument("--backend", choices=["torch", "ort"], default=None, help="default: ort for export folders")
+    p.add_argument("--backend", choices=["torch", "ort", "tensorrt"], default=None,
+                   help="default: ort for export folders (tensorrt: the engine of `build --target tensorrt`)")
     p.add_argument("--sparsity", type=fraction, default=0.0, help="runtime sparsity of an export folder")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
@@ -360,11 +371,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--golden", default=None, help="also save the PyTorch golden outputs (Polygraphy RunResults JSON)")
     p.add_argument("--native", choices=["auto", "on", "off"], default="auto",
                    help="C++ kernels of the native library (auto: when built) or the ONNX function bodies (off)")
+    p.add_argument("--against", choices=["pytorch", "tensorrt"], default="pytorch",
+                   help="pytorch: onnxruntime vs the float64 PyTorch reference; tensorrt: the built engine vs "
+                        "onnxruntime (needs `build --target tensorrt` first)")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("build", help="compile an export folder for a target (ort-cpu; tensorrt where present)")
     p.add_argument("folder")
     p.add_argument("--target", choices=["ort-cpu", "tensorrt"], default="ort-cpu")
+    p.add_argument("--fp16", action="store_true", help="tensorrt: let TensorRT run layers and plugins in fp16")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("bench", help="decode tokens/s and prefill latency per backend (first cut)")

@@ -222,8 +222,69 @@ def test_build_ort_cpu_keeps_parity(exported, predictor_exports):
     assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file()
     report = check(out, model, tok, sparsity=0.5, steps=16)
     assert report.passed and report.native, report.table()
-    with pytest.raises(ShadowError, match="tensorrt"):
-        build(predictor_exports["shadow-token"], "tensorrt")
+    with pytest.raises(ShadowError, match="--fp16 applies to --target tensorrt"):
+        build(predictor_exports["shadow-token"], "ort-cpu", fp16=True)
+
+
+def _tensorrt_available() -> str | None:
+    """None when an engine can be built here, else why not."""
+    try:
+        from shadowllm.compiler.tensorrt import requirements
+
+        requirements()
+    except ShadowError as e:
+        return str(e)
+    return None
+
+
+def test_tensorrt_preparation_feeds_the_plugins_what_they_expect(exported, predictor_exports):
+    """The model TensorRT's parser gets: no empty inputs on custom nodes, `optional_inputs` naming the
+    optional slots present (the bit order of the plugins' InputMap), no function bodies to inline."""
+    import onnx
+
+    from shadowllm.compiler.tensorrt import CONTRACT, OPTIONAL, prepare_model
+    from shadowllm.export.onnx_ops import DOMAIN
+
+    for folder in (exported[2], predictor_exports["shadow-token"]):
+        original = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        prepared = prepare_model(original)
+        assert len(prepared.functions) == 0 and len(original.functions) == 2
+        custom = [(a, b) for a, b in zip(original.graph.node, prepared.graph.node) if a.domain == DOMAIN]
+        assert custom and all(a.name == b.name for a, b in custom)
+        for before, after in custom:
+            slots = CONTRACT[before.op_type]
+            named = dict(zip(slots, list(before.input) + [""] * (len(slots) - len(before.input))))
+            bits = next(x.i for x in after.attribute if x.name == "optional_inputs")
+            assert list(after.input) == [named[s] for s in slots if named[s]]
+            assert bits == sum(1 << i for i, s in enumerate(OPTIONAL[before.op_type]) if named[s])
+            required = [s for s in slots if s not in OPTIONAL[before.op_type]]
+            assert all(named[s] for s in required)
+
+
+def test_build_tensorrt_names_what_is_missing(exported):
+    missing = _tensorrt_available()
+    if missing is None:
+        pytest.skip("TensorRT and a GPU are present: test_tensorrt_engine_matches_onnxruntime builds for real")
+    with pytest.raises(ShadowError, match="--target tensorrt: ") as err:
+        from shadowllm.compiler.build import build
+
+        build(exported[2], "tensorrt")
+    assert str(err.value) == missing
+    assert not (exported[2] / "tensorrt").exists()
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_tensorrt_engine_matches_onnxruntime(exported, fp16):
+    missing = _tensorrt_available()
+    if missing is not None:
+        pytest.skip(f"TensorRT engines cannot be built here: {missing}")
+    from shadowllm.compiler.build import build
+    from shadowllm.runtime.parity import check_tensorrt
+
+    model, tok, _, static, _ = exported
+    build(static, "tensorrt", fp16=fp16)
+    report = check_tensorrt(static, tok, sparsity=0.5, steps=16)
+    assert report.passed, report.table()
 
 
 def test_bench_measures_every_backend(exported, tmp_path):

@@ -3,22 +3,11 @@
 
 #include <cmath>
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 #include <vector>
 
+#include "../../common/activation.h"
+
 namespace shadowllm {
-
-enum class Activation { kRelu, kGelu, kGeluTanh, kSilu };
-
-inline Activation ParseActivation(const std::string& name) {
-  if (name == "relu") return Activation::kRelu;
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  if (name == "silu") return Activation::kSilu;
-  throw std::invalid_argument("SparseNeuronMLP: activation '" + name +
-                              "' is not one of relu, gelu, gelu_tanh, silu");
-}
 
 inline float Activate(Activation a, float t) {
   switch (a) {

@@ -1,0 +1,136 @@
+"""`shadowllm build DIR --target tensorrt [--fp16]`: an engine with the shadowllm plugins.
+
+Two passes, the first of which runs anywhere (and is tested here):
+  1. prepare: a copy of the model for TensorRT's ONNX parser. TensorRT hands a plugin only the
+     inputs a node has, so empty optional inputs (absent biases, w_gate, cos/sin) are dropped and
+     the node records which optional slots remain in the attribute `optional_inputs` (bit i = i-th
+     optional slot of DESIGN §3's input list; the plugins read it). The model-local function bodies
+     are removed, so the parser cannot inline the dense body in place of the plugin. The result is
+     a TensorRT-only model: onnxruntime's schema for the op has no `optional_inputs`.
+  2. engine: TensorRT's builder with the plugin library loaded into its registry, one optimisation
+     profile over batch, new tokens and cache length, fp16 when asked.
+Engines need the `tensorrt` package, a CUDA GPU and build/libshadowllm_trt_plugins.so; where one
+is missing the build stops before writing anything and names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from shadowllm.export.onnx_ops import ATTENTION_INPUTS, DOMAIN, MLP_INPUTS
+from shadowllm.models import ShadowError
+from shadowllm.runtime.native import TRT_LIBRARY, trt_plugins_library
+
+# The optional slots of each op, in the order the plugins number their bits (plugin.h of each op).
+OPTIONAL = {"SparseNeuronMLP": ["b_in", "w_gate", "b_out"],
+            "SparseHeadAttention": ["b_q", "b_k", "b_v", "b_o", "cos", "sin"]}
+CONTRACT = {"SparseNeuronMLP": MLP_INPUTS, "SparseHeadAttention": ATTENTION_INPUTS}
+
+
+def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The TensorRT-ready copy of `model` (weights untouched: external data references are kept)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.functions[:]
+    for node in out.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        slots = CONTRACT[node.op_type]
+        names = list(node.input) + [""] * (len(slots) - len(node.input))
+        bits = 0
+        for i, slot in enumerate(OPTIONAL[node.op_type]):
+            bits |= (1 << i) if names[slots.index(slot)] else 0
+        del node.input[:]
+        node.input.extend(n for n in names if n)
+        node.attribute.append(helper.make_attribute("optional_inputs", bits))
+    return out
+
+
+def requirements() -> tuple[object, Path]:
+    """(the tensorrt module, the plugin library) or one line naming what is missing."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise ShadowError("--target tensorrt: the `tensorrt` Python package is not installed (pip install "
+                          "tensorrt on a machine with an NVIDIA GPU); use --target ort-cpu here") from None
+    library = trt_plugins_library()
+    if library is None:
+        raise ShadowError(f"--target tensorrt: the plugin library {TRT_LIBRARY} is not built (scripts/setup.sh "
+                          "builds it where nvcc is on PATH)")
+    import ctypes
+
+    if ctypes.CDLL(str(library)).shadowllm_cuda_device_count() < 1:
+        raise ShadowError("--target tensorrt: no CUDA device is visible (TensorRT builds engines on the GPU they run on)")
+    return tensorrt, library
+
+
+def _profile_shapes(name: str, arch: dict, max_batch: int, max_tokens: int, opt_tokens: int):
+    """(min, opt, max) for one engine input; past lengths run from 0 to the model's positions."""
+    T = min(arch["max_positions"], max_tokens)
+    if name in ("input_ids", "position_ids"):
+        return (1, 1), (1, opt_tokens), (max_batch, T)
+    if name == "attention_mask":
+        return (1, 1), (1, opt_tokens), (max_batch, T)
+    if name.startswith("past_key_values."):
+        G, E = arch["kv_heads"], arch["head_dim"]
+        return (1, G, 0, E), (1, G, opt_tokens, E), (max_batch, G, T - 1, E)
+    if name == "shadow_head_mask":
+        return (1, arch["layers"], arch["heads"]), (1, arch["layers"], arch["heads"]), (max_batch, arch["layers"], arch["heads"])
+    if name == "shadow_neuron_mask":
+        shape = (arch["layers"], arch["neurons"])
+        return (1, *shape), (1, *shape), (max_batch, *shape)
+    return None  # static (sparsity is a scalar)
+
+
+def build_engine(folder: Path, fp16: bool = False, max_batch: int = 4, max_tokens: int = 2048) -> Path:
+    trt, library = requirements()
+    manifest = json.loads((folder / "shadowllm.json").read_text())
+    out = folder / "tensorrt"
+    tmp = folder / f".tensorrt.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        model = prepare_model(onnx.load(str(folder / "model.onnx"), load_external_data=False))
+        onnx.save(model, str(tmp / "model.onnx"))
+        os.link(folder / "model.onnx.data", tmp / "model.onnx.data")
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        builder.get_plugin_registry().load_library(str(library))
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(tmp / "model.onnx")):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise ShadowError(f"{folder / 'model.onnx'}: TensorRT's ONNX parser refused it ({errors[:400]})")
+        config = builder.create_builder_config()
+        if fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            name = network.get_input(i).name
+            shapes = _profile_shapes(name, manifest["arch"], max_batch, max_tokens, 128)
+            if shapes:
+                profile.set_shape(name, *shapes)
+        config.add_optimization_profile(profile)
+        engine = builder.build_serialized_network(network, config)
+        if engine is None:
+            raise ShadowError(f"{folder}: TensorRT could not build an engine (see its log above)")
+        (tmp / "model.engine").write_bytes(bytes(engine))
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, tmp / name)
+        manifest = dict(manifest, build_target="tensorrt", build={
+            "passes": ["prepare-optional-inputs", "drop-function-bodies", "tensorrt-engine"], "fp16": fp16,
+            "max_batch": max_batch, "max_tokens": max_tokens, "tensorrt": trt.__version__, "source": str(folder)})
+        (tmp / "shadowllm.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

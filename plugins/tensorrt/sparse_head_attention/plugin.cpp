@@ -1,0 +1,143 @@
+#include "plugin.h"
+
+namespace shadowllm {
+namespace trt {
+
+using nvinfer1::DataType;
+using nvinfer1::DimensionOperation;
+using nvinfer1::PluginField;
+using nvinfer1::PluginFieldType;
+
+SparseHeadAttentionPlugin::SparseHeadAttentionPlugin(AttentionConfig config, int64_t optional_inputs)
+    : config_(config), inputs_(kSlots, {kBQ, kBK, kBV, kBO, kCos, kSin}, optional_inputs) {
+  if (config.num_heads <= 0 || config.num_kv_heads <= 0 || config.head_dim <= 0 ||
+      config.num_heads % config.num_kv_heads != 0)
+    throw std::invalid_argument("num_heads, num_kv_heads, head_dim must be positive and num_heads a multiple of "
+                                "num_kv_heads");
+  if (config.rope && (inputs_.Index(kCos) < 0 || inputs_.Index(kSin) < 0))
+    throw std::invalid_argument("rope=1 needs the cos and sin inputs");
+  if (config.rope && config.head_dim % 2 != 0) throw std::invalid_argument("rope=1 needs an even head_dim");
+}
+
+nvinfer1::IPluginV3* SparseHeadAttentionPlugin::clone() noexcept {
+  try {
+    return new SparseHeadAttentionPlugin(config_, inputs_.Bits());
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+int32_t SparseHeadAttentionPlugin::getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nb_inputs,
+                                                   const nvinfer1::DimsExprs*, int32_t, nvinfer1::DimsExprs* outputs,
+                                                   int32_t nb_outputs, nvinfer1::IExprBuilder& builder) noexcept {
+  if (nb_inputs != inputs_.Count() || nb_outputs != 3 || inputs[0].nbDims != 3 ||
+      inputs[inputs_.Index(kPastKey)].nbDims != 4) {
+    Log(nvinfer1::ILogger::Severity::kERROR, "SparseHeadAttention: expected " + std::to_string(inputs_.Count()) +
+                                                 " inputs (x rank 3, caches rank 4), got " + std::to_string(nb_inputs));
+    return -1;
+  }
+  const nvinfer1::DimsExprs& x = inputs[inputs_.Index(kX)];
+  const nvinfer1::DimsExprs& past = inputs[inputs_.Index(kPastKey)];
+  outputs[0] = x;
+  nvinfer1::DimsExprs present = past;  // [B, G, P + S, E]
+  present.d[2] = builder.operation(DimensionOperation::kSUM, *past.d[2], *x.d[1]);
+  outputs[1] = present;
+  outputs[2] = present;
+  return 0;
+}
+
+bool SparseHeadAttentionPlugin::supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* in_out,
+                                                          int32_t nb_inputs, int32_t) noexcept {
+  if (pos >= nb_inputs) return SupportsSlot(SlotKind::kFloat, in_out, pos);
+  if (pos == inputs_.Index(kHeadMask)) return SupportsSlot(SlotKind::kBool, in_out, pos);
+  if (pos == inputs_.Index(kAttentionMask) || pos == inputs_.Index(kPositionIds))
+    return SupportsSlot(SlotKind::kInt64, in_out, pos);
+  return SupportsSlot(SlotKind::kFloat, in_out, pos);
+}
+
+size_t SparseHeadAttentionPlugin::getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t,
+                                                   const nvinfer1::DynamicPluginTensorDesc*, int32_t) const noexcept {
+  const nvinfer1::Dims& x = inputs[inputs_.Index(kX)].max;
+  const nvinfer1::Dims& mask = inputs[inputs_.Index(kAttentionMask)].max;  // [B, T]
+  return cuda::AttentionWorkspaceBytes(x.d[0], x.d[1], mask.d[1], config_.num_heads, config_.num_kv_heads,
+                                       config_.head_dim);
+}
+
+int32_t SparseHeadAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* input_desc,
+                                           const nvinfer1::PluginTensorDesc*, const void* const* inputs,
+                                           void* const* outputs, void* workspace, cudaStream_t stream) noexcept {
+  auto in = [&](Slot s) { return inputs_.Index(s) < 0 ? nullptr : inputs[inputs_.Index(s)]; };
+  const nvinfer1::Dims& x = input_desc[inputs_.Index(kX)].dims;
+  cuda::AttentionLaunch a{};
+  a.x = in(kX);
+  a.w_q = in(kWQ);
+  a.b_q = in(kBQ);
+  a.w_k = in(kWK);
+  a.b_k = in(kBK);
+  a.w_v = in(kWV);
+  a.b_v = in(kBV);
+  a.w_o_t = in(kWOT);
+  a.b_o = in(kBO);
+  a.past_key = in(kPastKey);
+  a.past_value = in(kPastValue);
+  a.attention_mask = static_cast<const int64_t*>(in(kAttentionMask));
+  a.position_ids = static_cast<const int64_t*>(in(kPositionIds));
+  a.cos = in(kCos);
+  a.sin = in(kSin);
+  a.head_mask = static_cast<const bool*>(in(kHeadMask));
+  a.y = outputs[0];
+  a.present_key = outputs[1];
+  a.present_value = outputs[2];
+  a.B = x.d[0];
+  a.S = x.d[1];
+  a.D = x.d[2];
+  a.P = input_desc[inputs_.Index(kPastKey)].dims.d[2];
+  a.H = config_.num_heads;
+  a.G = config_.num_kv_heads;
+  a.E = config_.head_dim;
+  a.scale = config_.scale;
+  a.rope = config_.rope;
+  a.kv_active = config_.kv_active;
+  a.dtype = input_desc[0].type == DataType::kHALF ? cuda::DType::kFloat16 : cuda::DType::kFloat32;
+  const cudaError_t err = cuda::LaunchSparseHeadAttention(a, workspace, stream);
+  if (err != cudaSuccess) {
+    Log(nvinfer1::ILogger::Severity::kERROR, std::string("SparseHeadAttention: ") + cudaGetErrorString(err));
+    return -1;
+  }
+  return 0;
+}
+
+const nvinfer1::PluginFieldCollection* SparseHeadAttentionPlugin::getFieldsToSerialize() noexcept {
+  fields_ = FieldWriter();
+  fields_.Int("num_heads", static_cast<int32_t>(config_.num_heads));
+  fields_.Int("num_kv_heads", static_cast<int32_t>(config_.num_kv_heads));
+  fields_.Int("head_dim", static_cast<int32_t>(config_.head_dim));
+  fields_.Float("scale", config_.scale);
+  fields_.Int("rope", config_.rope ? 1 : 0);
+  fields_.String("kv_policy", config_.kv_active ? "active" : "all");
+  fields_.Int("optional_inputs", static_cast<int32_t>(inputs_.Bits()));
+  return fields_.Collection();
+}
+
+SparseHeadAttentionCreator::SparseHeadAttentionCreator()
+    : SparseCreatorBase("SparseHeadAttention",
+                        {PluginField("num_heads", nullptr, PluginFieldType::kINT32, 1),
+                         PluginField("num_kv_heads", nullptr, PluginFieldType::kINT32, 1),
+                         PluginField("head_dim", nullptr, PluginFieldType::kINT32, 1),
+                         PluginField("scale", nullptr, PluginFieldType::kFLOAT32, 1),
+                         PluginField("rope", nullptr, PluginFieldType::kINT32, 1),
+                         PluginField("kv_policy", nullptr, PluginFieldType::kCHAR, 0),
+                         PluginField("optional_inputs", nullptr, PluginFieldType::kINT32, 1)}) {}
+
+nvinfer1::IPluginV3* SparseHeadAttentionCreator::Create(const FieldReader& fields) {
+  const std::string policy = fields.Has("kv_policy") ? fields.String("kv_policy") : "all";
+  if (policy != "all" && policy != "active")
+    throw std::invalid_argument("kv_policy '" + policy + "' is not one of all, active");
+  AttentionConfig config{fields.Int("num_heads"), fields.Int("num_kv_heads"), fields.Int("head_dim"),
+                         fields.Float("scale"), fields.Has("rope") && fields.Int("rope") != 0, policy == "active"};
+  const int64_t optional = fields.Has("optional_inputs") ? fields.Int("optional_inputs") : -1;
+  return new SparseHeadAttentionPlugin(config, optional);
+}
+
+}  // namespace trt
+}  // namespace shadowllm

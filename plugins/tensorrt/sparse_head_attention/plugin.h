@@ -1,0 +1,53 @@
+// ai.shadowllm::SparseHeadAttention as a TensorRT IPluginV3 (fp32 / fp16, dynamic batch, new and
+// past length; the present caches' length is past + new, an expression of the input shapes).
+#pragma once
+
+#include "../common/creator_base.h"
+#include "kernel.h"
+
+namespace shadowllm {
+namespace trt {
+
+struct AttentionConfig {
+  int64_t num_heads, num_kv_heads, head_dim;
+  float scale;
+  bool rope;
+  bool kv_active;  // kv_policy == "active"
+};
+
+class SparseHeadAttentionPlugin : public SparsePluginBase {
+ public:
+  // Contract slots (DESIGN §3).
+  enum Slot { kX, kWQ, kBQ, kWK, kBK, kWV, kBV, kWOT, kBO, kPastKey, kPastValue, kAttentionMask, kPositionIds,
+              kCos, kSin, kHeadMask, kSlots };
+
+  SparseHeadAttentionPlugin(AttentionConfig config, int64_t optional_inputs);
+  nvinfer1::IPluginV3* clone() noexcept override;
+  const char* getPluginName() const noexcept override { return "SparseHeadAttention"; }
+  int32_t getNbOutputs() const noexcept override { return 3; }
+  int32_t getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nb_inputs, const nvinfer1::DimsExprs*, int32_t,
+                          nvinfer1::DimsExprs* outputs, int32_t nb_outputs,
+                          nvinfer1::IExprBuilder& builder) noexcept override;
+  bool supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* in_out, int32_t nb_inputs,
+                                 int32_t nb_outputs) noexcept override;
+  size_t getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb_inputs,
+                          const nvinfer1::DynamicPluginTensorDesc*, int32_t) const noexcept override;
+  int32_t enqueue(const nvinfer1::PluginTensorDesc* input_desc, const nvinfer1::PluginTensorDesc*,
+                  const void* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+  const nvinfer1::PluginFieldCollection* getFieldsToSerialize() noexcept override;
+
+ private:
+  AttentionConfig config_;
+  InputMap inputs_;
+};
+
+class SparseHeadAttentionCreator : public SparseCreatorBase {
+ public:
+  SparseHeadAttentionCreator();
+
+ protected:
+  nvinfer1::IPluginV3* Create(const FieldReader& fields) override;
+};
+
+}  // namespace trt
+}  // namespace shadowllm

@@ -1,0 +1,90 @@
+#include "plugin.h"
+
+namespace shadowllm {
+namespace trt {
+
+using nvinfer1::DataType;
+using nvinfer1::PluginField;
+using nvinfer1::PluginFieldType;
+
+SparseNeuronMLPPlugin::SparseNeuronMLPPlugin(Activation activation, int64_t optional_inputs)
+    : activation_(activation), inputs_(kSlots, {kBIn, kWGate, kBOut}, optional_inputs) {}
+
+nvinfer1::IPluginV3* SparseNeuronMLPPlugin::clone() noexcept {
+  try {
+    return new SparseNeuronMLPPlugin(activation_, inputs_.Bits());
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+int32_t SparseNeuronMLPPlugin::getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nb_inputs,
+                                               const nvinfer1::DimsExprs*, int32_t, nvinfer1::DimsExprs* outputs,
+                                               int32_t nb_outputs, nvinfer1::IExprBuilder&) noexcept {
+  if (nb_inputs != inputs_.Count() || nb_outputs != 1 || inputs[0].nbDims != 3) {
+    Log(nvinfer1::ILogger::Severity::kERROR, "SparseNeuronMLP: expected " + std::to_string(inputs_.Count()) +
+                                                 " inputs with x of rank 3, got " + std::to_string(nb_inputs));
+    return -1;
+  }
+  outputs[0] = inputs[0];
+  return 0;
+}
+
+bool SparseNeuronMLPPlugin::supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* in_out,
+                                                      int32_t nb_inputs, int32_t) noexcept {
+  if (pos >= nb_inputs) return SupportsSlot(SlotKind::kFloat, in_out, pos);
+  return SupportsSlot(pos == inputs_.Index(kMask) ? SlotKind::kBool : SlotKind::kFloat, in_out, pos);
+}
+
+size_t SparseNeuronMLPPlugin::getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t,
+                                               const nvinfer1::DynamicPluginTensorDesc*, int32_t) const noexcept {
+  const nvinfer1::Dims& x = inputs[inputs_.Index(kX)].max;
+  return cuda::MLPWorkspaceBytes(x.d[0], x.d[1], inputs[inputs_.Index(kWIn)].max.d[0]);
+}
+
+int32_t SparseNeuronMLPPlugin::enqueue(const nvinfer1::PluginTensorDesc* input_desc, const nvinfer1::PluginTensorDesc*,
+                                       const void* const* inputs, void* const* outputs, void* workspace,
+                                       cudaStream_t stream) noexcept {
+  auto in = [&](Slot s) { return inputs_.Index(s) < 0 ? nullptr : inputs[inputs_.Index(s)]; };
+  const nvinfer1::Dims& x = input_desc[inputs_.Index(kX)].dims;
+  cuda::MLPLaunch a{};
+  a.x = in(kX);
+  a.w_in = in(kWIn);
+  a.b_in = in(kBIn);
+  a.w_gate = in(kWGate);
+  a.w_out_t = in(kWOutT);
+  a.b_out = in(kBOut);
+  a.mask = static_cast<const bool*>(in(kMask));
+  a.y = outputs[0];
+  a.B = x.d[0];
+  a.S = x.d[1];
+  a.D = x.d[2];
+  a.F = input_desc[inputs_.Index(kWIn)].dims.d[0];
+  a.activation = activation_;
+  a.dtype = input_desc[0].type == DataType::kHALF ? cuda::DType::kFloat16 : cuda::DType::kFloat32;
+  const cudaError_t err = cuda::LaunchSparseNeuronMLP(a, workspace, stream);
+  if (err != cudaSuccess) {
+    Log(nvinfer1::ILogger::Severity::kERROR, std::string("SparseNeuronMLP: ") + cudaGetErrorString(err));
+    return -1;
+  }
+  return 0;
+}
+
+const nvinfer1::PluginFieldCollection* SparseNeuronMLPPlugin::getFieldsToSerialize() noexcept {
+  fields_ = FieldWriter();
+  fields_.String("activation", ActivationName(activation_));
+  fields_.Int("optional_inputs", static_cast<int32_t>(inputs_.Bits()));
+  return fields_.Collection();
+}
+
+SparseNeuronMLPCreator::SparseNeuronMLPCreator()
+    : SparseCreatorBase("SparseNeuronMLP", {PluginField("activation", nullptr, PluginFieldType::kCHAR, 0),
+                                            PluginField("optional_inputs", nullptr, PluginFieldType::kINT32, 1)}) {}
+
+nvinfer1::IPluginV3* SparseNeuronMLPCreator::Create(const FieldReader& fields) {
+  const int64_t optional = fields.Has("optional_inputs") ? fields.Int("optional_inputs") : -1;
+  return new SparseNeuronMLPPlugin(ParseActivation(fields.String("activation")), optional);
+}
+
+}  // namespace trt
+}  // namespace shadowllm

@@ -1,0 +1,92 @@
+"""Random op cases shared by the op-parity tests of every backend (ONNX function bodies, the C++
+kernels, the CUDA kernels): hypothesis strategies, the tensors they stand for, the float64 NumPy
+reference of each, and the relative error all of them are judged by."""
+
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from shadowllm.export.onnx_ops import ATTENTION_INPUTS, AttentionVariant, MLPVariant
+from tests.parity import numpy_reference as ref
+
+REL = 1e-5
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def rel_error(ours, reference, magnitude=None):
+    reference = np.asarray(reference, dtype=np.float64)
+    scale = max(np.abs(reference).max(), 0.0 if magnitude is None else float(np.max(magnitude)), 1e-30)
+    return float(np.abs(np.asarray(ours, dtype=np.float64) - reference).max() / scale)
+
+
+@st.composite
+def mlp_case(draw):
+    B, S, D, F = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(2, 12)), draw(st.integers(1, 16))
+    v = MLPVariant(activation=draw(st.sampled_from(["relu", "gelu", "gelu_tanh", "silu"])), gated=draw(st.booleans()),
+                   bias_in=draw(st.booleans()), bias_out=draw(st.booleans()))
+    seed = draw(st.integers(0, 2**31 - 1))
+    keep = draw(st.sampled_from([0.0, 0.3, 0.7, 1.0]))
+    return B, S, D, F, v, seed, keep
+
+
+def mlp_tensors(case) -> dict:
+    B, S, D, F, v, seed, keep = case
+    r = np.random.default_rng(seed)
+    f = lambda *shape: r.standard_normal(shape).astype(np.float32)  # noqa: E731
+    t = dict(x=f(B, S, D), w_in=f(F, D), w_out_t=f(F, D), mask=r.random((B, F)) < keep)
+    if v.gated:
+        t["w_gate"] = f(F, D)
+    if v.bias_in:
+        t["b_in"] = f(F)
+    if v.bias_out:
+        t["b_out"] = f(D)
+    return t
+
+
+def mlp_reference(t: dict, v: MLPVariant):
+    """(y, magnitude of y's terms) in float64."""
+    return ref.sparse_neuron_mlp(t["x"], t["w_in"], t.get("b_in"), t.get("w_gate"), t["w_out_t"], t.get("b_out"),
+                                 t["mask"], v.activation, magnitude=True)
+
+
+@st.composite
+def attention_case(draw):
+    G = draw(st.integers(1, 3))
+    H = G * draw(st.integers(1, 3))
+    E = draw(st.sampled_from([2, 4, 8]))
+    B, S, P, D = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(0, 4)), draw(st.integers(2, 12))
+    v = AttentionVariant(num_heads=H, num_kv_heads=G, head_dim=E, scale=E ** -0.5, rope=draw(st.booleans()),
+                         bias_qkv=draw(st.booleans()), bias_o=draw(st.booleans()),
+                         kv_policy=draw(st.sampled_from(["all", "active"])))
+    return B, S, P, D, v, draw(st.integers(0, 2**31 - 1)), draw(st.sampled_from([0.0, 0.4, 0.8, 1.0]))
+
+
+def attention_tensors(case) -> dict:
+    B, S, P, D, v, seed, keep = case
+    H, G, E = v.num_heads, v.num_kv_heads, v.head_dim
+    T = P + S
+    r = np.random.default_rng(seed)
+    f = lambda *shape: r.standard_normal(shape).astype(np.float32)  # noqa: E731
+    attention_mask = np.ones((B, T), dtype=np.int64)
+    for b in range(1, B):  # left padding on later rows
+        attention_mask[b, : r.integers(0, T)] = 0
+    positions = np.clip(np.cumsum(attention_mask, -1) - 1, 0, None)[:, P:]
+    t = dict(x=f(B, S, D), w_q=f(H * E, D), w_k=f(G * E, D), w_v=f(G * E, D), w_o_t=f(H * E, D),
+             past_key=f(B, G, P, E), past_value=f(B, G, P, E), attention_mask=attention_mask,
+             position_ids=positions.astype(np.int64), head_mask=r.random((B, H)) < keep)
+    if v.bias_qkv:
+        t.update(b_q=f(H * E), b_k=f(G * E), b_v=f(G * E))
+    if v.bias_o:
+        t["b_o"] = f(D)
+    if v.rope:
+        inv = 1.0 / (10000 ** (np.arange(0, E, 2) / E))
+        angles = np.arange(16)[:, None] * inv[None, :]
+        t.update(cos=np.cos(angles).astype(np.float32), sin=np.sin(angles).astype(np.float32))
+    return t
+
+
+def attention_reference(t: dict, v: AttentionVariant):
+    """([y, present_key, present_value] in float64, the magnitude of each output's terms)."""
+    *expect, magnitude = ref.sparse_head_attention(*[t.get(k) for k in ATTENTION_INPUTS], v.num_heads, v.num_kv_heads,
+                                                   v.head_dim, v.scale, v.rope, v.kv_policy, magnitude=True)
+    return expect, [magnitude, None, None]  # the caches are plain projections, no long sums

@@ -121,14 +121,36 @@ class _one_line_errors:
         return False
 
 
+# Where a node came from, as the dynamo exporter records it (module scopes, and the source line in
+# ExportModule.forward it was traced from): the predictor's own modules, or turning its scores
+# into masks.
+_PREDICTOR_FRAMES = ("self.predictor", "keep_rows(", "_shadow_masks(", "self._targeted(")
+
+
+def _is_predictor_node(node: onnx.NodeProto) -> bool:
+    meta = {p.key: p.value for p in node.metadata_props}
+    scopes = meta.get("pkg.torch.onnx.name_scopes", "")
+    return "'predictor" in scopes or any(f in meta.get("pkg.torch.onnx.stack_trace", "") for f in _PREDICTOR_FRAMES)
+
+
 def _name_nodes(proto: onnx.ModelProto):
-    """Name each custom node after its layer, in graph order, for readable graphs (Netron)."""
+    """Name each custom node after its layer, in graph order, for readable graphs (Netron), and prefix
+    the predictor's nodes (and mask selection) with `predictor/`, so profiles can tell its share."""
     counts = {"SparseHeadAttention": 0, "SparseNeuronMLP": 0}
-    for node in proto.graph.node:
-        if node.domain == DOMAIN and node.op_type in counts:
-            kind = "attention" if node.op_type == "SparseHeadAttention" else "mlp"
-            node.name = f"layers.{counts[node.op_type]}.{kind}"
-            counts[node.op_type] += 1
+
+    def walk(graph):
+        for node in graph.node:
+            if node.domain == DOMAIN and node.op_type in counts:
+                kind = "attention" if node.op_type == "SparseHeadAttention" else "mlp"
+                node.name = f"layers.{counts[node.op_type]}.{kind}"
+                counts[node.op_type] += 1
+            elif _is_predictor_node(node) and not node.name.startswith("predictor/"):
+                node.name = f"predictor/{node.name}"
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+
+    walk(proto.graph)
 
 
 def predictor_fingerprint(predictor) -> str | None:

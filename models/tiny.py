@@ -26,6 +26,39 @@ TINY_CONFIGS = {
 }
 
 
+# Benchmark shapes in the memory-bound regime (issue 6): decode speed is set by the bytes of weights
+# read per token, so random weights measure exactly what real ones would.
+SYNTHETIC_CONFIGS = {
+    "tinyllama-1.1b": dict(
+        model_type="llama", vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, intermediate_size=5632, max_position_embeddings=2048, hidden_act="silu",
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "opt-1.3b": dict(
+        model_type="opt", vocab_size=50272, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
+        ffn_dim=8192, max_position_embeddings=2048, word_embed_proj_dim=2048, do_layer_norm_before=True,
+        activation_function="relu", pad_token_id=1, bos_token_id=2, eos_token_id=2,
+    ),
+}
+
+
+def build_synthetic(name: str, seed: int = 0):
+    """A randomly initialised model of one of SYNTHETIC_CONFIGS' shapes (fp32, eval mode, HF's init)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .errors import ShadowError
+
+    if name not in SYNTHETIC_CONFIGS:
+        raise ShadowError(f"synthetic model {name!r}: expected one of {', '.join(SYNTHETIC_CONFIGS)}")
+    config = AutoConfig.for_model(**SYNTHETIC_CONFIGS[name])
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model._shadowllm_source = f"synthetic:{name}:seed{seed}"
+    return model
+
+
 def build_model(model_type: str, seed: int = 0, **overrides):
     """A randomly initialised HF causal LM of `model_type` ("opt" | "llama") in fp32, eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM

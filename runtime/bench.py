@@ -1,28 +1,43 @@
-"""`shadowllm bench` (first cut): decode tokens/s and prefill latency per backend, back to back in one run.
+"""`shadowllm bench`: decode speed, prefill latency, memory and the bandwidth bound, per cell.
 
-Backends (the names of issue 6): `hf-eager` (the HF model's own forward with its KV cache, dense),
-`ort-dense` (the dense export on stock onnxruntime: function bodies, i.e. ORT's own GEMMs),
-`ort-function` (the sparse export with function bodies: dense compute x mask), `ort-native` (the
-sparse export with the native C++ kernels). Each cell: `repeats` runs of greedy decoding of
-`tokens` new tokens after a fixed prompt; the median and the spread (max - min) of decode tokens/s,
-and the median prefill time. Output: JSON rows and a markdown table with the ratio to ort-dense.
-Not yet here (issue 6): the memory-bandwidth bound, peak RSS per cell, synthetic large models, plots.
+A cell is (model x backend x policy x head sparsity x neuron sparsity). Every cell of a run is
+measured back to back in one process, so ratios between cells are trustworthy on a noisy machine.
+
+Backends: `hf-eager` (the HF model's own forward and cache, dense: the user's default today),
+`ort-dense` (our dense export on stock onnxruntime: its own GEMMs through the function bodies, all
+units kept), `ort-function` (the same export with masks, function bodies: dense compute x mask),
+`ort-native` (the same export with the native C++ kernels: only kept rows are read), `tensorrt`
+(where TensorRT and a GPU exist). Policies: `dense`; `random` (masks drawn per layer with exactly
+the requested fraction kept, fed as inputs: speed does not depend on which rows are kept); on the
+real model also `shadow` (per-sequence predictor at prefill, masks carried in decode) and `dejavu`
+(per-layer lookahead every step), whose predictor share of time comes from onnxruntime's profiler
+(nodes the exporter named `predictor/...`).
+
+Per cell: `repeats` greedy runs of `tokens` new tokens after a `prompt_tokens` prompt; decode tok/s
+(median, spread = max - min), prefill and time-to-first-token (median), peak RSS of the process
+during the cell (VmHWM, reset before each cell), and the bytes bound of runtime/bench_bound.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from shadowllm.models import ShadowError
 
+from .bench_bound import copy_bandwidth, decode_bytes
 from .ort_backend import OrtBackend
+
+SYNTHETIC = ("tinyllama-1.1b", "opt-1.3b")
+REAL = ("smollm2-135m",)
+EXPORT_VERSION = 2  # bump when the exporter's output changes in a way bench depends on (node names)
 
 
 @dataclass
@@ -30,16 +45,46 @@ class Row:
     model: str
     backend: str
     policy: str
-    sparsity: float
+    head_sparsity: float
+    neuron_sparsity: float
     decode_tok_s: float
     decode_spread: float
     prefill_ms: float
-    tokens: int
-    repeats: int
+    ttft_ms: float
+    bound_tok_s: float
+    achieved_of_bound: float
+    bytes_per_token: int
+    peak_rss_mb: float
+    predictor_prefill_share: float | None = None
+    predictor_decode_share: float | None = None
+    decode_op_shares: dict | None = None  # onnxruntime profile of the cell's decode, by op type
+    tokens: int = 0
+    repeats: int = 0
+    prompt_tokens: int = 0
 
+
+@dataclass
+class Plan:
+    models: tuple = REAL + SYNTHETIC
+    tokens: int = 64
+    repeats: int = 3
+    prompt_tokens: int = 128
+    native_grid: tuple = ((0.0, 0.0), (0.25, 0.25), (0.5, 0.5), (0.5, 0.75), (0.75, 0.75))
+    function_grid: tuple = ((0.5, 0.5),)
+    predictor_policies: bool = True
+    threads: int | None = None
+    notes: list = field(default_factory=list)
+
+    @classmethod
+    def quick(cls) -> "Plan":
+        return cls(models=REAL, tokens=16, repeats=2, prompt_tokens=64, native_grid=((0.0, 0.0), (0.5, 0.5)),
+                   predictor_policies=False)
+
+
+# -- measuring ---------------------------------------------------------------------------------
 
 class HFEager:
-    """The user's default today: the HF model's own forward and cache, dense."""
+    """The HF model's own forward and KV cache, dense."""
 
     name = "hf-eager"
 
@@ -52,64 +97,291 @@ class HFEager:
         return out.logits, out.cache
 
 
-def _run(backend, prompt_ids: torch.Tensor, tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode tokens/s) of one greedy run."""
-    mask = torch.ones_like(prompt_ids)
+def _reset_peak_rss():
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _run(backend, prompt, tokens: int, state0):
+    """(prefill s, time to first token s, decode tok/s, state after prefill) of one greedy run."""
+    mask = torch.ones_like(prompt)
     start = time.perf_counter()
-    logits, state = backend.forward(prompt_ids, mask, None)
+    logits, state = backend.forward(prompt, mask, state0() if state0 else None)
     prefill = time.perf_counter() - start
+    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    ttft = time.perf_counter() - start
+    after_prefill = state
     start = time.perf_counter()
     for _ in range(tokens):
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
         logits, state = backend.forward(nxt, mask, state)
-    return prefill, tokens / (time.perf_counter() - start)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+    return prefill, ttft, tokens / (time.perf_counter() - start), after_prefill
 
 
-def measure(backend, prompt_ids, tokens: int, repeats: int):
-    _run(backend, prompt_ids, 4)  # warm-up: sessions allocate and pick kernels on the first calls
-    runs = [_run(backend, prompt_ids, tokens) for _ in range(repeats)]
-    speeds = [r[1] for r in runs]
-    return statistics.median(speeds), max(speeds) - min(speeds), statistics.median(r[0] for r in runs) * 1e3
+def measure(backend, prompt, tokens: int, repeats: int, state0=None):
+    _run(backend, prompt, 4, state0)  # warm-up: sessions allocate and pick kernels on the first calls
+    runs = [_run(backend, prompt, tokens, state0) for _ in range(repeats)]
+    speeds = [r[2] for r in runs]
+    return (statistics.median(speeds), max(speeds) - min(speeds), statistics.median(r[0] for r in runs) * 1e3,
+            statistics.median(r[1] for r in runs) * 1e3, runs[-1][3])
 
 
-def bench(model, model_name: str, dense_export, sparse_export, sparsities, tokens: int = 64, repeats: int = 3,
-          prompt_tokens: int = 128, threads: int | None = None) -> list[Row]:
-    for folder in (dense_export, sparse_export):
-        if folder is None:
-            raise ShadowError("bench needs --dense-export DIR and --export DIR (from `shadowllm export`)")
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=g)
-    policy = json.loads((Path(sparse_export) / "shadowllm.json").read_text())["policy"]
-    cells = [("hf-eager", "dense", 0.0, lambda s: HFEager(model)),
-             ("ort-dense", "dense", 0.0, lambda s: OrtBackend(dense_export, 0.0, threads=threads, native=False))]
-    for s in sparsities:
-        cells.append(("ort-function", policy, s, lambda s: OrtBackend(sparse_export, s, threads=threads, native=False)))
-        cells.append(("ort-native", policy, s, lambda s: OrtBackend(sparse_export, s, threads=threads, native=True)))
-    rows = []
-    for name, pol, s, make in cells:
-        speed, spread, prefill = measure(make(s), prompt, tokens, repeats)
-        rows.append(Row(model_name, name, pol, s, round(speed, 2), round(spread, 2), round(prefill, 1), tokens, repeats))
-        print(f"[shadowllm] bench {name:<13} {pol:<7} sparsity {s:<4} {speed:7.2f} tok/s (spread {spread:.2f}), "
-              f"prefill {prefill:.0f} ms", flush=True)
+def profile(folder: Path, sparsity: float, prompt, tokens: int, threads, masks=None) -> dict:
+    """onnxruntime's per-node profile of one prefill + `tokens` decode steps (native kernels), each
+    node's time attributed to the run (model_run event) it falls in. Returns the share of wall time
+    of the `predictor/` nodes at prefill and in decode, and per op type in decode."""
+    backend = OrtBackend(folder, sparsity, threads=threads, native=True,
+                         profile_prefix=str(Path(folder) / ".bench-profile"))
+    _run(backend, prompt, tokens, (lambda: backend.initial_state(1, *masks)) if masks is not None else None)
+    trace = Path(backend.session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    predictor, by_op = np.zeros(len(runs)), {}
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        i = next((k for k, (a, b) in enumerate(runs) if a <= e["ts"] <= b), None)
+        if i is None:
+            continue
+        if e["name"].startswith("predictor/"):
+            predictor[i] += e["dur"]
+        if i > 0:
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0) + e["dur"]
+    walls = np.array([b - a for a, b in runs], dtype=float)
+    decode_wall = walls[1:].sum() if len(runs) > 1 else float("nan")
+    ops = {op: round(t / decode_wall, 4) for op, t in sorted(by_op.items(), key=lambda kv: -kv[1])}
+    ops["(outside nodes)"] = round(1 - sum(by_op.values()) / decode_wall, 4)
+    return {"predictor_prefill": float(predictor[0] / walls[0]),
+            "predictor_decode": float(predictor[1:].sum() / decode_wall) if len(runs) > 1 else 0.0,
+            "decode_op_shares": ops}
+
+
+def predictor_shares(folder: Path, sparsity: float, prompt, tokens: int, threads) -> tuple[float, float]:
+    """(share of prefill, share of decode) spent in the predictor's nodes."""
+    p = profile(folder, sparsity, prompt, tokens, threads)
+    return p["predictor_prefill"], p["predictor_decode"]
+
+
+# -- models and exports ------------------------------------------------------------------------
+
+def random_masks(arch: dict, head_sparsity: float, neuron_sparsity: float, seed: int = 0):
+    """[1, L, H] / [1, L, F] bool: exactly round((1 - s) * n) units kept in every layer."""
+    rng = np.random.default_rng(seed)
+    L, H, F = arch["layers"], arch["heads"], arch["neurons"]
+    heads, neurons = np.zeros((1, L, H), bool), np.zeros((1, L, F), bool)
+    for layer in range(L):
+        heads[0, layer, rng.permutation(H)[: H - int(round(head_sparsity * H))]] = True
+        neurons[0, layer, rng.permutation(F)[: F - int(round(neuron_sparsity * F))]] = True
+    return heads, neurons
+
+
+def _bench_arch(folder: Path) -> dict:
+    manifest = json.loads((folder / "shadowllm.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    return dict(manifest["arch"], hidden=config["hidden_size"], gated=manifest["arch"]["family"] != "opt",
+                kv_policy=manifest.get("kv_policy", "all"))
+
+
+def _cached_export(root: Path, model, tokenizer, policy: str, predictor=None, predictor_dir=None) -> Path:
+    from shadowllm.export.exporter import export
+
+    folder = root / f"export-{policy}-v{EXPORT_VERSION}"
+    if not (folder / "shadowllm.json").is_file():
+        export(model, tokenizer, folder, policy, predictor=predictor, predictor_dir=predictor_dir)
+    return folder
+
+
+def _load_model(name: str):
+    """(model, tokenizer, cache folder for its exports)."""
+    from shadowllm.models import fingerprint, load
+    from shadowllm.models.loading import cache_root
+    from shadowllm.models.tiny import byte_tokenizer, build_synthetic
+
+    if name in SYNTHETIC:
+        return build_synthetic(name), byte_tokenizer(), cache_root() / "bench" / f"{name}-seed0"
+    model, tokenizer = load(name)
+    return model, tokenizer, cache_root() / "bench" / f"{name}-{fingerprint(model).split(':')[1][:12]}"
+
+
+def _predictors(model, tokenizer, root: Path):
+    """The demo's per-sequence ShadowLLM predictor and a DejaVu predictor on the same traces."""
+    from shadowllm.demo import _predictors as demo_predictors
+    from shadowllm.predictor.predictors import load_predictor
+    from shadowllm.predictor.train import train
+
+    sequence, _, _, demo_root = demo_predictors(model, tokenizer, quick=False)
+    folder = root / "dejavu-token"
+    try:
+        dejavu = load_predictor(folder, model)
+    except ShadowError:
+        train(str(demo_root / "traces"), "dejavu", "token", criterion="l2_norm", epochs=20, model=model).save(folder)
+        dejavu = load_predictor(folder, model)
+    return {"shadow": (sequence, str(demo_root / "shadow-sequence")), "dejavu": (dejavu, str(folder))}
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+def _cell(rows, model_name, backend_name, policy, hs, ns, backend, prompt, plan, bandwidth, arch, masks=None,
+          dense_bytes=False, shares=None):
+    state0 = (lambda: backend.initial_state(1, *masks)) if masks is not None else None
+    speed, spread, prefill, ttft, after_prefill = measure(backend, prompt, plan.tokens, plan.repeats, state0)
+    if dense_bytes:
+        heads = neurons = None
+    elif masks is not None:
+        heads, neurons = masks[0][0], masks[1][0]
+    else:  # predictor policies: the masks the predictor chose for this prompt
+        heads, neurons = after_prefill["heads"].numpy()[0], after_prefill["neurons"].numpy()[0]
+    kv_policy = "all" if dense_bytes else arch["kv_policy"]
+    nbytes = decode_bytes(arch, heads, neurons, plan.prompt_tokens + plan.tokens // 2, kv_policy)
+    bound = bandwidth / nbytes
+    row = Row(model_name, backend_name, policy, hs, ns, round(speed, 2), round(spread, 2), round(prefill, 1),
+              round(ttft, 1), round(bound, 2), round(speed / bound, 3), nbytes, round(_peak_rss_mb(), 0),
+              *(shares or (None, None)), plan.tokens, plan.repeats, plan.prompt_tokens)
+    rows.append(row)
+    extra = f", predictor {shares[0]:.1%} of prefill / {shares[1]:.1%} of decode" if shares else ""
+    print(f"[shadowllm] bench {model_name:<15} {backend_name:<12} {policy:<7} heads {hs:<4} neurons {ns:<4} "
+          f"{speed:7.2f} tok/s (spread {spread:.2f}, {speed / bound:.0%} of bound {bound:.1f}), "
+          f"prefill {prefill:.0f} ms, peak RSS {row.peak_rss_mb:.0f} MB{extra}", flush=True)
+
+
+def _isolated(fn, *args):
+    """fn(*args) in a fresh process: each group's peak RSS is its own, not the leftovers of an export
+    or of an earlier session, and a crash names the group instead of ending the run silently."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _prepare(name: str, predictor_policies: bool) -> dict:
+    """The exports a model's cells need, made once and cached: {"dense": folder, policy: folder}."""
+    model, tokenizer, root = _load_model(name)
+    root.mkdir(parents=True, exist_ok=True)
+    folders = {"dense": _cached_export(root, model, tokenizer, "dense")}
+    if predictor_policies and name in REAL:
+        for policy, (predictor, pdir) in _predictors(model, tokenizer, root).items():
+            folders[policy] = _cached_export(root, model, tokenizer, policy, predictor, pdir)
+    return {k: str(v) for k, v in folders.items()}
+
+
+def _group(name: str, kind: str, folder: str, plan: Plan, bandwidth: float, prompt, model=None) -> list:
+    """The cells that share one loaded model or session, measured back to back."""
+    folder = Path(folder)
+    arch = _bench_arch(folder)
+    rows: list[Row] = []
+    _reset_peak_rss()
+    if kind == "hf-eager":
+        model = model if model is not None else _load_model(name)[0]
+        _cell(rows, name, kind, "dense", 0.0, 0.0, HFEager(model), prompt, plan, bandwidth, arch, dense_bytes=True)
+    elif kind in ("ort-dense", "ort-function"):
+        grid = ((0.0, 0.0),) if kind == "ort-dense" else plan.function_grid
+        backend = OrtBackend(folder, 0.0, threads=plan.threads, native=False)
+        for hs, ns in grid:
+            _cell(rows, name, kind, "random" if hs or ns else "dense", hs, ns, backend, prompt, plan, bandwidth, arch,
+                  random_masks(arch, hs, ns), dense_bytes=True)
+    elif kind in ("ort-native", "tensorrt"):
+        if kind == "tensorrt":
+            from shadowllm.compiler.tensorrt import build_engine
+
+            from .trt_backend import TrtBackend
+
+            build_engine(folder)
+            backend = TrtBackend(folder)
+        else:
+            backend = OrtBackend(folder, 0.0, threads=plan.threads, native=True)
+        for hs, ns in plan.native_grid:
+            _cell(rows, name, kind, "random" if hs or ns else "dense", hs, ns, backend, prompt, plan, bandwidth, arch,
+                  random_masks(arch, hs, ns))
+        if kind == "ort-native":  # where the time goes at 50% (a separate, profiled run)
+            del backend
+            for row in rows:
+                if (row.head_sparsity, row.neuron_sparsity) == (0.5, 0.5):
+                    row.decode_op_shares = profile(folder, 0.0, prompt, 8, plan.threads,
+                                                   random_masks(arch, 0.5, 0.5))["decode_op_shares"]
+    else:  # a predictor policy: its share of time from the profiler, then the timed cell
+        shares = predictor_shares(folder, 0.5, prompt, min(plan.tokens, 16), plan.threads)
+        backend = OrtBackend(folder, 0.5, threads=plan.threads, native=True)
+        _reset_peak_rss()
+        _cell(rows, name, "ort-native", kind, 0.5, 0.5, backend, prompt, plan, bandwidth, arch, shares=shares)
     return rows
 
 
-def markdown(rows: list[Row], command: str) -> str:
-    base = next((r.decode_tok_s for r in rows if r.backend == "ort-dense"), None)
-    lines = [f"Command: `{command}`", "",
-             "| model | backend | policy | sparsity | decode tok/s (median) | spread | prefill ms | vs ort-dense |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio = f"{r.decode_tok_s / base:.2f}x" if base else ""
-        lines.append(f"| {r.model} | {r.backend} | {r.policy} | {r.sparsity} | {r.decode_tok_s:.2f} | "
-                     f"{r.decode_spread:.2f} | {r.prefill_ms:.0f} | {ratio} |")
-    return "\n".join(lines) + "\n"
+def bench_model(name: str, plan: Plan, bandwidth: float, model=None, tokenizer=None, root: Path | None = None) -> list:
+    """Every cell of one model, each group of cells in its own process. With `model` given (tests,
+    tiny models) everything runs in this process instead."""
+    if model is None:
+        folders = _isolated(_prepare, name, plan.predictor_policies)
+        run_group = lambda *args: _isolated(_group, *args)  # noqa: E731
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        folders = {"dense": str(_cached_export(root, model, tokenizer, "dense"))}
+        run_group = lambda *args: _group(*args, model=model)  # noqa: E731
+    arch = _bench_arch(Path(folders["dense"]))
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, arch["vocab"], (1, plan.prompt_tokens), generator=g)
+    kinds = ["hf-eager", "ort-dense"] + (["ort-function"] if plan.function_grid else []) + ["ort-native"]
+    if tensorrt_status() is None:
+        kinds.append("tensorrt")
+    rows = []
+    for kind in kinds:
+        rows += run_group(name, kind, folders["dense"], plan, bandwidth, prompt)
+    for policy in ("shadow", "dejavu"):
+        if policy in folders:
+            rows += run_group(name, policy, folders[policy], plan, bandwidth, prompt)
+    return rows
 
 
-def write(rows: list[Row], prefix: str | os.PathLike, command: str):
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".json").write_text(json.dumps({"command": command, "rows": [asdict(r) for r in rows]},
-                                                      indent=2) + "\n")
-    prefix.with_suffix(".md").write_text(markdown(rows, command))
+def tensorrt_status() -> str | None:
+    """None when TensorRT cells can run here, else why not (said in the report)."""
+    try:
+        from shadowllm.compiler.tensorrt import requirements
+
+        requirements()
+    except ShadowError as e:
+        return str(e).replace("--target tensorrt: ", "")
+    return None
+
+
+def run(plan: Plan) -> tuple[list, dict]:
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+    # Shared machines drift: bandwidth is measured before each model and once more at the end, and
+    # every bound uses the highest reading (the strictest bound); all readings are reported.
+    readings = []
+
+    def bandwidth() -> float:
+        readings.append(copy_bandwidth())
+        print(f"[shadowllm] bench: memory bandwidth (1 GiB copy, read + write) {readings[-1] / 1e9:.1f} GB/s",
+              flush=True)
+        return max(readings)
+
+    missing = tensorrt_status()
+    if missing:
+        plan.notes.append(f"tensorrt cells not run: {missing}")
+    rows = []
+    for name in plan.models:
+        rows += bench_model(name, plan, bandwidth())
+    best = bandwidth()
+    for row in rows:  # re-derive every bound from the highest reading
+        row.bound_tok_s = round(best / row.bytes_per_token, 2)
+        row.achieved_of_bound = round(row.decode_tok_s / row.bound_tok_s, 3)
+    meta = {"bandwidth_gb_s": round(best / 1e9, 2), "bandwidth_readings_gb_s": [round(r / 1e9, 2) for r in readings],
+            "threads": plan.threads or torch.get_num_threads(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "notes": plan.notes}
+    import onnxruntime
+
+    meta["onnxruntime"] = onnxruntime.__version__
+    return rows, meta

@@ -42,7 +42,7 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, folder: str | os.PathLike, sparsity: float = 0.0, providers=None, threads: int | None = None,
-                 native: bool | None = None):
+                 native: bool | None = None, profile_prefix: str | None = None):
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -57,13 +57,13 @@ class OrtBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if profile_prefix:  # onnxruntime's per-node profiler (bench: the predictor's share of time)
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         from .native import register_native
 
+        # The C++ kernels run on this session's intra-op pool (KernelContext::ParallelFor).
         self.native = register_native(options, native)
-        if self.native:
-            # The C++ kernels run their own OpenMP threads; ORT's idle pool threads must not spin
-            # against them (SmolLM2-135M decode at 50%: 23.7 tok/s with spinning, 48.1 without).
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:

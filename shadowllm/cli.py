@@ -28,6 +28,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def _model_arg(p):
     p.add_argument("model", nargs="?", default=None,
                    help="embedded model name (default: smollm2-135m) or a local Hugging Face folder")
@@ -251,16 +261,24 @@ def cmd_build(args):
 def cmd_bench(args):
     import shlex
 
-    from shadowllm.models import load
-    from shadowllm.runtime.bench import bench, markdown, write
+    from shadowllm.models import ShadowError
+    from shadowllm.runtime.bench import REAL, SYNTHETIC, Plan, run
+    from shadowllm.runtime.bench_report import markdown, write
 
-    model, _ = load(args.model)
-    rows = bench(model, args.model or "smollm2-135m", args.dense_export, args.export, args.sparsity, args.tokens,
-                 args.repeats, args.prompt_tokens, args.threads)
+    plan = Plan.quick() if args.quick else Plan()
+    if args.models:
+        unknown = [m for m in args.models if m not in REAL + SYNTHETIC]
+        if unknown:
+            raise ShadowError(f"--models {','.join(unknown)}: expected some of {', '.join(REAL + SYNTHETIC)}")
+        plan.models = tuple(args.models)
+    for flag in ("tokens", "repeats", "prompt_tokens", "threads"):
+        if getattr(args, flag) is not None:
+            setattr(plan, flag, getattr(args, flag))
+    rows, meta = run(plan)
     command = "shadowllm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.out:
-        write(rows, args.out, command)
-    print(markdown(rows, command))
+        write(rows, meta, args.out, command)
+    print(markdown(rows, meta, command))
 
 
 def cmd_demo(args):
@@ -382,16 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="tensorrt: let TensorRT run layers and plugins in fp16")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("bench", help="decode tokens/s and prefill latency per backend (first cut)")
-    _model_arg(p)
-    p.add_argument("--dense-export", required=True, help="a dense export of the model")
-    p.add_argument("--export", required=True, help="a sparse export (static / shadow / dejavu) of the model")
-    p.add_argument("--sparsity", type=_sparsities, default=[0.0, 0.5])
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None, help="report prefix: writes PREFIX.json and PREFIX.md")
+    p = sub.add_parser("bench", help="decode tok/s, prefill, TTFT, peak RSS and the bytes bound per backend and "
+                                      "sparsity, in one run")
+    p.add_argument("--models", type=lambda v: [m for m in v.split(",") if m], default=None,
+                   help="comma-separated: smollm2-135m (real weights), tinyllama-1.1b, opt-1.3b (synthetic, random "
+                        "weights); default all three")
+    p.add_argument("--quick", action="store_true", help="SmolLM2 only, fewer cells and tokens (under 3 minutes)")
+    p.add_argument("--tokens", type=positive_int, default=None, help="new tokens per run (default 64; quick 16)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="runs per cell (default 3; quick 2)")
+    p.add_argument("--prompt-tokens", type=positive_int, default=None, help="prompt length (default 128; quick 64)")
+    p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: all cores)")
+    p.add_argument("--out", default=None, help="report prefix: writes PREFIX.json, PREFIX.md and PREFIX.png")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="end-to-end demo on the embedded default model")

@@ -287,14 +287,67 @@ def test_tensorrt_engine_matches_onnxruntime(exported, fp16):
     assert report.passed, report.table()
 
 
-def test_bench_measures_every_backend(exported, tmp_path):
-    """Runs the benchmark plumbing end to end (speeds are measured, never asserted)."""
-    from shadowllm.runtime.bench import bench, write
+def test_bench_measures_every_cell(exported, tmp_path):
+    """The benchmark end to end on a tiny model (speeds are measured and reported, never asserted)."""
+    import json
 
-    model, _, dense, static, _ = exported
-    rows = bench(model, "tiny", dense, static, [0.0, 0.5], tokens=4, repeats=1, prompt_tokens=8)
-    assert [r.backend for r in rows] == ["hf-eager", "ort-dense", "ort-function", "ort-native", "ort-function",
-                                         "ort-native"]
-    assert all(r.decode_tok_s > 0 and r.prefill_ms > 0 for r in rows)
-    write(rows, tmp_path / "bench", "shadowllm bench ...")
+    from shadowllm.runtime.bench import Plan, bench_model
+    from shadowllm.runtime.bench_report import write
+
+    model, tok, _, _, _ = exported
+    plan = Plan(models=("tiny",), tokens=4, repeats=1, prompt_tokens=8,
+                native_grid=((0.0, 0.0), (0.5, 0.5), (0.5, 0.75)))
+    rows = bench_model("tiny", plan, 20e9, model=model, tokenizer=tok, root=tmp_path / "cache")
+    assert [(r.backend, r.head_sparsity, r.neuron_sparsity) for r in rows] == [
+        ("hf-eager", 0, 0), ("ort-dense", 0, 0), ("ort-function", 0.5, 0.5), ("ort-native", 0, 0),
+        ("ort-native", 0.5, 0.5), ("ort-native", 0.5, 0.75)]
+    assert all(r.decode_tok_s > 0 and r.prefill_ms > 0 and r.peak_rss_mb > 0 and r.bound_tok_s > 0 for r in rows)
+    shares = rows[4].decode_op_shares  # the profiled 50% cell: the custom ops show up by name
+    assert {"SparseHeadAttention", "SparseNeuronMLP"} <= set(shares) and all(0 <= v <= 1 for v in shares.values())
+    dense, sparse = rows[3], rows[5]
+    assert sparse.bytes_per_token < dense.bytes_per_token == rows[1].bytes_per_token == rows[2].bytes_per_token
+    write(rows, {"bandwidth_gb_s": 20.0, "threads": 2, "notes": ["tensorrt cells not run: test"]}, tmp_path / "bench",
+          "shadowllm bench ...")
+    data = json.loads((tmp_path / "bench.json").read_text())
+    required = {"model", "backend", "policy", "head_sparsity", "neuron_sparsity", "decode_tok_s", "prefill_ms",
+                "bound_tok_s", "peak_rss_mb"}
+    assert all(required <= set(row) for row in data["rows"])
     assert "vs ort-dense" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_decode_bytes_counts_kept_rows():
+    from shadowllm.runtime.bench_bound import decode_bytes
+
+    arch = dict(layers=2, heads=4, kv_heads=2, head_dim=8, neurons=10, hidden=32, vocab=50, gated=True)
+    heads = np.array([[1, 0, 0, 0], [1, 1, 0, 0]], bool)  # layer 0 reads kv head 0 only under "active"
+    neurons = np.zeros((2, 10), bool)
+    neurons[0, :3] = True
+    weights = lambda rows: 4 * (rows * 32 + 50 * 32 + 32)  # noqa: E731  rows + LM head + one embedding row
+    assert decode_bytes(arch, heads, neurons) == weights(2 * 3 * 8 + 2 * 4 * 8 + 3 * 3)
+    assert decode_bytes(arch, heads, neurons, kv_policy="active") == weights(2 * 3 * 8 + 2 * 3 * 8 + 3 * 3)
+    assert decode_bytes(arch, context=5) == weights(2 * 8 * 8 + 2 * 4 * 8 + 3 * 20) + 4 * 2 * 2 * 2 * 5 * 8
+
+
+@pytest.mark.parametrize("name", ["shadow-sequence", "dejavu-token"])
+def test_predictor_share_from_the_profiler(predictor_exports, name):
+    """The exporter names predictor nodes `predictor/...`; the profiler's share is a fraction, and a
+    per-sequence predictor costs nothing in decode (its If takes the carry branch)."""
+    import onnx
+
+    from shadowllm.runtime.bench import predictor_shares
+
+    folder = predictor_exports[name]
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+
+    def names(graph):
+        for node in graph.node:
+            yield node.name
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from names(attr.g)
+    assert any(n.startswith("predictor/") for n in names(model.graph))
+    prefill, decode = predictor_shares(folder, 0.5, torch.randint(0, 250, (1, 12)), 4, None)
+    assert 0.0 < prefill < 1.0
+    assert decode == 0.0 if name == "shadow-sequence" else 0.0 < decode < 1.0
+    assert not list(folder.glob(".bench-profile*"))  # the trace is read and removed

@@ -1,4 +1,4 @@
-// Small helpers shared by the CPU kernels: activations, dot products, active-row lists.
+// Small helpers shared by the CPU kernels: activations, a short dot product, active-row lists.
 #pragma once
 
 #include <cmath>
@@ -20,12 +20,7 @@ inline float Activate(Activation a, float t) {
   return t;
 }
 
-// Rounding: a row's dot product (D terms) is summed in 8 independent fp32 lanes, which the compiler
-// vectorises, while the long sums over hundreds of kept heads / neurons into one output go into
-// double accumulators: over 30 layers those long fp32 sums are what separates two correct
-// implementations most. Weights stay fp32 in memory, so the bytes read do not change.
-
-// Dot product of two contiguous float rows.
+// Dot product of two short contiguous rows (a query and a key: head_dim terms), in 8 fp32 lanes.
 inline float Dot(const float* a, const float* b, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
@@ -34,11 +29,6 @@ inline float Dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
   for (; i < n; ++i) s += a[i] * b[i];
   return s + ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
-// y[0:n] += w * x[0:n] into a double accumulator.
-inline void Axpy(double w, const float* x, double* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
 }
 
 // The indices i with mask[i] true: computed once per call and row, then only those rows are read.

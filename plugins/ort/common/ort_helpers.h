@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "parallel.h"
+
 namespace shadowllm {
 
 // A required or optional input's data (null when an optional input is absent).
@@ -30,5 +32,22 @@ T Attribute(const OrtKernelInfo* info, const char* name, T fallback) {
     return fallback;
   }
 }
+
+// Parallel over onnxruntime's intra-op thread pool for the call in progress.
+class OrtParallel : public Parallel {
+ public:
+  explicit OrtParallel(const Ort::KernelContext& ctx) : ctx_(ctx) {}
+  void For(int64_t tasks, const std::function<void(int64_t)>& body) const override {
+    if (tasks <= 1) {
+      if (tasks == 1) body(0);
+      return;
+    }
+    ctx_.ParallelFor(&Trampoline, static_cast<size_t>(tasks), 0, const_cast<std::function<void(int64_t)>*>(&body));
+  }
+
+ private:
+  static void Trampoline(void* body, size_t i) { (*static_cast<std::function<void(int64_t)>*>(body))(static_cast<int64_t>(i)); }
+  const Ort::KernelContext& ctx_;
+};
 
 }  // namespace shadowllm

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "../common/kernel_utils.h"
+#include "../common/parallel.h"
 
 namespace shadowllm {
 
@@ -24,6 +25,6 @@ struct AttentionArgs {
   bool kv_active;  // kv_policy == "active"
 };
 
-void SparseHeadAttention(const AttentionArgs& a);
+void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel);
 
 }  // namespace shadowllm

@@ -54,7 +54,7 @@ void SparseHeadAttentionKernel::Compute(OrtKernelContext* context) {
   a.y = ctx.GetOutput(0, x_shape).GetTensorMutableData<float>();
   a.present_key = ctx.GetOutput(1, present).GetTensorMutableData<float>();
   a.present_value = ctx.GetOutput(2, present).GetTensorMutableData<float>();
-  SparseHeadAttention(a);
+  SparseHeadAttention(a, OrtParallel(ctx));
 }
 
 }  // namespace shadowllm

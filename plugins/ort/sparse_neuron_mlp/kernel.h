@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "../common/kernel_utils.h"
+#include "../common/parallel.h"
 
 namespace shadowllm {
 
@@ -20,9 +21,9 @@ struct MLPArgs {
   Activation activation;
 };
 
-// y = sum over kept n of h_n(x) * w_out_t[n] + b_out, computed per batch row:
-// phase 1 (parallel over kept neurons) streams w_in / w_gate rows once for all S tokens;
-// phase 2 (parallel over slices of D) streams the kept w_out_t rows once.
-void SparseNeuronMLP(const MLPArgs& a);
+// y = sum over kept n of h_n(x) * w_out_t[n] + b_out, per batch row: the kept neurons are listed
+// once; their w_in (and w_gate) rows give h for all S tokens in one pass (ProjectRows); their
+// w_out_t rows are summed into y (GatherProject).
+void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel);
 
 }  // namespace shadowllm

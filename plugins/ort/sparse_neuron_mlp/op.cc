@@ -22,7 +22,7 @@ void SparseNeuronMLPKernel::Compute(OrtKernelContext* context) {
   a.mask = InputData<bool>(ctx, 6);
   a.activation = activation;
   a.y = ctx.GetOutput(0, x_shape).GetTensorMutableData<float>();
-  SparseNeuronMLP(a);
+  SparseNeuronMLP(a, OrtParallel(ctx));
 }
 
 }  // namespace shadowllm

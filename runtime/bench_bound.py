@@ -1,0 +1,44 @@
+"""The bound beside every benchmark figure: how many bytes one decode step must read, and how many
+tokens/s the machine's memory bandwidth (a large copy, measured in the same run) would then allow.
+
+Bytes per decode step (fp32): the weight rows the step reads (q and o rows of kept heads; k and v
+rows of the kv heads computed; w_in / w_gate / w_out_t rows of kept neurons; the LM head; one
+embedding row) plus the KV cache the attention reads, at the run's mean context length. Backends
+that compute densely (HF eager, ORT's own GEMMs, the ops' function bodies) read every row whatever
+the masks say, so their bound is the dense one. Norm weights and biases (< 0.1%) are left out.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+FLOAT = 4
+
+
+def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write counted), best of `repeats`, on torch's threads."""
+    n = int(gib * 2**30) // FLOAT
+    src, dst = torch.ones(n), torch.empty(n)
+    dst.copy_(src)  # first touch
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n * FLOAT / best
+
+
+def decode_bytes(arch: dict, head_mask=None, neuron_mask=None, context: int = 0, kv_policy: str = "all") -> int:
+    """Bytes one decode step reads. arch: the export manifest's `arch` (+ hidden, gated); masks
+    [L, H] / [L, F] bool (None: all kept); context: cached tokens attended to."""
+    L, H, G, E, F = arch["layers"], arch["heads"], arch["kv_heads"], arch["head_dim"], arch["neurons"]
+    D, V = arch["hidden"], arch["vocab"]
+    heads = np.ones((L, H), bool) if head_mask is None else np.asarray(head_mask, bool).reshape(L, H)
+    neurons = np.ones((L, F), bool) if neuron_mask is None else np.asarray(neuron_mask, bool).reshape(L, F)
+    groups = heads.reshape(L, G, H // G).any(-1) if kv_policy == "active" else np.ones((L, G), bool)
+    rows = 2 * heads.sum() * E + 2 * groups.sum() * E + (3 if arch["gated"] else 2) * neurons.sum()
+    cache = 2 * L * G * context * E
+    return int(FLOAT * (rows * D + V * D + D + cache))

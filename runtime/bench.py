@@ -248,7 +248,7 @@ def _cell(rows, model_name, backend_name, policy, hs, ns, backend, prompt, plan,
     bound = bandwidth / nbytes
     row = Row(model_name, backend_name, policy, hs, ns, round(speed, 2), round(spread, 2), round(prefill, 1),
               round(ttft, 1), round(bound, 2), round(speed / bound, 3), nbytes, round(_peak_rss_mb(), 0),
-              *(shares or (None, None)), plan.tokens, plan.repeats, plan.prompt_tokens)
+              *(shares or (None, None)), tokens=plan.tokens, repeats=plan.repeats, prompt_tokens=plan.prompt_tokens)
     rows.append(row)
     extra = f", predictor {shares[0]:.1%} of prefill / {shares[1]:.1%} of decode" if shares else ""
     print(f"[shadowllm] bench {model_name:<15} {backend_name:<12} {policy:<7} heads {hs:<4} neurons {ns:<4} "

@@ -41,7 +41,8 @@ def _heading(text: str):
 def _predictors(model, tokenizer, quick: bool):
     """(sequence predictor, token predictor, static scores), trained once and cached per model."""
     samples, window = (24, 128) if quick else (64, 128)
-    root = cache_root() / "demo" / f"{fingerprint(model).split(':')[1][:12]}-{samples}x{window}-l2_norm"
+    # v2: traces record head_dim and gated in their arch (older caches would be refused on resume)
+    root = cache_root() / "demo" / f"{fingerprint(model).split(':')[1][:12]}-{samples}x{window}-l2_norm-v2"
     traces = root / "traces"
     calibrate(model, tokenizer, traces, ["l2_norm"], samples=samples, window=window, batch_size=4,
               token_positions=16, shard_size=16)

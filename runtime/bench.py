@@ -112,20 +112,23 @@ def _peak_rss_mb() -> float:
 
 
 def _run(backend, prompt, tokens: int, state0):
-    """(prefill s, time to first token s, decode tok/s, state after prefill) of one greedy run."""
+    """(prefill s, time to first token s, decode tok/s, state after the first decode step) of one
+    greedy run; that state holds the masks decode runs with (predictor policies pick their own)."""
     mask = torch.ones_like(prompt)
     start = time.perf_counter()
     logits, state = backend.forward(prompt, mask, state0() if state0 else None)
     prefill = time.perf_counter() - start
     nxt = logits[:, -1].argmax(-1, keepdim=True)
     ttft = time.perf_counter() - start
-    after_prefill = state
+    first_step = state
     start = time.perf_counter()
-    for _ in range(tokens):
+    for i in range(tokens):
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
         logits, state = backend.forward(nxt, mask, state)
         nxt = logits[:, -1].argmax(-1, keepdim=True)
-    return prefill, ttft, tokens / (time.perf_counter() - start), after_prefill
+        if i == 0:
+            first_step = state
+    return prefill, ttft, tokens / (time.perf_counter() - start), first_step
 
 
 def measure(backend, prompt, tokens: int, repeats: int, state0=None):
@@ -236,13 +239,13 @@ def _predictors(model, tokenizer, root: Path):
 def _cell(rows, model_name, backend_name, policy, hs, ns, backend, prompt, plan, bandwidth, arch, masks=None,
           dense_bytes=False, shares=None):
     state0 = (lambda: backend.initial_state(1, *masks)) if masks is not None else None
-    speed, spread, prefill, ttft, after_prefill = measure(backend, prompt, plan.tokens, plan.repeats, state0)
+    speed, spread, prefill, ttft, decode_state = measure(backend, prompt, plan.tokens, plan.repeats, state0)
     if dense_bytes:
         heads = neurons = None
     elif masks is not None:
         heads, neurons = masks[0][0], masks[1][0]
-    else:  # predictor policies: the masks the predictor chose for this prompt
-        heads, neurons = after_prefill["heads"].numpy()[0], after_prefill["neurons"].numpy()[0]
+    else:  # predictor policies: the masks the predictor chose for the first decode step
+        heads, neurons = decode_state["heads"].numpy()[0], decode_state["neurons"].numpy()[0]
     kv_policy = "all" if dense_bytes else arch["kv_policy"]
     nbytes = decode_bytes(arch, heads, neurons, plan.prompt_tokens + plan.tokens // 2, kv_policy)
     bound = bandwidth / nbytes

@@ -320,12 +320,12 @@ def test_decode_bytes_counts_kept_rows():
     from shadowllm.runtime.bench_bound import decode_bytes
 
     arch = dict(layers=2, heads=4, kv_heads=2, head_dim=8, neurons=10, hidden=32, vocab=50, gated=True)
-    heads = np.array([[1, 0, 0, 0], [1, 1, 0, 0]], bool)  # layer 0 reads kv head 0 only under "active"
+    heads = np.array([[1, 0, 0, 0], [1, 1, 0, 0]], bool)  # both layers read kv head 0 only under "active"
     neurons = np.zeros((2, 10), bool)
     neurons[0, :3] = True
     weights = lambda rows: 4 * (rows * 32 + 50 * 32 + 32)  # noqa: E731  rows + LM head + one embedding row
     assert decode_bytes(arch, heads, neurons) == weights(2 * 3 * 8 + 2 * 4 * 8 + 3 * 3)
-    assert decode_bytes(arch, heads, neurons, kv_policy="active") == weights(2 * 3 * 8 + 2 * 3 * 8 + 3 * 3)
+    assert decode_bytes(arch, heads, neurons, kv_policy="active") == weights(2 * 3 * 8 + 2 * 2 * 8 + 3 * 3)
     assert decode_bytes(arch, context=5) == weights(2 * 8 * 8 + 2 * 4 * 8 + 3 * 20) + 4 * 2 * 2 * 2 * 5 * 8
 
 

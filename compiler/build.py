@@ -14,9 +14,7 @@ package, a GPU and the plugin library, and fails with a line that names whicheve
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import onnx
@@ -26,9 +24,9 @@ from shadowllm.models import ShadowError
 from shadowllm.runtime.native import ort_ops_library
 from shadowllm.runtime.ort_backend import check_export_folder
 
+from .folders import target_folder, write_manifest
+
 TARGETS = ("ort-cpu", "tensorrt")
-COPIED = ("config.json", "genai_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-          "special_tokens_map.json", "static_scores.safetensors")
 
 
 def _validate(path: Path) -> onnx.ModelProto:
@@ -75,11 +73,7 @@ def build(folder: str | os.PathLike, target: str = "ort-cpu", fp16: bool = False
     if library is None:
         raise ShadowError("--target ort-cpu keeps the custom nodes for the native kernels: build the native "
                           "library first (scripts/setup.sh)")
-    out = folder / target
-    tmp = folder / f".{target}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with target_folder(folder, target) as tmp:
         options = ort.SessionOptions()
         options.register_custom_ops_library(str(library))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -87,18 +81,10 @@ def build(folder: str | os.PathLike, target: str = "ort-cpu", fp16: bool = False
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        for name in COPIED:
-            if (folder / name).is_file():
-                shutil.copy2(folder / name, tmp / name)
         before = len(model.graph.node)
         after = len(onnx.load(str(tmp / "model.onnx"), load_external_data=False).graph.node)
-        manifest = dict(manifest, build_target=target, requires_native=True,
-                        build={"passes": ["validate", "shape-infer", "weight-layout", "ort-extended-optimise"],
-                               "nodes_before": before, "nodes_after": after, "source": str(folder)})
-        (tmp / "shadowllm.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, dict(manifest, build_target=target, requires_native=True, build={
+            "passes": ["validate", "shape-infer", "weight-layout", "ort-extended-optimise"], "nodes_before": before,
+            "nodes_after": after, "source": str(folder)}))
+    out = folder / target
     return out

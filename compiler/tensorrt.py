@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import onnx
@@ -26,6 +25,8 @@ from onnx import helper
 from shadowllm.export.onnx_ops import ATTENTION_INPUTS, DOMAIN, MLP_INPUTS
 from shadowllm.models import ShadowError
 from shadowllm.runtime.native import TRT_LIBRARY, trt_plugins_library
+
+from .folders import target_folder, write_manifest
 
 # The optional slots of each op, in the order the plugins number their bits (plugin.h of each op).
 OPTIONAL = {"SparseNeuronMLP": ["b_in", "w_gate", "b_out"],
@@ -91,17 +92,13 @@ def _profile_shapes(name: str, arch: dict, max_batch: int, max_tokens: int, opt_
 def build_engine(folder: Path, fp16: bool = False, max_batch: int = 4, max_tokens: int = 2048) -> Path:
     trt, library = requirements()
     manifest = json.loads((folder / "shadowllm.json").read_text())
-    out = folder / "tensorrt"
-    tmp = folder / f".tensorrt.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with target_folder(folder, "tensorrt") as tmp:
         model = prepare_model(onnx.load(str(folder / "model.onnx"), load_external_data=False))
         onnx.save(model, str(tmp / "model.onnx"))
         os.link(folder / "model.onnx.data", tmp / "model.onnx.data")
         logger = trt.Logger(trt.Logger.WARNING)
+        trt.get_plugin_registry().load_library(str(library))  # getCreators: both creators, namespace shadowllm
         builder = trt.Builder(logger)
-        builder.get_plugin_registry().load_library(str(library))
         network = builder.create_network(0)
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(tmp / "model.onnx")):
@@ -121,16 +118,8 @@ def build_engine(folder: Path, fp16: bool = False, max_batch: int = 4, max_token
         if engine is None:
             raise ShadowError(f"{folder}: TensorRT could not build an engine (see its log above)")
         (tmp / "model.engine").write_bytes(bytes(engine))
-        for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (folder / name).is_file():
-                shutil.copy2(folder / name, tmp / name)
-        manifest = dict(manifest, build_target="tensorrt", build={
+        write_manifest(tmp, dict(manifest, build_target="tensorrt", build={
             "passes": ["prepare-optional-inputs", "drop-function-bodies", "tensorrt-engine"], "fp16": fp16,
-            "max_batch": max_batch, "max_tokens": max_tokens, "tensorrt": trt.__version__, "source": str(folder)})
-        (tmp / "shadowllm.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            "max_batch": max_batch, "max_tokens": max_tokens, "tensorrt": trt.__version__, "source": str(folder)}))
+    out = folder / "tensorrt"
     return out

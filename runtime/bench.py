@@ -13,9 +13,11 @@ real model also `shadow` (per-sequence predictor at prefill, masks carried in de
 (per-layer lookahead every step), whose predictor share of time comes from onnxruntime's profiler
 (nodes the exporter named `predictor/...`).
 
-Per cell: `repeats` greedy runs of `tokens` new tokens after a `prompt_tokens` prompt; decode tok/s
-(median, spread = max - min), prefill and time-to-first-token (median), peak RSS of the process
-during the cell (VmHWM, reset before each cell), and the bytes bound of runtime/bench_bound.py.
+Per cell: `repeats` rounds, each a greedy run of `tokens` new tokens after a `prompt_tokens` prompt
+(after a short warm-up); decode tok/s (median over rounds, spread = max - min), prefill and
+time-to-first-token (median), peak RSS of the group's process during the cell (VmHWM, reset before
+each group), and the bytes bound of runtime/bench_bound.py. A round runs every group of cells once,
+so the rounds of all cells interleave over the whole measurement of a model.
 """
 
 from __future__ import annotations
@@ -131,12 +133,12 @@ def _run(backend, prompt, tokens: int, state0):
     return prefill, ttft, tokens / (time.perf_counter() - start), first_step
 
 
-def measure(backend, prompt, tokens: int, repeats: int, state0=None):
-    _run(backend, prompt, 4, state0)  # warm-up: sessions allocate and pick kernels on the first calls
-    runs = [_run(backend, prompt, tokens, state0) for _ in range(repeats)]
-    speeds = [r[2] for r in runs]
-    return (statistics.median(speeds), max(speeds) - min(speeds), statistics.median(r[0] for r in runs) * 1e3,
-            statistics.median(r[1] for r in runs) * 1e3, runs[-1][3])
+def measure(backend, prompt, tokens: int, state0=None):
+    """(decode tok/s, prefill ms, TTFT ms, state after the first decode step) of one greedy run,
+    after a short warm-up run (sessions allocate and pick kernels on their first calls)."""
+    _run(backend, prompt, 4, state0)
+    prefill, ttft, speed, state = _run(backend, prompt, tokens, state0)
+    return speed, prefill * 1e3, ttft * 1e3, state
 
 
 def profile(folder: Path, sparsity: float, prompt, tokens: int, threads, masks=None) -> dict:
@@ -236,10 +238,11 @@ def _predictors(model, tokenizer, root: Path):
 
 # -- the run -----------------------------------------------------------------------------------
 
-def _cell(rows, model_name, backend_name, policy, hs, ns, backend, prompt, plan, bandwidth, arch, masks=None,
-          dense_bytes=False, shares=None):
+def _sample(samples, model_name, backend_name, policy, hs, ns, backend, prompt, plan, arch, masks=None,
+            dense_bytes=False, shares=None):
+    """One measured run of one cell, with the bytes its decode step reads."""
     state0 = (lambda: backend.initial_state(1, *masks)) if masks is not None else None
-    speed, spread, prefill, ttft, decode_state = measure(backend, prompt, plan.tokens, plan.repeats, state0)
+    speed, prefill, ttft, decode_state = measure(backend, prompt, plan.tokens, state0)
     if dense_bytes:
         heads = neurons = None
     elif masks is not None:
@@ -247,16 +250,33 @@ def _cell(rows, model_name, backend_name, policy, hs, ns, backend, prompt, plan,
     else:  # predictor policies: the masks the predictor chose for the first decode step
         heads, neurons = decode_state["heads"].numpy()[0], decode_state["neurons"].numpy()[0]
     kv_policy = "all" if dense_bytes else arch["kv_policy"]
-    nbytes = decode_bytes(arch, heads, neurons, plan.prompt_tokens + plan.tokens // 2, kv_policy)
-    bound = bandwidth / nbytes
-    row = Row(model_name, backend_name, policy, hs, ns, round(speed, 2), round(spread, 2), round(prefill, 1),
-              round(ttft, 1), round(bound, 2), round(speed / bound, 3), nbytes, round(_peak_rss_mb(), 0),
-              *(shares or (None, None)), tokens=plan.tokens, repeats=plan.repeats, prompt_tokens=plan.prompt_tokens)
-    rows.append(row)
-    extra = f", predictor {shares[0]:.1%} of prefill / {shares[1]:.1%} of decode" if shares else ""
+    samples.append(dict(key=(model_name, backend_name, policy, hs, ns), speed=speed, prefill=prefill, ttft=ttft,
+                        rss=_peak_rss_mb(), bytes=decode_bytes(arch, heads, neurons,
+                                                               plan.prompt_tokens + plan.tokens // 2, kv_policy),
+                        shares=shares))
     print(f"[shadowllm] bench {model_name:<15} {backend_name:<12} {policy:<7} heads {hs:<4} neurons {ns:<4} "
-          f"{speed:7.2f} tok/s (spread {spread:.2f}, {speed / bound:.0%} of bound {bound:.1f}), "
-          f"prefill {prefill:.0f} ms, peak RSS {row.peak_rss_mb:.0f} MB{extra}", flush=True)
+          f"{speed:7.2f} tok/s, prefill {prefill:.0f} ms", flush=True)
+
+
+def _rows(samples: list, bandwidth: float, plan: Plan) -> list:
+    """One row per cell: medians over its rounds, spread = max - min, peak RSS = the highest."""
+    cells: dict = {}
+    for sample in samples:
+        cells.setdefault(sample["key"], []).append(sample)
+    rows = []
+    for (model, backend, policy, hs, ns), runs in cells.items():
+        speeds = [r["speed"] for r in runs]
+        speed, nbytes = statistics.median(speeds), runs[0]["bytes"]
+        shares = next((r["shares"] for r in runs if r["shares"]), None)
+        row = Row(model, backend, policy, hs, ns, round(speed, 2), round(max(speeds) - min(speeds), 2),
+                  round(statistics.median(r["prefill"] for r in runs), 1),
+                  round(statistics.median(r["ttft"] for r in runs), 1), round(bandwidth / nbytes, 2),
+                  round(speed * nbytes / bandwidth, 3), nbytes, round(max(r["rss"] for r in runs), 0),
+                  shares["predictor_prefill"] if shares else None, shares["predictor_decode"] if shares else None,
+                  shares.get("decode_op_shares") if shares else None, tokens=plan.tokens, repeats=len(runs),
+                  prompt_tokens=plan.prompt_tokens)
+        rows.append(row)
+    return rows
 
 
 def _isolated(fn, *args):
@@ -280,51 +300,58 @@ def _prepare(name: str, predictor_policies: bool) -> dict:
     return {k: str(v) for k, v in folders.items()}
 
 
-def _group(name: str, kind: str, folder: str, plan: Plan, bandwidth: float, prompt, model=None) -> list:
-    """The cells that share one loaded model or session, measured back to back."""
+def _group(name: str, kind: str, folder: str, plan: Plan, prompt, first_round: bool, model=None) -> list:
+    """One round of the cells that share one loaded model or session: a sample per cell. The first
+    round also profiles (predictor share; op shares of native decode at 50/50)."""
     folder = Path(folder)
     arch = _bench_arch(folder)
-    rows: list[Row] = []
+    samples: list = []
     _reset_peak_rss()
     if kind == "hf-eager":
         model = model if model is not None else _load_model(name)[0]
-        _cell(rows, name, kind, "dense", 0.0, 0.0, HFEager(model), prompt, plan, bandwidth, arch, dense_bytes=True)
+        _sample(samples, name, kind, "dense", 0.0, 0.0, HFEager(model), prompt, plan, arch, dense_bytes=True)
     elif kind in ("ort-dense", "ort-function"):
         grid = ((0.0, 0.0),) if kind == "ort-dense" else plan.function_grid
         backend = OrtBackend(folder, 0.0, threads=plan.threads, native=False)
         for hs, ns in grid:
-            _cell(rows, name, kind, "random" if hs or ns else "dense", hs, ns, backend, prompt, plan, bandwidth, arch,
-                  random_masks(arch, hs, ns), dense_bytes=True)
+            _sample(samples, name, kind, "random" if hs or ns else "dense", hs, ns, backend, prompt, plan, arch,
+                    random_masks(arch, hs, ns), dense_bytes=True)
     elif kind in ("ort-native", "tensorrt"):
         if kind == "tensorrt":
             from shadowllm.compiler.tensorrt import build_engine
 
-            from .trt_backend import TrtBackend
+            from .trt_backend import TrtBackend, engine_folder
 
-            build_engine(folder)
+            try:
+                engine_folder(folder)
+            except ShadowError:
+                build_engine(folder)
             backend = TrtBackend(folder)
         else:
             backend = OrtBackend(folder, 0.0, threads=plan.threads, native=True)
         for hs, ns in plan.native_grid:
-            _cell(rows, name, kind, "random" if hs or ns else "dense", hs, ns, backend, prompt, plan, bandwidth, arch,
-                  random_masks(arch, hs, ns))
-        if kind == "ort-native":  # where the time goes at 50% (a separate, profiled run)
-            del backend
-            for row in rows:
-                if (row.head_sparsity, row.neuron_sparsity) == (0.5, 0.5):
-                    row.decode_op_shares = profile(folder, 0.0, prompt, 8, plan.threads,
-                                                   random_masks(arch, 0.5, 0.5))["decode_op_shares"]
-    else:  # a predictor policy: its share of time from the profiler, then the timed cell
-        shares = predictor_shares(folder, 0.5, prompt, min(plan.tokens, 16), plan.threads)
+            _sample(samples, name, kind, "random" if hs or ns else "dense", hs, ns, backend, prompt, plan, arch,
+                    random_masks(arch, hs, ns))
+        del backend
+        if kind == "ort-native" and first_round and (0.5, 0.5) in plan.native_grid:
+            # where the time goes at 50/50: a separate, profiled run
+            ops = profile(folder, 0.0, prompt, 8, plan.threads, random_masks(arch, 0.5, 0.5))["decode_op_shares"]
+            for sample in samples:
+                if sample["key"][3:] == (0.5, 0.5):
+                    sample["shares"] = {"predictor_prefill": None, "predictor_decode": None, "decode_op_shares": ops}
+    else:  # a predictor policy: its share of time from the profiler (first round), then the timed run
+        shares = profile(folder, 0.5, prompt, min(plan.tokens, 16), plan.threads) if first_round else None
         backend = OrtBackend(folder, 0.5, threads=plan.threads, native=True)
         _reset_peak_rss()
-        _cell(rows, name, "ort-native", kind, 0.5, 0.5, backend, prompt, plan, bandwidth, arch, shares=shares)
-    return rows
+        _sample(samples, name, "ort-native", kind, 0.5, 0.5, backend, prompt, plan, arch, shares=shares)
+    return samples
 
 
 def bench_model(name: str, plan: Plan, bandwidth: float, model=None, tokenizer=None, root: Path | None = None) -> list:
-    """Every cell of one model, each group of cells in its own process. With `model` given (tests,
-    tiny models) everything runs in this process instead."""
+    """Every cell of one model. Rounds: each round runs every group once (a group in its own process:
+    its peak RSS is its own), and a cell's figures are medians over the rounds, so a slow spell of a
+    shared machine falls on every cell alike instead of on whichever cell was running. With `model`
+    given (tests, tiny models) everything runs in this process instead."""
     if model is None:
         folders = _isolated(_prepare, name, plan.predictor_policies)
         run_group = lambda *args: _isolated(_group, *args)  # noqa: E731
@@ -335,16 +362,16 @@ def bench_model(name: str, plan: Plan, bandwidth: float, model=None, tokenizer=N
     arch = _bench_arch(Path(folders["dense"]))
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, arch["vocab"], (1, plan.prompt_tokens), generator=g)
-    kinds = ["hf-eager", "ort-dense"] + (["ort-function"] if plan.function_grid else []) + ["ort-native"]
+    groups = [(kind, folders["dense"]) for kind in ["hf-eager", "ort-dense"] +
+              (["ort-function"] if plan.function_grid else []) + ["ort-native"]]
     if tensorrt_status() is None:
-        kinds.append("tensorrt")
-    rows = []
-    for kind in kinds:
-        rows += run_group(name, kind, folders["dense"], plan, bandwidth, prompt)
-    for policy in ("shadow", "dejavu"):
-        if policy in folders:
-            rows += run_group(name, policy, folders[policy], plan, bandwidth, prompt)
-    return rows
+        groups.append(("tensorrt", folders["dense"]))
+    groups += [(policy, folders[policy]) for policy in ("shadow", "dejavu") if policy in folders]
+    samples = []
+    for round_ in range(plan.repeats):
+        for kind, folder in groups:
+            samples += run_group(name, kind, folder, plan, prompt, round_ == 0)
+    return _rows(samples, bandwidth, plan)
 
 
 def tensorrt_status() -> str | None:

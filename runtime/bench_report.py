@@ -37,7 +37,7 @@ def markdown(rows, meta: dict, command: str) -> str:
                   "profiled run; share of decode wall time by op type, top 6):", ""]
         for r in profiled:
             top = [f"{op} {share:.0%}" for op, share in list(r.decode_op_shares.items())[:6]]
-            lines.append(f"- {r.model}: " + ", ".join(top))
+            lines.append(f"- {r.model}, {r.policy}: " + ", ".join(top))
     return "\n".join(lines) + "\n"
 
 

@@ -295,13 +295,14 @@ def test_bench_measures_every_cell(exported, tmp_path):
     from shadowllm.runtime.bench_report import write
 
     model, tok, _, _, _ = exported
-    plan = Plan(models=("tiny",), tokens=4, repeats=1, prompt_tokens=8,
+    plan = Plan(models=("tiny",), tokens=4, repeats=2, prompt_tokens=8,
                 native_grid=((0.0, 0.0), (0.5, 0.5), (0.5, 0.75)))
     rows = bench_model("tiny", plan, 20e9, model=model, tokenizer=tok, root=tmp_path / "cache")
     assert [(r.backend, r.head_sparsity, r.neuron_sparsity) for r in rows] == [
         ("hf-eager", 0, 0), ("ort-dense", 0, 0), ("ort-function", 0.5, 0.5), ("ort-native", 0, 0),
         ("ort-native", 0.5, 0.5), ("ort-native", 0.5, 0.75)]
     assert all(r.decode_tok_s > 0 and r.prefill_ms > 0 and r.peak_rss_mb > 0 and r.bound_tok_s > 0 for r in rows)
+    assert all(r.repeats == 2 and r.decode_spread >= 0 for r in rows)  # one row per cell, its rounds aggregated
     shares = rows[4].decode_op_shares  # the profiled 50% cell: the custom ops show up by name
     assert {"SparseHeadAttention", "SparseNeuronMLP"} <= set(shares) and all(0 <= v <= 1 for v in shares.values())
     dense, sparse = rows[3], rows[5]

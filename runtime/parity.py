@@ -323,7 +323,8 @@ def check_tensorrt(folder: str | os.PathLike, tokenizer, sparsity: float = 0.5, 
     options = ort.SessionOptions()
     report.native = register_native(options, None)
     session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    results = Comparator.run([OnnxrtRunner(session, name="onnxruntime"), trt_backend.runner], data_loader=[feeds])
+    results = Comparator.run([OnnxrtRunner(session, name="onnxruntime"), trt_backend.make_runner()],
+                             data_loader=[feeds])
     valid = mask.bool().numpy()
     for runner_results in (results[0][1], results[1][1]):
         runner_results[0]["logits"] = runner_results[0]["logits"][valid]

@@ -34,8 +34,6 @@ class TrtBackend:
         from shadowllm.compiler.tensorrt import requirements
 
         trt, library = requirements()
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
         folder = engine_folder(folder)
         self.manifest = json.loads((folder / "shadowllm.json").read_text())
         a = self.manifest["arch"]
@@ -46,8 +44,15 @@ class TrtBackend:
             raise ShadowError(f"--sparsity must lie in [0, 1), got {sparsity}")
         self.sparsity = np.array(float(sparsity), dtype=np.float32)
         trt.get_plugin_registry().load_library(str(library))
-        self.runner = TrtRunner(EngineFromBytes((folder / "model.engine").read_bytes()), name="tensorrt")
+        self.engine_bytes = (folder / "model.engine").read_bytes()
+        self.runner = self.make_runner()
         self.runner.activate()
+
+    def make_runner(self):
+        """A new, inactive Polygraphy runner over the engine (Comparator.run activates its own)."""
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        return TrtRunner(EngineFromBytes(self.engine_bytes), name="tensorrt")
 
     def initial_state(self, batch: int, head_mask=None, neuron_mask=None):
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)

@@ -49,6 +49,9 @@ def run_cli(*args):
     (["generate", "--prompt", "x", "--neuron-sparsity", "1.0"], "--neuron-sparsity: must lie in [0, 1), got 1.0"),
     (["generate", "--prompt", "x", "--head-sparsity", "-0.2"], "--head-sparsity: must lie in [0, 1), got -0.2"),
     (["generate", "--prompt", "x", "--head-sparsity", "half"], "--head-sparsity: expects a number"),
+    (["bench", "--models", "gpt-9"], "--models gpt-9: expected some of smollm2-135m, tinyllama-1.1b, opt-1.3b"),
+    (["bench", "--tokens", "0"], "--tokens: must be at least 1, got 0"),
+    (["build", "no-such-export", "--target", "tensorrt"], "no-such-export: no such export folder"),
 ])
 def test_bad_input_is_one_clear_line(args, expected):
     result = run_cli(*args)
@@ -98,6 +101,12 @@ def test_export_generate_and_parity_from_the_command_line(tiny_folder, tmp_path,
     assert main(["parity", str(out), "--model", str(tiny_folder), "--steps", "8",
                  "--json", str(tmp_path / "parity.json")]) == 0
     assert '"passed": true' in (tmp_path / "parity.json").read_text()
+    result = run_cli("build", str(out), "--target", "tensorrt", "--fp16")  # no TensorRT / GPU here: one line
+    if result.returncode == 2:
+        assert len(result.stderr.strip().splitlines()) == 1 and "--target tensorrt: " in result.stderr
+        assert not (out / "tensorrt").exists()
+    else:  # a machine with TensorRT and a GPU builds the engine
+        assert result.returncode == 0 and (out / "tensorrt" / "model.engine").is_file(), result.stderr
 
 
 def _traces(tiny_folder, tmp_path):

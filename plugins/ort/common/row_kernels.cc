@@ -31,8 +31,8 @@ SHADOWLLM_INLINE float Sum(V16 v) {
   return a;
 }
 
-// A tile of R rows x T tokens: R*T dot products over D, the rows and tokens each loaded once per
-// 16 columns. R=4 keeps four row streams in flight for the memory system.
+// A tile of R rows x T tokens: the R*T dot products over D, the rows and tokens each loaded once
+// per 16 columns. R=4 keeps four row streams in flight for the memory system.
 template <int R, int T>
 SHADOWLLM_INLINE void DotTile(const float* const* w, const float* x, int64_t D, float* out, int64_t S) {
   V16 acc[R][T] = {};
@@ -53,14 +53,14 @@ SHADOWLLM_INLINE void DotTile(const float* const* w, const float* x, int64_t D, 
     }
 }
 
-// Rows [r0, r1) against every token, tokens in tiles of 2 (4 rows at a time, then the rest).
+// Rows [r0, r1) against every token: 4 rows x 4 tokens at a time, then the rest.
 SHADOWLLM_CLONES
 void ProjectChunk(const float* x, int64_t S, int64_t D, const float* const* rows, int64_t r0, int64_t r1, float* out) {
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) {
     int64_t s = 0;
-    for (; s + 2 <= S; s += 2) DotTile<4, 2>(rows + r, x + s * D, D, out + r * S + s, S);
-    if (s < S) DotTile<4, 1>(rows + r, x + s * D, D, out + r * S + s, S);
+    for (; s + 4 <= S; s += 4) DotTile<4, 4>(rows + r, x + s * D, D, out + r * S + s, S);
+    for (; s < S; ++s) DotTile<4, 1>(rows + r, x + s * D, D, out + r * S + s, S);
   }
   for (; r < r1; ++r)
     for (int64_t s = 0; s < S; ++s) DotTile<1, 1>(rows + r, x + s * D, D, out + r * S + s, S);
@@ -88,12 +88,12 @@ void AccumulateRows(const float* const* rows, const float* coeff, int64_t S, int
   }
 }
 
-// Columns [d0, d0 + 64) of tokens [s0, s0 + T): a T x 64 register tile summed over every row.
+// Columns [d0, d0 + 64) of tokens [s0, s0 + T), rows [r0, r1): a T x 64 register tile added to y.
 template <int T>
-SHADOWLLM_INLINE void ProjectTile(const float* const* rows, int64_t R, const float* coeff, int64_t S, int64_t s0,
-                                  int64_t d0, int64_t D, float* y) {
+SHADOWLLM_INLINE void ProjectTile(const float* const* rows, int64_t r0, int64_t r1, const float* coeff, int64_t S,
+                                  int64_t s0, int64_t d0, int64_t D, float* y) {
   V16 acc[T][4] = {};
-  for (int64_t r = 0; r < R; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     const float* w = rows[r] + d0;
     const V16 w0 = Load(w), w1 = Load(w + 16), w2 = Load(w + 32), w3 = Load(w + 48);
     for (int t = 0; t < T; ++t) {
@@ -108,15 +108,21 @@ SHADOWLLM_INLINE void ProjectTile(const float* const* rows, int64_t R, const flo
     for (int j = 0; j < 4; ++j) Store(y + (s0 + t) * D + d0 + 16 * j, Load(y + (s0 + t) * D + d0 + 16 * j) + acc[t][j]);
 }
 
+// Prefill output projection, columns [d0, d1): rows in blocks of kRowBlock, so that the block's
+// 64-column strips stay in cache across every token tile.
+constexpr int64_t kRowBlock = 64;
+
 SHADOWLLM_CLONES
 void ProjectColumns(const float* const* rows, int64_t R, const float* coeff, int64_t S, int64_t D, int64_t d0,
                     int64_t d1, float* y) {
   int64_t d = d0;
-  for (; d + 64 <= d1; d += 64) {
-    int64_t s = 0;
-    for (; s + 4 <= S; s += 4) ProjectTile<4>(rows, R, coeff, S, s, d, D, y);
-    for (; s < S; ++s) ProjectTile<1>(rows, R, coeff, S, s, d, D, y);
-  }
+  for (; d + 64 <= d1; d += 64)
+    for (int64_t rb = 0; rb < R; rb += kRowBlock) {
+      const int64_t re = std::min(R, rb + kRowBlock);
+      int64_t s = 0;
+      for (; s + 4 <= S; s += 4) ProjectTile<4>(rows, rb, re, coeff, S, s, d, D, y);
+      for (; s < S; ++s) ProjectTile<1>(rows, rb, re, coeff, S, s, d, D, y);
+    }
   for (; d < d1; ++d)  // columns past the last whole tile
     for (int64_t s = 0; s < S; ++s) {
       float a = 0.f;
@@ -125,7 +131,7 @@ void ProjectColumns(const float* const* rows, int64_t R, const float* coeff, int
     }
 }
 
-constexpr int64_t kRowTasks = 8;      // decode: partial sums, each over a contiguous share of the rows
+constexpr int64_t kRowTasks = 8;       // decode: partial sums, each over a contiguous share of the rows
 constexpr int64_t kPrefillTokens = 4;  // from this many tokens on, split columns instead of rows
 
 }  // namespace

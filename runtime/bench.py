@@ -258,20 +258,22 @@ def _sample(samples, model_name, backend_name, policy, hs, ns, backend, prompt, 
           f"{speed:7.2f} tok/s, prefill {prefill:.0f} ms", flush=True)
 
 
-def _rows(samples: list, bandwidth: float, plan: Plan) -> list:
-    """One row per cell: medians over its rounds, spread = max - min, peak RSS = the highest."""
+def _rows(samples: list, plan: Plan) -> list:
+    """One row per cell: medians over its rounds, spread = max - min, peak RSS = the highest. Each
+    round's bound uses the bandwidth read just before that round's group ran."""
     cells: dict = {}
     for sample in samples:
         cells.setdefault(sample["key"], []).append(sample)
     rows = []
     for (model, backend, policy, hs, ns), runs in cells.items():
         speeds = [r["speed"] for r in runs]
-        speed, nbytes = statistics.median(speeds), runs[0]["bytes"]
+        bounds = [r["bandwidth"] / r["bytes"] for r in runs]
         shares = next((r["shares"] for r in runs if r["shares"]), None)
-        row = Row(model, backend, policy, hs, ns, round(speed, 2), round(max(speeds) - min(speeds), 2),
-                  round(statistics.median(r["prefill"] for r in runs), 1),
-                  round(statistics.median(r["ttft"] for r in runs), 1), round(bandwidth / nbytes, 2),
-                  round(speed * nbytes / bandwidth, 3), nbytes, round(max(r["rss"] for r in runs), 0),
+        row = Row(model, backend, policy, hs, ns, round(statistics.median(speeds), 2),
+                  round(max(speeds) - min(speeds), 2), round(statistics.median(r["prefill"] for r in runs), 1),
+                  round(statistics.median(r["ttft"] for r in runs), 1), round(statistics.median(bounds), 2),
+                  round(statistics.median(v / b for v, b in zip(speeds, bounds)), 3), runs[0]["bytes"],
+                  round(max(r["rss"] for r in runs), 0),
                   shares["predictor_prefill"] if shares else None, shares["predictor_decode"] if shares else None,
                   shares.get("decode_op_shares") if shares else None, tokens=plan.tokens, repeats=len(runs),
                   prompt_tokens=plan.prompt_tokens)
@@ -347,11 +349,12 @@ def _group(name: str, kind: str, folder: str, plan: Plan, prompt, first_round: b
     return samples
 
 
-def bench_model(name: str, plan: Plan, bandwidth: float, model=None, tokenizer=None, root: Path | None = None) -> list:
+def bench_model(name: str, plan: Plan, bandwidth, model=None, tokenizer=None, root: Path | None = None) -> list:
     """Every cell of one model. Rounds: each round runs every group once (a group in its own process:
     its peak RSS is its own), and a cell's figures are medians over the rounds, so a slow spell of a
     shared machine falls on every cell alike instead of on whichever cell was running. With `model`
-    given (tests, tiny models) everything runs in this process instead."""
+    given (tests, tiny models) everything runs in this process instead. `bandwidth()` reads the
+    machine's bandwidth now (bytes/s); it is called before every group of every round."""
     if model is None:
         folders = _isolated(_prepare, name, plan.predictor_policies)
         run_group = lambda *args: _isolated(_group, *args)  # noqa: E731
@@ -370,8 +373,10 @@ def bench_model(name: str, plan: Plan, bandwidth: float, model=None, tokenizer=N
     samples = []
     for round_ in range(plan.repeats):
         for kind, folder in groups:
-            samples += run_group(name, kind, folder, plan, prompt, round_ == 0)
-    return _rows(samples, bandwidth, plan)
+            reading = bandwidth()
+            for sample in run_group(name, kind, folder, plan, prompt, round_ == 0):
+                samples.append(dict(sample, bandwidth=reading))
+    return _rows(samples, plan)
 
 
 def tensorrt_status() -> str | None:
@@ -388,27 +393,23 @@ def tensorrt_status() -> str | None:
 def run(plan: Plan) -> tuple[list, dict]:
     if plan.threads:
         torch.set_num_threads(plan.threads)
-    # Shared machines drift: bandwidth is measured before each model and once more at the end, and
-    # every bound uses the highest reading (the strictest bound); all readings are reported.
+    # Shared machines drift (readings here swing between ~45 and ~75 GB/s for minutes at a time), so
+    # bandwidth is read just before every group of every round and each round is held to its own.
     readings = []
 
     def bandwidth() -> float:
-        readings.append(copy_bandwidth())
-        print(f"[shadowllm] bench: memory bandwidth (1 GiB copy, read + write) {readings[-1] / 1e9:.1f} GB/s",
-              flush=True)
-        return max(readings)
+        readings.append(copy_bandwidth(gib=0.5, repeats=3))
+        return readings[-1]
 
     missing = tensorrt_status()
     if missing:
         plan.notes.append(f"tensorrt cells not run: {missing}")
     rows = []
     for name in plan.models:
-        rows += bench_model(name, plan, bandwidth())
-    best = bandwidth()
-    for row in rows:  # re-derive every bound from the highest reading
-        row.bound_tok_s = round(best / row.bytes_per_token, 2)
-        row.achieved_of_bound = round(row.decode_tok_s / row.bound_tok_s, 3)
-    meta = {"bandwidth_gb_s": round(best / 1e9, 2), "bandwidth_readings_gb_s": [round(r / 1e9, 2) for r in readings],
+        rows += bench_model(name, plan, bandwidth)
+    gb = sorted(r / 1e9 for r in readings)
+    meta = {"bandwidth_gb_s": round(statistics.median(gb), 2),
+            "bandwidth_range_gb_s": [round(gb[0], 2), round(gb[-1], 2)], "bandwidth_readings": len(gb),
             "threads": plan.threads or torch.get_num_threads(), "python": sys.version.split()[0],
             "torch": torch.__version__, "notes": plan.notes}
     import onnxruntime

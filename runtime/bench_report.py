@@ -15,10 +15,12 @@ def _ort_dense(rows, model):
 
 def markdown(rows, meta: dict, command: str) -> str:
     lines = [f"Command: `{command}`", "",
-             f"Memory bandwidth (1 GiB copy, read + write, same run): {meta['bandwidth_gb_s']} GB/s, the highest "
-             f"of the readings {meta.get('bandwidth_readings_gb_s', [meta['bandwidth_gb_s']])} GB/s; "
-             f"{meta['threads']} threads; onnxruntime {meta.get('onnxruntime')}, torch {meta.get('torch')}. "
-             "Bound = bandwidth / bytes one decode step reads (weights of kept rows, LM head, KV cache).", ""]
+             f"Memory bandwidth (0.5 GiB copy, read + write), read before every group of cells in every round: "
+             f"median {meta['bandwidth_gb_s']} GB/s, range {meta.get('bandwidth_range_gb_s')} GB/s over "
+             f"{meta.get('bandwidth_readings')} readings; {meta['threads']} threads; onnxruntime "
+             f"{meta.get('onnxruntime')}, torch {meta.get('torch')}. Bound = that round's bandwidth / bytes one decode "
+             "step reads (weights of kept rows, LM head, KV cache); bound and achieved fraction are medians over "
+             "rounds.", ""]
     lines += [f"Note: {n}" for n in meta.get("notes", [])]
     lines += ["", "| model | backend | policy | heads off | neurons off | decode tok/s | spread | vs ort-dense | "
               "bound tok/s | of bound | prefill ms | TTFT ms | peak RSS MB | predictor prefill / decode |",

@@ -297,7 +297,7 @@ def test_bench_measures_every_cell(exported, tmp_path):
     model, tok, _, _, _ = exported
     plan = Plan(models=("tiny",), tokens=4, repeats=2, prompt_tokens=8,
                 native_grid=((0.0, 0.0), (0.5, 0.5), (0.5, 0.75)))
-    rows = bench_model("tiny", plan, 20e9, model=model, tokenizer=tok, root=tmp_path / "cache")
+    rows = bench_model("tiny", plan, lambda: 20e9, model=model, tokenizer=tok, root=tmp_path / "cache")
     assert [(r.backend, r.head_sparsity, r.neuron_sparsity) for r in rows] == [
         ("hf-eager", 0, 0), ("ort-dense", 0, 0), ("ort-function", 0.5, 0.5), ("ort-native", 0, 0),
         ("ort-native", 0.5, 0.5), ("ort-native", 0.5, 0.75)]
@@ -307,7 +307,9 @@ def test_bench_measures_every_cell(exported, tmp_path):
     assert {"SparseHeadAttention", "SparseNeuronMLP"} <= set(shares) and all(0 <= v <= 1 for v in shares.values())
     dense, sparse = rows[3], rows[5]
     assert sparse.bytes_per_token < dense.bytes_per_token == rows[1].bytes_per_token == rows[2].bytes_per_token
-    write(rows, {"bandwidth_gb_s": 20.0, "threads": 2, "notes": ["tensorrt cells not run: test"]}, tmp_path / "bench",
+    assert all(abs(r.bound_tok_s - 20e9 / r.bytes_per_token) < 0.01 for r in rows)
+    write(rows, {"bandwidth_gb_s": 20.0, "bandwidth_range_gb_s": [20.0, 20.0], "bandwidth_readings": 10, "threads": 2,
+                 "notes": ["tensorrt cells not run: test"]}, tmp_path / "bench",
           "shadowllm bench ...")
     data = json.loads((tmp_path / "bench.json").read_text())
     required = {"model", "backend", "policy", "head_sparsity", "neuron_sparsity", "decode_tok_s", "prefill_ms",

@@ -64,10 +64,10 @@ def plot(rows, path: Path):
                               if r.backend == backend and r.head_sparsity == r.neuron_sparsity)
             if diagonal:
                 ax.plot(*zip(*diagonal), style, label=f"{backend} (heads = neurons)")
-        bound = sorted((r.neuron_sparsity, r.bound_tok_s) for r in mine
+        bound = sorted((r.neuron_sparsity, r.peak_bound_tok_s or r.bound_tok_s) for r in mine
                        if r.backend == "ort-native" and r.head_sparsity == r.neuron_sparsity)
         if bound:
-            ax.plot(*zip(*bound), ":", color="gray", label="bytes bound (native)")
+            ax.plot(*zip(*bound), ":", color="gray", label="bytes bound at peak bandwidth (native)")
         for r in mine:
             if r.backend == "ort-native" and r.head_sparsity != r.neuron_sparsity:
                 ax.plot([r.neuron_sparsity], [r.decode_tok_s], "D", color="C3",

@@ -175,12 +175,6 @@ def profile(folder: Path, sparsity: float, prompt, tokens: int, threads, masks=N
             "decode_op_shares": ops}
 
 
-def predictor_shares(folder: Path, sparsity: float, prompt, tokens: int, threads) -> tuple[float, float]:
-    """(share of prefill, share of decode) spent in the predictor's nodes."""
-    p = profile(folder, sparsity, prompt, tokens, threads)
-    return p["predictor_prefill"], p["predictor_decode"]
-
-
 # -- models and exports ------------------------------------------------------------------------
 
 def random_masks(arch: dict, head_sparsity: float, neuron_sparsity: float, seed: int = 0):

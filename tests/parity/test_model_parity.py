@@ -338,7 +338,7 @@ def test_predictor_share_from_the_profiler(predictor_exports, name):
     per-sequence predictor costs nothing in decode (its If takes the carry branch)."""
     import onnx
 
-    from shadowllm.runtime.bench import predictor_shares
+    from shadowllm.runtime.bench import profile
 
     folder = predictor_exports[name]
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
@@ -350,7 +350,8 @@ def test_predictor_share_from_the_profiler(predictor_exports, name):
                 if attr.type == onnx.AttributeProto.GRAPH:
                     yield from names(attr.g)
     assert any(n.startswith("predictor/") for n in names(model.graph))
-    prefill, decode = predictor_shares(folder, 0.5, torch.randint(0, 250, (1, 12)), 4, None)
+    shares = profile(folder, 0.5, torch.randint(0, 250, (1, 12)), 4, None)
+    prefill, decode = shares["predictor_prefill"], shares["predictor_decode"]
     assert 0.0 < prefill < 1.0
     assert decode == 0.0 if name == "shadow-sequence" else 0.0 < decode < 1.0
     assert not list(folder.glob(".bench-profile*"))  # the trace is read and removed

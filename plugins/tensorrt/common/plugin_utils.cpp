@@ -100,6 +100,12 @@ int32_t SparsePluginBase::getOutputDataTypes(nvinfer1::DataType* outputs, int32_
   return 0;
 }
 
+int32_t SparsePluginBase::LaunchStatus(cudaError_t err) const {
+  if (err == cudaSuccess) return 0;
+  Log(nvinfer1::ILogger::Severity::kERROR, std::string(getPluginName()) + ": " + cudaGetErrorString(err));
+  return -1;
+}
+
 bool SparsePluginBase::SupportsSlot(SlotKind kind, const nvinfer1::DynamicPluginTensorDesc* in_out, int32_t pos) const {
   const nvinfer1::PluginTensorDesc& d = in_out[pos].desc;
   if (d.format != nvinfer1::TensorFormat::kLINEAR) return false;

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "launch_types.h"
+
 namespace shadowllm {
 namespace trt {
 
@@ -59,6 +61,10 @@ class InputMap {
  public:
   InputMap(int32_t slots, std::vector<int32_t> optional_slots, int64_t present_bits);
   int32_t Index(int32_t slot) const { return index_[slot]; }  // -1 when absent
+  // The buffer of contract slot `slot` among TensorRT's inputs (null when absent).
+  const void* Get(const void* const* inputs, int32_t slot) const {
+    return index_[slot] < 0 ? nullptr : inputs[index_[slot]];
+  }
   int32_t Count() const { return count_; }
   int64_t Bits() const { return bits_; }
 
@@ -93,6 +99,12 @@ class SparsePluginBase : public nvinfer1::IPluginV3,
   // Format check shared by both ops: linear layout; float slots all of x's type (fp32 or fp16).
   enum class SlotKind { kFloat, kBool, kInt64 };
   bool SupportsSlot(SlotKind kind, const nvinfer1::DynamicPluginTensorDesc* in_out, int32_t pos) const;
+  // The kernels' storage type: x's (every float tensor of a node has the same type).
+  static cuda::DType StorageType(const nvinfer1::PluginTensorDesc* input_desc) {
+    return input_desc[0].type == nvinfer1::DataType::kHALF ? cuda::DType::kFloat16 : cuda::DType::kFloat32;
+  }
+  // enqueue's return: 0, or -1 with the CUDA error on TensorRT's log.
+  int32_t LaunchStatus(cudaError_t err) const;
   FieldWriter fields_;
 };
 

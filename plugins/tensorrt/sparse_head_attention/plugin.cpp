@@ -3,7 +3,6 @@
 namespace shadowllm {
 namespace trt {
 
-using nvinfer1::DataType;
 using nvinfer1::DimensionOperation;
 using nvinfer1::PluginField;
 using nvinfer1::PluginFieldType;
@@ -66,7 +65,7 @@ size_t SparseHeadAttentionPlugin::getWorkspaceSize(const nvinfer1::DynamicPlugin
 int32_t SparseHeadAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* input_desc,
                                            const nvinfer1::PluginTensorDesc*, const void* const* inputs,
                                            void* const* outputs, void* workspace, cudaStream_t stream) noexcept {
-  auto in = [&](Slot s) { return inputs_.Index(s) < 0 ? nullptr : inputs[inputs_.Index(s)]; };
+  auto in = [&](Slot s) { return inputs_.Get(inputs, s); };
   const nvinfer1::Dims& x = input_desc[inputs_.Index(kX)].dims;
   cuda::AttentionLaunch a{};
   a.x = in(kX);
@@ -98,13 +97,8 @@ int32_t SparseHeadAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* inp
   a.scale = config_.scale;
   a.rope = config_.rope;
   a.kv_active = config_.kv_active;
-  a.dtype = input_desc[0].type == DataType::kHALF ? cuda::DType::kFloat16 : cuda::DType::kFloat32;
-  const cudaError_t err = cuda::LaunchSparseHeadAttention(a, workspace, stream);
-  if (err != cudaSuccess) {
-    Log(nvinfer1::ILogger::Severity::kERROR, std::string("SparseHeadAttention: ") + cudaGetErrorString(err));
-    return -1;
-  }
-  return 0;
+  a.dtype = StorageType(input_desc);
+  return LaunchStatus(cuda::LaunchSparseHeadAttention(a, workspace, stream));
 }
 
 const nvinfer1::PluginFieldCollection* SparseHeadAttentionPlugin::getFieldsToSerialize() noexcept {

@@ -3,7 +3,6 @@
 namespace shadowllm {
 namespace trt {
 
-using nvinfer1::DataType;
 using nvinfer1::PluginField;
 using nvinfer1::PluginFieldType;
 
@@ -45,7 +44,7 @@ size_t SparseNeuronMLPPlugin::getWorkspaceSize(const nvinfer1::DynamicPluginTens
 int32_t SparseNeuronMLPPlugin::enqueue(const nvinfer1::PluginTensorDesc* input_desc, const nvinfer1::PluginTensorDesc*,
                                        const void* const* inputs, void* const* outputs, void* workspace,
                                        cudaStream_t stream) noexcept {
-  auto in = [&](Slot s) { return inputs_.Index(s) < 0 ? nullptr : inputs[inputs_.Index(s)]; };
+  auto in = [&](Slot s) { return inputs_.Get(inputs, s); };
   const nvinfer1::Dims& x = input_desc[inputs_.Index(kX)].dims;
   cuda::MLPLaunch a{};
   a.x = in(kX);
@@ -61,13 +60,8 @@ int32_t SparseNeuronMLPPlugin::enqueue(const nvinfer1::PluginTensorDesc* input_d
   a.D = x.d[2];
   a.F = input_desc[inputs_.Index(kWIn)].dims.d[0];
   a.activation = activation_;
-  a.dtype = input_desc[0].type == DataType::kHALF ? cuda::DType::kFloat16 : cuda::DType::kFloat32;
-  const cudaError_t err = cuda::LaunchSparseNeuronMLP(a, workspace, stream);
-  if (err != cudaSuccess) {
-    Log(nvinfer1::ILogger::Severity::kERROR, std::string("SparseNeuronMLP: ") + cudaGetErrorString(err));
-    return -1;
-  }
-  return 0;
+  a.dtype = StorageType(input_desc);
+  return LaunchStatus(cuda::LaunchSparseNeuronMLP(a, workspace, stream));
 }
 
 const nvinfer1::PluginFieldCollection* SparseNeuronMLPPlugin::getFieldsToSerialize() noexcept {

@@ -52,6 +52,7 @@ class Row:
     bytes_fraction: float
     lastword_acc: float | None = None
     lastword_n: int = 0
+    predictor: str | None = None  # folder name of the predictor a row used (two of one kind stay apart)
 
 
 class _Stop(Exception):
@@ -341,9 +342,11 @@ def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=
     rows = []
     for m in tqdm(todo, desc="eval", unit="row", disable=not progress):
         ppl, frac, acc = evaluate_method(model, m, windows, prompt, items)
+        source = m.predictor.source if isinstance(m, PredictorMethod) else None
         rows.append(Row(m.name, m.granularity, m.target if m.name != "dense" else "-", m.sparsity, m.criterion,
                         round(ppl, 4), windows.shape[0], round(frac, 4),
-                        None if acc is None else round(acc, 4), len(items)))
+                        None if acc is None else round(acc, 4), len(items),
+                        Path(source).name if source else None))
     return rows
 
 
@@ -368,21 +371,27 @@ def write_reports(rows: list[Row], out_prefix: str | os.PathLike, command: str, 
 
 def _label(r: Row) -> str:
     label = r.method if r.method in ("dense", "random", "gate", "static") else f"{r.method}/{r.granularity}"
-    return label + (f" ({r.criterion})" if r.method in ("oracle", "shadow", "dejavu") else "")
+    label += f" ({r.criterion})" if r.method in ("oracle", "shadow", "dejavu") else ""
+    return label + (f" [{r.predictor}]" if r.predictor else "")
+
+
+def rows_table(rows: list[Row]) -> list[str]:
+    """The markdown table of every row (the report's first table; the demo prints it alone)."""
+    named = any(r.predictor for r in rows)  # reports written before rows named their predictor lack the column
+    lines = ["| method | granularity | criterion | " + ("predictor | " if named else "") +
+             "target | sparsity | ppl | last-word acc | bytes_fraction |",
+             "|---|---|---|" + ("---|" if named else "") + "---|---:|---:|---:|---:|"]
+    for r in rows:
+        acc = "" if r.lastword_acc is None else f"{r.lastword_acc:.3f}"
+        lines.append(f"| {r.method} | {r.granularity} | {r.criterion or ''} | " +
+                     (f"{r.predictor or ''} | " if named else "") +
+                     f"{r.target} | {r.sparsity} | {r.ppl:.2f} | {acc} | {r.bytes_fraction:.3f} |")
+    return lines
 
 
 def markdown(rows: list[Row], command: str) -> str:
-    lines = [f"Command: `{command}`", "",
-             "| method | granularity | criterion | target | sparsity | ppl | last-word acc | bytes_fraction |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        acc = "" if r.lastword_acc is None else f"{r.lastword_acc:.3f}"
-        lines.append(f"| {r.method} | {r.granularity} | {r.criterion or ''} | {r.target} | {r.sparsity} | "
-                     f"{r.ppl:.2f} | {acc} | {r.bytes_fraction:.3f} |")
-    lines += ["", "Gap closed, (ppl_static - ppl_shadow) / (ppl_static - ppl_oracle), oracle of the same "
-              "granularity and criterion as the predictor:", "",
-              "| target | sparsity | granularity | criterion | static | shadow | oracle | gap closed |",
-              "|---|---:|---|---|---:|---:|---:|---:|"]
+    lines = [f"Command: `{command}`", "", *rows_table(rows)]
+    gap = []
     for r in rows:
         if r.method != "shadow":
             continue
@@ -391,8 +400,13 @@ def markdown(rows: list[Row], command: str) -> str:
                        and x.granularity == r.granularity and x.criterion == r.criterion), None)
         if static and oracle and static.ppl != oracle.ppl:
             closed = (static.ppl - r.ppl) / (static.ppl - oracle.ppl)
-            lines.append(f"| {r.target} | {r.sparsity} | {r.granularity} | {r.criterion} | {static.ppl:.2f} | "
-                         f"{r.ppl:.2f} | {oracle.ppl:.2f} | {closed:.2f} |")
+            gap.append(f"| {r.target} | {r.sparsity} | {r.granularity} | {r.criterion} | {static.ppl:.2f} | "
+                       f"{r.ppl:.2f} | {oracle.ppl:.2f} | {closed:.2f} |")
+    if gap:  # needs static and oracle rows
+        lines += ["", "Gap closed, (ppl_static - ppl_shadow) / (ppl_static - ppl_oracle), oracle of the same "
+                  "granularity and criterion as the predictor:", "",
+                  "| target | sparsity | granularity | criterion | static | shadow | oracle | gap closed |",
+                  "|---|---:|---|---|---:|---:|---:|---:|", *gap]
     gate_rows = [r for r in rows if r.method == "gate"]
     if gate_rows:
         lines += ["", "Against gate at the same weight bytes read per token (each method's perplexity "

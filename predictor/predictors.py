@@ -98,8 +98,9 @@ def flops_per_prediction(module: nn.Module) -> int:
 class Predictor:
     """A trained predictor with its manifest: kind, granularity, criterion, sizes, metrics, model fingerprint."""
 
-    def __init__(self, net: nn.Module, manifest: dict):
+    def __init__(self, net: nn.Module, manifest: dict, source: str | None = None):
         self.net, self.manifest = net.eval(), manifest
+        self.source = source  # the folder it was loaded from (None when trained in this process)
 
     @property
     def kind(self) -> str:
@@ -143,4 +144,4 @@ def load_predictor(folder: str | os.PathLike, model=None) -> Predictor:
     except Exception as e:
         raise ShadowError(f"{folder / ARTIFACT_WEIGHTS}: unreadable or mismatched weights "
                           f"({str(e).splitlines()[0]})") from None
-    return Predictor(net, manifest)
+    return Predictor(net, manifest, str(folder))

@@ -147,7 +147,8 @@ def cmd_train(args):
         from shadowllm.models import load
         model, _ = load(args.model)
     predictor = train(args.traces, args.kind, args.granularity, args.criterion, args.rank, args.width, args.epochs,
-                      args.lr, args.batch_size, args.holdout, args.label_keep, model=model)
+                      args.lr, args.batch_size, args.holdout, args.label_keep, model=model,
+                      target_scale=args.target_scale)
     predictor.save(args.out)
     m, c = predictor.manifest["metrics"], predictor.manifest["cost"]
     print(f"{args.kind}/{args.granularity} predictor ({predictor.manifest['criterion']}) -> {args.out}")
@@ -345,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--holdout", type=float, default=0.1)
     p.add_argument("--label-keep", type=float, default=0.5, help="dejavu: fraction labelled important")
+    p.add_argument("--target-scale", choices=["linear", "log"], default="linear",
+                   help="shadow: min-max normalise the scores as they are (default) or their log "
+                        "(better recall, worse perplexity on SmolLM2-135M)")
     p.add_argument("--model", default=None, help="check the traces against this model's fingerprint")
     p.add_argument("--out", required=True, help="predictor folder")
     p.set_defaults(func=cmd_train)

@@ -19,7 +19,7 @@ import torch
 from shadowllm.models import fingerprint, load
 from shadowllm.models.loading import cache_root
 from shadowllm.models.errors import ShadowError
-from shadowllm.predictor.evaluation import evaluate, markdown
+from shadowllm.predictor.evaluation import evaluate, rows_table
 from shadowllm.predictor.predictors import load_predictor
 from shadowllm.predictor.traces import calibrate
 from shadowllm.predictor.fixed_masks import static_from_traces
@@ -79,7 +79,7 @@ def run_demo(model_name: str | None = None, quick: bool = False):
     rows = evaluate(model, tokenizer, [p_seq, p_tok], [0.5], ["neurons"], max_windows=windows, window=256,
                     prompt=128, static_scores=static, oracle_criteria=(), lastword=0,
                     methods=["dense", "static", "shadow", "gate"], progress=False)
-    print(markdown(rows, "shadowllm demo").split("\n\nGap closed")[0].split("\n", 2)[2])
+    print("\n".join(rows_table(rows)))
 
     deployed = _exported(model, tokenizer, p_tok, root)
     chat = getattr(tokenizer, "chat_template", None)

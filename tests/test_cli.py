@@ -87,7 +87,7 @@ def test_calibrate_train_eval_from_the_command_line(tiny_folder, tmp_path, capsy
                  "--max-windows", "2", "--window", "32", "--prompt", "16", "--lastword", "0",
                  "--out", str(report)]) == 0
     out = capsys.readouterr().out
-    assert "| shadow | token | plainact | neurons | 0.5 |" in out and "| static |" in out
+    assert f"| shadow | token | plainact | {pred.name} | neurons | 0.5 |" in out and "| static |" in out
     assert report.with_suffix(".json").is_file() and report.with_suffix(".png").is_file()
 
 

@@ -10,7 +10,7 @@ from shadowllm.models.tiny import build_model, byte_tokenizer
 from shadowllm.predictor.evaluation import evaluate, write_reports
 from shadowllm.predictor.predictors import load_predictor
 from shadowllm.predictor.traces import calibrate, load_traces
-from shadowllm.predictor.train import train
+from shadowllm.predictor.train import scaled_targets, train
 
 SMALL = dict(samples=12, window=48, batch_size=4, token_positions=6, shard_size=4, progress=False)
 
@@ -78,9 +78,11 @@ def test_train_save_load_and_eval(model, traces, tmp_path, kind, granularity):
     assert (kind, granularity) in methods and ("oracle", "token") in methods and ("gate", "token") in methods
     for r in rows:
         assert r.ppl > 1 and 0 < r.bytes_fraction and r.windows == 2
+        assert r.predictor == ("pred" if r.method == kind else None)  # rows name the predictor folder
     dense = next(r for r in rows if r.method == "dense")
     assert dense.bytes_fraction == 1.0
     write_reports(rows, tmp_path / "report" / "eval", "shadowllm eval ...", {})
+    assert "| predictor |" in (tmp_path / "report" / "eval.md").read_text()
     data = json.loads((tmp_path / "report" / "eval.json").read_text())
     assert data["command"] and {"method", "granularity", "target", "sparsity", "ppl", "windows",
                                 "bytes_fraction"} <= set(data["rows"][0])
@@ -94,6 +96,46 @@ def test_predictor_of_another_model_is_refused(traces, model, tmp_path):
         load_predictor(tmp_path / "p", build_model("llama", seed=10))
     with pytest.raises(ShadowError, match="collected on another model"):
         load_traces(traces, build_model("llama", seed=10))
+
+
+def test_log_target_scale_keeps_each_layers_order_and_spreads_the_bulk():
+    g = torch.Generator().manual_seed(3)
+    order = torch.stack([torch.randperm(200, generator=g) for _ in range(20)]).view(5, 4, 200)
+    scores = 1.05 ** order.float()  # distinct and heavy-tailed (max/median ~ 130), like magnitudes
+    lin, log = scaled_targets(scores, "linear", "l2_norm"), scaled_targets(scores, "log", "l2_norm")
+    for t in (lin, log):
+        assert torch.allclose(t.amin(-1), torch.zeros(5, 4)) and torch.allclose(t.amax(-1), torch.ones(5, 4))
+        assert torch.equal(t.argsort(-1), scores.argsort(-1))
+    assert log.median() > 4 * lin.median()  # the median unit is no longer squeezed against 0
+    with pytest.raises(ShadowError, match="non-negative.*'grasp'"):
+        scaled_targets(scores - 2, "log", "grasp")
+
+
+def test_train_records_the_target_scale(traces):
+    m = train(str(traces), "shadow", "token", epochs=1, progress=False, target_scale="log").manifest
+    assert m["training"]["target_scale"] == "log"
+    with pytest.raises(ShadowError, match="--target-scale 'cube'"):
+        train(str(traces), "shadow", "token", epochs=1, progress=False, target_scale="cube")
+
+
+def test_predictor_study_runs_every_variant(traces, tmp_path):
+    """scripts/predictor_study.py (the per-token predictor study in the README) on the tiny traces."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "predictor_study.py"
+    out = tmp_path / "study"
+    subprocess.run([sys.executable, str(script), "--traces", str(traces), "--out", str(out), "--epochs", "1",
+                    "--mid-layer", "1"], check=True, capture_output=True)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == 12 and {r["network"] for r in rows} == {"shadow", "per_layer"}
+    for r in rows:
+        for part in ("heads", "neurons"):
+            assert 0 < r[part]["mass"] <= 1 + 1e-6 and 0 <= r[part]["recall"] <= 1
+    bad = subprocess.run([sys.executable, str(script), "--traces", str(traces), "--out", str(tmp_path / "x"),
+                          "--mid-layer", "99"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--mid-layer 99" in bad.stderr and not (tmp_path / "x.json").exists()
 
 
 def test_dejavu_needs_token_granularity(traces):

@@ -78,7 +78,8 @@ def inputs(t: dict, name: str, layers: int, mid_layer: int) -> torch.Tensor:
 
 def targets(y: torch.Tensor, kind: str, heads: int) -> torch.Tensor:
     if kind == "labels":
-        return torch.cat([top_labels(y[..., :heads], SPARSITY), top_labels(y[..., heads:], SPARSITY)], -1)
+        keep = 1 - SPARSITY  # label the units a mask at SPARSITY keeps, as DejaVu's training does
+        return torch.cat([top_labels(y[..., :heads], keep), top_labels(y[..., heads:], keep)], -1)
     return scaled_targets(y, kind, CRITERION)
 
 
@@ -95,7 +96,7 @@ def captured_mass(pred: torch.Tensor, true: torch.Tensor) -> float:
     return float(((true * kept_pred).sum(-1) / (true * kept_true).sum(-1).clamp(min=1e-12)).mean())
 
 
-def run_variant(t, arch, x, y, sample, n_train, n_windows, target_kind, net_kind, fraction, epochs, seed):
+def run_variant(arch, x, y, sample, n_train, target_kind, net_kind, fraction, epochs, seed):
     L, H = arch["layers"], arch["heads"]
     train_idx = (sample < max(1, int(n_train * fraction))).nonzero().flatten()
     val_idx = (sample >= n_train).nonzero().flatten()
@@ -177,7 +178,7 @@ def main():
     rows = []
     for name, inp, target_kind, net_kind, fraction in VARIANTS:
         t0 = time.time()
-        r = run_variant(t, arch, inputs(t, inp, L, args.mid_layer), y, sample, n_train, W, target_kind, net_kind, fraction,
+        r = run_variant(arch, inputs(t, inp, L, args.mid_layer), y, sample, n_train, target_kind, net_kind, fraction,
                         args.epochs, args.seed)
         rows.append({"variant": name, "input": inp, "target": target_kind, "network": net_kind, **r})
         print(f"{name:70s} neurons rho {r['neurons']['spearman']:.3f} mass {r['neurons']['mass']:.3f} "

@@ -113,6 +113,44 @@ def held_out_metrics(pred: torch.Tensor, true: torch.Tensor, heads: int, sparsit
     return out
 
 
+def fit(net: nn.Module, x: torch.Tensor, target: torch.Tensor, train_idx: torch.Tensor, loss_fn: nn.Module,
+        epochs: int, lr: float, batch_size: int, seed: int, desc: str = "train", progress: bool = False):
+    """Standardise the inputs, start from the prior (each unit's mean training target; for BCE its
+    logit), then Adam with a cosine schedule over shuffled mini-batches of `train_idx`."""
+    xt = x[train_idx]
+    net.mean.copy_(xt.mean(0))
+    net.std.copy_(xt.std(0).clamp(min=1e-6))
+    prior = target[train_idx].float().mean(0)
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):  # BCE logits: start from each unit's label rate
+        prior = torch.logit(prior.clamp(1e-4, 1 - 1e-4))
+    net.prior.copy_(prior)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    steps = epochs * max(1, math.ceil(len(train_idx) / batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress)
+    net.train()
+    for _ in range(epochs):
+        order = train_idx[torch.randperm(len(train_idx), generator=g)]
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            loss = loss_fn(net(x[idx]), target[idx].float())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    net.eval()
+
+
+def predict(net: nn.Module, x: torch.Tensor, idx: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """The trained net's outputs for the examples `idx`, in chunks."""
+    with torch.no_grad():
+        return torch.cat([net(x[idx[i:i + chunk]]) for i in range(0, len(idx), chunk)])
+
+
 def train(traces: str, kind: str = "shadow", granularity: str = "sequence", criterion: str | None = None,
           rank: int | None = None, width: int = 512, epochs: int = 40, lr: float = 1e-3, batch_size: int = 64,
           holdout: float = 0.1, label_keep: float = 0.5, sparsities=(0.1, 0.2, 0.3, 0.5), seed: int = 0,
@@ -152,34 +190,9 @@ def train(traces: str, kind: str = "shadow", granularity: str = "sequence", crit
         net = DejaVuPredictor(D, L, H, Fn, rank)
         target = torch.cat([top_labels(y[..., :H], label_keep), top_labels(y[..., H:], label_keep)], dim=-1)
         loss_fn = nn.BCEWithLogitsLoss()
-    xt = x[train_idx]
-    net.mean.copy_(xt.mean(0))
-    net.std.copy_(xt.std(0).clamp(min=1e-6))
-    prior = target[train_idx].float().mean(0)
-    if kind == "dejavu":  # BCE logits: start from each unit's label rate
-        prior = torch.logit(prior.clamp(1e-4, 1 - 1e-4))
-    net.prior.copy_(prior)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    steps = epochs * max(1, math.ceil(len(train_idx) / batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=steps, desc=f"train {kind}/{granularity}", unit="step", disable=not progress)
-    net.train()
-    for _ in range(epochs):
-        order = train_idx[torch.randperm(len(train_idx), generator=g)]
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            loss = loss_fn(net(x[idx]), target[idx].float())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    bar.close()
-    net.eval()
+    fit(net, x, target, train_idx, loss_fn, epochs, lr, batch_size, seed, f"train {kind}/{granularity}", progress)
+    pred = predict(net, x, val_idx)
     with torch.no_grad():
-        pred = torch.cat([net(x[val_idx[i:i + 256]]) for i in range(0, len(val_idx), 256)])
         final_loss = float(loss_fn(pred, target[val_idx].float()))
     metrics = held_out_metrics(pred, y[val_idx], H, sparsities)
     metrics["held_out_loss"] = round(final_loss, 6)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shadowllm.predictor.allocation import keep_mask  # noqa: E402
 from shadowllm.predictor.predictors import DejaVuPredictor, ShadowPredictor  # noqa: E402
 from shadowllm.predictor.traces import load_traces  # noqa: E402
-from shadowllm.predictor.train import held_out_metrics, scaled_targets, top_labels  # noqa: E402
+from shadowllm.predictor.train import fit, held_out_metrics, predict, scaled_targets, top_labels  # noqa: E402
 
 CRITERION = "l2_norm"
 SPARSITY = 0.5
@@ -105,28 +105,9 @@ def run_variant(arch, x, y, sample, n_train, target_kind, net_kind, fraction, ep
     torch.manual_seed(seed)
     net = network(net_kind, x.shape[-1], arch)
     target = targets(y, target_kind, H)
-    net.mean.copy_(x[train_idx].mean(0))
-    net.std.copy_(x[train_idx].std(0).clamp(min=1e-6))
-    prior = target[train_idx].mean(0)
-    bce = target_kind == "labels"
-    net.prior.copy_(torch.logit(prior.clamp(1e-4, 1 - 1e-4)) if bce else prior)
-    loss_fn = nn.BCEWithLogitsLoss() if bce else nn.MSELoss()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    batch = 64
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(len(train_idx) / batch))
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = train_idx[torch.randperm(len(train_idx), generator=g)]
-        for start in range(0, len(order), batch):
-            idx = order[start:start + batch]
-            loss = loss_fn(net(x[idx]), target[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    net.eval()
-    with torch.no_grad():
-        pred = torch.cat([net(x[val_idx[i:i + 256]]) for i in range(0, len(val_idx), 256)])
+    loss_fn = nn.BCEWithLogitsLoss() if target_kind == "labels" else nn.MSELoss()
+    fit(net, x, target, train_idx, loss_fn, epochs, lr=1e-3, batch_size=64, seed=seed)
+    pred = predict(net, x, val_idx)
     true = y[val_idx]
     m = held_out_metrics(pred, true, H, (SPARSITY,))
     return {

@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from shadowllm.export.onnx_ops import ATTENTION_INPUTS, DOMAIN, MLP_INPUTS
+from shadowllm.export.onnx_ops import ATTENTION_INPUTS, DOMAIN, MLP_INPUTS, THRESHOLDS
 from shadowllm.models import ShadowError
 from shadowllm.runtime.native import TRT_LIBRARY, trt_plugins_library
 
@@ -44,6 +44,10 @@ def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         slots = CONTRACT[node.op_type]
         names = list(node.input) + [""] * (len(slots) - len(node.input))
+        layout = next((a.s.decode() for a in node.attribute if a.name == "weight_layout"), "row_major")
+        if any(names[slots.index(t)] for t in THRESHOLDS if t in slots) or layout != "row_major":
+            raise ShadowError(f"--target tensorrt: node {node.name} takes activation thresholds (a threshold "
+                              "policy); the TensorRT plugins do not implement them yet: use --target ort-cpu")
         bits = 0
         for i, slot in enumerate(OPTIONAL[node.op_type]):
             bits |= (1 << i) if names[slots.index(slot)] else 0

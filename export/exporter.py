@@ -22,27 +22,27 @@ import torch
 
 from shadowllm.models import ShadowError, adapter_for, fingerprint
 
-from .graph import POLICIES, ExportModule
-from .onnx_ops import (DOMAIN, OPSET, PLUGIN_ATTRS, AttentionVariant, MLPVariant, attention_function, mlp_function,
-                       register_schemas)
+from .graph import POLICIES, THRESHOLDED, ExportModule
+from .onnx_ops import (DOMAIN, OPSET, PLUGIN_ATTRS, AttentionVariant, MLPVariant, attention_function, layout_attrs,
+                       mlp_function, register_schemas)
 
 MANIFEST = "shadowllm.json"
 FORMAT = "shadowllm-export/1"
 _custom = onnxscript.values.Opset(domain=DOMAIN, version=1)
 
 
-def _mlp_translation(x, w_in, b_in, w_gate, w_out_t, b_out, mask, activation: str):
-    return _custom.SparseNeuronMLP(x, w_in, b_in, w_gate, w_out_t, b_out, mask, activation=activation,
-                                   **PLUGIN_ATTRS)
+def _mlp_translation(x, w_in, b_in, w_gate, w_out_t, b_out, mask, t_x, t_h, activation: str, weight_layout: str):
+    return _custom.SparseNeuronMLP(x, w_in, b_in, w_gate, w_out_t, b_out, mask, t_x, t_h, activation=activation,
+                                   **layout_attrs(weight_layout), **PLUGIN_ATTRS)
 
 
 def _attention_translation(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask,
-                           position_ids, cos, sin, head_mask, num_heads: int, num_kv_heads: int, head_dim: int,
-                           scale: float, rope: int, kv_policy: str):
+                           position_ids, cos, sin, head_mask, t_x, t_o, num_heads: int, num_kv_heads: int,
+                           head_dim: int, scale: float, rope: int, kv_policy: str, weight_layout: str):
     return _custom.SparseHeadAttention(
         x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask, position_ids, cos, sin,
-        head_mask, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale, rope=rope,
-        kv_policy=kv_policy, **PLUGIN_ATTRS)
+        head_mask, t_x, t_o, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale,
+        rope=rope, kv_policy=kv_policy, **layout_attrs(weight_layout), **PLUGIN_ATTRS)
 
 
 def io_names(num_layers: int):
@@ -71,7 +71,23 @@ def _dynamic_shapes(num_layers):
             [{0: batch, 2: past} for _ in range(2 * num_layers)], {0: batch}, {0: batch}, None)
 
 
-def trace(model, policy: str = "dense", static_scores=None, target: str = "both", predictor=None) -> onnx.ModelProto:
+def check_threshold_table(thresholds, num_layers: int):
+    """(grid [R], table [R, L, 4]) as the threshold policies need them; one clear line otherwise."""
+    from shadowllm.predictor.thresholds import GRID
+
+    if thresholds is None:
+        raise ShadowError("the threshold policies need a threshold table (from --thresholds, or the built-in calibration)")
+    grid, table = thresholds
+    if tuple(grid.shape) != (len(GRID),) or tuple(table.shape) != (len(GRID), num_layers, 4):
+        raise ShadowError(f"threshold table of shape {tuple(table.shape)} (grid {tuple(grid.shape)}); this model "
+                          f"needs [{len(GRID)}, {num_layers}, 4] (grid [{len(GRID)}]): calibrated on another model?")
+    if not bool(torch.isfinite(table).all()) or bool((table < 0).any()):
+        raise ShadowError("threshold table holds negative or non-finite thresholds")
+    return grid, table
+
+
+def trace(model, policy: str = "dense", static_scores=None, target: str = "both", predictor=None,
+          thresholds=None, head_sparsity: float = 0.0) -> onnx.ModelProto:
     """The ONNX model (in memory, weights inside) for `model` under `policy`."""
     if policy not in POLICIES:
         raise ShadowError(f"--policy {policy!r}: expected one of {', '.join(POLICIES)}")
@@ -79,12 +95,15 @@ def trace(model, policy: str = "dense", static_scores=None, target: str = "both"
     arch = adapter_for(model).arch
     if policy == "static" and static_scores is None:
         raise ShadowError("--policy static needs importance scores (from --traces, or the built-in calibration)")
-    if policy in ("shadow", "dejavu"):
+    if policy in ("shadow", "dejavu", "shadow+threshold"):
+        kind = policy.split("+")[0]
         if predictor is None:
             raise ShadowError(f"--policy {policy} needs a trained predictor (--predictor DIR from `shadowllm train`)")
-        if predictor.kind != policy:
-            raise ShadowError(f"--policy {policy} needs a {policy} predictor; --predictor holds a {predictor.kind} one")
-    module = ExportModule(model, policy, static_scores, target, predictor).eval()
+        if predictor.kind != kind:
+            raise ShadowError(f"--policy {policy} needs a {kind} predictor; --predictor holds a {predictor.kind} one")
+    if policy in THRESHOLDED:
+        thresholds = check_threshold_table(thresholds, arch.num_layers)
+    module = ExportModule(model, policy, static_scores, target, predictor, thresholds, head_sparsity).eval()
     inputs, outputs = io_names(arch.num_layers)
     with torch.no_grad(), _one_line_errors():
         program = torch.onnx.export(
@@ -96,11 +115,14 @@ def trace(model, policy: str = "dense", static_scores=None, target: str = "both"
     _name_nodes(proto)
     w0 = adapter_for(model).attention(0)
     m0 = adapter_for(model).mlp(0)
+    thresholded = policy in THRESHOLDED
     proto.functions.extend([
-        mlp_function(MLPVariant(arch.activation, m0.w_gate is not None, m0.b_in is not None, m0.b_out is not None)),
+        mlp_function(MLPVariant(arch.activation, m0.w_gate is not None, m0.b_in is not None, m0.b_out is not None,
+                                thresholded, module.weight_layout)),
         attention_function(AttentionVariant(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.scale, arch.rope,
                                             w0.b_q is not None, w0.b_o is not None,
-                                            "active" if module.granularity == "sequence" else "all")),
+                                            "active" if module.granularity == "sequence" else "all",
+                                            thresholded, module.weight_layout)),
     ])
     return proto
 
@@ -189,16 +211,22 @@ def genai_config(model, arch) -> dict:
 
 def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", static_scores=None,
            static_source: dict | None = None, target: str = "both", predictor=None,
-           predictor_dir: str | None = None) -> Path:
-    """Write the export folder `out` (atomically). Returns its path."""
+           predictor_dir: str | None = None, thresholds=None, threshold_source: dict | None = None,
+           head_sparsity: float = 0.0) -> Path:
+    """Write the export folder `out` (atomically). Returns its path.
+
+    thresholds: (grid [R], table [R, L, 4]) for the threshold policies; threshold_source describes
+    their calibration and allocation (recorded in the manifest)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ShadowError(f"--out {out}: folder exists and is not empty; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ShadowError(f"--out {out}: exists and is not an empty folder; choose a new folder")
     arch = adapter_for(model).arch
     print(f"[shadowllm] tracing {arch.model_type} ({arch.num_layers} layers) with policy {policy}", file=sys.stderr)
     if target not in ("heads", "neurons", "both"):
         raise ShadowError(f"--target {target!r}: expected heads, neurons or both")
-    proto = trace(model, policy, static_scores, target, predictor)
+    if policy == "shadow+threshold":
+        target = "heads"  # the predictor picks heads; the runtime sparsity picks the threshold row
+    proto = trace(model, policy, static_scores, target, predictor, thresholds, head_sparsity)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -211,6 +239,10 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
             from safetensors.torch import save_file
             save_file({"heads": static_scores[0].float().contiguous(), "neurons": static_scores[1].float().contiguous()},
                       str(tmp / "static_scores.safetensors"))
+        if policy in THRESHOLDED:  # kept beside the graph so parity can derive the thresholds independently
+            from safetensors.torch import save_file
+            save_file({"grid": thresholds[0].float().contiguous(), "table": thresholds[1].float().contiguous()},
+                      str(tmp / "thresholds.safetensors"))
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(model, arch), indent=2) + "\n")
         inputs, outputs = io_names(arch.num_layers)
         manifest = {
@@ -222,6 +254,11 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
             "model": getattr(model, "_shadowllm_source", None),
             "predictor": predictor_dir, "predictor_fingerprint": predictor_fingerprint(predictor),
             "static_source": static_source,
+            "thresholds": None if policy not in THRESHOLDED else {
+                **(threshold_source or {}), "grid": [round(float(v), 4) for v in thresholds[0]],
+                "weight_layout": "channel_major", "inputs": ["attn_x", "attn_o", "mlp_x", "mlp_h"],
+                "prefill": "dense (thresholds 0)"},
+            "head_sparsity": head_sparsity if policy == "shadow+threshold" else None,
             "ops": {f"{DOMAIN}::SparseHeadAttention": 1, f"{DOMAIN}::SparseNeuronMLP": 1},
             "arch": {"family": arch.family, "layers": arch.num_layers, "heads": arch.num_heads,
                      "kv_heads": arch.num_kv_heads, "head_dim": arch.head_dim, "neurons": arch.ffn,

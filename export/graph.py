@@ -13,7 +13,14 @@ contiguous, so each head / neuron owns contiguous rows in the ONNX initializers)
 - `shadow`, granularity `token`: dense prefill; every decode step predicts the masks of its token from
   its own layer-0 attention output (kv_policy=all);
 - `dejavu`: dense prefill; every decode step predicts layer l's masks from the residual input of layer
-  l-1 (lookahead), layer by layer (kv_policy=all).
+  l-1 (lookahead), layer by layer (kv_policy=all);
+- `threshold`: activation thresholds (predictor/thresholds.py) from a table in the graph, [R, L, 4],
+  whose row is the one of the runtime `sparsity` on the table's grid; thresholds are 0 at prefill
+  (dense) and the row's at every decode step. The input projections are stored channel-major
+  ([in, out], `weight_layout=channel_major`) so kernels read only the kept input channels' weights;
+  masks are applied as in `dense` (the runtime feeds all-True);
+- `shadow+threshold`: heads from a shadow predictor (a fixed fraction `head_sparsity` dropped, set at
+  export), inputs thresholded as in `threshold` (the runtime `sparsity` picks the threshold row).
 `target` says which of heads / neurons the runtime sparsity applies to. "Prefill" is a call whose
 attention mask is as long as its input (no past).
 """
@@ -27,7 +34,9 @@ from shadowllm.models import adapter_for
 
 from . import ops  # noqa: F401  (registers torch.ops.shadowllm.*)
 
-POLICIES = ("dense", "static", "shadow", "dejavu")
+POLICIES = ("dense", "static", "shadow", "dejavu", "threshold", "shadow+threshold")
+THRESHOLDED = ("threshold", "shadow+threshold")
+CHANNEL_MAJOR = ("w_q", "w_k", "w_v", "w_in", "w_gate")  # input projections: transposed when thresholded
 
 
 def importance_rank(scores: torch.Tensor) -> torch.Tensor:
@@ -56,9 +65,10 @@ def keep_from_sparsity(rank: torch.Tensor, sparsity: torch.Tensor) -> torch.Tens
 
 
 class ExportModule(nn.Module):
-    def __init__(self, model, policy: str = "dense", static_scores=None, target: str = "both", predictor=None):
+    def __init__(self, model, policy: str = "dense", static_scores=None, target: str = "both", predictor=None,
+                 thresholds=None, head_sparsity: float = 0.0):
         super().__init__()
-        self.target = target
+        self.target = "heads" if policy == "shadow+threshold" else target
         self.predictor = predictor.net if predictor is not None else None
         self.granularity = predictor.granularity if predictor is not None else None
         adapter = adapter_for(model)
@@ -66,14 +76,19 @@ class ExportModule(nn.Module):
         a = self.arch
         self.model = model  # embeddings, norms and lm_head are read through the adapter
 
-        def keep(t):
-            return None if t is None else t.detach().contiguous().clone()
+        self.weight_layout = "channel_major" if policy in THRESHOLDED else "row_major"
+
+        def keep(name, t):
+            if t is None:
+                return None
+            t = t.detach()
+            return (t.t() if name in CHANNEL_MAJOR and self.weight_layout == "channel_major" else t).contiguous().clone()
 
         self.attn, self.mlp = [], []
         for layer in range(a.num_layers):
             w, m = adapter.attention(layer), adapter.mlp(layer)
-            self.attn.append({k: keep(getattr(w, k)) for k in ("w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o_t", "b_o")})
-            self.mlp.append({k: keep(getattr(m, k)) for k in ("w_in", "b_in", "w_gate", "w_out_t", "b_out")})
+            self.attn.append({k: keep(k, getattr(w, k)) for k in ("w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o_t", "b_o")})
+            self.mlp.append({k: keep(k, getattr(m, k)) for k in ("w_in", "b_in", "w_gate", "w_out_t", "b_out")})
         # Register them so torch.export lifts them into initializers with readable names.
         for layer, (wa, wm) in enumerate(zip(self.attn, self.mlp)):
             for k, t in list(wa.items()) + list(wm.items()):
@@ -91,6 +106,11 @@ class ExportModule(nn.Module):
             # Scores are constants, so their order is too: only the rank goes into the graph.
             self.register_buffer("static_head_rank", importance_rank(heads), persistent=False)
             self.register_buffer("static_neuron_rank", importance_rank(neurons), persistent=False)
+        if policy in THRESHOLDED:
+            grid, table = thresholds
+            self.register_buffer("threshold_grid", grid.float().contiguous(), persistent=False)
+            self.register_buffer("threshold_table", table.float().contiguous(), persistent=False)
+        self.register_buffer("head_sparsity", torch.tensor(float(head_sparsity)), persistent=False)
 
     def _targeted(self, heads, neurons):
         """Keep whole what the runtime sparsity does not target."""
@@ -102,12 +122,18 @@ class ExportModule(nn.Module):
 
     def _shadow_masks(self, x, sparsity):
         """[B, D] layer-0 attention output -> masks [B, L, H], [B, L, F] (layer 0 kept)."""
+        if self.policy == "shadow+threshold":  # the runtime sparsity picks thresholds; heads drop a fixed share
+            sparsity = self.head_sparsity
         pred = self.predictor(x)  # [B, L-1, H+F]
         H = self.arch.num_heads
-        heads, neurons = keep_rows(pred[..., :H], sparsity), keep_rows(pred[..., H:], sparsity)
+        # only what the sparsity targets is ranked (a TopK over every neuron costs as much as the predictor)
+        heads = torch.ones_like(pred[..., :H], dtype=torch.bool) if self.target == "neurons" \
+            else keep_rows(pred[..., :H], sparsity)
+        neurons = torch.ones_like(pred[..., H:], dtype=torch.bool) if self.target == "heads" \
+            else keep_rows(pred[..., H:], sparsity)
         first_h = torch.ones_like(heads[:, :1])
         first_n = torch.ones_like(neurons[:, :1])
-        return self._targeted(torch.cat([first_h, heads], 1), torch.cat([first_n, neurons], 1))
+        return torch.cat([first_h, heads], 1), torch.cat([first_n, neurons], 1)
 
     def masks(self, head_mask, neuron_mask, sparsity):
         if self.policy == "static":
@@ -125,13 +151,18 @@ class ExportModule(nn.Module):
         B = input_ids.shape[0]
         full_h = torch.ones(B, a.num_heads, dtype=torch.bool)  # layer 0 is always dense
         full_n = torch.ones(B, a.ffn, dtype=torch.bool)
-        if self.policy in ("dense", "static"):
+        if self.policy in ("dense", "static", "threshold"):
             heads, neurons = self.masks(head_mask, neuron_mask, sparsity)
             layer_heads = [heads[:, l] for l in range(a.num_layers)]
             layer_neurons = [neurons[:, l] for l in range(a.num_layers)]
         else:  # filled as the predictors run; layer 0 is always dense
             layer_heads, layer_neurons = [full_h] + [None] * (a.num_layers - 1), [full_n] + [None] * (a.num_layers - 1)
         kv_policy = "active" if self.granularity == "sequence" else "all"
+        thresholds = None
+        if self.policy in THRESHOLDED:
+            # the table row of the runtime sparsity; all zeros (dense) at prefill
+            row = torch.argmin((self.threshold_grid - sparsity.float()).abs())
+            thresholds = self.threshold_table[row] * (1.0 - prefill_t.float())  # [L, 4]
         h = adapter.embed(input_ids, position_ids)
         presents = []
         for layer in range(a.num_layers):
@@ -147,9 +178,9 @@ class ExportModule(nn.Module):
             y, key, value = torch.ops.shadowllm.sparse_head_attention(
                 x, w["w_q"], w["b_q"], w["w_k"], w["b_k"], w["w_v"], w["b_v"], w["w_o_t"], w["b_o"],
                 past_key_values[2 * layer], past_key_values[2 * layer + 1], attention_mask, position_ids,
-                self.rope_cos, self.rope_sin, layer_heads[layer], a.num_heads, a.num_kv_heads, a.head_dim,
-                a.scale, int(a.rope), kv_policy)
-            if layer == 0 and self.policy == "shadow":
+                self.rope_cos, self.rope_sin, layer_heads[layer], *self._thresholds(thresholds, layer, 0),
+                a.num_heads, a.num_kv_heads, a.head_dim, a.scale, int(a.rope), kv_policy, self.weight_layout)
+            if layer == 0 and self.policy in ("shadow", "shadow+threshold"):
                 heads, neurons = self._predict_after_layer0(y[:, -1], head_mask, neuron_mask, sparsity, prefill,
                                                             prefill_t)
                 layer_heads = [heads[:, l] for l in range(a.num_layers)]
@@ -161,10 +192,19 @@ class ExportModule(nn.Module):
             m = self.mlp[layer]
             x = adapter.mlp_norm(layer)(h) if a.pre_norm else h
             h = h + torch.ops.shadowllm.sparse_neuron_mlp(x, m["w_in"], m["b_in"], m["w_gate"], m["w_out_t"],
-                                                          m["b_out"], layer_neurons[layer], a.activation)
+                                                          m["b_out"], layer_neurons[layer],
+                                                          *self._thresholds(thresholds, layer, 2), a.activation,
+                                                          self.weight_layout)
             if not a.pre_norm:
                 h = adapter.mlp_norm(layer)(h)
         return (adapter.logits(h), *presents, torch.stack(layer_heads, 1), torch.stack(layer_neurons, 1))
+
+    def _thresholds(self, thresholds, layer: int, first: int):
+        """(t for the op's input, t for its inner input): the attention's (t_x, t_o) at first=0, the
+        MLP's (t_x, t_h) at first=2; (None, None) for policies without thresholds."""
+        if self.policy not in THRESHOLDED:
+            return None, None
+        return thresholds[layer, first], thresholds[layer, first + 1]
 
     def _predict_after_layer0(self, x0_last, head_mask, neuron_mask, sparsity, prefill, prefill_t):
         if self.granularity == "sequence":

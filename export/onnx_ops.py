@@ -22,9 +22,11 @@ DOMAIN = "ai.shadowllm"
 VERSION = 1
 OPSET = 21  # standard opset of the bodies (Gelu needs >= 20)
 PLUGIN_ATTRS = {"plugin_namespace": "shadowllm", "plugin_version": "1"}
-MLP_INPUTS = ["x", "w_in", "b_in", "w_gate", "w_out_t", "b_out", "mask"]
+MLP_INPUTS = ["x", "w_in", "b_in", "w_gate", "w_out_t", "b_out", "mask", "t_x", "t_h"]
 ATTENTION_INPUTS = ["x", "w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o_t", "b_o", "past_key", "past_value",
-                    "attention_mask", "position_ids", "cos", "sin", "head_mask"]
+                    "attention_mask", "position_ids", "cos", "sin", "head_mask", "t_x", "t_o"]
+THRESHOLDS = {"t_x", "t_h", "t_o"}  # optional fp32 scalars: an entry v of that input counts when |v| >= t
+OPTIONAL = {"b_in", "w_gate", "b_out", "b_q", "b_k", "b_v", "b_o", "cos", "sin"} | THRESHOLDS
 ATTENTION_OUTPUTS = ["y", "present_key", "present_value"]
 MASKED = float(np.finfo(np.float32).min)  # score of a hidden key: a fully hidden row attends uniformly
 
@@ -52,9 +54,14 @@ class _Body:
         self.nodes.append(helper.make_node("Identity", [src], [dst]))
 
 
-def _linear(b: _Body, x, w, bias):
-    y = b("MatMul", x, b("Transpose", w, perm=[1, 0]))
+def _linear(b: _Body, x, w, bias, channel_major=False):
+    y = b("MatMul", x, w if channel_major else b("Transpose", w, perm=[1, 0]))
     return b("Add", y, bias) if bias else y
+
+
+def _keep_large(b: _Body, t, threshold):
+    """t with the entries below the threshold in magnitude set to zero (ties kept)."""
+    return b("Mul", t, b("CastLike", b("GreaterOrEqual", b("Abs", t), b("CastLike", threshold, t)), t))
 
 
 def _activation(b: _Body, name: str, t):
@@ -75,6 +82,8 @@ class MLPVariant:
     gated: bool
     bias_in: bool
     bias_out: bool
+    thresholds: bool = False  # t_x and t_h are inputs
+    weight_layout: str = "row_major"  # of w_in / w_gate: row_major [F, D] | channel_major [D, F]
 
 
 @dataclass(frozen=True)
@@ -87,20 +96,28 @@ class AttentionVariant:
     bias_qkv: bool
     bias_o: bool
     kv_policy: str  # all | active
+    thresholds: bool = False  # t_x and t_o are inputs
+    weight_layout: str = "row_major"  # of w_q / w_k / w_v: row_major [out, D] | channel_major [D, out]
 
 
 def mlp_function(v: MLPVariant) -> onnx.FunctionProto:
-    """y = (act(x w_gate^T) * (x w_in^T) | act(x w_in^T + b_in)) * mask @ w_out_t + b_out."""
+    """y = (act(x w_gate^T) * (x w_in^T) | act(x w_in^T + b_in)) * mask @ w_out_t + b_out, with x and h
+    thresholded by t_x and t_h in the variants that take them."""
     b = _Body()
-    up = _linear(b, "x", "w_in", "b_in" if v.bias_in else None)
-    h = b("Mul", _activation(b, v.activation, _linear(b, "x", "w_gate", None)), up) if v.gated \
+    cm = v.weight_layout == "channel_major"
+    x = _keep_large(b, "x", "t_x") if v.thresholds else "x"
+    up = _linear(b, x, "w_in", "b_in" if v.bias_in else None, cm)
+    h = b("Mul", _activation(b, v.activation, _linear(b, x, "w_gate", None, cm)), up) if v.gated \
         else _activation(b, v.activation, up)
     mask = b("Unsqueeze", b("CastLike", "mask", "x"), b.const([1]))  # [B, 1, F]
-    y = b("MatMul", b("Mul", h, mask), "w_out_t")
+    h = b("Mul", h, mask)
+    if v.thresholds:
+        h = _keep_large(b, h, "t_h")
+    y = b("MatMul", h, "w_out_t")
     b.rename(b("Add", y, "b_out") if v.bias_out else y, "y")
     return helper.make_function(DOMAIN, "SparseNeuronMLP", MLP_INPUTS, ["y"], b.nodes,
                                 [helper.make_opsetid("", OPSET)],
-                                attributes=["activation", "plugin_namespace", "plugin_version"])
+                                attributes=["activation", "weight_layout", "plugin_namespace", "plugin_version"])
 
 
 def _heads(b: _Body, t, n, E):
@@ -121,9 +138,11 @@ def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
     """Dense attention for every head, then head outputs x head_mask; see DESIGN §3."""
     b = _Body()
     H, G, E = v.num_heads, v.num_kv_heads, v.head_dim
-    q = _heads(b, _linear(b, "x", "w_q", "b_q" if v.bias_qkv else None), H, E)
-    k = _heads(b, _linear(b, "x", "w_k", "b_k" if v.bias_qkv else None), G, E)
-    val = _heads(b, _linear(b, "x", "w_v", "b_v" if v.bias_qkv else None), G, E)
+    cm = v.weight_layout == "channel_major"
+    x = _keep_large(b, "x", "t_x") if v.thresholds else "x"
+    q = _heads(b, _linear(b, x, "w_q", "b_q" if v.bias_qkv else None, cm), H, E)
+    k = _heads(b, _linear(b, x, "w_k", "b_k" if v.bias_qkv else None, cm), G, E)
+    val = _heads(b, _linear(b, x, "w_v", "b_v" if v.bias_qkv else None, cm), G, E)
     if v.rope:
         cos = b("Unsqueeze", b("Gather", "cos", "position_ids", axis=0), b.const([1]))  # [B, 1, S, E/2]
         sin = b("Unsqueeze", b("Gather", "sin", "position_ids", axis=0), b.const([1]))
@@ -158,37 +177,53 @@ def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
     context = b("MatMul", b("Softmax", scores, axis=-1), values)  # [B, H, S, E]
     on = b("Unsqueeze", b("CastLike", "head_mask", "x"), b.const([2, 3]))
     context = b("Reshape", b("Transpose", b("Mul", context, on), perm=[0, 2, 1, 3]), b.const([0, 0, H * E]))
+    if v.thresholds:
+        context = _keep_large(b, context, "t_o")
     y = b("MatMul", context, "w_o_t")
     b.rename(b("Add", y, "b_o") if v.bias_o else y, "y")
     return helper.make_function(DOMAIN, "SparseHeadAttention", ATTENTION_INPUTS, ATTENTION_OUTPUTS, b.nodes,
                                 [helper.make_opsetid("", OPSET)],
                                 attributes=["num_heads", "num_kv_heads", "head_dim", "scale", "rope", "kv_policy",
-                                            "plugin_namespace", "plugin_version"])
+                                            "weight_layout", "plugin_namespace", "plugin_version"])
 
 
-def mlp_node(inputs: dict, output: str, activation: str, name: str) -> onnx.NodeProto:
+def _node_inputs(inputs: dict, formal: list[str]) -> list[str]:
+    """Tensor names in formal order; absent optional inputs are "" and trailing ones are left off."""
+    names = [inputs.get(k, "") for k in formal]
+    while names and not names[-1]:
+        names.pop()
+    return names
+
+
+def layout_attrs(weight_layout: str) -> dict:
+    """The node attribute naming the input projections' layout; row_major (the default) is left off."""
+    return {} if weight_layout == "row_major" else {"weight_layout": weight_layout}
+
+
+def mlp_node(inputs: dict, output: str, activation: str, name: str, weight_layout: str = "row_major") -> onnx.NodeProto:
     """A SparseNeuronMLP node; `inputs` maps formal names to tensor names (absent optional: missing)."""
-    return helper.make_node("SparseNeuronMLP", [inputs.get(k, "") for k in MLP_INPUTS], [output], name=name,
-                            domain=DOMAIN, activation=activation, **PLUGIN_ATTRS)
+    return helper.make_node("SparseNeuronMLP", _node_inputs(inputs, MLP_INPUTS), [output], name=name,
+                            domain=DOMAIN, activation=activation, **layout_attrs(weight_layout), **PLUGIN_ATTRS)
 
 
 def attention_node(inputs: dict, outputs: list[str], v: AttentionVariant, name: str) -> onnx.NodeProto:
-    return helper.make_node("SparseHeadAttention", [inputs.get(k, "") for k in ATTENTION_INPUTS], outputs,
+    return helper.make_node("SparseHeadAttention", _node_inputs(inputs, ATTENTION_INPUTS), outputs,
                             name=name, domain=DOMAIN, num_heads=v.num_heads, num_kv_heads=v.num_kv_heads,
                             head_dim=v.head_dim, scale=float(v.scale), rope=int(v.rope), kv_policy=v.kv_policy,
-                            **PLUGIN_ATTRS)
+                            **layout_attrs(v.weight_layout), **PLUGIN_ATTRS)
 
 
 # ---------------------------------------------------------------- schemas
 def _schema(name, inputs, outputs, attrs, doc, infer):
     P, S = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption
-    types = {"mask": "B", "head_mask": "B", "attention_mask": "I", "position_ids": "I"}
-    optional = {"b_in", "w_gate", "b_out", "b_q", "b_k", "b_v", "b_o", "cos", "sin"}
-    formal_in = [P(n, types.get(n, "T"), "", param_option=S.Optional if n in optional else S.Single)
+    types = {"mask": "B", "head_mask": "B", "attention_mask": "I", "position_ids": "I", "t_x": "F", "t_h": "F",
+             "t_o": "F"}
+    formal_in = [P(n, types.get(n, "T"), "", param_option=S.Optional if n in OPTIONAL else S.Single)
                  for n in inputs]
     formal_out = [P(n, "T", "") for n in outputs]
     constraints = [("T", ["tensor(float)", "tensor(float16)"], "activations and weights"),
-                   ("B", ["tensor(bool)"], "masks"), ("I", ["tensor(int64)"], "positions and attention mask")]
+                   ("B", ["tensor(bool)"], "masks"), ("I", ["tensor(int64)"], "positions and attention mask"),
+                   ("F", ["tensor(float)"], "activation thresholds (scalars)")]
     schema = onnx.defs.OpSchema(name, DOMAIN, VERSION, doc, inputs=formal_in, outputs=formal_out,
                                 type_constraints=constraints, attributes=attrs)
     schema.set_type_and_shape_inference_function(infer)
@@ -227,7 +262,8 @@ def register_schemas() -> None:
     if onnx.defs.has("SparseNeuronMLP", DOMAIN):
         return
     A = onnx.defs.OpSchema.AttrType
-    plugin = [_attr("plugin_namespace", A.STRING, False), _attr("plugin_version", A.STRING, False)]
+    plugin = [_attr("weight_layout", A.STRING, False), _attr("plugin_namespace", A.STRING, False),
+              _attr("plugin_version", A.STRING, False)]
     onnx.defs.register_schema(_schema(
         "SparseNeuronMLP", MLP_INPUTS, ["y"], [_attr("activation", A.STRING)] + plugin,
         "FFN that computes only the neurons kept by mask[B,F] (DESIGN §3).", _infer_mlp))

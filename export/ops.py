@@ -5,11 +5,15 @@ The eager kernels are the sparse reference's own blocks (`models.reference.atten
 op and the reference forward cannot drift apart. The fake kernels give shapes for tracing.
 
 shadowllm::sparse_neuron_mlp(x[B,S,D], w_in[F,D], b_in[F]?, w_gate[F,D]?, w_out_t[F,D], b_out[D]?,
-                             mask[B,F] bool, activation) -> y[B,S,D]
+                             mask[B,F] bool, t_x[]?, t_h[]?, activation, weight_layout) -> y[B,S,D]
 shadowllm::sparse_head_attention(x, w_q, b_q?, w_k, b_k?, w_v, b_v?, w_o_t, b_o?, past_key[B,G,P,E],
                              past_value, attention_mask[B,T], position_ids[B,S], cos[M,E/2]?,
-                             sin[M,E/2]?, head_mask[B,H] bool, num_heads, num_kv_heads, head_dim,
-                             scale, rope, kv_policy) -> (y, present_key[B,G,T,E], present_value)
+                             sin[M,E/2]?, head_mask[B,H] bool, t_x[]?, t_o[]?, num_heads, num_kv_heads,
+                             head_dim, scale, rope, kv_policy, weight_layout)
+                             -> (y, present_key[B,G,T,E], present_value)
+t_*: activation thresholds (fp32 scalars; an entry v counts only when |v| >= t). weight_layout
+"row_major" keeps the input projections [out, in]; "channel_major" hands them in transposed ([D, F],
+[D, H*E], ...), the layout in which a kernel reads only the kept input channels' weights.
 """
 
 from __future__ import annotations
@@ -24,6 +28,16 @@ from shadowllm.models.adapters import AttentionWeights, MLPWeights
 from shadowllm.models.reference import attention_block, mlp_block
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+WEIGHT_LAYOUTS = ("row_major", "channel_major")
+
+
+def _row_major(w: Optional[Tensor], weight_layout: str) -> Optional[Tensor]:
+    """An input projection in PyTorch's [out, in] layout, whichever layout the node carries it in."""
+    if w is None or weight_layout == "row_major":
+        return w
+    if weight_layout == "channel_major":
+        return w.t()
+    raise ValueError(f"weight_layout {weight_layout!r}: expected one of {WEIGHT_LAYOUTS}")
 
 
 @dataclass(frozen=True)
@@ -42,13 +56,15 @@ class HeadShape:
 
 @torch.library.custom_op("shadowllm::sparse_neuron_mlp", mutates_args=())
 def sparse_neuron_mlp(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_gate: Optional[Tensor], w_out_t: Tensor,
-                      b_out: Optional[Tensor], mask: Tensor, activation: str) -> Tensor:
-    w = MLPWeights(w_in=w_in, w_out_t=w_out_t, w_gate=w_gate, b_in=b_in, b_out=b_out)
-    return mlp_block(activation, w, x, mask.bool()).clone()
+                      b_out: Optional[Tensor], mask: Tensor, t_x: Optional[Tensor], t_h: Optional[Tensor],
+                      activation: str, weight_layout: str) -> Tensor:
+    w = MLPWeights(w_in=_row_major(w_in, weight_layout), w_out_t=w_out_t, w_gate=_row_major(w_gate, weight_layout),
+                   b_in=b_in, b_out=b_out)
+    return mlp_block(activation, w, x, mask.bool(), t_x=t_x, t_h=t_h).clone()
 
 
 @sparse_neuron_mlp.register_fake
-def _(x, w_in, b_in, w_gate, w_out_t, b_out, mask, activation):
+def _(x, w_in, b_in, w_gate, w_out_t, b_out, mask, t_x, t_h, activation, weight_layout):
     return torch.empty_like(x)
 
 
@@ -64,21 +80,22 @@ def _allowed(attention_mask: Tensor, past_len: int, S: int) -> Tensor:
 def sparse_head_attention(x: Tensor, w_q: Tensor, b_q: Optional[Tensor], w_k: Tensor, b_k: Optional[Tensor],
                           w_v: Tensor, b_v: Optional[Tensor], w_o_t: Tensor, b_o: Optional[Tensor],
                           past_key: Tensor, past_value: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                          cos: Optional[Tensor], sin: Optional[Tensor], head_mask: Tensor, num_heads: int,
-                          num_kv_heads: int, head_dim: int, scale: float, rope: int,
-                          kv_policy: str) -> tuple[Tensor, Tensor, Tensor]:
+                          cos: Optional[Tensor], sin: Optional[Tensor], head_mask: Tensor, t_x: Optional[Tensor],
+                          t_o: Optional[Tensor], num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                          rope: int, kv_policy: str, weight_layout: str) -> tuple[Tensor, Tensor, Tensor]:
     shape = HeadShape(num_heads, num_kv_heads, head_dim, scale)
-    w = AttentionWeights(w_q=w_q, w_k=w_k, w_v=w_v, w_o_t=w_o_t, b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o)
+    w = AttentionWeights(w_q=_row_major(w_q, weight_layout), w_k=_row_major(w_k, weight_layout),
+                         w_v=_row_major(w_v, weight_layout), w_o_t=w_o_t, b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o)
     tables = (cos[position_ids], sin[position_ids]) if rope else None
     allowed = _allowed(attention_mask, past_key.shape[2], x.shape[1])
     y, key, value = attention_block(shape, w, x, (past_key, past_value), allowed, tables, head_mask.bool(),
-                                    kv_policy=kv_policy)
+                                    kv_policy=kv_policy, t_x=t_x, t_o=t_o)
     return y.clone(), key.clone(), value.clone()
 
 
 @sparse_head_attention.register_fake
 def _(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask, position_ids, cos, sin,
-      head_mask, num_heads, num_kv_heads, head_dim, scale, rope, kv_policy):
+      head_mask, t_x, t_o, num_heads, num_kv_heads, head_dim, scale, rope, kv_policy, weight_layout):
     B, G, P, E = past_key.shape
     T = P + x.shape[1]
     return torch.empty_like(x), past_key.new_empty(B, G, T, E), past_value.new_empty(B, G, T, E)

@@ -21,11 +21,29 @@ from .adapters import AttentionWeights, MLPWeights, activation_fn, adapter_for
 from .errors import ShadowError
 
 # observer(layer, name, tensor) -> tensor | None. Names: "residual" (layer input [B,S,D]),
-# "attn_out" (attention block output [B,S,D]), "mlp_in" (the normalised MLP input [B,S,D]),
+# "attn_in" (the normalised attention input [B,S,D]), "attn_out" (attention block output [B,S,D]),
+# "mlp_in" (the normalised MLP input [B,S,D]), "mlp_out" (MLP block output [B,S,D]),
 # "head_context" (per-head context before o_proj [B,S,H,E]) and "neuron_act" (MLP intermediate
 # [B,S,F]); the last two only where every head / neuron is computed (dense or per-token masks).
 # A returned tensor replaces the observed one, which is how importance criteria attach gradients.
 Observer = Callable[[int, str, torch.Tensor], "torch.Tensor | None"]
+
+# Activation thresholds (DESIGN §3), one per layer and projection input, in this order: the attention
+# input x (before q/k/v), the attention context (before o), the MLP input x (before gate/up or fc1)
+# and the MLP hidden h (before down/fc2). An entry v of that input counts only when |v| >= t.
+THRESHOLD_INPUTS = ("attn_x", "attn_o", "mlp_x", "mlp_h")
+
+
+def keep_large(t: torch.Tensor, threshold) -> torch.Tensor:
+    """t with the entries whose magnitude lies below `threshold` set to zero (ties kept).
+
+    threshold: None (nothing dropped), a 0-d tensor (one value for every token) or a tensor of t's
+    leading dims ([B, S]: one value per token)."""
+    if threshold is None:
+        return t
+    thr = threshold.to(t.dtype)
+    thr = thr.reshape(*thr.shape, *([1] * (t.dim() - thr.dim())))
+    return torch.where(t.abs() >= thr, t, torch.zeros((), dtype=t.dtype))
 
 
 def _rows(w: torch.Tensor | None, idx: torch.Tensor | None, size: int) -> torch.Tensor | None:
@@ -80,7 +98,7 @@ def _row_groups(mask: torch.Tensor | None, batch: int):
 
 
 def _attention(arch, w: AttentionWeights, x, past, allowed, rope, heads, token_mask, kv_policy,
-               observer, layer):
+               observer, layer, t_x=None, t_o=None):
     """Attention for rows sharing `heads` (None = all). Returns (y, key, value) for those rows.
 
     `arch` needs only head_dim, num_heads, num_kv_heads, heads_per_group and scale (an Arch or the
@@ -97,6 +115,7 @@ def _attention(arch, w: AttentionWeights, x, past, allowed, rope, heads, token_m
         groups = None
     n_heads = H if heads is None else heads.numel()
     n_groups = G if groups is None else groups.numel()
+    x = keep_large(x, t_x)
 
     q = _linear(x, _rows(w.w_q, heads, E), _rows(w.b_q, heads, E)).view(b, S, n_heads, E).transpose(1, 2)
     k = _linear(x, _rows(w.w_k, groups, E), _rows(w.b_k, groups, E)).view(b, S, n_groups, E).transpose(1, 2)
@@ -124,11 +143,13 @@ def _attention(arch, w: AttentionWeights, x, past, allowed, rope, heads, token_m
         context = _observe(observer, layer, "head_context", context)
     if token_mask is not None:
         context = context * token_mask[..., None].to(context.dtype)
+    context = keep_large(context, t_o)
     return _project_out(context.reshape(b, S, n_heads * E), _rows(w.w_o_t, heads, E), w.b_o), key, value
 
 
-def _mlp(activation: str, w: MLPWeights, x, neurons, token_mask, observer, layer):
+def _mlp(activation: str, w: MLPWeights, x, neurons, token_mask, observer, layer, t_x=None, t_h=None):
     act = activation_fn(activation)
+    x = keep_large(x, t_x)
     w_in, b_in = _rows(w.w_in, neurons, 1), _rows(w.b_in, neurons, 1)
     if w.w_gate is not None:
         hidden = act(x @ _rows(w.w_gate, neurons, 1).t()) * _linear(x, w_in, b_in)
@@ -138,6 +159,7 @@ def _mlp(activation: str, w: MLPWeights, x, neurons, token_mask, observer, layer
         hidden = _observe(observer, layer, "neuron_act", hidden)
     if token_mask is not None:
         hidden = hidden * token_mask.to(hidden.dtype)
+    hidden = keep_large(hidden, t_h)
     return _project_out(hidden, _rows(w.w_out_t, neurons, 1), w.b_out)
 
 
@@ -154,6 +176,18 @@ def _check_mask(name, mask, B, S, L, X):
                       f"(per sequence) or [B, S, L, {X}] = {(B, S, L, X)} (per token)")
 
 
+def _check_thresholds(thresholds, B, S, L):
+    if thresholds is None:
+        return None
+    if not isinstance(thresholds, torch.Tensor) or not thresholds.is_floating_point():
+        raise ShadowError(f"thresholds must be a float tensor, got {getattr(thresholds, 'dtype', type(thresholds).__name__)}")
+    n = len(THRESHOLD_INPUTS)
+    if tuple(thresholds.shape) not in ((L, n), (B, S, L, n)):
+        raise ShadowError(f"thresholds have shape {tuple(thresholds.shape)}; expected [L, {n}] = {(L, n)} or "
+                          f"[B, S, L, {n}] = {(B, S, L, n)}")
+    return thresholds
+
+
 def _by_rows(groups_out, B, like):
     """Reassemble per-group outputs [(rows, tensor)] into one batch-major tensor."""
     if len(groups_out) == 1 and groups_out[0][0] is None:
@@ -164,37 +198,45 @@ def _by_rows(groups_out, B, like):
     return out
 
 
+def _selector(rows):
+    """Selects batch rows `rows` (None = all) of a tensor; None and 0-d tensors pass through."""
+    def sel(t):
+        return t if rows is None or t is None or t.dim() == 0 else t.index_select(0, rows)
+    return sel
+
+
 def attention_block(arch, w: AttentionWeights, x, past, allowed, rope, head_mask=None, token_mask=None,
-                    kv_policy: str = "all", observer: Observer | None = None, layer: int = 0):
+                    kv_policy: str = "all", observer: Observer | None = None, layer: int = 0, t_x=None, t_o=None):
     """One attention block over a batch: x [B,S,D], past (key, value) [B,G,P,E], allowed [B,S,T] bool,
     rope (cos, sin) [B,S,E/2] or None, head_mask [B,H] (per sequence: skipped) or None, token_mask
-    [B,S,H] (zeroed) or None. Returns (y [B,S,D], key, value [B,G,T,E])."""
+    [B,S,H] (zeroed) or None, thresholds t_x (on x) and t_o (on the context before o): None, 0-d or
+    [B,S]. Returns (y [B,S,D], key, value [B,G,T,E])."""
     B = x.shape[0]
     ys, keys, values = [], [], []
     for rows, heads in _row_groups(head_mask, B):
-        sel = (lambda t: t) if rows is None else (lambda t, r=rows: t.index_select(0, r))
+        sel = _selector(rows)
         y, k, v = _attention(arch, w, sel(x), (sel(past[0]), sel(past[1])), sel(allowed),
                              None if rope is None else (sel(rope[0]), sel(rope[1])), heads,
-                             None if token_mask is None else sel(token_mask), kv_policy, observer, layer)
+                             sel(token_mask), kv_policy, observer, layer, sel(t_x), sel(t_o))
         ys.append((rows, y)), keys.append((rows, k)), values.append((rows, v))
     return _by_rows(ys, B, x), _by_rows(keys, B, x), _by_rows(values, B, x)
 
 
 def mlp_block(activation: str, w: MLPWeights, x, neuron_mask=None, token_mask=None,
-              observer: Observer | None = None, layer: int = 0):
+              observer: Observer | None = None, layer: int = 0, t_x=None, t_h=None):
     """One MLP block over a batch: x [B,S,D]; neuron_mask [B,F] (per sequence: skipped) or None;
-    token_mask [B,S,F] (zeroed) or None. Returns y [B,S,D]."""
+    token_mask [B,S,F] (zeroed) or None; thresholds t_x (on x) and t_h (on the hidden h): None, 0-d
+    or [B,S]. Returns y [B,S,D]."""
     B = x.shape[0]
     ys = []
     for rows, neurons in _row_groups(neuron_mask, B):
-        sel = (lambda t: t) if rows is None else (lambda t, r=rows: t.index_select(0, r))
-        ys.append((rows, _mlp(activation, w, sel(x), neurons, None if token_mask is None else sel(token_mask),
-                              observer, layer)))
+        sel = _selector(rows)
+        ys.append((rows, _mlp(activation, w, sel(x), neurons, sel(token_mask), observer, layer, sel(t_x), sel(t_h))))
     return _by_rows(ys, B, x)
 
 
 def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention_mask=None, past=None,
-                   *, kv_policy: str = "all", observer: Observer | None = None):
+                   *, kv_policy: str = "all", observer: Observer | None = None, thresholds=None):
     """Run `model` on `input_ids` [B, S] with head / neuron masks; returns (logits [B,S,V], past).
 
     head_mask: bool [B, L, H] (per sequence: masked heads are skipped) or [B, S, L, H] (per token:
@@ -202,6 +244,8 @@ def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention
     (left padding allowed), all ones when None. past: the tuple returned by the previous call.
     kv_policy: "all" computes K/V for every kv head; "active" only for kv heads some active query
     head uses (the others' new cache positions hold zeros), valid when masks stay fixed per sequence.
+    thresholds: activation thresholds (THRESHOLD_INPUTS order), [L, 4] for every position or
+    [B, S, L, 4] per position (0 keeps everything); None = none. Masks still apply on top.
     Gradients are not disabled here: wrap in torch.no_grad() / inference_mode() for inference.
     """
     adapter = adapter_for(model)
@@ -226,6 +270,7 @@ def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention
         raise ShadowError(f"sequence of {T} tokens exceeds the sliding window ({arch.sliding_window}), not supported")
     seq_heads, tok_heads = _check_mask("head_mask", head_mask, B, S, L, arch.num_heads)
     seq_neurons, tok_neurons = _check_mask("neuron_mask", neuron_mask, B, S, L, arch.ffn)
+    thr = _check_thresholds(thresholds, B, S, L)
 
     attention_mask = attention_mask.to(input_ids.device)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
@@ -242,13 +287,14 @@ def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention
     presents = []
     for layer in range(L):
         h = _observe(observer, layer, "residual", h)
+        t = [None] * 4 if thr is None else [thr[..., layer, k] for k in range(4)]
         # --- attention block ---
         w = adapter.attention(layer)
-        x = adapter.attn_norm(layer)(h) if arch.pre_norm else h
+        x = _observe(observer, layer, "attn_in", adapter.attn_norm(layer)(h) if arch.pre_norm else h)
         y, key, value = attention_block(arch, w, x, past[layer], allowed, rope,
                                         None if seq_heads is None else seq_heads[:, layer],
                                         None if tok_heads is None else tok_heads[:, :, layer], kv_policy,
-                                        observer, layer)
+                                        observer, layer, t[0], t[1])
         a = _observe(observer, layer, "attn_out", y)
         presents.append((key, value))
         h = h + a
@@ -257,8 +303,9 @@ def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention
         # --- MLP block ---
         w = adapter.mlp(layer)
         x = _observe(observer, layer, "mlp_in", adapter.mlp_norm(layer)(h) if arch.pre_norm else h)
-        h = h + mlp_block(arch.activation, w, x, None if seq_neurons is None else seq_neurons[:, layer],
-                          None if tok_neurons is None else tok_neurons[:, :, layer], observer, layer)
+        h = h + _observe(observer, layer, "mlp_out", mlp_block(
+            arch.activation, w, x, None if seq_neurons is None else seq_neurons[:, layer],
+            None if tok_neurons is None else tok_neurons[:, :, layer], observer, layer, t[2], t[3]))
         if not arch.pre_norm:
             h = adapter.mlp_norm(layer)(h)
     return adapter.logits(h), tuple(presents)

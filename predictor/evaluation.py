@@ -53,6 +53,12 @@ class Row:
     lastword_acc: float | None = None
     lastword_n: int = 0
     predictor: str | None = None  # folder name of the predictor a row used (two of one kind stay apart)
+    allocation: str | None = None  # threshold rows: uniform | greedy
+    head_sparsity: float | None = None  # shadow+threshold rows: the heads the predictor drops
+
+
+# Methods a deployed model can run (`shadowllm export --policy ...`); the others are baselines or ceilings.
+EXPORTABLE = ("dense", "static", "shadow", "dejavu", "threshold", "shadow+threshold")
 
 
 class _Stop(Exception):
@@ -93,6 +99,14 @@ class Method:
     def masks(self, model, ids, prompt):
         """(head_mask, neuron_mask, observer) for sparse_forward; masks per sequence or per token."""
         raise NotImplementedError
+
+    def thresholds(self, model, ids, prompt):
+        """Activation thresholds for sparse_forward ([B, S, L, 4]) or None."""
+        return None
+
+    def weights_read(self, arch, heads, neurons, prompt) -> float:
+        """Mean block weights read per generated token under the masks of the last batch."""
+        return _weights_read(arch, heads, neurons, prompt, False, kv_all=self.granularity == "token")
 
     def _select(self, heads, neurons):
         return (heads if self.target in ("heads", "both") else None,
@@ -180,6 +194,9 @@ class Gate(Method):
 
     name, granularity = "gate", "token"
 
+    def weights_read(self, arch, heads, neurons, prompt) -> float:
+        return _weights_read(arch, heads, neurons, prompt, True, kv_all=True)
+
     def masks(self, model, ids, prompt):
         adapter = adapter_for(model)
         arch = adapter.arch
@@ -192,6 +209,78 @@ class Gate(Method):
                 neurons[:, prompt:, layer] = self._keep(score[..., None, :], dense_layers=())[..., 0, :]
             return None
         return None, neurons, observe
+
+
+class Threshold(Method):
+    """Activation thresholds (training-free, per token): inputs below their threshold are skipped.
+
+    The prompt runs dense (thresholds 0, as a dense prefill); every continuation token uses the row
+    of `sparsity` of the calibrated table. Weight bytes are counted from the entries each token kept."""
+
+    name, granularity = "threshold", "token"
+
+    def __init__(self, table: torch.Tensor, threshold_allocation: str, *args):
+        super().__init__(*args)
+        from .thresholds import check_grid_sparsity
+
+        self.row = table[check_grid_sparsity(self.sparsity)]  # [L, 4]
+        self.threshold_allocation = threshold_allocation
+        self.kept = None
+
+    def masks(self, model, ids, prompt):
+        return None, None, self._counter(adapter_for(model).arch, prompt, None)
+
+    def thresholds(self, model, ids, prompt):
+        B, S = ids.shape
+        t = torch.zeros(B, S, *self.row.shape)
+        t[:, prompt:] = self.row
+        return t
+
+    def _counter(self, arch, prompt, head_keep):
+        """An observer counting, per continuation token and layer, the entries each input keeps."""
+        L = arch.num_layers
+        self.kept = {}
+
+        def observe(layer, name, t):
+            k = {"attn_in": 0, "head_context": 1, "mlp_in": 2, "neuron_act": 3}.get(name)
+            if k is None:
+                return None
+            kept = t[:, prompt:].abs() >= self.row[layer, k]
+            if k == 1:
+                if head_keep is not None:  # heads the predictor dropped are not read either
+                    kept = kept & head_keep[:, prompt:, layer, :, None]
+                kept = kept.flatten(2)
+            self.kept.setdefault(k, torch.zeros(*kept.shape[:2], L))[..., layer] = kept.sum(-1).float()
+            return None
+        return observe
+
+    def weights_read(self, arch, heads, neurons, prompt) -> float:
+        D, E, G = arch.hidden, arch.head_dim, arch.num_kv_heads
+        q_rows = (torch.full((arch.num_layers,), float(arch.num_heads)) if heads is None
+                  else heads[:, prompt:].float().sum(-1))  # kept query heads per token and layer
+        attn_x = self.kept[0] * (q_rows + 2 * G) * E  # kv_policy=all: per-token masks
+        read = attn_x + self.kept[1] * D + self.kept[2] * (2 if arch.gated else 1) * arch.ffn + self.kept[3] * D
+        return read.sum(-1).mean().item()
+
+
+class ShadowThreshold(Threshold):
+    """shadow+threshold: heads from the per-token ShadowLLM predictor (its strong side), inputs
+    thresholded as in `threshold`; `head_sparsity` of the heads dropped per token (layer 0 dense)."""
+
+    name = "shadow+threshold"
+
+    def __init__(self, predictor: Predictor, head_sparsity: float, *args):
+        super().__init__(*args)
+        self.predictor, self.criterion, self.head_sparsity = predictor, predictor.manifest["criterion"], head_sparsity
+        self.predictor_params_per_token = sum(p.numel() for p in predictor.net.parameters())
+
+    def masks(self, model, ids, prompt):
+        arch = adapter_for(model).arch
+        heads, _ = _dense_token_masks(ids, arch)
+        x = layer0_attention(model, ids)[:, prompt:]
+        h, _ = split_scores(self.predictor.net(x), arch.num_heads)
+        heads[:, prompt:] = keep_mask(h, self.head_sparsity, "per_layer")
+        return heads, None, self._counter(arch, prompt, heads)
 
 
 class Oracle(Method):
@@ -250,7 +339,8 @@ def _weights_read(arch, heads, neurons, prompt, gate: bool, kv_all: bool) -> flo
 def _logits(model, ids, method, prompt):
     heads, neurons, observer = method.masks(model, ids, prompt)
     kv_policy = "active" if method.granularity == "sequence" else "all"
-    logits, _ = sparse_forward(model, ids, heads, neurons, kv_policy=kv_policy, observer=observer)
+    logits, _ = sparse_forward(model, ids, heads, neurons, kv_policy=kv_policy, observer=observer,
+                               thresholds=method.thresholds(model, ids, prompt))
     return logits, heads, neurons
 
 
@@ -265,8 +355,7 @@ def evaluate_method(model, method: Method, windows: torch.Tensor, prompt: int, l
         nll += float(F.cross_entropy(logits[:, prompt - 1:-1].reshape(-1, V).float(), w[:, prompt:].reshape(-1),
                                      reduction="sum"))
         count += w[:, prompt:].numel()
-        read.append(_weights_read(arch, heads, neurons, prompt, isinstance(method, Gate),
-                                  kv_all=method.granularity == "token"))
+        read.append(method.weights_read(arch, heads, neurons, prompt))
     bytes_fraction = (sum(read) / len(read) + method.predictor_params_per_token) / arch.block_parameters
     hits = 0
     for context, target in lastword:
@@ -297,8 +386,13 @@ def lastword_items(tokenizer, split: str = "test", n: int = 64, max_context: int
 def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=TARGETS, split: str = "test",
              max_windows: int = 16, window: int = 256, prompt: int = 128, static_scores=None,
              oracle_criteria=("l2_norm",), allocation: str = "per_layer", lastword: int = 32, seed: int = 0,
-             methods=None, progress: bool = True) -> list[Row]:
-    """Every method x target x sparsity, through the sparse reference. Returns the rows."""
+             methods=None, progress: bool = True, threshold_tables: dict | None = None,
+             hybrid_head_sparsity=(0.25,)) -> list[Row]:
+    """Every method x target x sparsity, through the sparse reference. Returns the rows.
+
+    threshold_tables: {"uniform" | "greedy": thresholds [R, L, 4] of predictor.thresholds.GRID}: rows of
+    method `threshold` per table and sparsity, and `shadow+threshold` per token-granularity shadow
+    predictor, table and head sparsity of `hybrid_head_sparsity`."""
     for s in sparsities:
         check_sparsity(s)
     for t in targets:
@@ -337,16 +431,26 @@ def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=
                 for c in oracle_criteria:
                     for gran in ("sequence", "token"):
                         yield Oracle(c, gran, oracle_cache, *args)
+        for name, table in (threshold_tables or {}).items():
+            for s in sparsities:
+                args = (table, name, "both", s, allocation)
+                yield Threshold(*args)
+                for p in predictors:
+                    if p.kind == "shadow" and p.granularity == "token":
+                        for hs in hybrid_head_sparsity:
+                            yield ShadowThreshold(p, hs, *args)
 
     todo = [m for m in plan() if methods is None or m.name in methods]
     rows = []
     for m in tqdm(todo, desc="eval", unit="row", disable=not progress):
         ppl, frac, acc = evaluate_method(model, m, windows, prompt, items)
-        source = m.predictor.source if isinstance(m, PredictorMethod) else None
+        predictor = getattr(m, "predictor", None)
+        source = predictor.source if predictor is not None else None
         rows.append(Row(m.name, m.granularity, m.target if m.name != "dense" else "-", m.sparsity, m.criterion,
                         round(ppl, 4), windows.shape[0], round(frac, 4),
                         None if acc is None else round(acc, 4), len(items),
-                        Path(source).name if source else None))
+                        Path(source).name if source else None, getattr(m, "threshold_allocation", None),
+                        getattr(m, "head_sparsity", None)))
     return rows
 
 
@@ -371,26 +475,53 @@ def write_reports(rows: list[Row], out_prefix: str | os.PathLike, command: str, 
 
 def _label(r: Row) -> str:
     label = r.method if r.method in ("dense", "random", "gate", "static") else f"{r.method}/{r.granularity}"
-    label += f" ({r.criterion})" if r.method in ("oracle", "shadow", "dejavu") else ""
+    if r.method in ("threshold", "shadow+threshold"):
+        label = f"{r.method}/{getattr(r, 'allocation', None)}"
+    label += f" ({r.criterion})" if r.method in ("oracle", "shadow", "dejavu", "shadow+threshold") else ""
+    if getattr(r, "head_sparsity", None) is not None:
+        label += f" heads-{r.head_sparsity:g}"
     return label + (f" [{r.predictor}]" if r.predictor else "")
 
 
 def rows_table(rows: list[Row]) -> list[str]:
     """The markdown table of every row (the report's first table; the demo prints it alone)."""
     named = any(r.predictor for r in rows)  # reports written before rows named their predictor lack the column
+    allocated = any(r.allocation for r in rows)  # threshold rows: their allocation (and the hybrid's heads)
     lines = ["| method | granularity | criterion | " + ("predictor | " if named else "") +
-             "target | sparsity | ppl | last-word acc | bytes_fraction |",
-             "|---|---|---|" + ("---|" if named else "") + "---|---:|---:|---:|---:|"]
+             ("allocation | " if allocated else "") + "target | sparsity | ppl | last-word acc | bytes_fraction |",
+             "|---|---|---|" + ("---|" if named else "") + ("---|" if allocated else "") + "---|---:|---:|---:|---:|"]
     for r in rows:
         acc = "" if r.lastword_acc is None else f"{r.lastword_acc:.3f}"
+        alloc = (r.allocation or "") + (f", heads {r.head_sparsity:g}" if r.head_sparsity is not None else "")
         lines.append(f"| {r.method} | {r.granularity} | {r.criterion or ''} | " +
-                     (f"{r.predictor or ''} | " if named else "") +
+                     (f"{r.predictor or ''} | " if named else "") + (f"{alloc} | " if allocated else "") +
                      f"{r.target} | {r.sparsity} | {r.ppl:.2f} | {acc} | {r.bytes_fraction:.3f} |")
+    return lines
+
+
+def dominated_by_export(rows: list[Row]) -> list[str]:
+    """For every row that is no oracle and no exportable policy: the exportable row that dominates it
+    (no more bytes, no higher perplexity), or 'none'. Markdown table lines."""
+    exportable = [r for r in rows if r.method in EXPORTABLE]
+    lines = []
+    for r in rows:
+        if r.method in EXPORTABLE or r.method == "oracle":
+            continue
+        best = min((e for e in exportable if e.bytes_fraction <= r.bytes_fraction and e.ppl <= r.ppl),
+                   key=lambda e: e.ppl, default=None)
+        by = f"{_label(best)} at {best.sparsity} ({best.bytes_fraction:.3f}, {best.ppl:.2f})" if best else "**none**"
+        lines.append(f"| {_label(r)} | {r.target} | {r.sparsity} | {r.bytes_fraction:.3f} | {r.ppl:.2f} | {by} |")
     return lines
 
 
 def markdown(rows: list[Row], command: str) -> str:
     lines = [f"Command: `{command}`", "", *rows_table(rows)]
+    dominated = dominated_by_export(rows)
+    if dominated and any(r.method in ("threshold", "shadow+threshold") for r in rows):
+        lines += ["", "Each baseline (neither an exportable policy nor an oracle) against the best exportable row "
+                  "that dominates it (no more weight bytes, no higher perplexity):", "",
+                  "| baseline | target | sparsity | bytes_fraction | ppl | dominated by (bytes_fraction, ppl) |",
+                  "|---|---|---:|---:|---:|---|", *dominated]
     gap = []
     for r in rows:
         if r.method != "shadow":
@@ -435,6 +566,27 @@ def _interpolate(points, x) -> str:
     return ""
 
 
+def _pareto(ax, rows: list[Row], dense):
+    """Perplexity vs fraction of block weight bytes read per token, every method and target on one axis."""
+    for label in sorted({_label(r) for r in rows if r.method != "dense"}):
+        for target in TARGETS:
+            pts = sorted((r.bytes_fraction, r.ppl) for r in rows if r.target == target and _label(r) == label)
+            if not pts:
+                continue
+            threshold = label.startswith(("threshold", "shadow+threshold"))
+            name = label if threshold else f"{label} / {target}"
+            style = dict(marker="o", linewidth=2.2) if threshold else dict(marker=".", linewidth=0.8, alpha=0.7)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
+    if dense:
+        ax.plot([1.0], [dense], marker="*", markersize=12, color="black", linestyle="", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of block weight bytes read per generated token")
+    ax.set_ylabel("perplexity (continuation)")
+    ax.set_title("accuracy per byte (lower left is better)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+
+
 def plot(rows: list[Row], path: Path):
     import matplotlib
 
@@ -442,9 +594,13 @@ def plot(rows: list[Row], path: Path):
     import matplotlib.pyplot as plt
 
     targets = [t for t in TARGETS if any(r.target == t for r in rows)]
-    fig, axes = plt.subplots(1, max(1, len(targets)), figsize=(5.5 * max(1, len(targets)), 4.5), squeeze=False)
+    pareto = any(r.method in ("threshold", "shadow+threshold") for r in rows)
+    n = max(1, len(targets)) + int(pareto)
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n + (3 if pareto else 0), 4.5 if not pareto else 6), squeeze=False)
     dense = next((r.ppl for r in rows if r.method == "dense"), None)
-    for ax, target in zip(axes[0], targets):
+    if pareto:
+        _pareto(axes[0][0], rows, dense)
+    for ax, target in zip(axes[0][int(pareto):], targets):
         labels = sorted({_label(r) for r in rows if r.target == target})
         for label in labels:
             pts = sorted((r.sparsity, r.ppl) for r in rows if r.target == target and _label(r) == label)

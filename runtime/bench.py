@@ -11,7 +11,10 @@ units kept), `ort-function` (the same export with masks, function bodies: dense 
 the requested fraction kept, fed as inputs: speed does not depend on which rows are kept); on the
 real model also `shadow` (per-sequence predictor at prefill, masks carried in decode) and `dejavu`
 (per-layer lookahead every step), whose predictor share of time comes from onnxruntime's profiler
-(nodes the exporter named `predictor/...`).
+(nodes the exporter named `predictor/...`); `threshold` (activation thresholds, native kernels) at the
+sparsities of `threshold_grid`, uniform allocation from a short calibration of the model (the kept
+fraction, not which entries, sets the speed), its bound from the entries each decode token of the
+timed run kept (counted afterwards on the same tokens by the PyTorch reference).
 
 Per cell: `repeats` rounds, each a greedy run of `tokens` new tokens after a `prompt_tokens` prompt
 (after a short warm-up); decode tok/s (median over rounds, spread = max - min), prefill and
@@ -34,12 +37,12 @@ import torch
 
 from shadowllm.models import ShadowError
 
-from .bench_bound import copy_bandwidth, decode_bytes
+from .bench_bound import copy_bandwidth, decode_bytes, threshold_bytes
 from .ort_backend import OrtBackend
 
 SYNTHETIC = ("tinyllama-1.1b", "opt-1.3b")
 REAL = ("smollm2-135m",)
-EXPORT_VERSION = 2  # bump when the exporter's output changes in a way bench depends on (node names)
+EXPORT_VERSION = 3  # bump when the exporter's output changes in a way bench depends on (node names)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Row:
     tokens: int = 0
     repeats: int = 0
     prompt_tokens: int = 0
+    sparsity: float | None = None  # threshold cells: the runtime sparsity (row of the threshold table)
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Plan:
     prompt_tokens: int = 128
     native_grid: tuple = ((0.0, 0.0), (0.25, 0.25), (0.5, 0.5), (0.5, 0.75), (0.75, 0.75))
     function_grid: tuple = ((0.5, 0.5),)
+    threshold_grid: tuple = (0.25, 0.4, 0.5)
     predictor_policies: bool = True
     threads: int | None = None
     notes: list = field(default_factory=list)
@@ -82,7 +87,7 @@ class Plan:
     @classmethod
     def quick(cls) -> "Plan":
         return cls(models=REAL, tokens=16, repeats=2, prompt_tokens=64, native_grid=((0.0, 0.0), (0.5, 0.5)),
-                   predictor_policies=False)
+                   threshold_grid=(0.5,), predictor_policies=False)
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -115,9 +120,10 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
-def _run(backend, prompt, tokens: int, state0):
+def _run(backend, prompt, tokens: int, state0, generated: list | None = None):
     """(prefill s, time to first token s, decode tok/s, state after the first decode step) of one
-    greedy run; that state holds the masks decode runs with (predictor policies pick their own)."""
+    greedy run; that state holds the masks decode runs with (predictor policies pick their own).
+    `generated` receives the new token ids."""
     mask = torch.ones_like(prompt)
     start = time.perf_counter()
     logits, state = backend.forward(prompt, mask, state0() if state0 else None)
@@ -126,20 +132,25 @@ def _run(backend, prompt, tokens: int, state0):
     ttft = time.perf_counter() - start
     first_step = state
     start = time.perf_counter()
+    steps = [nxt]
     for i in range(tokens):
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
         logits, state = backend.forward(nxt, mask, state)
         nxt = logits[:, -1].argmax(-1, keepdim=True)
+        steps.append(nxt)
         if i == 0:
             first_step = state
-    return prefill, ttft, tokens / (time.perf_counter() - start), first_step
+    speed = tokens / (time.perf_counter() - start)
+    if generated is not None:
+        generated[:] = torch.cat(steps, 1)[0].tolist()
+    return prefill, ttft, speed, first_step
 
 
-def measure(backend, prompt, tokens: int, state0=None):
+def measure(backend, prompt, tokens: int, state0=None, generated: list | None = None):
     """(decode tok/s, prefill ms, TTFT ms, state after the first decode step) of one greedy run,
     after a short warm-up run (sessions allocate and pick kernels on their first calls)."""
     _run(backend, prompt, 4, state0)
-    prefill, ttft, speed, state = _run(backend, prompt, tokens, state0)
+    prefill, ttft, speed, state = _run(backend, prompt, tokens, state0, generated)
     return speed, prefill * 1e3, ttft * 1e3, state
 
 
@@ -200,8 +211,44 @@ def _cached_export(root: Path, model, tokenizer, policy: str, predictor=None, pr
 
     folder = root / f"export-{policy}-v{EXPORT_VERSION}"
     if not (folder / "shadowllm.json").is_file():
-        export(model, tokenizer, folder, policy, predictor=predictor, predictor_dir=predictor_dir)
+        thresholds = _uniform_thresholds(model, tokenizer, root) if policy == "threshold" else None
+        export(model, tokenizer, folder, policy, predictor=predictor, predictor_dir=predictor_dir,
+               thresholds=thresholds, threshold_source={"allocation": "uniform", "note": "bench calibration"})
     return folder
+
+
+def _uniform_thresholds(model, tokenizer, root: Path):
+    """Uniform threshold table from a short calibration (8 windows of 128 tokens, no greedy costs)."""
+    from shadowllm.models import adapter_for
+    from shadowllm.predictor.thresholds import calibrate_thresholds, load_calibration, threshold_table
+
+    folder = root / "thresholds-8x128"
+    try:
+        calib = load_calibration(folder, model)
+    except ShadowError:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        calib = calibrate_thresholds(model, tokenizer, folder, samples=8, window=128, greedy_windows=0)
+    return threshold_table(calib, adapter_for(model).arch, "uniform")
+
+
+def kept_entries(model, folder: Path, sparsity: float, ids: list, prompt_tokens: int):
+    """[4, L]: mean entries of each thresholded input kept per decode token, on the tokens `ids`
+    (prompt, then the generated ones), by the PyTorch reference with the export's thresholds."""
+    from safetensors.torch import load_file
+
+    from shadowllm.predictor.evaluation import Threshold
+
+    table = load_file(str(folder / "thresholds.safetensors"))["table"]
+    method = Threshold(table, "uniform", "both", sparsity, "per_layer")
+    tokens = torch.tensor([ids])
+    _, _, observer = method.masks(model, tokens, prompt_tokens)
+    with torch.inference_mode():
+        from shadowllm.models import sparse_forward
+
+        sparse_forward(model, tokens, observer=observer, thresholds=method.thresholds(model, tokens, prompt_tokens))
+    return np.stack([method.kept[k][0].mean(0).numpy() for k in range(4)])
 
 
 def _load_model(name: str):
@@ -218,11 +265,11 @@ def _load_model(name: str):
 
 def _predictors(model, tokenizer, root: Path):
     """The demo's per-sequence ShadowLLM predictor and a DejaVu predictor on the same traces."""
-    from shadowllm.demo import _predictors as demo_predictors
+    from shadowllm.predictor.cached import cached_predictors
     from shadowllm.predictor.predictors import load_predictor
     from shadowllm.predictor.train import train
 
-    sequence, _, _, demo_root = demo_predictors(model, tokenizer, quick=False)
+    sequence, _, _, demo_root = cached_predictors(model, tokenizer, quick=False)
     folder = root / "dejavu-token"
     try:
         dejavu = load_predictor(folder, model)
@@ -235,10 +282,12 @@ def _predictors(model, tokenizer, root: Path):
 # -- the run -----------------------------------------------------------------------------------
 
 def _sample(samples, model_name, backend_name, policy, hs, ns, backend, prompt, plan, arch, masks=None,
-            dense_bytes=False, shares=None):
-    """One measured run of one cell, with the bytes its decode step reads."""
+            dense_bytes=False, shares=None, sparsity=None):
+    """One measured run of one cell, with the bytes its decode step reads (threshold cells: filled in
+    once the kept entries of its tokens are counted)."""
     state0 = (lambda: backend.initial_state(1, *masks)) if masks is not None else None
-    speed, prefill, ttft, decode_state = measure(backend, prompt, plan.tokens, state0)
+    generated: list = []
+    speed, prefill, ttft, decode_state = measure(backend, prompt, plan.tokens, state0, generated)
     if dense_bytes:
         heads = neurons = None
     elif masks is not None:
@@ -246,11 +295,12 @@ def _sample(samples, model_name, backend_name, policy, hs, ns, backend, prompt, 
     else:  # predictor policies: the masks the predictor chose for the first decode step
         heads, neurons = decode_state["heads"].numpy()[0], decode_state["neurons"].numpy()[0]
     kv_policy = "all" if dense_bytes else arch["kv_policy"]
-    samples.append(dict(key=(model_name, backend_name, policy, hs, ns), speed=speed, prefill=prefill, ttft=ttft,
-                        rss=_peak_rss_mb(), bytes=decode_bytes(arch, heads, neurons,
-                                                               plan.prompt_tokens + plan.tokens // 2, kv_policy),
-                        shares=shares))
-    print(f"[shadowllm] bench {model_name:<15} {backend_name:<12} {policy:<7} heads {hs:<4} neurons {ns:<4} "
+    samples.append(dict(key=(model_name, backend_name, policy, hs, ns, sparsity), speed=speed, prefill=prefill,
+                        ttft=ttft, rss=_peak_rss_mb(), shares=shares, generated=generated,
+                        bytes=None if sparsity is not None else decode_bytes(
+                            arch, heads, neurons, plan.prompt_tokens + plan.tokens // 2, kv_policy)))
+    what = f"sparsity {sparsity:<4}" if sparsity is not None else f"heads {hs:<4} neurons {ns:<4}"
+    print(f"[shadowllm] bench {model_name:<15} {backend_name:<12} {policy:<9} {what} "
           f"{speed:7.2f} tok/s, prefill {prefill:.0f} ms", flush=True)
 
 
@@ -261,7 +311,7 @@ def _rows(samples: list, plan: Plan) -> list:
     for sample in samples:
         cells.setdefault(sample["key"], []).append(sample)
     rows = []
-    for (model, backend, policy, hs, ns), runs in cells.items():
+    for (model, backend, policy, hs, ns, sparsity), runs in cells.items():
         speeds = [r["speed"] for r in runs]
         bounds = [r["bandwidth"] / r["bytes"] for r in runs]
         shares = next((r["shares"] for r in runs if r["shares"]), None)
@@ -272,7 +322,7 @@ def _rows(samples: list, plan: Plan) -> list:
                   round(max(r["rss"] for r in runs), 0),
                   shares["predictor_prefill"] if shares else None, shares["predictor_decode"] if shares else None,
                   shares.get("decode_op_shares") if shares else None, tokens=plan.tokens, repeats=len(runs),
-                  prompt_tokens=plan.prompt_tokens)
+                  prompt_tokens=plan.prompt_tokens, sparsity=sparsity)
         rows.append(row)
     return rows
 
@@ -291,7 +341,8 @@ def _prepare(name: str, predictor_policies: bool) -> dict:
     """The exports a model's cells need, made once and cached: {"dense": folder, policy: folder}."""
     model, tokenizer, root = _load_model(name)
     root.mkdir(parents=True, exist_ok=True)
-    folders = {"dense": _cached_export(root, model, tokenizer, "dense")}
+    folders = {"dense": _cached_export(root, model, tokenizer, "dense"),
+               "threshold": _cached_export(root, model, tokenizer, "threshold")}
     if predictor_policies and name in REAL:
         for policy, (predictor, pdir) in _predictors(model, tokenizer, root).items():
             folders[policy] = _cached_export(root, model, tokenizer, policy, predictor, pdir)
@@ -335,8 +386,19 @@ def _group(name: str, kind: str, folder: str, plan: Plan, prompt, first_round: b
             # where the time goes at 50/50: a separate, profiled run
             ops = profile(folder, 0.0, prompt, 8, plan.threads, random_masks(arch, 0.5, 0.5))["decode_op_shares"]
             for sample in samples:
-                if sample["key"][3:] == (0.5, 0.5):
+                if sample["key"][3:5] == (0.5, 0.5):
                     sample["shares"] = {"predictor_prefill": None, "predictor_decode": None, "decode_op_shares": ops}
+    elif kind == "threshold":
+        backend = OrtBackend(folder, 0.0, threads=plan.threads, native=True)
+        for s in plan.threshold_grid:
+            backend.sparsity = np.array(s, dtype=np.float32)  # the table row the graph picks
+            _sample(samples, name, "ort-native", "threshold", 0.0, 0.0, backend, prompt, plan, arch, sparsity=s)
+        del backend
+        model = model if model is not None else _load_model(name)[0]
+        for sample in samples:  # the bound: from the entries this run's tokens kept
+            kept = kept_entries(model, folder, sample["key"][5], prompt[0].tolist() + sample["generated"][:-1],
+                                plan.prompt_tokens)
+            sample["bytes"] = threshold_bytes(arch, kept, plan.prompt_tokens + plan.tokens // 2)
     else:  # a predictor policy: its share of time from the profiler (first round), then the timed run
         shares = profile(folder, 0.5, prompt, min(plan.tokens, 16), plan.threads) if first_round else None
         backend = OrtBackend(folder, 0.5, threads=plan.threads, native=True)
@@ -356,7 +418,7 @@ def bench_model(name: str, plan: Plan, bandwidth, model=None, tokenizer=None, ro
         run_group = lambda *args: _isolated(_group, *args)  # noqa: E731
     else:
         root.mkdir(parents=True, exist_ok=True)
-        folders = {"dense": str(_cached_export(root, model, tokenizer, "dense"))}
+        folders = {k: str(_cached_export(root, model, tokenizer, k)) for k in ("dense", "threshold")}
         run_group = lambda *args: _group(*args, model=model)  # noqa: E731
     arch = _bench_arch(Path(folders["dense"]))
     g = torch.Generator().manual_seed(0)
@@ -366,6 +428,8 @@ def bench_model(name: str, plan: Plan, bandwidth, model=None, tokenizer=None, ro
     if tensorrt_status() is None:
         groups.append(("tensorrt", folders["dense"]))
     groups += [(policy, folders[policy]) for policy in ("shadow", "dejavu") if policy in folders]
+    if plan.threshold_grid:
+        groups.append(("threshold", folders["threshold"]))
     samples = []
     for round_ in range(plan.repeats):
         for kind, folder in groups:

@@ -42,13 +42,19 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, folder: str | os.PathLike, sparsity: float = 0.0, providers=None, threads: int | None = None,
-                 native: bool | None = None, profile_prefix: str | None = None):
+                 native: bool | None = None, profile_prefix: str | None = None, probe: bool = False):
+        """probe: also return the input x of every sparse op (state["probe"]["<node name>"]), for the
+        parity check of kept sets; the session then runs a copy of the graph with those extra outputs."""
         import onnxruntime as ort
 
         folder = Path(folder)
         self.manifest = check_export_folder(folder)
         if not 0.0 <= float(sparsity) < 1.0:
             raise ShadowError(f"--sparsity must lie in [0, 1), got {sparsity}")
+        if self.manifest.get("thresholds"):  # the graph picks a row of its threshold table: only grid values
+            from shadowllm.predictor.thresholds import check_grid_sparsity
+
+            check_grid_sparsity(sparsity)
         a = self.manifest["arch"]
         self.layers, self.heads, self.kv_heads = a["layers"], a["heads"], a["kv_heads"]
         self.head_dim, self.neurons = a["head_dim"], a["neurons"]
@@ -66,11 +72,15 @@ class OrtBackend:
         self.native = register_native(options, native)
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        path = _probe_copy(folder) if probe else folder / "model.onnx"
         try:
-            self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt models
             raise ShadowError(f"{folder / 'model.onnx'}: onnxruntime cannot load it "
                               f"({str(e).splitlines()[0][:200]})") from None
+        finally:
+            if probe:
+                path.unlink(missing_ok=True)  # the session holds the graph and its weights now
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
@@ -114,4 +124,28 @@ class OrtBackend:
         outs = dict(zip(self.output_names, binding.get_outputs()))
         logits = torch.from_numpy(outs["logits"].numpy())
         past = [outs[f"present.{i // 2}.{('key', 'value')[i % 2]}"] for i in range(2 * self.layers)]
-        return logits, {"past": past, "heads": outs["shadow_head_mask_out"], "neurons": outs["shadow_neuron_mask_out"]}
+        probe = {n[len(PROBE):]: outs[n].numpy() for n in outs if n.startswith(PROBE)}
+        return logits, {"past": past, "heads": outs["shadow_head_mask_out"], "neurons": outs["shadow_neuron_mask_out"],
+                        **({"probe": probe} if probe else {})}
+
+
+PROBE = "probe/"
+
+
+def _probe_copy(folder: Path) -> Path:
+    """A copy of model.onnx (beside it, sharing its external weights) whose extra outputs
+    `probe/<node name>` are the input x of each sparse op; the caller deletes it once loaded."""
+    import onnx
+    from onnx import helper
+
+    from shadowllm.export.onnx_ops import DOMAIN
+
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    for node in list(proto.graph.node):
+        if node.domain == DOMAIN:
+            name = PROBE + node.name
+            proto.graph.node.append(helper.make_node("Identity", [node.input[0]], [name]))
+            proto.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    path = folder / f".probe-{os.getpid()}.onnx"
+    onnx.save(proto, str(path))
+    return path

@@ -31,6 +31,7 @@ from .torch_backend import TorchBackend
 
 ATOL = 1e-4
 TIE = 1e-5
+KEPT_TIE = 1e-4  # an input entry within this (x the input's largest magnitude) of its threshold is a tie
 FP32_FACTOR = 2.0
 
 
@@ -77,11 +78,14 @@ class ParityReport:
     tokens_identical: bool = True
     polygraphy_passed: bool = True
     against: str = "pytorch"
+    kept_checked: int = 0  # threshold policies: input entries whose keep/skip decision was compared
+    kept_identical: bool = True
+    kept_flips_at_ties: int = 0
 
     @property
     def passed(self) -> bool:
         return (all(o.passed for o in self.outputs) and self.masks_identical and self.tokens_identical
-                and self.polygraphy_passed)
+                and self.polygraphy_passed and self.kept_identical)
 
     def table(self) -> str:
         kernels = "native kernels" if self.native else "function bodies"
@@ -93,6 +97,10 @@ class ParityReport:
             lines.append(f"{o.name:<28}{o.max_abs:>12.3e}{o.max_rel:>12.3e}  {'pass' if o.passed else 'FAIL'}")
         ties = f" ({self.mask_flips_at_ties} swaps at score ties)" if self.mask_flips_at_ties else ""
         lines.append(f"{'masks identical' + ties:<52}  {'pass' if self.masks_identical else 'FAIL'}")
+        if self.kept_checked:
+            ties = f", {self.kept_flips_at_ties} at ties" if self.kept_flips_at_ties else ""
+            lines.append(f"{f'kept input entries ({self.kept_checked:,} decisions{ties})':<52}  "
+                         f"{'pass' if self.kept_identical else 'FAIL'}")
         lines.append(f"{f'greedy tokens ({self.greedy_tokens})':<52}  {'pass' if self.tokens_identical else 'FAIL'}")
         lines.append(f"{'polygraphy comparator (atol %.1e)' % self.tolerance:<52}  "
                      f"{'pass' if self.polygraphy_passed else 'FAIL'}")
@@ -112,6 +120,9 @@ def reference_backend(folder: Path, manifest: dict, model, sparsity: float) -> T
     hs = sparsity if target in ("heads", "both") else 0.0
     ns = sparsity if target in ("neurons", "both") else 0.0
     policy = manifest["policy"]
+    thresholds = export_thresholds(folder, manifest, sparsity)
+    if policy == "threshold":
+        return TorchBackend(model, thresholds=thresholds)
     if policy == "dense":  # the graph applies whatever masks it is fed: feed random ones
         g = torch.Generator().manual_seed(1234)
         heads = torch.rand(a["layers"], a["heads"], generator=g) >= hs
@@ -132,7 +143,24 @@ def reference_backend(folder: Path, manifest: dict, model, sparsity: float) -> T
     predictor = load_predictor(manifest["predictor"], model)
     if predictor_fingerprint(predictor) != manifest.get("predictor_fingerprint"):
         raise ShadowError(f"predictor {manifest['predictor']} changed since the export (fingerprint differs)")
-    return TorchBackend(model, predictor=predictor, head_sparsity=hs, neuron_sparsity=ns)
+    if policy == "shadow+threshold":
+        hs, ns = manifest["head_sparsity"], 0.0
+    return TorchBackend(model, predictor=predictor, head_sparsity=hs, neuron_sparsity=ns, thresholds=thresholds)
+
+
+def export_thresholds(folder: Path, manifest: dict, sparsity: float):
+    """The [L, 4] thresholds an export applies at `sparsity` (its table's row), or None."""
+    if not manifest.get("thresholds"):
+        return None
+    from safetensors.torch import load_file
+
+    from shadowllm.predictor.thresholds import check_grid_sparsity
+
+    row = check_grid_sparsity(sparsity)
+    path = folder / "thresholds.safetensors"
+    if not path.is_file():
+        raise ShadowError(f"{folder}: partial export folder, missing thresholds.safetensors (the threshold table)")
+    return load_file(str(path))["table"][row]
 
 
 def _float64(model):
@@ -188,7 +216,7 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
     mask[1, :3] = 0  # left padding on the second row
     heads, neurons = _masks_numpy((reference._rows(reference.head_mask, B), reference._rows(reference.neuron_mask, B)),
                                   B, a)  # the fixed masks of dense / static (all kept for predictor policies)
-    predicted = manifest["policy"] in ("shadow", "dejavu")
+    predicted = manifest["policy"] in ("shadow", "dejavu", "shadow+threshold")
     fed_heads, fed_neurons = (heads, neurons) if manifest["policy"] == "dense" else (np.ones_like(heads),
                                                                                        np.ones_like(neurons))
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
@@ -242,8 +270,10 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
     report.polygraphy_passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(
         atol=report.tolerance, rtol=0.0)))
 
-    # 2. greedy decoding step by step on both backends: tokens, masks and last-position logits
-    onnx_backend = OrtBackend(folder, sparsity, native=report.native)
+    # 2. greedy decoding step by step on both backends: tokens, masks and last-position logits (and, with
+    # thresholds, the kept entries of every op's input x)
+    thresholded = reference.thresholds is not None
+    onnx_backend = OrtBackend(folder, sparsity, native=report.native, probe=thresholded)
     from .generate import encode_batch
 
     ids, mask = encode_batch(tokenizer, ["The history of the city", "A short note"],
@@ -268,8 +298,13 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
         o_logits, o_state = onnx_backend.forward(t_next[:, None], mask, o_state)
         if predicted:
             reference.force = exact.force = (o_state["heads"].numpy(), o_state["neurons"].numpy())
+        if thresholded:
+            reference.force_kept = exact.force_kept = _graph_kept(o_state["probe"], reference.thresholds, a["layers"])
+            forced = exact.force_kept
         t_logits, t_state = reference.forward(t_next[:, None], mask, t_state)
         e_logits, e_state = exact.forward(t_next[:, None], mask, e_state)
+        if thresholded:
+            _compare_kept(report, forced, exact.seen_inputs, exact.thresholds)
         th, tn = _masks_numpy(reference.last_masks, B, a)
         for got, expect, scores in ((o_state["heads"].numpy(), th, reference.last_scores[0]),
                                     (o_state["neurons"].numpy(), tn, reference.last_scores[1])):
@@ -279,6 +314,33 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
     report.greedy_tokens = steps
     report.outputs.append(OutputCheck(f"decode logits ({steps} steps)", decode_diff, 0.0, decode_diff <= decode_tol))
     return report
+
+
+_KEPT_INPUTS = (("attn_in", "attention", 0), ("mlp_in", "mlp", 2))  # (reference input, op, threshold column)
+
+
+def _graph_kept(probe: dict, thresholds: torch.Tensor, layers: int) -> dict:
+    """{(input, layer): bool [B, S, D]}: the entries of each op's input x the graph keeps."""
+    return {(name, l): torch.from_numpy(np.abs(probe[f"layers.{l}.{op}"]) >= float(thresholds[l, col]))
+            for l in range(layers) for name, op, col in _KEPT_INPUTS}
+
+
+def _compare_kept(report: ParityReport, graph_kept: dict, reference_inputs: dict, thresholds: torch.Tensor):
+    """The graph's kept entries against the reference's own decisions: a disagreement passes only at a
+    tie (the reference's value within KEPT_TIE x the input's largest magnitude of the threshold)."""
+    for (name, layer), kept in graph_kept.items():
+        col = 0 if name == "attn_in" else 2
+        x = reference_inputs[(name, layer)].double()
+        t = float(thresholds[layer, col])
+        ours = x.abs() >= t
+        report.kept_checked += ours.numel()
+        flips = ours != kept
+        if not flips.any():
+            continue
+        scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-30)
+        at_tie = ((x.abs() - t).abs() <= KEPT_TIE * scale) | ~flips
+        report.kept_identical &= bool(at_tie.all())
+        report.kept_flips_at_ties += int((flips & at_tie).sum())
 
 
 def write_report(report: ParityReport, path: str | os.PathLike):

@@ -8,10 +8,15 @@
   (layer 0 is always dense, so its output is ready before the masks are needed);
 - a dejavu predictor (dense prefill) predicts layer l's masks at each decode step from the residual
   input of layer l-1 in the sparse run, just before layer l needs them.
+With `thresholds` ([L, 4], predictor/thresholds.py) every decode step skips the input entries below
+them (activation thresholds); the prefill runs dense, as the exported threshold policies do.
 `last_masks` holds the (heads, neurons) masks the predictor chose for the last position of the last
 call, [B, L, ·] (None = all kept), and `last_scores` the scores they were ranked from. For parity
 checks, `force = (heads, neurons)` ([B, L, ·] numpy or torch) makes the next call compute with those
-masks instead, while still predicting (and reporting) its own.
+masks instead, while still predicting (and reporting) its own. Likewise `force_kept = {(name, layer):
+kept [B, S, D] bool}` (name "attn_in" or "mlp_in") makes the next decode step keep exactly those entries
+of that input under its threshold, and `seen_inputs` holds that step's own inputs, for parity checks
+of the kept sets.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ class TorchBackend:
 
     def __init__(self, model, head_mask: torch.Tensor | None = None, neuron_mask: torch.Tensor | None = None,
                  kv_policy: str = "all", predictor: Predictor | None = None, head_sparsity: float = 0.0,
-                 neuron_sparsity: float = 0.0, allocation: str = "per_layer"):
+                 neuron_sparsity: float = 0.0, allocation: str = "per_layer", thresholds: torch.Tensor | None = None):
         self.model = model
+        self.thresholds = thresholds
+        self.force_kept, self.seen_inputs = None, {}
         arch = adapter_for(model).arch
         self.arch = arch
         self.max_positions = arch.max_positions
@@ -54,15 +61,50 @@ class TorchBackend:
                 keep_mask(neurons, self.neuron_sparsity, self.allocation) if self.neuron_sparsity else None)
 
     def forward(self, input_ids, attention_mask, state):
+        try:
+            return self._forward(input_ids, attention_mask, state)
+        finally:
+            self.force_kept = None  # forced kept sets hold for one call
+
+    def _forward(self, input_ids, attention_mask, state):
         B, S = input_ids.shape
         with torch.inference_mode():
             if self.predictor is None:
                 self.last_masks = (self._rows(self.head_mask, B), self._rows(self.neuron_mask, B))
                 return sparse_forward(self.model, input_ids, *self.last_masks, attention_mask, state,
-                                      kv_policy=self.kv_policy)
+                                      kv_policy=self.kv_policy, thresholds=self._thresholds(state),
+                                      observer=self._kept_observer(None, state))
             if self.predictor.granularity == "sequence":
                 return self._per_sequence(input_ids, attention_mask, state)
             return self._per_token(input_ids, attention_mask, state)
+
+    def _thresholds(self, state):
+        """The activation thresholds of a call: none at prefill (state None), dense as in the export."""
+        return None if state is None else self.thresholds
+
+    def _kept_observer(self, observer, state):
+        """`observer`, plus (decode steps with thresholds) recording the thresholded inputs and applying
+        `force_kept`: an entry forced kept keeps its sign at no less than the threshold, one forced off is 0."""
+        if self.thresholds is None or state is None:
+            return observer
+        self.seen_inputs = {}
+        forced = self.force_kept or {}
+        column = {"attn_in": 0, "mlp_in": 2}
+
+        def observe(layer, name, t):
+            out = observer(layer, name, t) if observer is not None else None
+            if name not in column:
+                return out
+            x = t if out is None else out
+            self.seen_inputs[(name, layer)] = x.detach().clone()
+            kept = forced.get((name, layer))
+            if kept is None:
+                return out
+            kept = torch.as_tensor(kept, device=x.device)
+            thr = self.thresholds[layer, column[name]].to(x.dtype)
+            sign = torch.where(x < 0, -1.0, 1.0).to(x.dtype)
+            return torch.where(kept, torch.where(x.abs() >= thr, x, sign * thr), torch.zeros((), dtype=x.dtype))
+        return observe
 
     def _ones(self, *lead):
         a = self.arch
@@ -101,7 +143,8 @@ class TorchBackend:
             self.force = None
             return logits, (past, heads, neurons)
         past, heads, neurons = state
-        logits, past = sparse_forward(self.model, input_ids, heads, neurons, attention_mask, past, kv_policy="active")
+        logits, past = sparse_forward(self.model, input_ids, heads, neurons, attention_mask, past, kv_policy="active",
+                                      thresholds=self.thresholds, observer=self._kept_observer(None, state))
         return logits, (past, heads, neurons)
 
     def _per_token(self, input_ids, attention_mask, state):
@@ -113,7 +156,8 @@ class TorchBackend:
             observer = self._observer_lookahead(heads, neurons)
         else:
             observer = self._observer_filling(heads, neurons, lambda t: t[:, -1])
-        out = sparse_forward(self.model, input_ids, heads, neurons, attention_mask, state, observer=observer)
+        out = sparse_forward(self.model, input_ids, heads, neurons, attention_mask, state,
+                             observer=self._kept_observer(observer, state), thresholds=self.thresholds)
         self.force = None
         return out
 

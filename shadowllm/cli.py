@@ -121,12 +121,27 @@ def _format_prompt(tokenizer, prompt: str, chat: bool) -> str:
 def cmd_calibrate(args):
     import time
 
-    from shadowllm.models import load
+    from shadowllm.models import ShadowError, load
     from shadowllm.predictor.traces import calibrate
 
+    criteria = args.criterion or ["plainact"]
+    if "activations" in criteria:
+        if len(criteria) > 1:
+            raise ShadowError("--criterion activations calibrates activation thresholds into a folder of its own; "
+                              "run it without other criteria")
+        from shadowllm.predictor.thresholds import calibrate_thresholds
+
+        model, tokenizer = load(args.model)
+        start = time.perf_counter()
+        calib = calibrate_thresholds(model, tokenizer, args.out, args.corpus, args.split, args.samples, args.window,
+                                     args.greedy_windows, args.batch_size)
+        print(f"activation thresholds of {calib.manifest['samples']} windows (greedy costs on "
+              f"{calib.manifest['greedy_windows']}) in {args.out} [{time.perf_counter() - start:.0f} s, peak RSS "
+              f"{_peak_rss_mb():.0f} MB]")
+        return
     model, tokenizer = load(args.model)
     start = time.perf_counter()
-    manifest = calibrate(model, tokenizer, args.out, args.criterion or ["plainact"], args.corpus, args.split,
+    manifest = calibrate(model, tokenizer, args.out, criteria, args.corpus, args.split,
                          args.samples, args.window, args.batch_size, args.token_positions, args.shard_size, args.seed)
     took = time.perf_counter() - start
     print(f"traces of {manifest['samples']} windows ({', '.join(manifest['criteria'])}) in {args.out} "
@@ -161,16 +176,49 @@ def cmd_train(args):
           f"runs {c['runs']}")
 
 
+def _threshold_calibration(model, tokenizer, folder):
+    """The calibration of --thresholds DIR, or the cached built-in one (made once, with a progress bar)."""
+    from shadowllm.predictor.thresholds import default_calibration, load_calibration
+
+    if folder:
+        return load_calibration(folder, model), str(folder)
+    return default_calibration(model, tokenizer), "built-in (wiki train, 128 windows of 256 tokens)"
+
+
 def cmd_eval(args):
     import shlex
 
-    from shadowllm.models import load
-    from shadowllm.predictor.evaluation import evaluate, markdown, write_reports
+    from shadowllm.models import ShadowError, adapter_for, load
+    from shadowllm.predictor.allocation import ALLOCATIONS
+    from shadowllm.predictor.evaluation import evaluate, markdown, rows_from_json, write_reports
     from shadowllm.predictor.fixed_masks import static_from_traces
     from shadowllm.predictor.predictors import load_predictor
+    from shadowllm.predictor.thresholds import ALLOCATIONS as THRESHOLD_ALLOCATIONS, check_grid_sparsity, threshold_table
 
+    allocations = args.allocation or []
+    mask_allocation = ([a for a in allocations if a in ALLOCATIONS] or ["per_layer"])[-1]
+    threshold_allocations = [a for a in allocations if a in THRESHOLD_ALLOCATIONS] or ["greedy"]
+    # threshold rows when asked for (by --method, or by giving a calibration): they need a calibration
+    thresholded = bool({"threshold", "shadow+threshold"} & set(args.method or [])) or args.thresholds is not None
+    if thresholded:
+        for s in args.sparsity:
+            check_grid_sparsity(s)
+    merged = []
+    for path in args.merge:
+        old_rows, old_meta = rows_from_json(path)
+        mine = {"split": args.split, "window": args.window, "prompt": args.prompt}
+        if {k: old_meta.get(k) for k in mine} != mine or any(r.windows != args.max_windows for r in old_rows):
+            raise ShadowError(f"--merge {path}: a report of another protocol (split/window/prompt/windows "
+                              f"{[old_meta.get(k) for k in mine]}/{old_rows[0].windows if old_rows else None}); "
+                              f"this run: {list(mine.values())}/{args.max_windows}")
+        merged += [r for r in old_rows if r.method != "dense"]
     model, tokenizer = load(args.model)
     predictors = [load_predictor(p, model) for p in args.predictor]
+    tables, threshold_source = None, None
+    if thresholded:
+        calib, threshold_source = _threshold_calibration(model, tokenizer, args.thresholds)
+        arch = adapter_for(model).arch
+        tables = {a: threshold_table(calib, arch, a)[1] for a in threshold_allocations}
     static = None
     traces = args.traces or next((p.manifest["training"]["traces"] for p in predictors), None)
     if traces:
@@ -178,11 +226,13 @@ def cmd_eval(args):
     oracle = args.oracle_criterion or sorted({"l2_norm"} | {p.manifest["criterion"] for p in predictors})
     rows = evaluate(model, tokenizer, predictors, args.sparsity, args.target or ["heads", "neurons", "both"],
                     args.split, args.max_windows,
-                    args.window, args.prompt, static, oracle, args.allocation, args.lastword, args.seed,
-                    args.method)
+                    args.window, args.prompt, static, oracle, mask_allocation, args.lastword, args.seed,
+                    args.method, threshold_tables=tables, hybrid_head_sparsity=args.hybrid_head_sparsity)
+    rows += merged
     command = "shadowllm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     meta = {"model": args.model or "smollm2-135m", "split": args.split, "window": args.window, "prompt": args.prompt,
-            "allocation": args.allocation, "predictors": [p.manifest for p in predictors]}
+            "allocation": mask_allocation, "threshold_allocations": threshold_allocations if thresholded else [],
+            "thresholds": threshold_source, "merged": list(args.merge), "predictors": [p.manifest for p in predictors]}
     if args.out:
         write_reports(rows, args.out, command, meta)
     print(markdown(rows, command))
@@ -212,14 +262,25 @@ def cmd_export(args):
             static = static_scores(model, tokenizer)
             source = {"traces": None, "criterion": "l2_norm", "samples": 8, "note": "built-in calibration"}
     predictor = None
-    if args.policy in ("shadow", "dejavu"):
+    if args.policy in ("shadow", "dejavu", "shadow+threshold"):
         if not args.predictor:
             from shadowllm.models import ShadowError
             raise ShadowError(f"--policy {args.policy} needs --predictor DIR (from `shadowllm train`)")
         from shadowllm.predictor.predictors import load_predictor
 
         predictor = load_predictor(args.predictor, model)
-    out = export(model, tokenizer, args.out, args.policy, static, source, args.target, predictor, args.predictor)
+    thresholds, threshold_source = None, None
+    if args.policy in ("threshold", "shadow+threshold"):
+        from shadowllm.models import adapter_for
+        from shadowllm.predictor.thresholds import threshold_table
+
+        calib, where = _threshold_calibration(model, tokenizer, args.thresholds)
+        thresholds = threshold_table(calib, adapter_for(model).arch, args.allocation)
+        threshold_source = {"calibration": where, "allocation": args.allocation,
+                            **{k: calib.manifest.get(k) for k in ("corpus", "split", "samples", "window",
+                                                                   "greedy_windows")}}
+    out = export(model, tokenizer, args.out, args.policy, static, source, args.target, predictor, args.predictor,
+                 thresholds, threshold_source, args.head_sparsity)
     sizes = sum(f.stat().st_size for f in out.iterdir())
     print(f"exported {args.policy} model to {out} ({sizes / 2**20:.1f} MiB)")
 
@@ -320,9 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", default=None, help="a shadow predictor folder: masks predicted per input")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("calibrate", help="collect importance traces (scores + predictor inputs) on a corpus")
+    p = sub.add_parser("calibrate", help="collect importance traces (scores + predictor inputs) on a corpus, or "
+                                          "activation thresholds (--criterion activations)")
     _model_arg(p)
-    p.add_argument("--criterion", action="append", choices=CRITERIA, help="repeatable (default: plainact)")
+    p.add_argument("--criterion", action="append", choices=CRITERIA + ("activations",),
+                   help="repeatable (default: plainact); activations: histograms of every projection input and "
+                        "the greedy allocation's costs, for the threshold policies (alone)")
+    p.add_argument("--greedy-windows", type=positive_int, default=8,
+                   help="activations: windows the greedy allocation's costs are measured on")
     p.add_argument("--corpus", default="wiki")
     p.add_argument("--split", default="train", choices=["train", "validation", "test"])
     p.add_argument("--samples", type=int, default=256, help="number of windows")
@@ -362,12 +428,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=_sparsities, default=[0.1, 0.2, 0.3, 0.5])
     p.add_argument("--target", action="append", default=None, choices=["heads", "neurons", "both"])
     p.add_argument("--method", action="append", default=None,
-                   choices=["dense", "static", "random", "shadow", "dejavu", "gate", "oracle"])
+                   choices=["dense", "static", "random", "shadow", "dejavu", "gate", "oracle", "threshold",
+                            "shadow+threshold"])
+    p.add_argument("--thresholds", default=None,
+                   help="threshold methods (run with --method threshold / shadow+threshold, or when this is given): "
+                        "a `calibrate --criterion activations` folder (default: built-in, cached)")
+    p.add_argument("--hybrid-head-sparsity", type=_sparsities, default=[0.25],
+                   help="shadow+threshold: fractions of heads the per-token predictor drops (comma-separated)")
+    p.add_argument("--merge", action="append", default=[],
+                   help="rows of an earlier report (JSON) of the same protocol, shown beside this run's")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens per window; the rest is scored")
-    p.add_argument("--allocation", default="per_layer", choices=["per_layer", "global", "hybrid"])
+    p.add_argument("--allocation", action="append", default=None,
+                   choices=["per_layer", "global", "hybrid", "uniform", "greedy"],
+                   help="masks: per_layer (default), global or hybrid; threshold methods: uniform and/or greedy "
+                        "(default greedy); repeatable")
     p.add_argument("--lastword", type=int, default=32, help="articles for last-word accuracy (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="report prefix: writes PREFIX.json, .md, .png")
@@ -375,7 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export model + masks to ONNX with the sparse custom ops")
     _model_arg(p)
-    p.add_argument("--policy", choices=["dense", "static", "shadow", "dejavu"], default="dense")
+    p.add_argument("--policy", choices=["dense", "static", "shadow", "dejavu", "threshold", "shadow+threshold"],
+                   default="dense")
+    p.add_argument("--thresholds", default=None,
+                   help="threshold policies: a `calibrate --criterion activations` folder (default: built-in, cached)")
+    p.add_argument("--allocation", choices=["uniform", "greedy"], default="greedy",
+                   help="threshold policies: the same sparsity on every input, or the greedy allocation")
+    p.add_argument("--head-sparsity", type=fraction, default=0.25,
+                   help="shadow+threshold: fraction of heads the predictor drops (the runtime --sparsity picks "
+                        "the thresholds)")
     p.add_argument("--predictor", default=None, help="shadow / dejavu: a predictor folder from `shadowllm train`")
     p.add_argument("--traces", default=None, help="static: importance from a calibrate run (default: built-in)")
     p.add_argument("--criterion", default="l2_norm", help="static: which criterion of the traces")

@@ -122,3 +122,45 @@ def test_export_bad_input(tiny_folder, tmp_path):
     assert not (tmp_path / "x").exists()
     result = run_cli("generate", str(tmp_path / "missing-export"), "--backend", "ort", "--prompt", "hi")
     assert result.returncode == 2 and "no such export folder" in result.stderr
+
+
+def test_thresholds_calibrate_eval_export_from_the_command_line(tiny_folder, tmp_path, capsys):
+    """calibrate --criterion activations, then eval rows of both allocations (bytes counted per token,
+    a Pareto panel in the PNG, the dominance table), then export + parity of the threshold policy."""
+    calib, report, out = tmp_path / "thresholds", tmp_path / "eval", tmp_path / "export"
+    assert main(["calibrate", str(tiny_folder), "--criterion", "activations", "--samples", "4", "--window", "40",
+                 "--greedy-windows", "2", "--out", str(calib)]) == 0
+    assert (calib / "thresholds.json").is_file() and (calib / "thresholds.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(tiny_folder), "--method", "dense", "--method", "threshold", "--method", "random",
+                 "--thresholds", str(calib), "--allocation", "uniform", "--allocation", "greedy", "--sparsity",
+                 "0.25,0.5", "--target", "neurons", "--max-windows", "2", "--window", "32", "--prompt", "16",
+                 "--lastword", "0", "--out", str(report)]) == 0
+    text = capsys.readouterr().out
+    for allocation in ("uniform", "greedy"):
+        for s in ("0.25", "0.5"):
+            assert f"| threshold | token |  | {allocation} | both | {s} |" in text
+    assert "dominated by" in text
+    import json
+
+    rows = json.loads(report.with_suffix(".json").read_text())["rows"]
+    fractions = [r["bytes_fraction"] for r in rows if r["method"] == "threshold"]
+    assert all(0.2 < f < 0.95 for f in fractions), fractions
+    assert main(["export", str(tiny_folder), "--policy", "threshold", "--thresholds", str(calib), "--out",
+                 str(out)]) == 0
+    assert main(["parity", str(out), "--model", str(tiny_folder), "--sparsity", "0.25", "--steps", "8",
+                 "--json", str(tmp_path / "parity.json")]) == 0
+    assert "kept input entries" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["calibrate", "--criterion", "activations", "--criterion", "l2_norm", "--out", "{tmp}/x"],
+     "--criterion activations calibrates activation thresholds into a folder of its own"),
+    (["eval", "--method", "threshold", "--sparsity", "0.555"], "--sparsity 0.555: the threshold table holds rows"),
+])
+def test_bad_threshold_flags_are_one_clear_line(args, expected, tmp_path):
+    result = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (tmp_path / "x").exists()

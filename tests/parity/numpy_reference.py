@@ -28,19 +28,32 @@ def activation_magnitude(name, t):
     return np.abs(t) if name != "relu" else np.abs(activation(name, t))
 
 
-def sparse_neuron_mlp(x, w_in, b_in, w_gate, w_out_t, b_out, mask, act, magnitude=False):
-    """y; with magnitude=True also the sum of |terms| added into each output (its rounding scale)."""
-    x = x.astype(np.float64)
+def keep_large(v, t):
+    """Entries of v whose magnitude is below the threshold t set to zero (|v| >= t counts; None: all)."""
+    return v if t is None else np.where(np.abs(v) >= float(t), v, 0.0)
+
+
+def sparse_neuron_mlp(x, w_in, b_in, w_gate, w_out_t, b_out, mask, act, magnitude=False, t_x=None, t_h=None,
+                      seen=None):
+    """y; with magnitude=True also the sum of |terms| added into each output (its rounding scale).
+    t_x / t_h: activation thresholds on x and on the hidden h. seen: a list that receives every h
+    of a kept neuron before t_h applies."""
+    x = keep_large(x.astype(np.float64), t_x)
     B, S, D = x.shape
     y, mag = np.zeros((B, S, D)), np.zeros((B, S, D))
     for b in range(B):
         for n in np.flatnonzero(mask[b]):
             up = x[b] @ w_in[n] + (b_in[n] if b_in is not None else 0.0)
             h = activation(act, x[b] @ w_gate[n]) * up if w_gate is not None else activation(act, up)
+            if seen is not None:
+                seen.extend(h.tolist())
+            if t_h is not None and not (np.abs(h) >= float(t_h)).any():
+                continue
+            h = keep_large(h, t_h)
             y[b] += h[:, None] * w_out_t[n][None, :]
             h_mag = (activation_magnitude(act, x[b] @ w_gate[n]) * np.abs(up) if w_gate is not None
                      else activation_magnitude(act, up))
-            mag[b] += h_mag[:, None] * np.abs(w_out_t[n][None, :])
+            mag[b] += (h_mag * (h != 0))[:, None] * np.abs(w_out_t[n][None, :])
     if b_out is not None:
         y += b_out
         mag += np.abs(b_out)
@@ -53,16 +66,33 @@ def _rope(t, cos, sin):
     return np.concatenate([t1 * cos - t2 * sin, t2 * cos + t1 * sin], axis=-1)
 
 
+def _rope_magnitude(m, cos, sin):
+    """The magnitude of RoPE's terms given the magnitude m of its input's terms."""
+    half = m.shape[-1] // 2
+    m1, m2, c, s = m[..., :half], m[..., half:], np.abs(cos), np.abs(sin)
+    return np.concatenate([m1 * c + m2 * s, m2 * c + m1 * s], axis=-1)
+
+
+def _project_magnitude(x, w, bias):
+    return np.abs(x) @ np.abs(w).T + (np.abs(bias) if bias is not None else 0.0)
+
+
 def sparse_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask,
-                          position_ids, cos, sin, head_mask, H, G, E, scale, rope, kv_policy, magnitude=False):
-    """(y, present_key, present_value); with magnitude=True also the sum of |terms| added into y."""
-    x = x.astype(np.float64)
+                          position_ids, cos, sin, head_mask, H, G, E, scale, rope, kv_policy, magnitude=False,
+                          t_x=None, t_o=None, seen=None):
+    """(y, present_key, present_value); with magnitude=True also the rounding scale of y: the sum of
+    |terms| added into it, plus the rounding of the scores (from the q and k projections) carried
+    through the softmax: sum_j p_j |score error scale_j| |v_j - context| + sum_j p_j |v_j terms|.
+    t_x / t_o: activation thresholds on x and on the context before o. seen: a list that receives
+    every context entry of a kept head before t_o applies."""
+    x = keep_large(x.astype(np.float64), t_x)
     B, S, D = x.shape
     P = past_key.shape[2]
     T = P + S
     per_group = H // G
     y, mag = np.zeros((B, S, D)), np.zeros((B, S, D))
     new_k, new_v = np.zeros((B, G, S, E)), np.zeros((B, G, S, E))
+    mag_k, mag_v = np.zeros((B, G, T, E)), np.zeros((B, G, T, E))  # past entries are exact inputs
     for b in range(B):
         for g in range(G):
             used = head_mask[b, g * per_group:(g + 1) * per_group].any()
@@ -70,18 +100,25 @@ def sparse_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key,
                 continue
             k = x[b] @ w_k[g * E:(g + 1) * E].T + (b_k[g * E:(g + 1) * E] if b_k is not None else 0.0)
             v = x[b] @ w_v[g * E:(g + 1) * E].T + (b_v[g * E:(g + 1) * E] if b_v is not None else 0.0)
+            mk = _project_magnitude(x[b], w_k[g * E:(g + 1) * E], b_k[g * E:(g + 1) * E] if b_k is not None else None)
+            mag_v[b, g, P:] = _project_magnitude(x[b], w_v[g * E:(g + 1) * E],
+                                                 b_v[g * E:(g + 1) * E] if b_v is not None else None)
             if rope:
                 k = _rope(k, cos[position_ids[b]], sin[position_ids[b]])
-            new_k[b, g], new_v[b, g] = k, v
+                mk = _rope_magnitude(mk, cos[position_ids[b]], sin[position_ids[b]])
+            new_k[b, g], new_v[b, g], mag_k[b, g, P:] = k, v, mk
     present_k = np.concatenate([past_key, new_k], axis=2)
     present_v = np.concatenate([past_value, new_v], axis=2)
     for b in range(B):
         for h in np.flatnonzero(head_mask[b]):
             g = h // per_group
             q = x[b] @ w_q[h * E:(h + 1) * E].T + (b_q[h * E:(h + 1) * E] if b_q is not None else 0.0)
+            mq = _project_magnitude(x[b], w_q[h * E:(h + 1) * E], b_q[h * E:(h + 1) * E] if b_q is not None else None)
             if rope:
                 q = _rope(q, cos[position_ids[b]], sin[position_ids[b]])
+                mq = _rope_magnitude(mq, cos[position_ids[b]], sin[position_ids[b]])
             scores = q @ present_k[b, g].T * scale  # [S, T]
+            score_mag = (mq @ np.abs(present_k[b, g]).T + np.abs(q) @ mag_k[b, g].T) * scale
             for i in range(S):
                 for j in range(T):
                     if j > P + i or not attention_mask[b, j]:
@@ -90,8 +127,14 @@ def sparse_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key,
             probs = np.exp(scores)
             probs /= probs.sum(-1, keepdims=True)
             context = probs @ present_v[b, g]
+            if seen is not None:
+                seen.extend(context.ravel().tolist())
+            context = keep_large(context, t_o)
+            spread = np.abs(present_v[b, g][None, :, :] - context[:, None, :])  # [S, T, E]
+            context_mag = (np.abs(context) + np.einsum("st,st,ste->se", probs, score_mag, spread)
+                           + probs @ mag_v[b, g]) * (context != 0)
             y[b] += context @ w_o_t[h * E:(h + 1) * E]
-            mag[b] += np.abs(context) @ np.abs(w_o_t[h * E:(h + 1) * E])
+            mag[b] += context_mag @ np.abs(w_o_t[h * E:(h + 1) * E])
     if b_o is not None:
         y += b_o
         mag += np.abs(b_o)

@@ -1,4 +1,5 @@
-// Small helpers shared by the CPU kernels: activations, a short dot product, active-row lists.
+// Small helpers shared by the CPU kernels: activations, a short dot product, active-row lists,
+// activation thresholds.
 #pragma once
 
 #include <cmath>
@@ -38,6 +39,27 @@ inline std::vector<int64_t> ActiveRows(const bool* mask, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     if (mask[i]) rows.push_back(i);
   return rows;
+}
+
+// Activation thresholds (DESIGN §3): an entry v counts only when |v| >= t (ties kept).
+inline bool Counts(float v, float t) { return std::fabs(v) >= t; }
+
+// x [S, D] with the entries below t set to zero, into out.
+inline void KeepLarge(const float* x, int64_t n, float t, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = Counts(x[i], t) ? x[i] : 0.f;
+}
+
+// Channels d of x [S, D] that some token keeps (|x[s, d]| >= t): the input rows of a channel-major
+// weight a call must read. All D channels when there is no threshold.
+inline std::vector<int64_t> KeptChannels(const float* x, int64_t S, int64_t D, const float* t) {
+  std::vector<int64_t> kept;
+  kept.reserve(static_cast<size_t>(D));
+  for (int64_t d = 0; d < D; ++d) {
+    bool any = t == nullptr;
+    for (int64_t s = 0; s < S && !any; ++s) any = Counts(x[s * D + d], *t);
+    if (any) kept.push_back(d);
+  }
+  return kept;
 }
 
 }  // namespace shadowllm

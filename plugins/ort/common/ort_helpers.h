@@ -5,6 +5,7 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -15,9 +16,18 @@ namespace shadowllm {
 // A required or optional input's data (null when an optional input is absent).
 template <typename T>
 const T* InputData(const Ort::KernelContext& ctx, size_t i) {
+  if (i >= ctx.GetInputCount()) return nullptr;  // trailing optional inputs the node leaves off
   Ort::ConstValue v = ctx.GetInput(i);
   if (v == nullptr) return nullptr;
   return v.GetTensorData<T>();
+}
+
+// An optional scalar input (an activation threshold): null when absent, else its one value.
+inline const float* ScalarInput(const Ort::KernelContext& ctx, size_t i, const char* op, const char* name) {
+  const float* data = InputData<float>(ctx, i);
+  if (data != nullptr && ctx.GetInput(i).GetTensorTypeAndShapeInfo().GetElementCount() != 1)
+    throw std::invalid_argument(std::string(op) + ": input " + name + " must hold one value (a threshold)");
+  return data;
 }
 
 inline std::vector<int64_t> InputShape(const Ort::KernelContext& ctx, size_t i) {
@@ -31,6 +41,15 @@ T Attribute(const OrtKernelInfo* info, const char* name, T fallback) {
   } catch (const Ort::Exception&) {
     return fallback;
   }
+}
+
+// The weight_layout attribute: false for row_major (the default), true for channel_major.
+inline bool ChannelMajor(const OrtKernelInfo* info, const char* op) {
+  const std::string layout = Attribute<std::string>(info, "weight_layout", "row_major");
+  if (layout != "row_major" && layout != "channel_major")
+    throw std::invalid_argument(std::string(op) + ": weight_layout '" + layout +
+                                "' is not one of row_major, channel_major");
+  return layout == "channel_major";
 }
 
 // Parallel over onnxruntime's intra-op thread pool for the call in progress.

@@ -165,4 +165,16 @@ void GatherProject(const std::vector<const float*>& rows, const float* coeff, in
     for (int64_t j = 0; j < S * D; ++j) y[j] += partial[i * S * D + j];
 }
 
+void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels, const float* w,
+                    int64_t ld, int64_t col, int64_t width, const float* bias, float* out, const Parallel& parallel) {
+  std::vector<const float*> rows;
+  rows.reserve(channels.size());
+  std::vector<float> coeff(channels.size() * static_cast<size_t>(S));
+  for (size_t c = 0; c < channels.size(); ++c) {
+    rows.push_back(w + channels[c] * ld + col);
+    for (int64_t s = 0; s < S; ++s) coeff[c * S + s] = x[s * D + channels[c]];
+  }
+  GatherProject(rows, coeff.data(), S, width, bias, out, parallel);
+}
+
 }  // namespace shadowllm

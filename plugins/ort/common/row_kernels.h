@@ -1,4 +1,4 @@
-// The two primitives both sparse ops are made of. Weights are row-major with one row per output
+// The primitives both sparse ops are made of. Weights are row-major with one row per output
 // unit (a neuron's w_in / w_gate / w_out_t row, the E rows of a head), and a kernel is handed the
 // addresses of the kept rows: every weight byte it reads belongs to a kept unit, read in place,
 // once per call, front to back. fp32 throughout; the inner loops are compiled for AVX-512, AVX2+FMA
@@ -21,5 +21,12 @@ void ProjectRows(const float* x, int64_t S, int64_t D, const std::vector<const f
 // Many tokens (prefill): threads split the columns, with a register tile over tokens.
 void GatherProject(const std::vector<const float*>& rows, const float* coeff, int64_t S, int64_t D,
                    const float* bias, float* y, const Parallel& parallel);
+
+// Channel-major input projection (activation thresholds): columns [col, col + width) of a [D, ld]
+// weight stored one row per input channel, of which only the kept `channels` are read:
+// out[s, :] = bias + sum over kept d of x[s, d] * w[d, col : col + width]  (out row-major [S, width]).
+// x must already hold zeros where the threshold dropped an entry of a token.
+void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels, const float* w,
+                    int64_t ld, int64_t col, int64_t width, const float* bias, float* out, const Parallel& parallel);
 
 }  // namespace shadowllm

@@ -28,8 +28,14 @@ void Rope(float* t, const float* cos, const float* sin, int64_t pos, int64_t E) 
 void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
   const int64_t S = a.S, D = a.D, E = a.E, P = a.P, T = a.P + a.S, G = a.G, H = a.H;
   const int64_t per_group = H / G;
+  std::vector<float> kept_x;
   for (int64_t b = 0; b < a.B; ++b) {
     const float* x = a.x + b * S * D;
+    if (a.t_x) {  // entries of x below the threshold count as zero
+      kept_x.resize(static_cast<size_t>(S * D));
+      KeepLarge(x, S * D, *a.t_x, kept_x.data());
+      x = kept_x.data();
+    }
     const std::vector<int64_t> heads = ActiveRows(a.head_mask + b * H, H);
     const int64_t K = static_cast<int64_t>(heads.size());
     std::vector<int64_t> groups;  // kv heads whose new K/V are computed
@@ -42,17 +48,40 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
     const int64_t NG = static_cast<int64_t>(groups.size());
     const int64_t* positions = a.position_ids + b * S;
 
-    // One pass over every weight row this call needs: q rows of kept heads, k and v rows of the
-    // needed kv heads. proj is [rows, S].
-    std::vector<const float*> rows;
-    rows.reserve(static_cast<size_t>((K + 2 * NG) * E));
-    for (int64_t h : heads)
-      for (int64_t e = 0; e < E; ++e) rows.push_back(a.w_q + (h * E + e) * D);
-    for (const float* w : {a.w_k, a.w_v})
-      for (int64_t g : groups)
-        for (int64_t e = 0; e < E; ++e) rows.push_back(w + (g * E + e) * D);
-    std::vector<float> proj(rows.size() * static_cast<size_t>(S));
-    ProjectRows(x, S, D, rows, proj.data(), parallel);
+    // q of kept heads, k and v of the needed kv heads: proj is [rows, S] with rows = (K + 2 NG) * E.
+    std::vector<float> proj(static_cast<size_t>((K + 2 * NG) * E * S));
+    if (a.channel_major) {
+      // Each run of consecutive units is one column block of a [D, units*E] weight, read one kept
+      // channel row at a time (KeptChannels: all D without a threshold).
+      const std::vector<int64_t> channels = KeptChannels(a.x + b * S * D, S, D, a.t_x);
+      std::vector<float> block;
+      auto project_runs = [&](const std::vector<int64_t>& units, const float* w, int64_t ld, int64_t first_row) {
+        for (size_t i = 0; i < units.size();) {
+          size_t j = i + 1;
+          while (j < units.size() && units[j] == units[j - 1] + 1) ++j;
+          const int64_t width = static_cast<int64_t>(j - i) * E;
+          block.resize(static_cast<size_t>(S * width));
+          ChannelProject(x, S, D, channels, w, ld, units[i] * E, width, nullptr, block.data(), parallel);
+          for (int64_t c = 0; c < width; ++c)
+            for (int64_t s = 0; s < S; ++s) proj[(first_row + static_cast<int64_t>(i) * E + c) * S + s] = block[s * width + c];
+          i = j;
+        }
+      };
+      project_runs(heads, a.w_q, H * E, 0);
+      project_runs(groups, a.w_k, G * E, K * E);
+      project_runs(groups, a.w_v, G * E, (K + NG) * E);
+    } else {
+      // One pass over every weight row this call needs: q rows of kept heads, k and v rows of the
+      // needed kv heads.
+      std::vector<const float*> rows;
+      rows.reserve(static_cast<size_t>((K + 2 * NG) * E));
+      for (int64_t h : heads)
+        for (int64_t e = 0; e < E; ++e) rows.push_back(a.w_q + (h * E + e) * D);
+      for (const float* w : {a.w_k, a.w_v})
+        for (int64_t g : groups)
+          for (int64_t e = 0; e < E; ++e) rows.push_back(w + (g * E + e) * D);
+      ProjectRows(x, S, D, rows, proj.data(), parallel);
+    }
 
     // Present cache: the past, then the new K/V (RoPE on K) of needed kv heads, zeros for the rest.
     std::vector<char> group_on(static_cast<size_t>(G), 0);
@@ -110,11 +139,25 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
       }
     });
 
-    // y = sum over kept heads of context_h @ w_o_t[hE:(h+1)E] + b_o: the E rows each kept head owns.
+    // y = sum over kept heads of context_h @ w_o_t[hE:(h+1)E] + b_o: the E rows each kept head owns;
+    // with t_o, only the rows of context entries that count for some token.
     std::vector<const float*> out_rows;
     out_rows.reserve(static_cast<size_t>(K * E));
-    for (int64_t h : heads)
-      for (int64_t e = 0; e < E; ++e) out_rows.push_back(a.w_o_t + (h * E + e) * D);
+    size_t used = 0;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t e = 0; e < E; ++e) {
+        float* c = context.data() + (k * E + e) * S;
+        bool any = a.t_o == nullptr;
+        if (a.t_o)
+          for (int64_t s = 0; s < S; ++s) {
+            if (Counts(c[s], *a.t_o)) any = true;
+            else c[s] = 0.f;
+          }
+        if (!any) continue;
+        if (used != static_cast<size_t>(k * E + e)) std::copy(c, c + S, context.data() + used * S);
+        ++used;
+        out_rows.push_back(a.w_o_t + (heads[k] * E + e) * D);
+      }
     GatherProject(out_rows, context.data(), S, D, a.b_o, a.y + b * S * D, parallel);
   }
 }

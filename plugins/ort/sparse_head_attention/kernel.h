@@ -1,5 +1,7 @@
 // SparseHeadAttention on the CPU (DESIGN §3): q/o rows of kept heads only; k/v rows of every kv head
 // (kv_policy=all) or of the kv heads some kept query head reads (kv_policy=active, others zero).
+// With activation thresholds, only the weights of the entries of x (t_x) and of the context (t_o)
+// that count: channel-major q/k/v weights ([D, H*E], [D, G*E]) are read one kept channel at a time.
 #pragma once
 
 #include <cstdint>
@@ -18,11 +20,13 @@ struct AttentionArgs {
   const int64_t* position_ids;                      // [B, S]
   const float *cos, *sin;                           // [M, E/2] or null (no RoPE)
   const bool* head_mask;                            // [B, H]
+  const float *t_x, *t_o;                           // thresholds on x and on the context, or null
   float *y, *present_key, *present_value;           // [B, S, D], [B, G, T, E] x2
   int64_t B, S, D, P, H, G, E, max_positions;
   float scale;
   bool rope;
-  bool kv_active;  // kv_policy == "active"
+  bool kv_active;      // kv_policy == "active"
+  bool channel_major;  // weight_layout == "channel_major": w_q / w_k / w_v are [D, H*E] / [D, G*E]
 };
 
 void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel);

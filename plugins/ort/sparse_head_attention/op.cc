@@ -10,7 +10,8 @@ SparseHeadAttentionKernel::SparseHeadAttentionKernel(const OrtKernelInfo* info)
       head_dim(Attribute<int64_t>(info, "head_dim", 0)),
       scale(Attribute<float>(info, "scale", 0.f)),
       rope(Attribute<int64_t>(info, "rope", 0) != 0),
-      kv_active(Attribute<std::string>(info, "kv_policy", "all") == "active") {
+      kv_active(Attribute<std::string>(info, "kv_policy", "all") == "active"),
+      channel_major(ChannelMajor(info, "SparseHeadAttention")) {
   if (num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || num_heads % num_kv_heads != 0)
     throw std::invalid_argument("SparseHeadAttention: num_heads, num_kv_heads, head_dim must be positive and "
                                 "num_heads a multiple of num_kv_heads");
@@ -46,6 +47,9 @@ void SparseHeadAttentionKernel::Compute(OrtKernelContext* context) {
   a.cos = InputData<float>(ctx, 13);
   a.sin = InputData<float>(ctx, 14);
   a.head_mask = InputData<bool>(ctx, 15);
+  a.t_x = ScalarInput(ctx, 16, "SparseHeadAttention", "t_x");
+  a.t_o = ScalarInput(ctx, 17, "SparseHeadAttention", "t_o");
+  a.channel_major = channel_major;
   if (rope && (a.cos == nullptr || a.sin == nullptr))
     throw std::invalid_argument("SparseHeadAttention: rope=1 needs the cos and sin inputs");
   if (InputShape(ctx, 11)[1] != a.P + a.S)

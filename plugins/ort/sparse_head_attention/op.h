@@ -11,21 +11,21 @@ struct SparseHeadAttentionKernel {
   void Compute(OrtKernelContext* context);
   int64_t num_heads, num_kv_heads, head_dim;
   float scale;
-  bool rope, kv_active;
+  bool rope, kv_active, channel_major;
 };
 
 struct SparseHeadAttentionOp : Ort::CustomOpBase<SparseHeadAttentionOp, SparseHeadAttentionKernel> {
   void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new SparseHeadAttentionKernel(info); }
   const char* GetName() const { return "SparseHeadAttention"; }
-  // x w_q b_q w_k b_k w_v b_v w_o_t b_o past_key past_value attention_mask position_ids cos sin head_mask
-  size_t GetInputTypeCount() const { return 16; }
+  // x w_q b_q w_k b_k w_v b_v w_o_t b_o past_key past_value attention_mask position_ids cos sin head_mask t_x t_o
+  size_t GetInputTypeCount() const { return 18; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     if (i == 11 || i == 12) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
     if (i == 15) return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    const bool optional = i == 2 || i == 4 || i == 6 || i == 8 || i == 13 || i == 14;  // biases, cos, sin
+    const bool optional = i == 2 || i == 4 || i == 6 || i == 8 || i == 13 || i == 14 || i >= 16;  // biases, cos, sin, t_*
     return optional ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 3; }

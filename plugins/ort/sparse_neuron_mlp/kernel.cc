@@ -1,5 +1,6 @@
 #include "kernel.h"
 
+#include <algorithm>
 #include <vector>
 
 #include "../common/row_kernels.h"
@@ -7,27 +8,62 @@
 namespace shadowllm {
 
 void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel) {
-  const int64_t D = a.D, S = a.S;
+  const int64_t D = a.D, S = a.S, F = a.F;
   const bool gated = a.w_gate != nullptr;
+  std::vector<float> kept_x;
   for (int64_t b = 0; b < a.B; ++b) {
-    const std::vector<int64_t> kept = ActiveRows(a.mask + b * a.F, a.F);
+    const float* x = a.x + b * S * D;
+    if (a.t_x) {  // entries of x below the threshold count as zero
+      kept_x.resize(static_cast<size_t>(S * D));
+      KeepLarge(x, S * D, *a.t_x, kept_x.data());
+      x = kept_x.data();
+    }
+    const std::vector<int64_t> kept = ActiveRows(a.mask + b * F, F);
     const int64_t K = static_cast<int64_t>(kept.size());
-    // Input rows: the kept w_in rows, then (gated) the kept w_gate rows; one ProjectRows call.
-    std::vector<const float*> in_rows, out_rows;
-    in_rows.reserve(static_cast<size_t>(gated ? 2 * K : K));
+    // pre-activations of the kept neurons, [K, S] each: up (w_in) and gate (w_gate)
+    std::vector<float> up(static_cast<size_t>(K * S)), gate(gated ? static_cast<size_t>(K * S) : 0);
+    if (a.channel_major) {
+      // Every output of a kept channel's row, then the kept neurons picked out of it.
+      const std::vector<int64_t> channels = KeptChannels(a.x + b * S * D, S, D, a.t_x);
+      std::vector<float> full(static_cast<size_t>(S * F));
+      for (int pass = 0; pass < (gated ? 2 : 1); ++pass) {
+        ChannelProject(x, S, D, channels, pass ? a.w_gate : a.w_in, F, 0, F, nullptr, full.data(), parallel);
+        float* dst = pass ? gate.data() : up.data();
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t s = 0; s < S; ++s) dst[k * S + s] = full[s * F + kept[k]];
+      }
+    } else {
+      // Input rows: the kept w_in rows, then (gated) the kept w_gate rows; one ProjectRows call.
+      std::vector<const float*> in_rows;
+      in_rows.reserve(static_cast<size_t>(gated ? 2 * K : K));
+      for (int64_t n : kept) in_rows.push_back(a.w_in + n * D);
+      if (gated)
+        for (int64_t n : kept) in_rows.push_back(a.w_gate + n * D);
+      std::vector<float> pre(in_rows.size() * static_cast<size_t>(S));  // [rows, S]
+      ProjectRows(x, S, D, in_rows, pre.data(), parallel);
+      std::copy(pre.begin(), pre.begin() + K * S, up.begin());
+      if (gated) std::copy(pre.begin() + K * S, pre.end(), gate.begin());
+    }
+    // h of the kept neurons; with t_h, only neurons whose h counts for some token are read out.
+    std::vector<const float*> out_rows;
     out_rows.reserve(static_cast<size_t>(K));
-    for (int64_t n : kept) in_rows.push_back(a.w_in + n * D), out_rows.push_back(a.w_out_t + n * D);
-    if (gated)
-      for (int64_t n : kept) in_rows.push_back(a.w_gate + n * D);
-    std::vector<float> pre(in_rows.size() * static_cast<size_t>(S));  // [rows, S]
-    ProjectRows(a.x + b * S * D, S, D, in_rows, pre.data(), parallel);
-    std::vector<float> h(static_cast<size_t>(K * S));  // [K, S]
+    std::vector<float> h;
+    h.reserve(static_cast<size_t>(K * S));
     for (int64_t k = 0; k < K; ++k) {
       const float bias = a.b_in ? a.b_in[kept[k]] : 0.f;
+      const size_t first = h.size();
+      bool any = a.t_h == nullptr;
       for (int64_t s = 0; s < S; ++s) {
-        const float up = pre[k * S + s] + bias;
-        h[k * S + s] = gated ? Activate(a.activation, pre[(K + k) * S + s]) * up : Activate(a.activation, up);
+        const float u = up[k * S + s] + bias;
+        float v = gated ? Activate(a.activation, gate[k * S + s]) * u : Activate(a.activation, u);
+        if (a.t_h) {
+          if (Counts(v, *a.t_h)) any = true;
+          else v = 0.f;
+        }
+        h.push_back(v);
       }
+      if (any) out_rows.push_back(a.w_out_t + kept[k] * D);
+      else h.resize(first);
     }
     GatherProject(out_rows, h.data(), S, D, a.b_out, a.y + b * S * D, parallel);
   }

@@ -1,4 +1,5 @@
-// SparseNeuronMLP on the CPU (DESIGN §3): only the rows of kept neurons are read, in place.
+// SparseNeuronMLP on the CPU (DESIGN §3): only the rows of kept neurons are read, in place; with
+// activation thresholds, only the weights of the input entries that count.
 #pragma once
 
 #include <cstdint>
@@ -10,20 +11,25 @@ namespace shadowllm {
 
 struct MLPArgs {
   const float* x;        // [B, S, D]
-  const float* w_in;     // [F, D]
+  const float* w_in;     // [F, D] (row-major) or [D, F] (channel-major)
   const float* b_in;     // [F] or null
-  const float* w_gate;   // [F, D] or null (ungated)
+  const float* w_gate;   // like w_in, or null (ungated)
   const float* w_out_t;  // [F, D]
   const float* b_out;    // [D] or null
   const bool* mask;      // [B, F]
+  const float* t_x;      // threshold on x (one value), or null
+  const float* t_h;      // threshold on the hidden h (one value), or null
   float* y;              // [B, S, D]
   int64_t B, S, D, F;
   Activation activation;
+  bool channel_major;  // weight_layout == "channel_major": w_in / w_gate are [D, F]
 };
 
 // y = sum over kept n of h_n(x) * w_out_t[n] + b_out, per batch row: the kept neurons are listed
-// once; their w_in (and w_gate) rows give h for all S tokens in one pass (ProjectRows); their
-// w_out_t rows are summed into y (GatherProject).
+// once; h for all S tokens comes from their w_in (and w_gate) rows (ProjectRows), or, channel-major,
+// from the rows of the input channels some token keeps (ChannelProject: the whole [D, F] row of a
+// channel, the neuron mask applied after); the w_out_t rows of kept neurons whose |h| reaches t_h
+// for some token are summed into y (GatherProject).
 void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel);
 
 }  // namespace shadowllm

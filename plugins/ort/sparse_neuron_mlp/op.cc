@@ -3,7 +3,8 @@
 namespace shadowllm {
 
 SparseNeuronMLPKernel::SparseNeuronMLPKernel(const OrtKernelInfo* info)
-    : activation(ParseActivation(Attribute<std::string>(info, "activation", "relu"))) {}
+    : activation(ParseActivation(Attribute<std::string>(info, "activation", "relu"))),
+      channel_major(ChannelMajor(info, "SparseNeuronMLP")) {}
 
 void SparseNeuronMLPKernel::Compute(OrtKernelContext* context) {
   Ort::KernelContext ctx(context);
@@ -12,7 +13,7 @@ void SparseNeuronMLPKernel::Compute(OrtKernelContext* context) {
   a.B = x_shape[0];
   a.S = x_shape[1];
   a.D = x_shape[2];
-  a.F = w_shape[0];
+  a.F = channel_major ? w_shape[1] : w_shape[0];
   a.x = InputData<float>(ctx, 0);
   a.w_in = InputData<float>(ctx, 1);
   a.b_in = InputData<float>(ctx, 2);
@@ -20,6 +21,9 @@ void SparseNeuronMLPKernel::Compute(OrtKernelContext* context) {
   a.w_out_t = InputData<float>(ctx, 4);
   a.b_out = InputData<float>(ctx, 5);
   a.mask = InputData<bool>(ctx, 6);
+  a.t_x = ScalarInput(ctx, 7, "SparseNeuronMLP", "t_x");
+  a.t_h = ScalarInput(ctx, 8, "SparseNeuronMLP", "t_h");
+  a.channel_major = channel_major;
   a.activation = activation;
   a.y = ctx.GetOutput(0, x_shape).GetTensorMutableData<float>();
   SparseNeuronMLP(a, OrtParallel(ctx));

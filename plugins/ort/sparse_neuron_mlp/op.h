@@ -10,17 +10,19 @@ struct SparseNeuronMLPKernel {
   explicit SparseNeuronMLPKernel(const OrtKernelInfo* info);
   void Compute(OrtKernelContext* context);
   Activation activation;
+  bool channel_major;
 };
 
 struct SparseNeuronMLPOp : Ort::CustomOpBase<SparseNeuronMLPOp, SparseNeuronMLPKernel> {
   void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new SparseNeuronMLPKernel(info); }
   const char* GetName() const { return "SparseNeuronMLP"; }
-  size_t GetInputTypeCount() const { return 7; }
+  // x w_in b_in w_gate w_out_t b_out mask t_x t_h
+  size_t GetInputTypeCount() const { return 9; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     return i == 6 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    const bool optional = i == 2 || i == 3 || i == 5;  // b_in, w_gate, b_out
+    const bool optional = i == 2 || i == 3 || i == 5 || i == 7 || i == 8;  // b_in, w_gate, b_out, t_x, t_h
     return optional ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }

@@ -1,0 +1,347 @@
+"""Activation thresholds (TEAL-class, training-free): calibration and allocation.
+
+For each layer and each projection input (`THRESHOLD_INPUTS`: the attention input x before q/k/v,
+the attention context before o, the MLP input x before gate/up, the MLP hidden h before down), an
+entry v counts only when |v| >= t; the weights it would multiply are never read. A threshold is the
+s-quantile of |v| on calibration text, so a sparsity s on one input skips about s of the weight bytes
+that input feeds.
+
+Calibration (`calibrate_thresholds`, `shadowllm calibrate --criterion activations`):
+- histograms of log10|v| per layer and input over every calibration token (fixed bins, so memory is
+  flat in the number of samples), from which any quantile is read;
+- for the greedy allocation, the cost of each sparsity level of each input: the error that
+  thresholding that input alone adds to its block's output, sum over tokens of ||Δy||² / ||h||²
+  with h the residual stream the block writes into (a relative perturbation of what the next layers
+  read), on a few calibration windows.
+
+Allocation (`threshold_table`): for every sparsity of `GRID` (the fraction of block weight bytes
+skipped), a table [L, 4] of thresholds:
+- uniform: the same s on every input;
+- greedy: from all inputs dense, raise the sparsity level of the input whose next level adds the
+  least error per weight byte saved, until the target fraction of block weight bytes is skipped.
+  An input that feeds q+k+v or gate+up saves more bytes per level than one that feeds one matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from shadowllm.models import ShadowError, adapter_for, corpus, fingerprint, sparse_forward
+from shadowllm.models.reference import THRESHOLD_INPUTS, attention_block, keep_large, mlp_block
+
+from .artifacts import check_model, read_manifest
+
+MANIFEST = "thresholds.json"
+TENSORS = "thresholds.safetensors"
+FORMAT = "shadowllm-thresholds/1"
+ALLOCATIONS = ("uniform", "greedy")
+GRID = tuple(round(0.01 * i, 2) for i in range(91))  # sparsities a table holds a row for: 0.00 .. 0.90
+LEVELS = tuple(round(0.05 * i, 2) for i in range(20))  # greedy steps per input: 0.00 .. 0.95
+LOG_LO, LOG_HI, BINS = -8.0, 4.0, 4096  # log10|v| histogram range: 1e-8 .. 1e4, ~0.7% per bin
+# what each input is observed as in the reference forward (models/reference.py observer names)
+_OBSERVED = {"attn_in": 0, "head_context": 1, "mlp_in": 2, "neuron_act": 3}
+
+
+def input_weights(arch) -> list[int]:
+    """Weights (parameters) one entry of each input multiplies, per layer, in THRESHOLD_INPUTS order."""
+    E, H, G, D, F = arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.hidden, arch.ffn
+    return [(H + 2 * G) * E, D, (2 if arch.gated else 1) * F, D]
+
+
+def input_sizes(arch) -> list[int]:
+    """Entries of each input, per token: D, H*E, D, F."""
+    return [arch.hidden, arch.num_heads * arch.head_dim, arch.hidden, arch.ffn]
+
+
+def check_grid_sparsity(sparsity: float, flag: str = "--sparsity") -> int:
+    """The table row of `sparsity`; one clear line when it is not on the calibrated grid."""
+    s = float(sparsity)
+    row = int(round(s * 100))
+    if not (0 <= row < len(GRID)) or abs(GRID[row] - s) > 1e-6:
+        raise ShadowError(f"{flag} {sparsity}: the threshold table holds rows for sparsities 0.00, 0.01, ..., "
+                          f"{GRID[-1]:.2f} (multiples of 0.01); give one of those")
+    return row
+
+
+# ---------------------------------------------------------------- calibration
+def _histogram(v: torch.Tensor) -> torch.Tensor:
+    """Counts of log10|v| over BINS fixed bins; |v| below 1e-8 (zeros included) falls in the first."""
+    logs = v.detach().abs().float().clamp(min=10 ** LOG_LO).log10().clamp(max=LOG_HI - 1e-6)
+    return torch.histc(logs, bins=BINS, min=LOG_LO, max=LOG_HI).double()
+
+
+def _quantile(counts: torch.Tensor, s: float) -> float:
+    """The value below which a fraction s of the histogram's entries lie (0 for s = 0)."""
+    if s <= 0:
+        return 0.0
+    cum = counts.cumsum(0) / counts.sum()
+    i = int(torch.searchsorted(cum, torch.tensor(s, dtype=cum.dtype)).clamp(max=BINS - 1))
+    below = float(cum[i - 1]) if i else 0.0
+    inside = float(cum[i]) - below
+    frac = 0.5 if inside <= 0 else min(max((s - below) / inside, 0.0), 1.0)
+    width = (LOG_HI - LOG_LO) / BINS
+    return 10 ** (LOG_LO + (i + frac) * width)
+
+
+@dataclass
+class Calibration:
+    """Histograms [L, 4, BINS] and greedy costs {kind: [L, 4, len(LEVELS)]} of one model, with its manifest."""
+
+    manifest: dict
+    histograms: torch.Tensor
+    costs: dict
+
+    def thresholds(self, sparsities: torch.Tensor) -> torch.Tensor:
+        """[L, 4] thresholds for per-input sparsities [L, 4]."""
+        L = self.histograms.shape[0]
+        return torch.tensor([[_quantile(self.histograms[l, k], float(sparsities[l, k])) for k in range(4)]
+                             for l in range(L)], dtype=torch.float32)
+
+    def save(self, out: Path):
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            save_file({"histograms": self.histograms.contiguous(),
+                       **{f"costs.{k}": v.contiguous() for k, v in self.costs.items()}}, str(tmp / TENSORS))
+            (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@torch.no_grad()
+def calibrate_thresholds(model, tokenizer, out: str | os.PathLike | None, corpus_name: str = "wiki",
+                         split: str = "train", samples: int = 128, window: int = 256, greedy_windows: int = 8,
+                         batch_size: int = 4, progress: bool = True) -> Calibration:
+    """Histograms over `samples` windows and greedy costs on the first `greedy_windows` of them (0: none,
+    uniform allocation only); written atomically to folder `out` (when given)."""
+    if samples < 1 or greedy_windows < 0:
+        raise ShadowError(f"--samples must be >= 1 and --greedy-windows >= 0, got {samples} and {greedy_windows}")
+    if window < 8:
+        raise ShadowError(f"--window must be >= 8 tokens, got {window}")
+    if out is not None:
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ShadowError(f"--out {out}: exists and is not an empty folder; choose a new folder")
+    start = time.perf_counter()
+    arch = adapter_for(model).arch
+    windows = corpus(corpus_name).windows(tokenizer, split, window, limit=samples)
+    if windows.shape[0] < samples:
+        raise ShadowError(f"--samples {samples}: the {corpus_name} {split} split has only {windows.shape[0]} "
+                          f"windows of {window} tokens")
+    L = arch.num_layers
+    hist = torch.zeros(L, 4, BINS, dtype=torch.float64)
+
+    def observe(layer, name, t):
+        k = _OBSERVED.get(name)
+        if k is not None:
+            hist[layer, k] += _histogram(t)
+        return None
+
+    bar = tqdm(total=samples, desc="calibrate thresholds", unit="window", disable=not progress)
+    for b in range(0, samples, batch_size):
+        sparse_forward(model, windows[b:b + batch_size], observer=observe)
+        bar.update(min(batch_size, samples - b))
+    bar.close()
+    calib = Calibration({}, hist, {})
+    if greedy_windows:
+        calib.costs = _greedy_costs(model, calib, windows[:greedy_windows], batch_size, progress)
+    calib.manifest = {
+        "format": FORMAT, "model_fingerprint": fingerprint(model), "model": getattr(model, "_shadowllm_source", None),
+        "arch": {"layers": L, "hidden": arch.hidden, "heads": arch.num_heads, "kv_heads": arch.num_kv_heads,
+                 "head_dim": arch.head_dim, "neurons": arch.ffn, "gated": arch.gated},
+        "corpus": corpus_name, "split": split, "samples": samples, "window": window,
+        "greedy_windows": min(greedy_windows, samples), "inputs": list(THRESHOLD_INPUTS), "levels": list(LEVELS),
+        "histogram": {"log10_lo": LOG_LO, "log10_hi": LOG_HI, "bins": BINS},
+        "costs": list(COSTS),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    if out is not None:
+        calib.save(out)
+    return calib
+
+
+COSTS = ("fisher", "gradnorm", "relative", "absolute", "block", "kl_fisher")
+FISHER_SAMPLES = 4  # labels drawn from the model's own distribution per token (kl_fisher)
+
+
+def _block_gradients(model, ids):
+    """(dense forward's observed tensors, d loss / d block output for every block) on windows ids."""
+    seen = {}
+
+    def observe(layer, name, t):
+        if name in ("attn_out", "mlp_out"):
+            seen[(layer, name)] = t
+        elif name in ("residual", "attn_in", "head_context", "mlp_in", "neuron_act"):
+            seen[(layer, name)] = t.detach()
+        return None
+
+    g = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        logits, _ = sparse_forward(model, ids, observer=observe)
+        flat = logits[:, :-1].flatten(0, 1).float()
+        loss = torch.nn.functional.cross_entropy(flat, ids[:, 1:].flatten(), reduction="sum")
+        outs = [k for k in seen if k[1] in ("attn_out", "mlp_out")]
+        grads = torch.autograd.grad(loss, [seen[k] for k in outs], retain_graph=True)
+        probs = flat.detach().softmax(-1)
+        sampled = []
+        for i in range(FISHER_SAMPLES):  # the true Fisher: labels drawn from the model itself
+            labels = torch.multinomial(probs, 1, generator=g)[:, 0]
+            loss = torch.nn.functional.cross_entropy(flat, labels, reduction="sum")
+            sampled.append(torch.autograd.grad(loss, [seen[k] for k in outs], retain_graph=i + 1 < FISHER_SAMPLES))
+    for k in outs:
+        seen[k] = seen[k].detach()
+    return seen, {k: gr.detach() for k, gr in zip(outs, grads)}, \
+        {k: [s[i].detach() for s in sampled] for i, k in enumerate(outs)}
+
+
+def _greedy_costs(model, calib: Calibration, windows: torch.Tensor, batch_size: int, progress: bool) -> dict:
+    """{cost kind: costs[l, k, i]}: what thresholding input k of layer l alone at LEVELS[i] adds to its
+    block's output, as `fisher` sum over tokens of (g . dy)^2 (g: d loss / d block output, an empirical
+    Fisher estimate of the loss increase), `gradnorm` sum of |g|^2 |dy|^2 / D, or `relative` sum of
+    |dy|^2 / |h|^2 (h: the residual stream the block writes into)."""
+    adapter = adapter_for(model)
+    arch = adapter.arch
+    L = arch.num_layers
+    costs = {c: torch.zeros(L, 4, len(LEVELS), dtype=torch.float64) for c in COSTS}
+    thresholds = [calib.thresholds(torch.full((L, 4), s)) for s in LEVELS]
+    bar = tqdm(total=windows.shape[0] * L, desc="threshold costs", unit="layer", disable=not progress)
+    for b in range(0, windows.shape[0], batch_size):
+        ids = windows[b:b + batch_size]
+        seen, grads, sampled = _block_gradients(model, ids)
+        B, S = ids.shape
+        positions = torch.arange(S).expand(B, S)
+        rope = adapter.rope(positions) if arch.rope else None
+        allowed = torch.ones(S, S, dtype=torch.bool).tril()[None].expand(B, S, S)
+        empty = torch.zeros(B, arch.num_kv_heads, 0, arch.head_dim)
+        for layer in range(L):
+            wa, wm = adapter.attention(layer), adapter.mlp(layer)
+            x_attn, ctx = seen[(layer, "attn_in")], seen[(layer, "head_context")].flatten(2)
+            x_mlp, hidden = seen[(layer, "mlp_in")], seen[(layer, "neuron_act")]
+            y_attn, y_mlp = seen[(layer, "attn_out")], seen[(layer, "mlp_out")]
+            # the residual stream each block writes into (post-norm OPT: the MLP's input is that stream)
+            h_attn = seen[(layer, "residual")] + y_attn
+            h_mlp = (h_attn if arch.pre_norm else x_mlp) + y_mlp
+            scale = {"attn": (grads[(layer, "attn_out")], h_attn.pow(2).sum(-1).clamp(min=1e-12), y_attn,
+                              sampled[(layer, "attn_out")]),
+                     "mlp": (grads[(layer, "mlp_out")], h_mlp.pow(2).sum(-1).clamp(min=1e-12), y_mlp,
+                             sampled[(layer, "mlp_out")])}
+
+            def add(k, block, dy, i):
+                g, norm, y, gs = scale[block]
+                costs["kl_fisher"][layer, k, i] += sum((gi * dy).sum(-1).pow(2).sum() for gi in gs) / len(gs)
+                costs["absolute"][layer, k, i] += dy.pow(2).sum()
+                costs["block"][layer, k, i] += (dy.pow(2).sum(-1) / y.pow(2).sum(-1).clamp(min=1e-12)).sum()
+                costs["fisher"][layer, k, i] += (g * dy).sum(-1).pow(2).sum()
+                costs["gradnorm"][layer, k, i] += (g.pow(2).sum(-1) * dy.pow(2).sum(-1)).sum() / dy.shape[-1]
+                costs["relative"][layer, k, i] += (dy.pow(2).sum(-1) / norm).sum()
+
+            for i, thr in enumerate(thresholds):
+                if i == 0:
+                    continue
+                t = thr[layer]
+                y, _, _ = attention_block(arch, wa, x_attn, (empty, empty), allowed, rope, t_x=t[0])
+                add(0, "attn", y - y_attn, i)
+                add(1, "attn", (keep_large(ctx, t[1]) - ctx) @ wa.w_o_t, i)
+                add(2, "mlp", mlp_block(arch.activation, wm, x_mlp, t_x=t[2]) - y_mlp, i)
+                add(3, "mlp", (keep_large(hidden, t[3]) - hidden) @ wm.w_out_t, i)
+            bar.update(ids.shape[0])
+    bar.close()
+    return costs
+
+
+def load_calibration(folder: str | os.PathLike, model=None) -> Calibration:
+    """A calibration folder; with `model`, refused when it was calibrated on another model."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, MANIFEST, FORMAT, "--thresholds", "calibrate --criterion activations")
+    check_model(manifest, model, f"--thresholds {folder}: thresholds were calibrated")
+    try:
+        t = load_file(str(folder / TENSORS))
+    except Exception as e:
+        raise ShadowError(f"{folder / TENSORS}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    L = manifest["arch"]["layers"]
+    costs = COSTS if manifest.get("greedy_windows") else ()
+    if tuple(t.get("histograms", torch.empty(0)).shape) != (L, 4, BINS) or \
+            any(tuple(t.get(f"costs.{c}", torch.empty(0)).shape) != (L, 4, len(LEVELS)) for c in costs):
+        raise ShadowError(f"{folder / TENSORS}: expected histograms [{L}, 4, {BINS}] and costs "
+                          f"({', '.join(costs)}) [{L}, 4, {len(LEVELS)}]")
+    return Calibration(manifest, t["histograms"].double(), {c: t[f"costs.{c}"].double() for c in costs})
+
+
+# ---------------------------------------------------------------- allocation
+def uniform_sparsities(arch, s: float) -> torch.Tensor:
+    return torch.full((arch.num_layers, 4), float(s))
+
+
+def greedy_schedule(costs: torch.Tensor, arch):
+    """Greedy steps from dense: yields (fraction of block weight bytes skipped, levels [L, 4] int)."""
+    L = arch.num_layers
+    per_level = torch.tensor(input_weights(arch), dtype=torch.float64) * torch.tensor(input_sizes(arch),
+                                                                                          dtype=torch.float64)
+    total = float(arch.block_parameters)
+    step = LEVELS[1] - LEVELS[0]
+    level = torch.zeros(L, 4, dtype=torch.long)
+    skipped = 0.0
+    yield 0.0, level.clone()
+    while True:
+        nxt = (level + 1).clamp(max=len(LEVELS) - 1)
+        gain = costs.gather(2, nxt[..., None])[..., 0] - costs.gather(2, level[..., None])[..., 0]
+        per_byte = gain / (per_level * step)[None, :]
+        per_byte[level >= len(LEVELS) - 1] = math.inf
+        flat = int(per_byte.argmin())
+        l, k = divmod(flat, 4)
+        if not math.isfinite(float(per_byte[l, k])):
+            return
+        level[l, k] += 1
+        skipped += float(per_level[k]) * step
+        yield skipped / total, level.clone()
+
+
+def threshold_table(calib: Calibration, arch, allocation: str = "greedy",
+                    cost: str = "fisher") -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid [R], thresholds [R, L, 4]): the row of sparsity s skips about s of the block weight bytes."""
+    if allocation not in ALLOCATIONS:
+        raise ShadowError(f"--allocation {allocation!r}: expected one of {', '.join(ALLOCATIONS)}")
+    rows = []
+    if allocation == "uniform":
+        rows = [calib.thresholds(uniform_sparsities(arch, s)) for s in GRID]
+    else:
+        if cost not in calib.costs:
+            raise ShadowError("--allocation greedy: this calibration has no greedy costs (made with --greedy-windows 0); "
+                              "use --allocation uniform or calibrate again")
+        schedule = greedy_schedule(calib.costs[cost], arch)
+        fraction, level = next(schedule)
+        levels = torch.tensor(LEVELS, dtype=torch.float64)
+        for s in GRID:
+            while fraction < s - 1e-9:  # the schedule reaches 0.95 > GRID[-1] of every input
+                fraction, level = next(schedule)
+            rows.append(calib.thresholds(levels[level]))
+    return torch.tensor(GRID, dtype=torch.float32), torch.stack(rows)
+
+
+def default_calibration(model, tokenizer, progress: bool = True) -> Calibration:
+    """The cached calibration of this model on the wiki train split (made once, with a progress bar)."""
+    from shadowllm.models.loading import cache_root
+
+    folder = cache_root() / "thresholds" / f"{fingerprint(model).split(':')[1][:16]}-wiki-128x256-v1"
+    try:
+        return load_calibration(folder, model)
+    except ShadowError:
+        shutil.rmtree(folder, ignore_errors=True)
+    calibrate_thresholds(model, tokenizer, folder, progress=progress)
+    return load_calibration(folder, model)

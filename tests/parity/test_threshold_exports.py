@@ -1,0 +1,143 @@
+"""The threshold policies end to end on tiny OPT and Llama: calibration, allocation, export (threshold
+and shadow+threshold), onnxruntime with function bodies and with the native kernels against the sparse
+PyTorch reference (parity: logits, kept input entries, 32 greedy tokens), and bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from shadowllm.export.exporter import export
+from shadowllm.models import ShadowError, adapter_for, sparse_forward
+from shadowllm.models.tiny import build_model, byte_tokenizer, save_tiny
+from shadowllm.predictor.predictors import load_predictor
+from shadowllm.predictor.thresholds import (GRID, calibrate_thresholds, check_grid_sparsity, load_calibration,
+                                            threshold_table)
+from shadowllm.predictor.traces import calibrate
+from shadowllm.predictor.train import train
+from shadowllm.runtime.ort_backend import OrtBackend
+from shadowllm.runtime.parity import check
+
+
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def threshold_exports(request, tmp_path_factory):
+    model = build_model(request.param, seed=7)
+    tok = byte_tokenizer()
+    root = tmp_path_factory.mktemp(f"threshold-{request.param}")
+    calib = calibrate_thresholds(model, tok, root / "calibration", samples=4, window=40, greedy_windows=2,
+                                 progress=False)
+    table = threshold_table(calib, adapter_for(model).arch, "greedy")
+    calibrate(model, tok, root / "traces", ["l2_norm"], samples=8, window=40, token_positions=8, shard_size=8,
+              progress=False)
+    train(str(root / "traces"), "shadow", "token", criterion="l2_norm", epochs=4, progress=False).save(root / "p")
+    predictor = load_predictor(root / "p", model)
+    out = {"threshold": export(model, tok, root / "threshold", "threshold", thresholds=table),
+           "shadow+threshold": export(model, tok, root / "hybrid", "shadow+threshold", predictor=predictor,
+                                      predictor_dir=str(root / "p"), thresholds=table, head_sparsity=0.34)}
+    return model, tok, table, out, root
+
+
+@pytest.mark.parametrize("policy", ["threshold", "shadow+threshold"])
+@pytest.mark.parametrize("sparsity", [0.25, 0.5])
+@pytest.mark.parametrize("native", [False, True])
+def test_threshold_policies_parity(threshold_exports, policy, sparsity, native):
+    """Logits at prefill (dense) and over 32 greedy decode steps, the kept entries of every op's input x
+    and the predicted head masks agree with the PyTorch reference."""
+    model, tok, _, out, _ = threshold_exports
+    report = check(out[policy], model, tok, sparsity=sparsity, steps=32, native=native)
+    assert report.passed, report.table()
+    assert report.kept_checked > 0 and report.greedy_tokens == 32
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_threshold_decode_applies_the_row_of_the_runtime_sparsity(threshold_exports, native):
+    """A decode step equals sparse_forward with the table's row (and differs from dense: the
+    thresholds act); the prefill is dense."""
+    model, _, (grid, table), out, _ = threshold_exports
+    g = torch.Generator().manual_seed(int.from_bytes(np.random.bytes(4), "little"))
+    ids = torch.randint(0, 256, (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0
+    step = torch.randint(0, 256, (2, 1), generator=g)
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    backend = OrtBackend(out["threshold"], 0.5, native=native)
+    logits, state = backend.forward(ids, mask, None)
+    with torch.no_grad():
+        dense, past = sparse_forward(model, ids, attention_mask=mask)
+        assert (logits - dense)[mask.bool()].abs().max() <= 1e-4
+        logits, _ = backend.forward(step, mask2, state)
+        row = table[check_grid_sparsity(0.5)]
+        ref, _ = sparse_forward(model, step, attention_mask=mask2, past=past, thresholds=row)
+        plain, _ = sparse_forward(model, step, attention_mask=mask2, past=past)
+    assert (logits - ref).abs().max() <= 1e-4
+    assert (ref - plain).abs().max() > 1e-3
+
+
+def test_threshold_export_layout_and_manifest(threshold_exports):
+    import onnx
+
+    _, _, _, out, _ = threshold_exports
+    proto = onnx.load(str(out["threshold"] / "model.onnx"), load_external_data=False)
+    nodes = [n for n in proto.graph.node if n.domain == "ai.shadowllm"]
+    assert nodes and all(len(n.input) >= (9 if n.op_type == "SparseNeuronMLP" else 18) for n in nodes)
+    layouts = {n.name: next(a.s.decode() for a in n.attribute if a.name == "weight_layout") for n in nodes}
+    assert set(layouts.values()) == {"channel_major"}
+    manifest = json.loads((out["threshold"] / "shadowllm.json").read_text())
+    assert manifest["thresholds"]["grid"] == [round(s, 4) for s in GRID]
+    assert json.loads((out["shadow+threshold"] / "shadowllm.json").read_text())["head_sparsity"] == 0.34
+
+
+def test_threshold_tables_grow_with_sparsity(threshold_exports):
+    """Row 0 keeps everything (thresholds 0) and no threshold falls as the sparsity of the row rises,
+    for both allocations; an unknown allocation is one clear line."""
+    model, _, (grid, table), _, root = threshold_exports
+    calib = load_calibration(root / "calibration", model)
+    arch = adapter_for(model).arch
+    _, uniform = threshold_table(calib, arch, "uniform")
+    for t in (table, uniform):
+        assert torch.all(t[1:] >= t[:-1]) and torch.all(t[0] == 0)
+    with pytest.raises(ShadowError, match="--allocation 'best'"):
+        threshold_table(calib, arch, "best")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "shadowllm", *args], capture_output=True, text=True, timeout=600)
+
+
+def _one_line(result, expected):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_bad_threshold_input_is_one_clear_line_and_writes_nothing(threshold_exports, tmp_path):
+    model, _, _, out, root = threshold_exports
+    # a sparsity off the table's grid, wherever the runtime sparsity is given
+    _one_line(run_cli("generate", str(out["threshold"]), "--prompt", "ab", "--sparsity", "0.555"),
+              "--sparsity 0.555: the threshold table holds rows for sparsities 0.00, 0.01, ..., 0.90")
+    _one_line(run_cli("parity", str(out["threshold"]), "--sparsity", "0.95"), "--sparsity 0.95")
+    assert not (out["threshold"] / "parity.json").exists()
+    # thresholds calibrated on another model
+    other = tmp_path / "other-model"
+    save_tiny("opt" if adapter_for(model).arch.family == "llama" else "llama", other, seed=3)
+    _one_line(run_cli("export", str(other), "--policy", "threshold", "--thresholds", str(root / "calibration"),
+                      "--out", str(tmp_path / "x")), "thresholds were calibrated on another model")
+    assert not (tmp_path / "x").exists()
+    # a threshold table of the wrong shape (a calibration file damaged or from another architecture)
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "thresholds.json").write_text((root / "calibration" / "thresholds.json").read_text())
+    tensors = load_file(str(root / "calibration" / "thresholds.safetensors"))
+    tensors["histograms"] = tensors["histograms"][:1]
+    save_file(tensors, str(broken / "thresholds.safetensors"))
+    with pytest.raises(ShadowError, match=r"expected histograms \["):
+        load_calibration(broken, model)
+    grid, table = threshold_table(load_calibration(root / "calibration", model), adapter_for(model).arch)
+    with pytest.raises(ShadowError, match="calibrated on another model"):
+        export(model, byte_tokenizer(), tmp_path / "y", "threshold", thresholds=(grid, table[:, :1]))
+    assert not (tmp_path / "y").exists()

@@ -39,15 +39,22 @@ def _validate(path: Path) -> onnx.ModelProto:
 
 
 def _check_layout(model: onnx.ModelProto):
-    """Custom nodes' weights are initializers of rank 2 whose last dim is the hidden size D."""
+    """Custom nodes' weights are initializers of rank 2 that share the hidden size D: as their last dim
+    ([rows, D]), or, with weight_layout=channel_major, as the first dim of the input projections
+    ([D, rows]; the output projection stays [rows, D])."""
     inits = {t.name: list(t.dims) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.domain != DOMAIN:
             continue
-        weights = [node.input[i] for i in ((1, 3, 5, 7) if node.op_type == "SparseHeadAttention" else (1, 3, 4))]
-        dims = [inits.get(w) for w in weights if w]
-        if any(d is None or len(d) != 2 for d in dims) or len({d[1] for d in dims}) != 1:
-            raise ShadowError(f"node {node.name}: weights are not [rows, D] initializers (re-export the model)")
+        attention = node.op_type == "SparseHeadAttention"
+        channel_major = any(a.name == "weight_layout" and a.s == b"channel_major" for a in node.attribute)
+        inputs, output = ((1, 3, 5), 7) if attention else ((1, 3), 4)
+        dims = [inits.get(node.input[i]) for i in inputs if i < len(node.input) and node.input[i]]
+        out = inits.get(node.input[output])
+        if any(d is None or len(d) != 2 for d in dims + [out]) or \
+                len({d[0 if channel_major else 1] for d in dims} | {out[1]}) != 1:
+            layout = "[D, rows] (channel_major)" if channel_major else "[rows, D]"
+            raise ShadowError(f"node {node.name}: weights are not {layout} initializers (re-export the model)")
 
 
 def build(folder: str | os.PathLike, target: str = "ort-cpu", fp16: bool = False) -> Path:

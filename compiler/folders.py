@@ -10,7 +10,7 @@ from pathlib import Path
 
 # The export's side files every built folder carries, so it loads like an export folder.
 COPIED = ("config.json", "genai_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-          "special_tokens_map.json", "static_scores.safetensors")
+          "special_tokens_map.json", "static_scores.safetensors", "thresholds.safetensors")
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -93,19 +94,29 @@ def _profile_shapes(name: str, arch: dict, max_batch: int, max_tokens: int, opt_
     return None  # static (sparsity is a scalar)
 
 
+@contextmanager
+def prepared_file(folder: Path):
+    """The TensorRT-ready copy of DIR/model.onnx as a file beside it (so it reads DIR/model.onnx.data
+    where it is: no link or copy of the weights, whose extra hard link would make the ONNX checker
+    refuse the export afterwards), removed when the block ends."""
+    path = folder / f".tensorrt-prepared-{os.getpid()}.onnx"
+    try:
+        onnx.save(prepare_model(onnx.load(str(folder / "model.onnx"), load_external_data=False)), str(path))
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def build_engine(folder: Path, fp16: bool = False, max_batch: int = 4, max_tokens: int = 2048) -> Path:
     trt, library = requirements()
     manifest = json.loads((folder / "shadowllm.json").read_text())
-    with target_folder(folder, "tensorrt") as tmp:
-        model = prepare_model(onnx.load(str(folder / "model.onnx"), load_external_data=False))
-        onnx.save(model, str(tmp / "model.onnx"))
-        os.link(folder / "model.onnx.data", tmp / "model.onnx.data")
+    with target_folder(folder, "tensorrt") as tmp, prepared_file(folder) as prepared:
         logger = trt.Logger(trt.Logger.WARNING)
         trt.get_plugin_registry().load_library(str(library))  # getCreators: both creators, namespace shadowllm
         builder = trt.Builder(logger)
         network = builder.create_network(0)
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(tmp / "model.onnx")):
+        if not parser.parse_from_file(str(prepared)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise ShadowError(f"{folder / 'model.onnx'}: TensorRT's ONNX parser refused it ({errors[:400]})")
         config = builder.create_builder_config()

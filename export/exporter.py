@@ -217,10 +217,17 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
 
     thresholds: (grid [R], table [R, L, 4]) for the threshold policies; threshold_source describes
     their calibration and allocation (recorded in the manifest)."""
-    out = Path(out)
+    from shadowllm.models.paths import check_out
+
+    out = check_out(out, "--out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ShadowError(f"--out {out}: exists and is not an empty folder; choose a new folder")
+        raise ShadowError(f"--out {out}: " + ("folder exists and is not empty" if out.is_dir() else "is a file") +
+                          "; choose a new folder")
     arch = adapter_for(model).arch
+    if arch.sliding_window is not None and arch.sliding_window < arch.max_positions:
+        raise ShadowError(f"{arch.model_type} attends within a sliding window of {arch.sliding_window} tokens "
+                          f"(of {arch.max_positions} positions); the sparse ops attend to the whole cache, so past "
+                          "the window the export would silently differ from the model: not supported")
     print(f"[shadowllm] tracing {arch.model_type} ({arch.num_layers} layers) with policy {policy}", file=sys.stderr)
     if target not in ("heads", "neurons", "both"):
         raise ShadowError(f"--target {target!r}: expected heads, neurons or both")

@@ -463,14 +463,21 @@ def rows_from_json(path: str | os.PathLike) -> tuple[list[Row], dict]:
 
 def write_reports(rows: list[Row], out_prefix: str | os.PathLike, command: str, meta: dict):
     """<prefix>.json (rows + command), <prefix>.md (tables + gap summary), <prefix>.png (plot)."""
-    prefix = Path(out_prefix)
+    from shadowllm.models.paths import check_out
+
+    prefix = check_out(out_prefix, "--out")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     data = {"command": command, **meta, "rows": [asdict(r) for r in rows]}
-    tmp = prefix.with_name(f".{prefix.name}.json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, prefix.with_suffix(".json"))
-    prefix.with_suffix(".md").write_text(markdown(rows, command))
-    plot(rows, prefix.with_suffix(".png"))
+    # PREFIX + suffix (not with_suffix: "eval-s0.5" must not become "eval-s0.json"), each written whole
+    for suffix, write in ((".json", lambda t: t.write_text(json.dumps(data, indent=2) + "\n")),
+                          (".md", lambda t: t.write_text(markdown(rows, command))),
+                          (".png", lambda t: plot(rows, t))):
+        tmp = prefix.with_name(f".{prefix.name}.tmp-{os.getpid()}{suffix}")
+        try:
+            write(tmp)
+            os.replace(tmp, prefix.with_name(prefix.name + suffix))
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _label(r: Row) -> str:

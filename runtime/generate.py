@@ -22,6 +22,20 @@ class Completion:
     finish_reason: str = "length"  # "eos" | "stop" | "length"
 
 
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """`prompt` as one user turn of the tokenizer's chat template, ready for `encode_batch`. Templates
+    that write BOS themselves (Llama-2, Mistral, TinyLlama-chat) would get a second one when the text
+    is tokenised with special tokens, so the template's leading BOS is left to the tokenizer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ShadowError("--chat: this model's tokenizer has no chat template")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text
+
+
 def encode_batch(tokenizer, prompts: Sequence[str], pad_id: int):
     """Tokenise prompts and left-pad them: (input_ids [B, S], attention_mask [B, S])."""
     rows = [tokenizer(p)["input_ids"] for p in prompts]

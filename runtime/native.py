@@ -16,6 +16,7 @@ from pathlib import Path
 from shadowllm.models import ShadowError
 
 LIBRARY = "libshadowllm_ort_ops.so"
+ORT_API = 21  # ORT_API_VERSION of the headers the library is built against (plugins/ort/fetch_headers.sh)
 TRT_LIBRARY = "libshadowllm_trt_plugins.so"
 BUILD = Path(__file__).resolve().parent.parent / "build"
 
@@ -43,6 +44,16 @@ def trt_plugins_library() -> Path | None:
 def register_native(options, native: bool | None) -> bool:
     """Register the library on SessionOptions when asked (True), or when found (None). Returns whether it was."""
     if native is False:
+        return False
+    import onnxruntime
+
+    version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
+    if version < (1, ORT_API):  # its C API lacks our version: the library would refuse to register
+        why = (f"the native library {LIBRARY} needs onnxruntime >= 1.{ORT_API} (ORT API {ORT_API}); this is "
+               f"onnxruntime {onnxruntime.__version__}")
+        if native:
+            raise ShadowError(why + " (pip install 'onnxruntime>=1.%d')" % ORT_API)
+        _say_once(why + ": running the ops' ONNX function bodies")
         return False
     path = ort_ops_library()
     if path is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +21,8 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ShadowError(f"--temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ShadowError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ShadowError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -51,12 +53,18 @@ class Sampler:
     def __init__(self, config: Sampling):
         self.config = config
         self.generator = torch.Generator()
-        self.generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+        # Without a seed, a fresh one from the OS: torch.seed() would reseed torch's *global* RNG and
+        # make the caller's own seeded code irreproducible after a generate() call.
+        self.generator.manual_seed(config.seed if config.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> token ids [B]."""
         c = self.config
         if c.greedy:
             return logits.argmax(-1)
-        probs = torch.softmax(filter_logits(logits / c.temperature, c.top_k, c.top_p), dim=-1)
+        # float64 and the row maximum subtracted first: a tiny temperature (1e-45) gives a finite,
+        # near-greedy distribution instead of inf / inf = NaN
+        logits = logits.double()
+        scaled = (logits - logits.max(-1, keepdim=True).values) / c.temperature
+        probs = torch.softmax(filter_logits(scaled, c.top_k, c.top_p).double(), dim=-1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)

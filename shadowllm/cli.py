@@ -109,13 +109,9 @@ def _run_generation(args, tokenizer, backend, sampling):
 
 
 def _format_prompt(tokenizer, prompt: str, chat: bool) -> str:
-    if not chat:
-        return prompt
-    if not getattr(tokenizer, "chat_template", None):
-        from shadowllm.models import ShadowError
-        raise ShadowError("--chat: this model's tokenizer has no chat template")
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    from shadowllm.runtime.generate import chat_prompt
+
+    return chat_prompt(tokenizer, prompt) if chat else prompt
 
 
 def cmd_calibrate(args):
@@ -291,6 +287,10 @@ def cmd_parity(args):
     from shadowllm.runtime.parity import check, write_report
 
     manifest = check_export_folder(Path(args.folder))
+    if manifest.get("thresholds"):  # before loading anything: the runtime sparsity picks a row of the table
+        from shadowllm.predictor.thresholds import check_grid_sparsity
+
+        check_grid_sparsity(args.sparsity)
     model, tokenizer = load(args.model or manifest.get("model"))
     if args.against == "tensorrt":
         from shadowllm.runtime.parity import check_tensorrt
@@ -518,6 +518,11 @@ def main(argv=None) -> int:
     except ShadowError as e:
         print(f"shadowllm: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a killed writer would
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     except KeyboardInterrupt:
         print("shadowllm: interrupted", file=sys.stderr)
         return 130

@@ -24,6 +24,7 @@ from shadowllm.predictor.evaluation import evaluate, rows_table
 from shadowllm.predictor.thresholds import default_calibration, threshold_table
 from shadowllm.export.exporter import export
 from shadowllm.runtime import TorchBackend, generate
+from shadowllm.runtime.generate import chat_prompt
 from shadowllm.runtime.ort_backend import OrtBackend
 from shadowllm.runtime.parity import check
 
@@ -73,9 +74,7 @@ def run_demo(model_name: str | None = None, quick: bool = False):
 
     deployed = _exported(model, tokenizer, root, "threshold", thresholds=thresholds)
     shadow = _exported(model, tokenizer, root, "shadow", predictor=p_tok)
-    chat = getattr(tokenizer, "chat_template", None)
-    prompt = (tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
-                                            add_generation_prompt=True) if chat else PROMPT)
+    prompt = chat_prompt(tokenizer, PROMPT) if getattr(tokenizer, "chat_template", None) else PROMPT
     max_new = 24 if quick else 40
     backends = [("dense, PyTorch", TorchBackend(model)),
                 (f"activation thresholds on ONNX Runtime, sparsity {THRESHOLD_SPARSITY}",

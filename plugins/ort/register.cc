@@ -1,5 +1,6 @@
 // Entry point ONNX Runtime calls when the library is registered (SessionOptions.register_custom_ops_library).
 #include <mutex>
+#include <string>
 
 #include "common/ort_helpers.h"
 #include "sparse_head_attention/op.h"
@@ -11,7 +12,18 @@ shadowllm::SparseHeadAttentionOp g_attention;
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api) {
-  Ort::InitApi(api->GetApi(ORT_API_VERSION));
+  const OrtApi* ort = api->GetApi(ORT_API_VERSION);
+  if (ort == nullptr) {
+    // An onnxruntime older than the headers we were built against: it has no API of our version, so
+    // refuse with its own (version 1) API instead of dereferencing null.
+    const OrtApi* oldest = api->GetApi(1);
+    static const std::string message =
+        "libshadowllm_ort_ops.so needs onnxruntime with ORT API " + std::to_string(ORT_API_VERSION) +
+        " (onnxruntime >= 1." + std::to_string(ORT_API_VERSION) + "); this onnxruntime is " +
+        api->GetVersionString();
+    return oldest == nullptr ? nullptr : oldest->CreateStatus(ORT_FAIL, message.c_str());
+  }
+  Ort::InitApi(ort);
   static std::mutex lock;
   std::lock_guard<std::mutex> guard(lock);
   try {

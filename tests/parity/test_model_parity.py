@@ -243,7 +243,7 @@ def test_tensorrt_preparation_feeds_the_plugins_what_they_expect(exported, predi
     import onnx
 
     from shadowllm.compiler.tensorrt import CONTRACT, OPTIONAL, prepare_model
-    from shadowllm.export.onnx_ops import DOMAIN
+    from shadowllm.export.onnx_ops import DOMAIN, THRESHOLDS
 
     for folder in (exported[2], predictor_exports["shadow-token"]):
         original = onnx.load(str(folder / "model.onnx"), load_external_data=False)
@@ -257,7 +257,8 @@ def test_tensorrt_preparation_feeds_the_plugins_what_they_expect(exported, predi
             bits = next(x.i for x in after.attribute if x.name == "optional_inputs")
             assert list(after.input) == [named[s] for s in slots if named[s]]
             assert bits == sum(1 << i for i, s in enumerate(OPTIONAL[before.op_type]) if named[s])
-            required = [s for s in slots if s not in OPTIONAL[before.op_type]]
+            # thresholds are optional too (absent here; the TensorRT preparation refuses nodes that have them)
+            required = [s for s in slots if s not in OPTIONAL[before.op_type] and s not in THRESHOLDS]
             assert all(named[s] for s in required)
 
 
@@ -296,11 +297,14 @@ def test_bench_measures_every_cell(exported, tmp_path):
 
     model, tok, _, _, _ = exported
     plan = Plan(models=("tiny",), tokens=4, repeats=2, prompt_tokens=8,
-                native_grid=((0.0, 0.0), (0.5, 0.5), (0.5, 0.75)))
+                native_grid=((0.0, 0.0), (0.5, 0.5), (0.5, 0.75)), threshold_grid=(0.5,))
     rows = bench_model("tiny", plan, lambda: 20e9, model=model, tokenizer=tok, root=tmp_path / "cache")
-    assert [(r.backend, r.head_sparsity, r.neuron_sparsity) for r in rows] == [
-        ("hf-eager", 0, 0), ("ort-dense", 0, 0), ("ort-function", 0.5, 0.5), ("ort-native", 0, 0),
-        ("ort-native", 0.5, 0.5), ("ort-native", 0.5, 0.75)]
+    assert [(r.backend, r.policy, r.head_sparsity, r.neuron_sparsity, r.sparsity) for r in rows] == [
+        ("hf-eager", "dense", 0, 0, None), ("ort-dense", "dense", 0, 0, None), ("ort-function", "random", 0.5, 0.5, None),
+        ("ort-native", "dense", 0, 0, None), ("ort-native", "random", 0.5, 0.5, None),
+        ("ort-native", "random", 0.5, 0.75, None), ("ort-native", "threshold", 0, 0, 0.5)]
+    # the threshold cell's bound counts the entries its tokens kept: about half of the block weights
+    assert rows[6].bytes_per_token < rows[3].bytes_per_token
     assert all(r.decode_tok_s > 0 and r.prefill_ms > 0 and r.peak_rss_mb > 0 and r.bound_tok_s > 0 for r in rows)
     assert all(r.repeats == 2 and r.decode_spread >= 0 for r in rows)  # one row per cell, its rounds aggregated
     shares = rows[4].decode_op_shares  # the profiled 50% cell: the custom ops show up by name

@@ -141,3 +141,20 @@ def test_bad_threshold_input_is_one_clear_line_and_writes_nothing(threshold_expo
     with pytest.raises(ShadowError, match="calibrated on another model"):
         export(model, byte_tokenizer(), tmp_path / "y", "threshold", thresholds=(grid, table[:, :1]))
     assert not (tmp_path / "y").exists()
+
+
+def test_ort_cpu_build_of_a_threshold_export_runs_the_same(threshold_exports):
+    """`build --target ort-cpu` keeps the table, the row selection and the channel-major layout: greedy
+    tokens and logits as the export's, and the built folder loads (and refuses off-grid sparsities)
+    like an export folder."""
+    from shadowllm.compiler.build import build
+    from shadowllm.runtime import generate
+
+    _, tok, _, out, _ = threshold_exports
+    built = build(out["threshold"], "ort-cpu")
+    assert (built / "thresholds.safetensors").is_file()
+    a = generate(OrtBackend(out["threshold"], 0.5), tok, ["The history of", "A note"], 16, eos_ids=[])
+    b = generate(OrtBackend(built, 0.5), tok, ["The history of", "A note"], 16, eos_ids=[])
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
+    with pytest.raises(ShadowError, match="--sparsity 0.333"):
+        OrtBackend(built, 0.333)

@@ -1,6 +1,7 @@
 #include "op.h"
 
 #include <stdexcept>
+#include <string>
 
 namespace shadowllm {
 
@@ -52,6 +53,14 @@ void SparseHeadAttentionKernel::Compute(OrtKernelContext* context) {
   a.channel_major = channel_major;
   if (rope && (a.cos == nullptr || a.sin == nullptr))
     throw std::invalid_argument("SparseHeadAttention: rope=1 needs the cos and sin inputs");
+  if (rope) {  // a position past the cos/sin table would read outside it
+    const int64_t rows = InputShape(ctx, 13)[0];
+    for (int64_t i = 0; i < a.B * a.S; ++i)
+      if (a.position_ids[i] < 0 || a.position_ids[i] >= rows)
+        throw std::invalid_argument("SparseHeadAttention: position_ids holds " + std::to_string(a.position_ids[i]) +
+                                    ", outside the cos/sin table of " + std::to_string(rows) +
+                                    " positions (the model's maximum)");
+  }
   if (InputShape(ctx, 11)[1] != a.P + a.S)
     throw std::invalid_argument("SparseHeadAttention: attention_mask must cover past + new tokens");
   const std::vector<int64_t> present{a.B, a.G, a.P + a.S, a.E};

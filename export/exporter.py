@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -234,10 +233,9 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
     if policy == "shadow+threshold":
         target = "heads"  # the predictor picks heads; the runtime sparsity picks the threshold row
     proto = trace(model, policy, static_scores, target, predictor, thresholds, head_sparsity)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    from shadowllm.models.paths import atomic_folder
+
+    with atomic_folder(out) as tmp:
         onnx.save_model(proto, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
         model.config.save_pretrained(tmp)
@@ -273,11 +271,4 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
             "inputs": inputs, "outputs": outputs, "parity": None,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

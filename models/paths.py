@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ShadowError
@@ -18,3 +20,21 @@ def check_out(path: str | os.PathLike, flag: str) -> Path:
                 raise ShadowError(f"{flag} {path}: {parent} is a file, not a folder")
             break
     return path
+
+
+@contextmanager
+def atomic_folder(out: Path):
+    """Yields a temporary folder beside `out` (an absent or empty folder); when the block succeeds it
+    becomes `out`, when it fails (or is interrupted) it is removed: never a half-written folder."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -111,22 +111,14 @@ class Calibration:
                              for l in range(L)], dtype=torch.float32)
 
     def save(self, out: Path):
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        from shadowllm.models.paths import atomic_folder
+
+        with atomic_folder(out) as tmp:
             tensors = {"histograms": self.histograms.contiguous()}
             if self.costs is not None:
                 tensors["costs"] = self.costs.contiguous()
             save_file(tensors, str(tmp / TENSORS))
             (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 @torch.no_grad()

@@ -35,7 +35,8 @@ def markdown(rows, meta: dict, command: str) -> str:
         peak_frac = f"{r.achieved_of_peak_bound:.0%}" if r.achieved_of_peak_bound else "–"
         share = (f"{r.predictor_prefill_share:.1%} / {r.predictor_decode_share:.1%}"
                  if r.predictor_prefill_share is not None else "")
-        lines.append(f"| {r.model} | {r.backend} | {r.policy} | {r.head_sparsity:g} | {r.neuron_sparsity:g} | "
+        policy = r.policy if getattr(r, "sparsity", None) is None else f"{r.policy} {r.sparsity:g}"
+        lines.append(f"| {r.model} | {r.backend} | {policy} | {r.head_sparsity:g} | {r.neuron_sparsity:g} | "
                      f"{r.decode_tok_s:.2f} | {r.decode_spread:.2f} | {ratio} | {r.bound_tok_s:.1f} / {peak_bound} | "
                      f"{r.achieved_of_bound:.0%} / {peak_frac} | {r.prefill_ms:.0f} | {r.ttft_ms:.0f} | "
                      f"{r.peak_rss_mb:.0f} | {share} |")

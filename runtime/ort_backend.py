@@ -43,8 +43,9 @@ class OrtBackend:
 
     def __init__(self, folder: str | os.PathLike, sparsity: float = 0.0, providers=None, threads: int | None = None,
                  native: bool | None = None, profile_prefix: str | None = None, probe: bool = False):
-        """probe: also return the input x of every sparse op (state["probe"]["<node name>"]), for the
-        parity check of kept sets; the session then runs a copy of the graph with those extra outputs."""
+        """probe: also return every sparse op's input x and output y (state["probe"]["<node name>.x" /
+        ".y"]), for the parity check of each op at every step; the session then runs a copy of the graph
+        with those extra outputs."""
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -134,7 +135,8 @@ PROBE = "probe/"
 
 def _probe_copy(folder: Path) -> Path:
     """A copy of model.onnx (beside it, sharing its external weights) whose extra outputs
-    `probe/<node name>` are the input x of each sparse op; the caller deletes it once loaded."""
+    `probe/<node name>.x` and `.y` are the input x and output y of each sparse op; the caller deletes it
+    once loaded."""
     import onnx
     from onnx import helper
 
@@ -143,9 +145,10 @@ def _probe_copy(folder: Path) -> Path:
     proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     for node in list(proto.graph.node):
         if node.domain == DOMAIN:
-            name = PROBE + node.name
-            proto.graph.node.append(helper.make_node("Identity", [node.input[0]], [name]))
-            proto.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            for suffix, tensor in ((".x", node.input[0]), (".y", node.output[0])):
+                name = PROBE + node.name + suffix
+                proto.graph.node.append(helper.make_node("Identity", [tensor], [name]))
+                proto.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     path = folder / f".probe-{os.getpid()}.onnx"
     onnx.save(proto, str(path))
     return path

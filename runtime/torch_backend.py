@@ -15,8 +15,8 @@ call, [B, L, ·] (None = all kept), and `last_scores` the scores they were ranke
 checks, `force = (heads, neurons)` ([B, L, ·] numpy or torch) makes the next call compute with those
 masks instead, while still predicting (and reporting) its own. Likewise `force_kept = {(name, layer):
 kept [B, S, D] bool}` (name "attn_in" or "mlp_in") makes the next decode step keep exactly those entries
-of that input under its threshold, and `seen_inputs` holds that step's own inputs, for parity checks
-of the kept sets.
+of that input under its threshold (parity: the graph's decisions, which differ from float64's only at
+ties), for one call.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class TorchBackend:
                  neuron_sparsity: float = 0.0, allocation: str = "per_layer", thresholds: torch.Tensor | None = None):
         self.model = model
         self.thresholds = thresholds
-        self.force_kept, self.seen_inputs = None, {}
+        self.force_kept = None
         arch = adapter_for(model).arch
         self.arch = arch
         self.max_positions = arch.max_positions
@@ -64,7 +64,7 @@ class TorchBackend:
         try:
             return self._forward(input_ids, attention_mask, state)
         finally:
-            self.force_kept = None  # forced kept sets hold for one call
+            self.force_kept = None
 
     def _forward(self, input_ids, attention_mask, state):
         B, S = input_ids.shape
@@ -83,23 +83,19 @@ class TorchBackend:
         return None if state is None else self.thresholds
 
     def _kept_observer(self, observer, state):
-        """`observer`, plus (decode steps with thresholds) recording the thresholded inputs and applying
-        `force_kept`: an entry forced kept keeps its sign at no less than the threshold, one forced off is 0."""
-        if self.thresholds is None or state is None:
+        """`observer`, plus (decode steps with thresholds) applying `force_kept`: an entry forced kept
+        keeps its sign at no less than the threshold (it differs from it by a rounding at most), an
+        entry forced off becomes 0."""
+        if self.thresholds is None or state is None or not self.force_kept:
             return observer
-        self.seen_inputs = {}
-        forced = self.force_kept or {}
-        column = {"attn_in": 0, "mlp_in": 2}
+        forced, column = self.force_kept, {"attn_in": 0, "mlp_in": 2}
 
         def observe(layer, name, t):
             out = observer(layer, name, t) if observer is not None else None
-            if name not in column:
-                return out
-            x = t if out is None else out
-            self.seen_inputs[(name, layer)] = x.detach().clone()
             kept = forced.get((name, layer))
             if kept is None:
                 return out
+            x = t if out is None else out
             kept = torch.as_tensor(kept, device=x.device)
             thr = self.thresholds[layer, column[name]].to(x.dtype)
             sign = torch.where(x < 0, -1.0, 1.0).to(x.dtype)

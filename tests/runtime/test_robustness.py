@@ -21,13 +21,14 @@ def test_native_library_refuses_an_older_onnxruntime_api_instead_of_crashing():
 
     lib = ctypes.CDLL(str(ort_ops_library()))
     messages = []
-    create_status = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p)(
+    create_status = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p)(
         lambda code, msg: messages.append((code, msg.decode())) or 1234)
     api_v1 = (ctypes.c_void_p * 8)()  # OrtApi: CreateStatus is its first member
     api_v1[0] = ctypes.cast(create_status, ctypes.c_void_p)
-    get_api = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)(
-        lambda version: ctypes.addressof(api_v1) if version == 1 else None)
-    version = ctypes.CFUNCTYPE(ctypes.c_char_p)(lambda: b"1.20.1")
+    get_api = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_uint32)(
+        lambda version: ctypes.addressof(api_v1) if version == 1 else 0)
+    version_string = ctypes.create_string_buffer(b"1.20.1")
+    version = ctypes.CFUNCTYPE(ctypes.c_size_t)(lambda: ctypes.addressof(version_string))
 
     class ApiBase(ctypes.Structure):
         _fields_ = [("GetApi", ctypes.c_void_p), ("GetVersionString", ctypes.c_void_p)]

@@ -44,9 +44,13 @@ inline std::vector<int64_t> ActiveRows(const bool* mask, int64_t n) {
 // Activation thresholds (DESIGN §3): an entry v counts only when |v| >= t (ties kept).
 inline bool Counts(float v, float t) { return std::fabs(v) >= t; }
 
-// x [S, D] with the entries below t set to zero, into out.
-inline void KeepLarge(const float* x, int64_t n, float t, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = Counts(x[i], t) ? x[i] : 0.f;
+// The n entries of x as the op sees them: x itself without a threshold, else a copy in `scratch`
+// with the entries below *t set to zero.
+inline const float* KeepLarge(const float* x, int64_t n, const float* t, std::vector<float>& scratch) {
+  if (t == nullptr) return x;
+  scratch.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) scratch[i] = Counts(x[i], *t) ? x[i] : 0.f;
+  return scratch.data();
 }
 
 // Channels d of x [S, D] that some token keeps (|x[s, d]| >= t): the input rows of a channel-major

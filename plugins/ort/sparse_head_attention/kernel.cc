@@ -30,12 +30,7 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
   const int64_t per_group = H / G;
   std::vector<float> kept_x;
   for (int64_t b = 0; b < a.B; ++b) {
-    const float* x = a.x + b * S * D;
-    if (a.t_x) {  // entries of x below the threshold count as zero
-      kept_x.resize(static_cast<size_t>(S * D));
-      KeepLarge(x, S * D, *a.t_x, kept_x.data());
-      x = kept_x.data();
-    }
+    const float* x = KeepLarge(a.x + b * S * D, S * D, a.t_x, kept_x);  // below t_x: zero
     const std::vector<int64_t> heads = ActiveRows(a.head_mask + b * H, H);
     const int64_t K = static_cast<int64_t>(heads.size());
     std::vector<int64_t> groups;  // kv heads whose new K/V are computed

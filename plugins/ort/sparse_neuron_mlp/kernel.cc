@@ -12,12 +12,7 @@ void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel) {
   const bool gated = a.w_gate != nullptr;
   std::vector<float> kept_x;
   for (int64_t b = 0; b < a.B; ++b) {
-    const float* x = a.x + b * S * D;
-    if (a.t_x) {  // entries of x below the threshold count as zero
-      kept_x.resize(static_cast<size_t>(S * D));
-      KeepLarge(x, S * D, *a.t_x, kept_x.data());
-      x = kept_x.data();
-    }
+    const float* x = KeepLarge(a.x + b * S * D, S * D, a.t_x, kept_x);  // below t_x: zero
     const std::vector<int64_t> kept = ActiveRows(a.mask + b * F, F);
     const int64_t K = static_cast<int64_t>(kept.size());
     // pre-activations of the kept neurons, [K, S] each: up (w_in) and gate (w_gate)

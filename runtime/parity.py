@@ -82,15 +82,15 @@ class ParityReport:
     tokens_identical: bool = True
     polygraphy_passed: bool = True
     against: str = "pytorch"
-    kept_checked: int = 0  # threshold policies: op calls checked against the reference at decode steps
-    kept_identical: bool = True
-    kept_flips_at_ties: int = 0  # entries of h / the context that fp32 and float64 kept differently at a tie
+    threshold_ops_checked: int = 0  # threshold policies: op calls checked against the reference at decode steps
+    threshold_ops_match: bool = True
+    threshold_ties: int = 0  # entries of h / the context that fp32 and float64 kept differently at a tie
     tie_steps: int = 0  # decode steps whose logits a near-tie (NEAR_TIE) moved beyond tolerance
 
     @property
     def passed(self) -> bool:
         return (all(o.passed for o in self.outputs) and self.masks_identical and self.tokens_identical
-                and self.polygraphy_passed and self.kept_identical)
+                and self.polygraphy_passed and self.threshold_ops_match)
 
     def table(self) -> str:
         kernels = "native kernels" if self.native else "function bodies"
@@ -102,10 +102,10 @@ class ParityReport:
             lines.append(f"{o.name:<28}{o.max_abs:>12.3e}{o.max_rel:>12.3e}  {'pass' if o.passed else 'FAIL'}")
         ties = f" ({self.mask_flips_at_ties} swaps at score ties)" if self.mask_flips_at_ties else ""
         lines.append(f"{'masks identical' + ties:<52}  {'pass' if self.masks_identical else 'FAIL'}")
-        if self.kept_checked:
-            ties = f", {self.kept_flips_at_ties} entries at ties" if self.kept_flips_at_ties else ""
-            lines.append(f"{f'thresholded ops ({self.kept_checked:,} op calls{ties})':<52}  "
-                         f"{'pass' if self.kept_identical else 'FAIL'}")
+        if self.threshold_ops_checked:
+            ties = f", {self.threshold_ties} entries at ties" if self.threshold_ties else ""
+            lines.append(f"{f'thresholded ops ({self.threshold_ops_checked:,} op calls{ties})':<52}  "
+                         f"{'pass' if self.threshold_ops_match else 'FAIL'}")
             if self.tie_steps:
                 lines.append(f"decode steps whose logits a tie moved past tolerance: {self.tie_steps} (reported, "
                              "not compared)")
@@ -397,15 +397,15 @@ def _check_thresholded_ops(report: ParityReport, model64, manifest: dict, thresh
                 ref = mlp_block(arch.activation, w, x, token_mask=on[:, None, :], observer=observe, layer=layer,
                                 t_x=t[2], t_h=t[3])
                 internal, threshold, rows = seen["neuron_act"] * on[:, None, :], t[3], w.w_out_t
-            report.kept_checked += 1
+            report.threshold_ops_checked += 1
             gap = (internal.abs() - threshold).abs()
             near += int(((gap <= NEAR_TIE * internal.abs().amax(-1, keepdim=True)) & (internal != 0)).sum())
             scale = ref.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-30)  # per token (outlier channels)
             if bool(((y - ref).abs() <= OP_TOL * scale).all()):
                 continue
             ties = (gap <= KEPT_TIE * internal.abs().amax(-1, keepdim=True)) & (internal != 0)
-            report.kept_identical &= _explained_by_ties(y - ref, internal, ties, threshold, rows, OP_TOL * scale)
-            report.kept_flips_at_ties += int(ties.sum())
+            report.threshold_ops_match &= _explained_by_ties(y - ref, internal, ties, threshold, rows, OP_TOL * scale)
+            report.threshold_ties += int(ties.sum())
     return near
 
 

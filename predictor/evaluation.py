@@ -586,12 +586,13 @@ def _pareto(ax, rows: list[Row], dense):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
     if dense:
         ax.plot([1.0], [dense], marker="*", markersize=12, color="black", linestyle="", label="dense")
+        ax.set_ylim(dense * 0.95, dense * 5)  # the front; random masks and heavy sparsity run far above
     ax.set_yscale("log")
     ax.set_xlabel("fraction of block weight bytes read per generated token")
     ax.set_ylabel("perplexity (continuation)")
-    ax.set_title("accuracy per byte (lower left is better)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("accuracy per byte (lower left is better; y clipped at 5x dense)")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def plot(rows: list[Row], path: Path):
@@ -602,12 +603,16 @@ def plot(rows: list[Row], path: Path):
 
     targets = [t for t in TARGETS if any(r.target == t for r in rows)]
     pareto = any(r.method in ("threshold", "shadow+threshold") for r in rows)
-    n = max(1, len(targets)) + int(pareto)
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n + (3 if pareto else 0), 4.5 if not pareto else 6), squeeze=False)
+    n = max(1, len(targets))
     dense = next((r.ppl for r in rows if r.method == "dense"), None)
-    if pareto:
-        _pareto(axes[0][0], rows, dense)
-    for ax, target in zip(axes[0][int(pareto):], targets):
+    if pareto:  # the Pareto plot on a row of its own above the per-target panels
+        fig = plt.figure(figsize=(5.5 * n, 11))
+        grid = fig.add_gridspec(2, n, height_ratios=[1.2, 1])
+        _pareto(fig.add_subplot(grid[0, : max(1, n - 1)]), rows, dense)
+        axes = [[fig.add_subplot(grid[1, i]) for i in range(n)]]
+    else:
+        fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.5), squeeze=False)
+    for ax, target in zip(axes[0], targets):
         labels = sorted({_label(r) for r in rows if r.target == target})
         for label in labels:
             pts = sorted((r.sparsity, r.ppl) for r in rows if r.target == target and _label(r) == label)
@@ -620,6 +625,10 @@ def plot(rows: list[Row], path: Path):
         ax.set_ylabel("perplexity (continuation)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if pareto:  # legends sit outside their axes: let the saved area grow instead of shrinking the axes
+        fig.subplots_adjust(hspace=0.25, wspace=0.3)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    else:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -25,7 +25,7 @@ from onnx import helper
 
 from shadowllm.export.onnx_ops import ATTENTION_INPUTS, DOMAIN, MLP_INPUTS, THRESHOLDS
 from shadowllm.models import ShadowError
-from shadowllm.runtime.native import TRT_LIBRARY, trt_plugins_library
+from shadowllm.runtime.native import TRT_LIBRARY, load_trt_plugins, trt_plugins_library
 
 from .folders import target_folder, write_manifest
 
@@ -76,16 +76,20 @@ def requirements() -> tuple[object, Path]:
     return tensorrt, library
 
 
-def _profile_shapes(name: str, arch: dict, max_batch: int, max_tokens: int, opt_tokens: int):
-    """(min, opt, max) for one engine input; past lengths run from 0 to the model's positions."""
+def _profile_shapes(name: str, arch: dict, max_batch: int, max_tokens: int, opt_context: int):
+    """(min, opt, max) for one engine input. Each input ranges on its own between min and max (new
+    tokens 1..T, past 0..T-1, attention mask 1..T with T = min(positions, max_tokens)), but the builder
+    runs the plugins at the kOPT shapes *together*, so kOPT is one consistent call: a decode step (one
+    new token) after a context of min(opt_context, T) tokens, with a mask as long as past + new."""
     T = min(arch["max_positions"], max_tokens)
+    context = max(1, min(opt_context, T))
     if name in ("input_ids", "position_ids"):
-        return (1, 1), (1, opt_tokens), (max_batch, T)
+        return (1, 1), (1, 1), (max_batch, T)
     if name == "attention_mask":
-        return (1, 1), (1, opt_tokens), (max_batch, T)
+        return (1, 1), (1, context), (max_batch, T)
     if name.startswith("past_key_values."):
         G, E = arch["kv_heads"], arch["head_dim"]
-        return (1, G, 0, E), (1, G, opt_tokens, E), (max_batch, G, T - 1, E)
+        return (1, G, 0, E), (1, G, context - 1, E), (max_batch, G, T - 1, E)
     if name == "shadow_head_mask":
         return (1, arch["layers"], arch["heads"]), (1, arch["layers"], arch["heads"]), (max_batch, arch["layers"], arch["heads"])
     if name == "shadow_neuron_mask":
@@ -112,7 +116,7 @@ def build_engine(folder: Path, fp16: bool = False, max_batch: int = 4, max_token
     manifest = json.loads((folder / "shadowllm.json").read_text())
     with target_folder(folder, "tensorrt") as tmp, prepared_file(folder) as prepared:
         logger = trt.Logger(trt.Logger.WARNING)
-        trt.get_plugin_registry().load_library(str(library))  # getCreators: both creators, namespace shadowllm
+        load_trt_plugins(trt, library)  # getCreators: both creators, namespace shadowllm
         builder = trt.Builder(logger)
         network = builder.create_network(0)
         parser = trt.OnnxParser(network, logger)

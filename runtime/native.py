@@ -65,6 +65,18 @@ def register_native(options, native: bool | None) -> bool:
     return True
 
 
+_loaded_into: set = set()  # ids of the TensorRT plugin registries the library was loaded into
+
+
+def load_trt_plugins(trt, library: Path) -> None:
+    """Load the plugin library into TensorRT's registry once per process: a second load (engine build,
+    then a runner in the same process) would register both creators again."""
+    registry = trt.get_plugin_registry()
+    if id(registry) not in _loaded_into:
+        registry.load_library(str(library))
+        _loaded_into.add(id(registry))
+
+
 _said: set = set()
 
 

@@ -17,6 +17,8 @@ import torch
 
 from shadowllm.models import ShadowError
 
+from .native import load_trt_plugins
+
 
 def engine_folder(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
@@ -43,7 +45,7 @@ class TrtBackend:
         if not 0.0 <= float(sparsity) < 1.0:
             raise ShadowError(f"--sparsity must lie in [0, 1), got {sparsity}")
         self.sparsity = np.array(float(sparsity), dtype=np.float32)
-        trt.get_plugin_registry().load_library(str(library))
+        load_trt_plugins(trt, library)
         self.engine_bytes = (folder / "model.engine").read_bytes()
         self.runner = self.make_runner()
         self.runner.activate()

@@ -359,3 +359,21 @@ def test_predictor_share_from_the_profiler(predictor_exports, name):
     assert 0.0 < prefill < 1.0
     assert decode == 0.0 if name == "shadow-sequence" else 0.0 < decode < 1.0
     assert not list(folder.glob(".bench-profile*"))  # the trace is read and removed
+
+
+@pytest.mark.parametrize("max_tokens", [16, 128, 2048])
+def test_tensorrt_profile_is_one_consistent_call_at_kopt(max_tokens):
+    """TensorRT times the plugins at the kOPT shapes of every input together: there the attention mask
+    must be exactly past + new long (it was 128 with past 128 + new 128: read past its end), every
+    kOPT dim within [min, max], and max_tokens below the opt context still a valid profile."""
+    from shadowllm.compiler.tensorrt import _profile_shapes
+
+    arch = {"max_positions": 8192, "kv_heads": 3, "head_dim": 64, "layers": 4, "heads": 9, "neurons": 32}
+    names = ["input_ids", "position_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value",
+             "shadow_head_mask", "shadow_neuron_mask"]
+    shapes = {n: _profile_shapes(n, arch, 4, max_tokens, 128) for n in names}
+    for lo, opt, hi in shapes.values():
+        assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
+    new, mask, past = shapes["input_ids"][1][1], shapes["attention_mask"][1][1], shapes["past_key_values.0.key"][1][2]
+    assert mask == past + new and shapes["position_ids"][1] == shapes["input_ids"][1]
+    assert shapes["attention_mask"][2][1] == shapes["past_key_values.0.key"][2][2] + 1  # T = (T - 1) + 1

@@ -48,3 +48,28 @@ def test_plugin_self_check():
     assert rc == 0, report
     assert "kv_policy=active" in report and "activation=silu" in report
     assert "activation 'tanh' is not one of" in report  # the bad attribute reached the logger
+
+
+def test_plugin_library_is_loaded_into_a_registry_once():
+    """Building an engine and then running it in one process loads the library once (a second load
+    registered both creators again)."""
+    from pathlib import Path
+
+    from shadowllm.runtime.native import load_trt_plugins
+
+    class Registry:
+        loads = 0
+
+        def load_library(self, path):
+            Registry.loads += 1
+
+    registry = Registry()
+
+    class FakeTensorRT:
+        @staticmethod
+        def get_plugin_registry():
+            return registry
+
+    load_trt_plugins(FakeTensorRT, Path("libshadowllm_trt_plugins.so"))
+    load_trt_plugins(FakeTensorRT, Path("libshadowllm_trt_plugins.so"))
+    assert Registry.loads == 1

@@ -241,8 +241,10 @@ class Threshold(Method):
         L = arch.num_layers
         self.kept = {}
 
+        from .thresholds import OBSERVED
+
         def observe(layer, name, t):
-            k = {"attn_in": 0, "head_context": 1, "mlp_in": 2, "neuron_act": 3}.get(name)
+            k = OBSERVED.get(name)
             if k is None:
                 return None
             kept = t[:, prompt:].abs() >= self.row[layer, k]
@@ -255,11 +257,13 @@ class Threshold(Method):
         return observe
 
     def weights_read(self, arch, heads, neurons, prompt) -> float:
-        D, E, G = arch.hidden, arch.head_dim, arch.num_kv_heads
+        from .thresholds import entry_weights
+
         q_rows = (torch.full((arch.num_layers,), float(arch.num_heads)) if heads is None
                   else heads[:, prompt:].float().sum(-1))  # kept query heads per token and layer
-        attn_x = self.kept[0] * (q_rows + 2 * G) * E  # kv_policy=all: per-token masks
-        read = attn_x + self.kept[1] * D + self.kept[2] * (2 if arch.gated else 1) * arch.ffn + self.kept[3] * D
+        # kv_policy=all (per-token masks): k and v of every kv head
+        weights = entry_weights(q_rows, arch.num_kv_heads, arch.head_dim, arch.hidden, arch.ffn, arch.gated)
+        read = sum(self.kept[k] * weights[k] for k in range(4))
         return read.sum(-1).mean().item()
 
 
@@ -483,9 +487,9 @@ def write_reports(rows: list[Row], out_prefix: str | os.PathLike, command: str, 
 def _label(r: Row) -> str:
     label = r.method if r.method in ("dense", "random", "gate", "static") else f"{r.method}/{r.granularity}"
     if r.method in ("threshold", "shadow+threshold"):
-        label = f"{r.method}/{getattr(r, 'allocation', None)}"
+        label = f"{r.method}/{r.allocation}"
     label += f" ({r.criterion})" if r.method in ("oracle", "shadow", "dejavu", "shadow+threshold") else ""
-    if getattr(r, "head_sparsity", None) is not None:
+    if r.head_sparsity is not None:
         label += f" heads-{r.head_sparsity:g}"
     return label + (f" [{r.predictor}]" if r.predictor else "")
 

@@ -51,13 +51,19 @@ GRID = tuple(round(0.01 * i, 2) for i in range(91))  # sparsities a table holds 
 LEVELS = tuple(round(0.05 * i, 2) for i in range(20))  # greedy steps per input: 0.00 .. 0.95
 LOG_LO, LOG_HI, BINS = -8.0, 4.0, 4096  # log10|v| histogram range: 1e-8 .. 1e4, ~0.7% per bin
 # what each input is observed as in the reference forward (models/reference.py observer names)
-_OBSERVED = {"attn_in": 0, "head_context": 1, "mlp_in": 2, "neuron_act": 3}
+OBSERVED = {"attn_in": 0, "head_context": 1, "mlp_in": 2, "neuron_act": 3}
 
 
-def input_weights(arch) -> list[int]:
-    """Weights (parameters) one entry of each input multiplies, per layer, in THRESHOLD_INPUTS order."""
-    E, H, G, D, F = arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.hidden, arch.ffn
-    return [(H + 2 * G) * E, D, (2 if arch.gated else 1) * F, D]
+def entry_weights(heads, kv_heads: int, head_dim: int, hidden: int, ffn: int, gated: bool) -> list:
+    """Weights (parameters) one kept entry of each input reads, in THRESHOLD_INPUTS order: an entry of
+    x its channel of q (of the `heads` computed), k and v; one of the context its w_o_t row; one of the
+    MLP input its channel of gate and up (fc1 alone when ungated); one of h its w_out_t row."""
+    return [(heads + 2 * kv_heads) * head_dim, hidden, (2 if gated else 1) * ffn, hidden]
+
+
+def input_weights(arch) -> list:
+    """entry_weights of a model's shape, every query head computed."""
+    return entry_weights(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.hidden, arch.ffn, arch.gated)
 
 
 def input_sizes(arch) -> list[int]:
@@ -148,7 +154,7 @@ def calibrate_thresholds(model, tokenizer, out: str | os.PathLike | None, corpus
     hist = torch.zeros(L, 4, BINS, dtype=torch.float64)
 
     def observe(layer, name, t):
-        k = _OBSERVED.get(name)
+        k = OBSERVED.get(name)
         if k is not None:
             hist[layer, k] += _histogram(t)
         return None
@@ -321,14 +327,20 @@ def threshold_table(calib: Calibration, arch, allocation: str = "greedy") -> tup
     return torch.tensor(GRID, dtype=torch.float32), torch.stack(rows)
 
 
+def cached_calibration(folder: Path, model, tokenizer, **params) -> Calibration:
+    """The calibration in `folder`, made there first (calibrate_thresholds(**params)) when it is missing,
+    unreadable or of another model."""
+    try:
+        return load_calibration(folder, model)
+    except ShadowError:
+        shutil.rmtree(folder, ignore_errors=True)
+    calibrate_thresholds(model, tokenizer, folder, **params)
+    return load_calibration(folder, model)
+
+
 def default_calibration(model, tokenizer, progress: bool = True) -> Calibration:
     """The cached calibration of this model on the wiki train split (made once, with a progress bar)."""
     from shadowllm.models.loading import cache_root
 
     folder = cache_root() / "thresholds" / f"{fingerprint(model).split(':')[1][:16]}-wiki-128x256-v2"
-    try:
-        return load_calibration(folder, model)
-    except ShadowError:
-        shutil.rmtree(folder, ignore_errors=True)
-    calibrate_thresholds(model, tokenizer, folder, progress=progress)
-    return load_calibration(folder, model)
+    return cached_calibration(folder, model, tokenizer, progress=progress)

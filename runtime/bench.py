@@ -220,16 +220,9 @@ def _cached_export(root: Path, model, tokenizer, policy: str, predictor=None, pr
 def _uniform_thresholds(model, tokenizer, root: Path):
     """Uniform threshold table from a short calibration (8 windows of 128 tokens, no greedy costs)."""
     from shadowllm.models import adapter_for
-    from shadowllm.predictor.thresholds import calibrate_thresholds, load_calibration, threshold_table
+    from shadowllm.predictor.thresholds import cached_calibration, threshold_table
 
-    folder = root / "thresholds-8x128"
-    try:
-        calib = load_calibration(folder, model)
-    except ShadowError:
-        import shutil
-
-        shutil.rmtree(folder, ignore_errors=True)
-        calib = calibrate_thresholds(model, tokenizer, folder, samples=8, window=128, greedy_windows=0)
+    calib = cached_calibration(root / "thresholds-8x128", model, tokenizer, samples=8, window=128, greedy_windows=0)
     return threshold_table(calib, adapter_for(model).arch, "uniform")
 
 

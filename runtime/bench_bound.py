@@ -35,10 +35,12 @@ def threshold_bytes(arch: dict, kept, context: int = 0) -> int:
     """Bytes one decode step with activation thresholds reads. kept [4, L]: mean entries kept per token
     of each layer's inputs (attn_x, attn_o, mlp_x, mlp_h); a kept entry of x reads its channel's q, k
     and v weights (gate and up for the MLP), one of the context or of h its w_o_t / w_out_t row."""
-    L, H, G, E, F = arch["layers"], arch["heads"], arch["kv_heads"], arch["head_dim"], arch["neurons"]
-    D, V = arch["hidden"], arch["vocab"]
+    from shadowllm.predictor.thresholds import entry_weights
+
+    L, G, E, D, V = arch["layers"], arch["kv_heads"], arch["head_dim"], arch["hidden"], arch["vocab"]
     kept = np.asarray(kept, dtype=np.float64).reshape(4, L).sum(-1)
-    weights = kept[0] * (H + 2 * G) * E + kept[1] * D + kept[2] * (2 if arch["gated"] else 1) * F + kept[3] * D
+    per_entry = entry_weights(arch["heads"], G, E, D, arch["neurons"], arch["gated"])
+    weights = sum(kept[k] * per_entry[k] for k in range(4))
     cache = 2 * L * G * context * E
     return int(FLOAT * (weights + V * D + D + cache))
 

@@ -349,8 +349,10 @@ def _with_past(state, graph_state: dict, dtype):
 
 def _graph_kept(probe: dict, thresholds: torch.Tensor, layers: int) -> dict:
     """{(reference input, layer): bool [B, S, D]}: the entries of each op's input x the graph kept."""
-    return {(name, l): torch.from_numpy(np.abs(probe[f"layers.{l}.{op}.x"]) >= float(thresholds[l, col]))
-            for l in range(layers) for name, op, col in (("attn_in", "attention", 0), ("mlp_in", "mlp", 2))}
+    from shadowllm.predictor.thresholds import OBSERVED
+
+    return {(name, l): torch.from_numpy(np.abs(probe[f"layers.{l}.{op}.x"]) >= float(thresholds[l, OBSERVED[name]]))
+            for l in range(layers) for name, op in (("attn_in", "attention"), ("mlp_in", "mlp"))}
 
 
 def _check_thresholded_ops(report: ParityReport, model64, manifest: dict, thresholds, before: dict, after: dict,

@@ -64,7 +64,7 @@ class TorchBackend:
         try:
             return self._forward(input_ids, attention_mask, state)
         finally:
-            self.force_kept = None
+            self.force = self.force_kept = None  # forced masks and kept sets hold for one call
 
     def _forward(self, input_ids, attention_mask, state):
         B, S = input_ids.shape
@@ -88,7 +88,9 @@ class TorchBackend:
         entry forced off becomes 0."""
         if self.thresholds is None or state is None or not self.force_kept:
             return observer
-        forced, column = self.force_kept, {"attn_in": 0, "mlp_in": 2}
+        from shadowllm.predictor.thresholds import OBSERVED
+
+        forced = self.force_kept
 
         def observe(layer, name, t):
             out = observer(layer, name, t) if observer is not None else None
@@ -97,7 +99,7 @@ class TorchBackend:
                 return out
             x = t if out is None else out
             kept = torch.as_tensor(kept, device=x.device)
-            thr = self.thresholds[layer, column[name]].to(x.dtype)
+            thr = self.thresholds[layer, OBSERVED[name]].to(x.dtype)
             sign = torch.where(x < 0, -1.0, 1.0).to(x.dtype)
             return torch.where(kept, torch.where(x.abs() >= thr, x, sign * thr), torch.zeros((), dtype=x.dtype))
         return observe
@@ -136,7 +138,6 @@ class TorchBackend:
             observer = self._observer_filling(heads, neurons, lambda t: t[:, -1])
             logits, past = sparse_forward(self.model, input_ids, heads, neurons, attention_mask,
                                           kv_policy="active", observer=observer)
-            self.force = None
             return logits, (past, heads, neurons)
         past, heads, neurons = state
         logits, past = sparse_forward(self.model, input_ids, heads, neurons, attention_mask, past, kv_policy="active",
@@ -152,10 +153,8 @@ class TorchBackend:
             observer = self._observer_lookahead(heads, neurons)
         else:
             observer = self._observer_filling(heads, neurons, lambda t: t[:, -1])
-        out = sparse_forward(self.model, input_ids, heads, neurons, attention_mask, state,
-                             observer=self._kept_observer(observer, state), thresholds=self.thresholds)
-        self.force = None
-        return out
+        return sparse_forward(self.model, input_ids, heads, neurons, attention_mask, state,
+                              observer=self._kept_observer(observer, state), thresholds=self.thresholds)
 
     def _observer_lookahead(self, heads, neurons):
         """DejaVu: the residual input of layer l-1 (in this sparse run) predicts layer l's masks."""

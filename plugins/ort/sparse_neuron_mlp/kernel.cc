@@ -1,6 +1,5 @@
 #include "kernel.h"
 
-#include <algorithm>
 #include <vector>
 
 #include "../common/row_kernels.h"
@@ -15,15 +14,15 @@ void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel) {
     const float* x = KeepLarge(a.x + b * S * D, S * D, a.t_x, kept_x);  // below t_x: zero
     const std::vector<int64_t> kept = ActiveRows(a.mask + b * F, F);
     const int64_t K = static_cast<int64_t>(kept.size());
-    // pre-activations of the kept neurons, [K, S] each: up (w_in) and gate (w_gate)
-    std::vector<float> up(static_cast<size_t>(K * S)), gate(gated ? static_cast<size_t>(K * S) : 0);
+    // Pre-activations of the kept neurons, [rows, S]: up (w_in) rows 0..K-1, then (gated) gate rows.
+    std::vector<float> pre(static_cast<size_t>((gated ? 2 : 1) * K * S));
     if (a.channel_major) {
       // Every output of a kept channel's row, then the kept neurons picked out of it.
       const std::vector<int64_t> channels = KeptChannels(a.x + b * S * D, S, D, a.t_x);
       std::vector<float> full(static_cast<size_t>(S * F));
       for (int pass = 0; pass < (gated ? 2 : 1); ++pass) {
         ChannelProject(x, S, D, channels, pass ? a.w_gate : a.w_in, F, 0, F, nullptr, full.data(), parallel);
-        float* dst = pass ? gate.data() : up.data();
+        float* dst = pre.data() + pass * K * S;
         for (int64_t k = 0; k < K; ++k)
           for (int64_t s = 0; s < S; ++s) dst[k * S + s] = full[s * F + kept[k]];
       }
@@ -34,11 +33,10 @@ void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel) {
       for (int64_t n : kept) in_rows.push_back(a.w_in + n * D);
       if (gated)
         for (int64_t n : kept) in_rows.push_back(a.w_gate + n * D);
-      std::vector<float> pre(in_rows.size() * static_cast<size_t>(S));  // [rows, S]
       ProjectRows(x, S, D, in_rows, pre.data(), parallel);
-      std::copy(pre.begin(), pre.begin() + K * S, up.begin());
-      if (gated) std::copy(pre.begin() + K * S, pre.end(), gate.begin());
     }
+    const float* up = pre.data();
+    const float* gate = pre.data() + K * S;
     // h of the kept neurons; with t_h, only neurons whose h counts for some token are read out.
     std::vector<const float*> out_rows;
     out_rows.reserve(static_cast<size_t>(K));

@@ -1,6 +1,11 @@
-// A small C ABI over the CUDA kernels so that tests can run them from Python (ctypes) against the
-// float64 NumPy reference on a GPU, with no TensorRT: host arrays in, host arrays out, plus the
-// time of one launch (after a warm-up launch) measured with CUDA events.
+// A small C ABI over the CUDA kernels, with no TensorRT:
+//  - host-array entries for the tests (upload, run twice — the second run on the workspace the
+//    first left, timed with CUDA events — download), compared against the float64 NumPy reference;
+//  - device-pointer entries for the CUDA runtime backend and the GPU benchmark: device buffers, a
+//    workspace and a stream in; no host copies, no synchronisation;
+//  - the launch-shape knobs the benchmark sweeps.
+// dtype: 0 fp32, 1 fp16, 2 bf16 (every float array in that type; thresholds are fp32 scalars);
+// activation: 0 relu, 1 gelu, 2 gelu_tanh, 3 silu.
 #include <cuda_runtime.h>
 
 #include <cstring>
@@ -13,6 +18,8 @@
 #define SHADOWLLM_EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
+
+using namespace shadowllm::cuda;
 
 thread_local std::string g_error;
 
@@ -49,16 +56,23 @@ int32_t Fail(const std::string& what) {
   return 1;
 }
 
-// Warm-up launch, then one timed launch; both write the same outputs.
+int32_t Status(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return 0;
+  g_error = std::string(what) + ": " + cudaGetErrorString(err);
+  return 1;
+}
+
+// First launch on a fresh (uncleared) workspace, then one timed launch on the workspace the first
+// left (workspace_clean): both write the same outputs, so the tests check both paths.
 template <typename Launch>
 int32_t TimedRun(Launch launch, float* kernel_ms) {
   cudaEvent_t start, stop;
   if (cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess) return Fail("cudaEventCreate");
-  cudaError_t err = launch();
+  cudaError_t err = launch(false);
   if (err == cudaSuccess) err = cudaDeviceSynchronize();
   if (err == cudaSuccess) {
     cudaEventRecord(start);
-    err = launch();
+    err = launch(true);
     cudaEventRecord(stop);
     if (err == cudaSuccess) err = cudaEventSynchronize(stop);
   }
@@ -66,12 +80,22 @@ int32_t TimedRun(Launch launch, float* kernel_ms) {
   if (err == cudaSuccess) cudaEventElapsedTime(&ms, start, stop);
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
-  if (err != cudaSuccess) {
-    g_error = std::string("kernel launch: ") + cudaGetErrorString(err);
-    return 1;
-  }
+  if (err != cudaSuccess) return Status(err, "kernel launch");
   if (kernel_ms) *kernel_ms = ms;
   return 0;
+}
+
+MLPLaunch MLPArgs(const void* x, const void* w_in, const void* b_in, const void* w_gate, const void* w_out_t,
+                  const void* b_out, const bool* mask, const float* t_x, const float* t_h, int32_t channel_major,
+                  void* y, int64_t B, int64_t S, int64_t D, int64_t F, int32_t activation, int32_t dtype) {
+  MLPLaunch a{};
+  a.x = x, a.w_in = w_in, a.b_in = b_in, a.w_gate = w_gate, a.w_out_t = w_out_t, a.b_out = b_out;
+  a.mask = mask, a.t_x = t_x, a.t_h = t_h, a.y = y;
+  a.B = B, a.S = S, a.D = D, a.F = F;
+  a.activation = static_cast<shadowllm::Activation>(activation);
+  a.dtype = static_cast<DType>(dtype);
+  a.channel_major = channel_major != 0;
+  return a;
 }
 
 }  // namespace
@@ -83,75 +107,147 @@ SHADOWLLM_EXPORT int32_t shadowllm_cuda_device_count() {
 
 SHADOWLLM_EXPORT const char* shadowllm_cuda_last_error() { return g_error.c_str(); }
 
-// dtype: 0 fp32, 1 fp16 (every float array in that type); activation: 0 relu, 1 gelu, 2 gelu_tanh, 3 silu.
+// Launch-shape knobs (a value <= 0 leaves that knob as it is).
+SHADOWLLM_EXPORT void shadowllm_cuda_set_tuning(int32_t gather_ctas_per_sm, int32_t rowdot_warps_per_sm,
+                                                int32_t attend_ctas_per_sm) {
+  Tuning& t = GlobalTuning();
+  if (gather_ctas_per_sm > 0) t.gather_ctas_per_sm = gather_ctas_per_sm;
+  if (rowdot_warps_per_sm > 0) t.rowdot_warps_per_sm = rowdot_warps_per_sm;
+  if (attend_ctas_per_sm > 0) t.attend_ctas_per_sm = attend_ctas_per_sm;
+}
+
+// ---------------------------------------------------------------- SparseNeuronMLP
+SHADOWLLM_EXPORT int64_t shadowllm_cuda_mlp_workspace_bytes(int64_t B, int64_t S, int64_t D, int64_t F,
+                                                            int32_t channel_major) {
+  return static_cast<int64_t>(MLPWorkspaceBytes(B, S, D, F, channel_major != 0));
+}
+
+// Device pointers (t_x / t_h: device fp32 scalars or null), workspace of mlp_workspace_bytes,
+// workspace_clean: 1 when the workspace is as this op's previous launch left it.
+SHADOWLLM_EXPORT int32_t shadowllm_cuda_mlp_launch(const void* x, const void* w_in, const void* b_in,
+                                                   const void* w_gate, const void* w_out_t, const void* b_out,
+                                                   const bool* mask, const float* t_x, const float* t_h,
+                                                   int32_t channel_major, void* y, int64_t B, int64_t S, int64_t D,
+                                                   int64_t F, int32_t activation, int32_t dtype, void* workspace,
+                                                   int32_t workspace_clean, void* stream) {
+  MLPLaunch a = MLPArgs(x, w_in, b_in, w_gate, w_out_t, b_out, mask, t_x, t_h, channel_major, y, B, S, D, F,
+                        activation, dtype);
+  a.workspace_clean = workspace_clean != 0;
+  return Status(LaunchSparseNeuronMLP(a, workspace, static_cast<cudaStream_t>(stream)), "SparseNeuronMLP launch");
+}
+
+// Host arrays (t_x / t_h: host fp32 scalars or null); w_in / w_gate are [D, F] when channel_major.
 SHADOWLLM_EXPORT int32_t shadowllm_cuda_sparse_neuron_mlp(const void* x, const void* w_in, const void* b_in,
                                                           const void* w_gate, const void* w_out_t, const void* b_out,
-                                                          const bool* mask, void* y, int64_t B, int64_t S, int64_t D,
-                                                          int64_t F, int32_t activation, int32_t dtype,
+                                                          const bool* mask, const float* t_x, const float* t_h,
+                                                          int32_t channel_major, void* y, int64_t B, int64_t S,
+                                                          int64_t D, int64_t F, int32_t activation, int32_t dtype,
                                                           float* kernel_ms) {
-  using namespace shadowllm::cuda;
   const size_t e = DTypeBytes(static_cast<DType>(dtype));
   DeviceArrays dev;
-  MLPLaunch a{};
-  a.x = dev.Upload(x, B * S * D * e);
-  a.w_in = dev.Upload(w_in, F * D * e);
-  a.b_in = dev.Upload(b_in, F * e);
-  a.w_gate = dev.Upload(w_gate, F * D * e);
-  a.w_out_t = dev.Upload(w_out_t, F * D * e);
-  a.b_out = dev.Upload(b_out, D * e);
-  a.mask = static_cast<const bool*>(dev.Upload(mask, B * F));
-  a.y = dev.Alloc(B * S * D * e);
-  a.B = B, a.S = S, a.D = D, a.F = F;
-  a.activation = static_cast<shadowllm::Activation>(activation);
-  a.dtype = static_cast<DType>(dtype);
-  void* workspace = dev.Alloc(MLPWorkspaceBytes(B, S, F));
+  MLPLaunch a = MLPArgs(dev.Upload(x, B * S * D * e), dev.Upload(w_in, F * D * e), dev.Upload(b_in, F * e),
+                        dev.Upload(w_gate, F * D * e), dev.Upload(w_out_t, F * D * e), dev.Upload(b_out, D * e),
+                        static_cast<const bool*>(dev.Upload(mask, B * F)),
+                        static_cast<const float*>(dev.Upload(t_x, sizeof(float))),
+                        static_cast<const float*>(dev.Upload(t_h, sizeof(float))), channel_major,
+                        dev.Alloc(B * S * D * e), B, S, D, F, activation, dtype);
+  void* workspace = dev.Alloc(MLPWorkspaceBytes(B, S, D, F, channel_major != 0));
   if (!dev.ok()) return Fail("device allocation or upload");
-  if (TimedRun([&] { return LaunchSparseNeuronMLP(a, workspace, nullptr); }, kernel_ms)) return 1;
+  auto launch = [&](bool clean) {
+    a.workspace_clean = clean;
+    return LaunchSparseNeuronMLP(a, workspace, nullptr);
+  };
+  if (TimedRun(launch, kernel_ms)) return 1;
   if (cudaMemcpy(y, a.y, B * S * D * e, cudaMemcpyDeviceToHost) != cudaSuccess) return Fail("download");
   return 0;
 }
 
+// ---------------------------------------------------------------- SparseHeadAttention
+SHADOWLLM_EXPORT int64_t shadowllm_cuda_attention_workspace_bytes(int64_t B, int64_t S, int64_t D, int64_t H,
+                                                                  int64_t G, int64_t E) {
+  return static_cast<int64_t>(AttentionWorkspaceBytes(B, S, D, H, G, E));
+}
+
+// Device pointers. In place: past_key == present_key and past_value == present_value, caches of
+// `capacity` positions holding the past in their first P. Otherwise present is [B, G, capacity, E]
+// and the past [B, G, P, E] is copied into it.
+SHADOWLLM_EXPORT int32_t shadowllm_cuda_attention_launch(
+    const void* x, const void* w_q, const void* b_q, const void* w_k, const void* b_k, const void* w_v, const void* b_v,
+    const void* w_o_t, const void* b_o, const void* past_key, const void* past_value, const int64_t* attention_mask,
+    const int64_t* position_ids, const void* cos, const void* sin, int64_t rope_positions, const bool* head_mask,
+    const float* t_x, const float* t_o, void* y, void* present_key, void* present_value, int64_t B, int64_t S,
+    int64_t D, int64_t P, int64_t H, int64_t G, int64_t E, int64_t capacity, float scale, int32_t rope,
+    int32_t kv_active, int32_t dtype, void* workspace, int32_t workspace_clean, void* stream) {
+  AttentionLaunch a{};
+  a.x = x, a.w_q = w_q, a.b_q = b_q, a.w_k = w_k, a.b_k = b_k, a.w_v = w_v, a.b_v = b_v;
+  a.w_o_t = w_o_t, a.b_o = b_o, a.past_key = past_key, a.past_value = past_value;
+  a.attention_mask = attention_mask, a.position_ids = position_ids;
+  a.cos = rope ? cos : nullptr, a.sin = rope ? sin : nullptr, a.head_mask = head_mask, a.t_x = t_x, a.t_o = t_o;
+  a.y = y, a.present_key = present_key, a.present_value = present_value;
+  a.B = B, a.S = S, a.D = D, a.P = P, a.H = H, a.G = G, a.E = E, a.capacity = capacity;
+  a.rope_positions = rope ? rope_positions : 0;
+  a.scale = scale, a.rope = rope != 0, a.kv_active = kv_active != 0;
+  a.dtype = static_cast<DType>(dtype);
+  a.workspace_clean = workspace_clean != 0;
+  if (const char* why = AttentionUnsupported(a)) {
+    g_error = std::string("SparseHeadAttention launch: ") + why;
+    return 1;
+  }
+  return Status(LaunchSparseHeadAttention(a, workspace, static_cast<cudaStream_t>(stream)),
+                "SparseHeadAttention launch");
+}
+
+// Host arrays. capacity == 0: present = past + new ([B, G, P+S, E]) from past_key / past_value.
+// capacity > 0: in place — present_key / present_value are [B, G, capacity, E] in and out, their
+// first P positions the past (past_key / past_value are not read); the new rows are written at
+// P..P+S-1 and every other position is left as it was.
 SHADOWLLM_EXPORT int32_t shadowllm_cuda_sparse_head_attention(
     const void* x, const void* w_q, const void* b_q, const void* w_k, const void* b_k, const void* w_v, const void* b_v,
     const void* w_o_t, const void* b_o, const void* past_key, const void* past_value, const int64_t* attention_mask,
-    const int64_t* position_ids, const void* cos, const void* sin, int64_t max_positions, const bool* head_mask,
-    void* y, void* present_key, void* present_value, int64_t B, int64_t S, int64_t D, int64_t P, int64_t H, int64_t G,
-    int64_t E, float scale, int32_t rope, int32_t kv_active, int32_t dtype, float* kernel_ms) {
-  using namespace shadowllm::cuda;
+    const int64_t* position_ids, const void* cos, const void* sin, int64_t rope_positions, const bool* head_mask,
+    const float* t_x, const float* t_o, void* y, void* present_key, void* present_value, int64_t B, int64_t S,
+    int64_t D, int64_t P, int64_t H, int64_t G, int64_t E, int64_t capacity, float scale, int32_t rope,
+    int32_t kv_active, int32_t dtype, float* kernel_ms) {
   const size_t e = DTypeBytes(static_cast<DType>(dtype));
   const int64_t T = P + S;
+  const bool in_place = capacity > 0;
+  const int64_t cap = in_place ? capacity : T;
+  const size_t cache_bytes = B * G * cap * E * e;
   DeviceArrays dev;
-  AttentionLaunch a{};
-  a.x = dev.Upload(x, B * S * D * e);
-  a.w_q = dev.Upload(w_q, H * E * D * e);
-  a.b_q = dev.Upload(b_q, H * E * e);
-  a.w_k = dev.Upload(w_k, G * E * D * e);
-  a.b_k = dev.Upload(b_k, G * E * e);
-  a.w_v = dev.Upload(w_v, G * E * D * e);
-  a.b_v = dev.Upload(b_v, G * E * e);
-  a.w_o_t = dev.Upload(w_o_t, H * E * D * e);
-  a.b_o = dev.Upload(b_o, D * e);
-  a.past_key = dev.Upload(past_key, B * G * P * E * e);
-  a.past_value = dev.Upload(past_value, B * G * P * E * e);
-  a.attention_mask = static_cast<const int64_t*>(dev.Upload(attention_mask, B * T * sizeof(int64_t)));
-  a.position_ids = static_cast<const int64_t*>(dev.Upload(position_ids, B * S * sizeof(int64_t)));
-  a.cos = dev.Upload(rope ? cos : nullptr, max_positions * (E / 2) * e);
-  a.sin = dev.Upload(rope ? sin : nullptr, max_positions * (E / 2) * e);
-  a.head_mask = static_cast<const bool*>(dev.Upload(head_mask, B * H));
-  a.y = dev.Alloc(B * S * D * e);
-  a.present_key = dev.Alloc(B * G * T * E * e);
-  a.present_value = dev.Alloc(B * G * T * E * e);
-  a.B = B, a.S = S, a.D = D, a.P = P, a.H = H, a.G = G, a.E = E;
-  a.scale = scale;
-  a.rope = rope != 0;
-  a.kv_active = kv_active != 0;
-  a.dtype = static_cast<DType>(dtype);
-  void* workspace = dev.Alloc(AttentionWorkspaceBytes(B, S, T, H, G, E));
+  void* d_present_key = in_place ? dev.Upload(present_key, cache_bytes) : dev.Alloc(cache_bytes);
+  void* d_present_value = in_place ? dev.Upload(present_value, cache_bytes) : dev.Alloc(cache_bytes);
+  const void* d_past_key = in_place ? d_present_key : dev.Upload(past_key, B * G * P * E * e);
+  const void* d_past_value = in_place ? d_present_value : dev.Upload(past_value, B * G * P * E * e);
+  void* d_y = dev.Alloc(B * S * D * e);
+  void* workspace = dev.Alloc(AttentionWorkspaceBytes(B, S, D, H, G, E));
+  auto up = [&](const void* p, size_t n) { return dev.Upload(p, n); };
+  const void *d_x = up(x, B * S * D * e), *d_wq = up(w_q, H * E * D * e), *d_bq = up(b_q, H * E * e);
+  const void *d_wk = up(w_k, G * E * D * e), *d_bk = up(b_k, G * E * e), *d_wv = up(w_v, G * E * D * e);
+  const void *d_bv = up(b_v, G * E * e), *d_wo = up(w_o_t, H * E * D * e), *d_bo = up(b_o, D * e);
+  const auto* d_mask = static_cast<const int64_t*>(up(attention_mask, B * T * sizeof(int64_t)));
+  const auto* d_pos = static_cast<const int64_t*>(up(position_ids, B * S * sizeof(int64_t)));
+  const void* d_cos = up(rope ? cos : nullptr, rope_positions * (E / 2) * e);
+  const void* d_sin = up(rope ? sin : nullptr, rope_positions * (E / 2) * e);
+  const auto* d_heads = static_cast<const bool*>(up(head_mask, B * H));
+  const auto* d_tx = static_cast<const float*>(up(t_x, sizeof(float)));
+  const auto* d_to = static_cast<const float*>(up(t_o, sizeof(float)));
   if (!dev.ok()) return Fail("device allocation or upload");
-  if (TimedRun([&] { return LaunchSparseHeadAttention(a, workspace, nullptr); }, kernel_ms)) return 1;
-  if (cudaMemcpy(y, a.y, B * S * D * e, cudaMemcpyDeviceToHost) != cudaSuccess ||
-      cudaMemcpy(present_key, a.present_key, B * G * T * E * e, cudaMemcpyDeviceToHost) != cudaSuccess ||
-      cudaMemcpy(present_value, a.present_value, B * G * T * E * e, cudaMemcpyDeviceToHost) != cudaSuccess)
+  std::string refused;  // the launch's own reason, kept over TimedRun's generic one
+  auto launch = [&](bool clean) {
+    const int32_t rc = shadowllm_cuda_attention_launch(
+        d_x, d_wq, d_bq, d_wk, d_bk, d_wv, d_bv, d_wo, d_bo, d_past_key, d_past_value, d_mask, d_pos, d_cos, d_sin,
+        rope_positions, d_heads, d_tx, d_to, d_y, d_present_key, d_present_value, B, S, D, P, H, G, E, cap, scale,
+        rope, kv_active, dtype, workspace, clean, nullptr);
+    if (rc != 0) refused = g_error;
+    return rc == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  };
+  if (TimedRun(launch, kernel_ms)) {
+    if (!refused.empty()) g_error = refused;
+    return 1;
+  }
+  if (cudaMemcpy(y, d_y, B * S * D * e, cudaMemcpyDeviceToHost) != cudaSuccess ||
+      cudaMemcpy(present_key, d_present_key, cache_bytes, cudaMemcpyDeviceToHost) != cudaSuccess ||
+      cudaMemcpy(present_value, d_present_value, cache_bytes, cudaMemcpyDeviceToHost) != cudaSuccess)
     return Fail("download");
   return 0;
 }

@@ -52,11 +52,11 @@ struct StubFinder : nvinfer1::ILoggerFinder {
   nvinfer1::ILogger* findLogger() override { return &logger; }
 };
 
-// Offers every position fp32 then fp16 and the op's index types; returns "ok" or what failed.
+// Offers every position fp32, fp16, then bf16 and the op's index types; returns "ok" or what failed.
 std::string CheckFormats(nvinfer1::IPluginV3* plugin, const std::vector<DataType>& index_types, int32_t nb_inputs,
                          int32_t nb_outputs) {
   auto* build = static_cast<nvinfer1::IPluginV3OneBuild*>(plugin->getCapabilityInterface(nvinfer1::PluginCapabilityType::kBUILD));
-  for (DataType ft : {DataType::kFLOAT, DataType::kHALF}) {
+  for (DataType ft : {DataType::kFLOAT, DataType::kHALF, DataType::kBF16}) {
     std::vector<nvinfer1::DynamicPluginTensorDesc> io(static_cast<size_t>(nb_inputs + nb_outputs));
     for (int32_t pos = 0; pos < nb_inputs + nb_outputs; ++pos) {
       const DataType want = pos < nb_inputs && index_types[pos] != DataType::kFLOAT ? index_types[pos] : ft;

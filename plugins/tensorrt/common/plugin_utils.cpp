@@ -113,7 +113,9 @@ bool SparsePluginBase::SupportsSlot(SlotKind kind, const nvinfer1::DynamicPlugin
     case SlotKind::kBool: return d.type == nvinfer1::DataType::kBOOL;
     case SlotKind::kInt64: return d.type == nvinfer1::DataType::kINT64;
     case SlotKind::kFloat:
-      if (pos == 0) return d.type == nvinfer1::DataType::kFLOAT || d.type == nvinfer1::DataType::kHALF;
+      if (pos == 0)
+        return d.type == nvinfer1::DataType::kFLOAT || d.type == nvinfer1::DataType::kHALF ||
+               d.type == nvinfer1::DataType::kBF16;
       return d.type == in_out[0].desc.type;
   }
   return false;

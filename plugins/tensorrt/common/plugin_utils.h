@@ -96,12 +96,16 @@ class SparsePluginBase : public nvinfer1::IPluginV3,
   nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext*) noexcept override { return clone(); }
 
  protected:
-  // Format check shared by both ops: linear layout; float slots all of x's type (fp32 or fp16).
+  // Format check shared by both ops: linear layout; float slots all of x's type (fp32, fp16 or bf16).
   enum class SlotKind { kFloat, kBool, kInt64 };
   bool SupportsSlot(SlotKind kind, const nvinfer1::DynamicPluginTensorDesc* in_out, int32_t pos) const;
   // The kernels' storage type: x's (every float tensor of a node has the same type).
   static cuda::DType StorageType(const nvinfer1::PluginTensorDesc* input_desc) {
-    return input_desc[0].type == nvinfer1::DataType::kHALF ? cuda::DType::kFloat16 : cuda::DType::kFloat32;
+    switch (input_desc[0].type) {
+      case nvinfer1::DataType::kHALF: return cuda::DType::kFloat16;
+      case nvinfer1::DataType::kBF16: return cuda::DType::kBFloat16;
+      default: return cuda::DType::kFloat32;
+    }
   }
   // enqueue's return: 0, or -1 with the CUDA error on TensorRT's log.
   int32_t LaunchStatus(cudaError_t err) const;

@@ -1,179 +1,418 @@
 #include "kernel.h"
 
 #include "../common/cuda_common.cuh"
-#include "../common/gather_project.cuh"
+#include "../common/sparse_projections.cuh"
 
 namespace shadowllm {
 namespace cuda {
 namespace {
 
+constexpr int kAttendThreads = 128;
+constexpr int kAttendWarps = kAttendThreads / 32;
+constexpr int kLaneElems = 8;                    // head-dim entries each lane holds
+constexpr int kMaxHeadDim = 32 * kLaneElems;     // 256
+constexpr int kMaxHeadsPerGroup = 8;
+constexpr int64_t kMaxAttendCTAs = 4096;         // bounds the split partials in the workspace
+
 struct Scratch {
-  int32_t* heads;        // [B, H] kept heads, ascending
-  int32_t* head_counts;  // [B]
-  int32_t* o_rows;       // [B, H*E] w_o_t rows of the kept heads
-  int32_t* o_counts;     // [B]
-  int32_t* group_on;     // [B, G] 1 when the kv head's K/V are computed
-  float* q;              // [B, S, H*E]
-  float* scores;         // [B, S, H, T]
-  float* context;        // [B, H*E, S], kept heads first (the output projection's coefficients)
-  static Scratch Carve(void* base, int64_t B, int64_t S, int64_t T, int64_t H, int64_t G, int64_t E, size_t* bytes) {
+  float* out_acc;            // [M, D]   } zero between launches
+  unsigned* out_counters;    //          }
+  unsigned* attend_counters; // [M, G]   }
+  size_t zero_bytes;
+  float* q;        // [M, H*E], RoPE applied
+  float* context;  // [M, H*E], zero for heads a token does not keep
+  float *part_max, *part_sum, *part_acc;  // per (token, group, split, head): softmax state
+  static int64_t Partials(int64_t M, int64_t H, int64_t G) { return (kMaxAttendCTAs + M * G) * (H / G); }
+  static Scratch Carve(void* base, int64_t M, int64_t D, int64_t H, int64_t G, int64_t E, size_t* bytes) {
     Carver c(base);
-    Scratch s{c.Take<int32_t>(B * H), c.Take<int32_t>(B),         c.Take<int32_t>(B * H * E),
-              c.Take<int32_t>(B),     c.Take<int32_t>(B * G),     c.Take<float>(B * S * H * E),
-              c.Take<float>(B * S * H * T), c.Take<float>(B * H * E * S)};
+    Scratch s{};
+    s.out_acc = c.Take<float>(M * D);
+    s.out_counters = c.Take<unsigned>(GatherCounters(M, D));
+    s.attend_counters = c.Take<unsigned>(M * G);
+    s.zero_bytes = c.Bytes();
+    s.q = c.Take<float>(M * H * E);
+    s.context = c.Take<float>(M * H * E);
+    s.part_max = c.Take<float>(Partials(M, H, G));
+    s.part_sum = c.Take<float>(Partials(M, H, G));
+    s.part_acc = c.Take<float>(Partials(M, H, G) * E);
     if (bytes) *bytes = c.Bytes();
     return s;
   }
 };
 
-// One block per batch row: the kept heads' w_o_t rows and which kv heads are needed.
-__global__ void ExpandHeadsKernel(const bool* head_mask, Scratch sc, int64_t H, int64_t G, int64_t E, bool kv_active) {
-  const int64_t b = blockIdx.x, count = sc.head_counts[b];
-  for (int64_t i = threadIdx.x; i < count * E; i += blockDim.x)
-    sc.o_rows[b * H * E + i] = sc.heads[b * H + i / E] * static_cast<int32_t>(E) + static_cast<int32_t>(i % E);
-  for (int64_t g = threadIdx.x; g < G; g += blockDim.x) {
-    int32_t on = kv_active ? 0 : 1;
-    for (int64_t h = g * (H / G); h < (g + 1) * (H / G); ++h) on |= head_mask[b * H + h] ? 1 : 0;
-    sc.group_on[b * G + g] = on;
+// The shapes of one launch, as the device code reads them.
+template <typename T>
+struct Dims {
+  const bool* head_mask;
+  int64_t S, P, H, G, E, capacity;
+  bool kv_active;
+  __device__ int64_t PerGroup() const { return H / G; }
+  __device__ bool HeadOn(int64_t b, int64_t h) const { return head_mask[b * H + h]; }
+  __device__ bool GroupOn(int64_t b, int64_t g) const {
+    if (!kv_active) return true;
+    for (int64_t h = g * PerGroup(); h < (g + 1) * PerGroup(); ++h)
+      if (HeadOn(b, h)) return true;
+    return false;
   }
-  if (threadIdx.x == 0) sc.o_counts[b] = static_cast<int32_t>(count * E);
-}
+  // Start of cache row (b, g, position).
+  __device__ int64_t CacheRow(int64_t b, int64_t g, int64_t position) const {
+    return ((b * G + g) * capacity + position) * E;
+  }
+};
+
+// Row-dot units: one RoPE pair of rows (i, i + E/2) of one head; q units of the H heads first, then
+// k and v units of the G kv heads. Matrix 0 is row i, matrix 1 row i + E/2.
+template <typename T>
+struct ProjectOp {
+  Dims<T> dims;
+  const T *w_q, *b_q, *w_k, *b_k, *w_v, *b_v, *cos, *sin;
+  const int64_t* position_ids;
+  int64_t rope_positions, D;
+  float* q;
+  T *present_key, *present_value;
+  struct Unit {
+    int kind;  // 0 q, 1 k, 2 v
+    int64_t head, i;
+  };
+  __device__ Unit Decode(int64_t u) const {
+    const int64_t half = dims.E / 2, q_units = dims.H * half, kv_units = dims.G * half;
+    if (u < q_units) return {0, u / half, u % half};
+    u -= q_units;
+    if (u < kv_units) return {1, u / half, u % half};
+    u -= kv_units;
+    return {2, u / half, u % half};
+  }
+  __device__ bool On(const Unit& unit, int64_t m) const {
+    const int64_t b = m / dims.S;
+    return unit.kind == 0 ? dims.HeadOn(b, unit.head) : dims.GroupOn(b, unit.head);
+  }
+  __device__ bool Wanted(int64_t u, int64_t m0, int mt) const {
+    const Unit unit = Decode(u);
+    for (int m = 0; m < mt; ++m)
+      if (On(unit, m0 + m)) return true;
+    return false;
+  }
+  __device__ const T* Row(int k, int64_t u) const {
+    const Unit unit = Decode(u);
+    const T* w = unit.kind == 0 ? w_q : unit.kind == 1 ? w_k : w_v;
+    return w + (unit.head * dims.E + unit.i + k * (dims.E / 2)) * D;
+  }
+  template <int NMAT, int MT>
+  __device__ void Emit(int64_t u, int64_t m0, int mt, const float (&dots)[NMAT][MT], bool) const {
+    if (threadIdx.x % 32 != 0) return;
+    const Unit unit = Decode(u);
+    const int64_t half = dims.E / 2, r1 = unit.head * dims.E + unit.i, r2 = r1 + half;
+    const T* bias = unit.kind == 0 ? b_q : unit.kind == 1 ? b_k : b_v;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m >= mt) break;
+      const int64_t token = m0 + m, b = token / dims.S, s = token % dims.S;
+      const bool on = On(unit, token);
+      if (unit.kind == 0 && !on) continue;  // q of a dropped head is never read
+      float v1 = on ? dots[0][m] + (bias ? ToFloat(bias[r1]) : 0.f) : 0.f;
+      float v2 = on ? dots[NMAT - 1][m] + (bias ? ToFloat(bias[r2]) : 0.f) : 0.f;
+      if (on && cos != nullptr && unit.kind != 2) {
+        int64_t pos = position_ids[token];
+        pos = pos < 0 ? 0 : pos >= rope_positions ? rope_positions - 1 : pos;
+        const float c = ToFloat(cos[pos * half + unit.i]), sn = ToFloat(sin[pos * half + unit.i]);
+        const float t1 = v1, t2 = v2;
+        v1 = t1 * c - t2 * sn;
+        v2 = t2 * c + t1 * sn;
+      }
+      if (unit.kind == 0) {
+        float* dst = q + token * dims.H * dims.E;
+        dst[r1] = v1;
+        dst[r2] = v2;
+      } else {
+        T* dst = (unit.kind == 1 ? present_key : present_value) + dims.CacheRow(b, unit.head, dims.P + s) + unit.i;
+        dst[0] = FromFloat<T>(v1);
+        dst[half] = FromFloat<T>(v2);
+      }
+    }
+  }
+};
 
 template <typename T>
-__global__ void CopyPastKernel(const T* past, T* present, int64_t BG, int64_t P, int64_t T_, int64_t E) {
+__global__ void CopyPastKernel(const T* past, T* present, int64_t BG, int64_t P, int64_t capacity, int64_t E) {
   const int64_t total = BG * P * E;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t bg = i / (P * E), rest = i % (P * E);
-    present[bg * T_ * E + rest] = past[i];
+    present[bg * capacity * E + rest] = past[i];
   }
 }
 
-// Grid (ceil((H + 2G)*E / 8), B*S), a warp per output row: q rows of kept heads into scratch,
-// new k/v rows of needed kv heads straight into the present cache after the past (zeros otherwise).
+__device__ __forceinline__ float Rescale(float m, float to) { return m == -INFINITY ? 0.f : expf(m - to); }
+
 template <typename T>
-__global__ void ProjectKernel(AttentionLaunch a, Scratch sc) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
-  const int64_t bs = blockIdx.y, b = bs / a.S, s = bs % a.S, T_ = a.P + a.S;
-  const int64_t HE = a.H * a.E, GE = a.G * a.E;
-  if (j >= HE + 2 * GE) return;
-  const T* xs = static_cast<const T*>(a.x) + bs * a.D;
-  const bool lead = threadIdx.x % 32 == 0;
-  if (j < HE) {
-    if (!a.head_mask[b * a.H + j / a.E]) return;
-    const T* bias = static_cast<const T*>(a.b_q);
-    const float v = WarpDot(xs, static_cast<const T*>(a.w_q) + j * a.D, a.D) + (bias ? ToFloat(bias[j]) : 0.f);
-    if (lead) sc.q[bs * HE + j] = v;
+struct AttendArgs {
+  Dims<T> dims;
+  const T *keys, *values;
+  const int64_t* attention_mask;
+  const float* q;
+  float scale;
+  Scratch sc;
+  int64_t splits;
+  int lanes_per_key;
+};
+
+// Flash-decoding: grid (M * G * splits), one CTA per (token, kv head, key split). Each warp walks
+// keys in steps of 32 / lanes_per_key keys (a key's E entries spread over lanes_per_key lanes, VEC
+// per load), scoring every kept head of the group against the same K row and folding the V row
+// into an online softmax; the warps and then the splits are merged (the last split's CTA merges).
+// Hidden keys score the float minimum, so a token that sees nothing attends uniformly, as the
+// reference does.
+template <typename T, int VEC, int HPG>
+__global__ void __launch_bounds__(kAttendThreads) AttendKernel(AttendArgs<T> a) {
+  __shared__ float w_max[kAttendWarps][HPG], w_sum[kAttendWarps][HPG];
+  __shared__ float w_acc[kAttendWarps][HPG][kMaxHeadDim];
+  const Dims<T>& d = a.dims;
+  const int64_t split = blockIdx.x % a.splits, mg = blockIdx.x / a.splits, g = mg % d.G, m = mg / d.G;
+  const int64_t b = m / d.S, s = m % d.S, hpg = d.PerGroup(), HE = d.H * d.E, T_ = d.P + d.S;
+  float* ctx = a.sc.context + m * HE + g * hpg * d.E;
+  bool kept[HPG];
+  bool any = false;
+#pragma unroll
+  for (int hh = 0; hh < HPG; ++hh) {
+    kept[hh] = hh < hpg && d.HeadOn(b, g * hpg + hh);
+    any |= kept[hh];
+  }
+  if (!any) {
+    if (split == 0)
+      for (int64_t i = threadIdx.x; i < hpg * d.E; i += kAttendThreads) ctx[i] = 0.f;
     return;
   }
-  const bool is_v = j - HE >= GE;
-  const int64_t r = (j - HE) % GE, g = r / a.E, e = r % a.E;
-  T* dst = static_cast<T*>(is_v ? a.present_value : a.present_key) + ((b * a.G + g) * T_ + a.P + s) * a.E + e;
-  if (!sc.group_on[b * a.G + g]) {
-    if (lead) *dst = FromFloat<T>(0.f);
-    return;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, lpk = a.lanes_per_key, kpw = 32 / lpk;
+  const int sub = lane / lpk, lk = lane % lpk;
+  constexpr int NI = kLaneElems / VEC;
+  auto entry = [&](int i, int v) { return (static_cast<int64_t>(i) * lpk + lk) * VEC + v; };
+  float q[HPG][kLaneElems];
+#pragma unroll
+  for (int hh = 0; hh < HPG; ++hh)
+#pragma unroll
+    for (int i = 0; i < NI; ++i)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const int64_t e = entry(i, v);
+        q[hh][i * VEC + v] = kept[hh] && e < d.E ? a.q[m * HE + (g * hpg + hh) * d.E + e] * a.scale : 0.f;
+      }
+  float mx[HPG], sum[HPG], acc[HPG][kLaneElems];
+#pragma unroll
+  for (int hh = 0; hh < HPG; ++hh) {
+    mx[hh] = -INFINITY, sum[hh] = 0.f;
+#pragma unroll
+    for (int k = 0; k < kLaneElems; ++k) acc[hh][k] = 0.f;
   }
-  const T* w = static_cast<const T*>(is_v ? a.w_v : a.w_k) + r * a.D;
-  const T* bias = static_cast<const T*>(is_v ? a.b_v : a.b_k);
-  const float v = WarpDot(xs, w, a.D) + (bias ? ToFloat(bias[r]) : 0.f);
-  if (lead) *dst = FromFloat<T>(v);
-}
-
-// Rotate-half RoPE: grid (H + G, B*S), threads over E/2: q of kept heads, new k of needed kv heads.
-template <typename T>
-__global__ void RopeKernel(AttentionLaunch a, Scratch sc) {
-  const int64_t unit = blockIdx.x, bs = blockIdx.y, b = bs / a.S, s = bs % a.S, half = a.E / 2;
-  const int64_t pos = a.position_ids[bs];
-  const T* cos = static_cast<const T*>(a.cos) + pos * half;
-  const T* sin = static_cast<const T*>(a.sin) + pos * half;
-  for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
-    const float c = ToFloat(cos[i]), sn = ToFloat(sin[i]);
-    if (unit < a.H) {
-      if (!a.head_mask[b * a.H + unit]) return;
-      float* t = sc.q + bs * a.H * a.E + unit * a.E;
-      const float t1 = t[i], t2 = t[i + half];
-      t[i] = t1 * c - t2 * sn;
-      t[i + half] = t2 * c + t1 * sn;
-    } else {
-      const int64_t g = unit - a.H;
-      if (!sc.group_on[b * a.G + g]) return;
-      T* t = static_cast<T*>(a.present_key) + ((b * a.G + g) * (a.P + a.S) + a.P + s) * a.E;
-      const float t1 = ToFloat(t[i]), t2 = ToFloat(t[i + half]);
-      t[i] = FromFloat<T>(t1 * c - t2 * sn);
-      t[i + half] = FromFloat<T>(t2 * c + t1 * sn);
+  const int64_t per = (T_ + a.splits - 1) / a.splits, j0 = split * per, j1 = j0 + per < T_ ? j0 + per : T_;
+  const T* keys = a.keys + d.CacheRow(b, g, 0);
+  const T* values = a.values + d.CacheRow(b, g, 0);
+  const int64_t* visible_mask = a.attention_mask + b * T_;
+  for (int64_t jb = j0 + static_cast<int64_t>(warp) * kpw; jb < j1; jb += static_cast<int64_t>(kAttendWarps) * kpw) {
+    const int64_t j = jb + sub;
+    const bool valid = j < j1;
+    float kr[kLaneElems], vr[kLaneElems];
+#pragma unroll
+    for (int i = 0; i < NI; ++i) {
+      const int64_t e0 = entry(i, 0);
+      float kv[VEC], vv[VEC];
+      if (valid && e0 < d.E) {
+        LoadStream<VEC>(keys + j * d.E + e0, kv);
+        LoadStream<VEC>(values + j * d.E + e0, vv);
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) kv[v] = vv[v] = 0.f;
+      }
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) kr[i * VEC + v] = kv[v], vr[i * VEC + v] = vv[v];
+    }
+    const bool visible = valid && j <= d.P + s && visible_mask[j] != 0;
+#pragma unroll
+    for (int hh = 0; hh < HPG; ++hh) {
+      if (!kept[hh]) continue;  // the same for the whole warp
+      float dot = 0.f;
+#pragma unroll
+      for (int k = 0; k < kLaneElems; ++k) dot += q[hh][k] * kr[k];
+      dot = GroupSum(dot, lpk);
+      if (!valid) continue;
+      const float score = visible ? dot : -FLT_MAX;
+      const float top = fmaxf(mx[hh], score), corr = Rescale(mx[hh], top), p = expf(score - top);
+      sum[hh] = sum[hh] * corr + p;
+#pragma unroll
+      for (int k = 0; k < kLaneElems; ++k) acc[hh][k] = acc[hh][k] * corr + p * vr[k];
+      mx[hh] = top;
     }
   }
+  // Merge the key sub-groups of the warp (lanes that hold the same entries differ in the bits >= lpk).
+  for (int o = lpk; o < 32; o <<= 1) {
+#pragma unroll
+    for (int hh = 0; hh < HPG; ++hh) {
+      const float om = __shfl_xor_sync(0xffffffffu, mx[hh], o), os = __shfl_xor_sync(0xffffffffu, sum[hh], o);
+      const float top = fmaxf(mx[hh], om), c1 = Rescale(mx[hh], top), c2 = Rescale(om, top);
+      sum[hh] = sum[hh] * c1 + os * c2;
+#pragma unroll
+      for (int k = 0; k < kLaneElems; ++k) acc[hh][k] = acc[hh][k] * c1 + __shfl_xor_sync(0xffffffffu, acc[hh][k], o) * c2;
+      mx[hh] = top;
+    }
+  }
+  if (sub == 0) {
+#pragma unroll
+    for (int hh = 0; hh < HPG; ++hh) {
+      if (lk == 0) w_max[warp][hh] = mx[hh], w_sum[warp][hh] = sum[hh];
+#pragma unroll
+      for (int i = 0; i < NI; ++i)
+#pragma unroll
+        for (int v = 0; v < VEC; ++v)
+          if (entry(i, v) < d.E) w_acc[warp][hh][entry(i, v)] = acc[hh][i * VEC + v];
+    }
+  }
+  __syncthreads();
+  const int64_t first = ((m * d.G + g) * a.splits) * hpg;  // this (token, group)'s partials
+  for (int64_t t = threadIdx.x; t < hpg * d.E; t += kAttendThreads) {
+    const int64_t hh = t / d.E, e = t % d.E;
+    if (!d.HeadOn(b, g * hpg + hh)) continue;
+    float top = -INFINITY;
+    for (int w = 0; w < kAttendWarps; ++w) top = fmaxf(top, w_max[w][hh]);
+    float total = 0.f, value = 0.f;
+    for (int w = 0; w < kAttendWarps; ++w) {
+      const float c = Rescale(w_max[w][hh], top);
+      total += w_sum[w][hh] * c;
+      value += w_acc[w][hh][e] * c;
+    }
+    const int64_t p = first + split * hpg + hh;
+    if (e == 0) a.sc.part_max[p] = top, a.sc.part_sum[p] = total;
+    a.sc.part_acc[p * d.E + e] = value;
+  }
+  if (!LastToArrive(a.sc.attend_counters + m * d.G + g, static_cast<unsigned>(a.splits))) return;
+  for (int64_t t = threadIdx.x; t < hpg * d.E; t += kAttendThreads) {
+    const int64_t hh = t / d.E, e = t % d.E;
+    if (!d.HeadOn(b, g * hpg + hh)) {
+      ctx[t] = 0.f;
+      continue;
+    }
+    float top = -INFINITY;
+    for (int64_t sp = 0; sp < a.splits; ++sp) top = fmaxf(top, __ldcg(a.sc.part_max + first + sp * hpg + hh));
+    float total = 0.f, value = 0.f;
+    for (int64_t sp = 0; sp < a.splits; ++sp) {
+      const int64_t p = first + sp * hpg + hh;
+      const float c = Rescale(__ldcg(a.sc.part_max + p), top);
+      total += __ldcg(a.sc.part_sum + p) * c;
+      value += __ldcg(a.sc.part_acc + p * d.E + e) * c;
+    }
+    ctx[t] = value / total;
+  }
 }
 
-// Grid (H, B*S), 128 threads: scores over visible keys (hidden keys score the float minimum, so a
-// row that sees nothing attends uniformly, as the reference does), softmax, context.
+// Lanes per key and vector width of the attend kernel: a key row's E entries over E / 8 lanes with
+// 16-byte loads where E allows it, else over 32 lanes one entry at a time.
 template <typename T>
-__global__ void AttendKernel(AttentionLaunch a, Scratch sc) {
-  const int64_t h = blockIdx.x, bs = blockIdx.y, b = bs / a.S, s = bs % a.S, T_ = a.P + a.S;
-  if (!a.head_mask[b * a.H + h]) return;
-  const int64_t g = h / (a.H / a.G);
-  const float* q = sc.q + bs * a.H * a.E + h * a.E;
-  const T* keys = static_cast<const T*>(a.present_key) + (b * a.G + g) * T_ * a.E;
-  const T* values = static_cast<const T*>(a.present_value) + (b * a.G + g) * T_ * a.E;
-  float* p = sc.scores + (bs * a.H + h) * T_;
-  float top = -FLT_MAX;
-  for (int64_t j = threadIdx.x; j < T_; j += blockDim.x) {
-    float v = -FLT_MAX;
-    if (j <= a.P + s && a.attention_mask[b * T_ + j]) {
-      v = 0.f;
-      for (int64_t e = 0; e < a.E; ++e) v += q[e] * ToFloat(keys[j * a.E + e]);
-      v *= a.scale;
-    }
-    p[j] = v;
-    top = fmaxf(top, v);
-  }
-  top = BlockReduce<true>(top);
-  float total = 0.f;
-  for (int64_t j = threadIdx.x; j < T_; j += blockDim.x) total += (p[j] = expf(p[j] - top));
-  total = BlockReduce<false>(total);  // its barriers also make every p[j] visible to the block
-  int64_t k = 0;  // this head's place among the kept heads of row b
-  for (int64_t i = 0; i < h; ++i) k += a.head_mask[b * a.H + i] ? 1 : 0;
-  for (int64_t e = threadIdx.x; e < a.E; e += blockDim.x) {
-    float acc = 0.f;
-    for (int64_t j = 0; j < T_; ++j) acc += p[j] * ToFloat(values[j * a.E + e]);
-    sc.context[(b * a.H * a.E + k * a.E + e) * a.S + s] = acc / total;
-  }
+bool AttendVector(const AttentionLaunch& a) {
+  const int64_t lanes = a.E / kLaneElems;
+  return a.E % kLaneElems == 0 && lanes >= 1 && lanes <= 32 && (lanes & (lanes - 1)) == 0 &&
+         kLaneElems % kVec16<T> == 0 && Aligned16<T>(a.present_key, a.E) && Aligned16<T>(a.present_value, a.E);
+}
+
+int64_t AttendSplits(int64_t M, int64_t G, int64_t T_, int keys_per_step) {
+  const int64_t units = M * G;
+  const int64_t target = static_cast<int64_t>(GlobalTuning().attend_ctas_per_sm) * Multiprocessors();
+  int64_t splits = (target + units - 1) / units;
+  const int64_t most_keys = (T_ + 2 * keys_per_step - 1) / (2 * keys_per_step);  // >= 2 steps per split
+  const int64_t most_space = kMaxAttendCTAs / units;
+  splits = splits > most_keys ? most_keys : splits;
+  splits = splits > most_space ? most_space : splits;
+  return splits < 1 ? 1 : splits;
 }
 
 template <typename T>
 cudaError_t Launch(const AttentionLaunch& a, void* workspace, cudaStream_t stream) {
-  const int64_t T_ = a.P + a.S;
-  const unsigned BS = static_cast<unsigned>(a.B * a.S);
-  const Scratch sc = Scratch::Carve(workspace, a.B, a.S, T_, a.H, a.G, a.E, nullptr);
-  CompactMaskKernel<<<static_cast<unsigned>(a.B), 256, 0, stream>>>(a.head_mask, a.H, sc.heads, sc.head_counts);
-  ExpandHeadsKernel<<<static_cast<unsigned>(a.B), 256, 0, stream>>>(a.head_mask, sc, a.H, a.G, a.E, a.kv_active);
-  if (a.P > 0) {
-    const unsigned blocks = Blocks(a.B * a.G * a.P * a.E, 256) < 4096 ? Blocks(a.B * a.G * a.P * a.E, 256) : 4096;
-    CopyPastKernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(a.past_key), static_cast<T*>(a.present_key),
-                                                  a.B * a.G, a.P, T_, a.E);
-    CopyPastKernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(a.past_value),
-                                                  static_cast<T*>(a.present_value), a.B * a.G, a.P, T_, a.E);
+  const int64_t M = a.B * a.S, T_ = a.P + a.S;
+  const Scratch sc = Scratch::Carve(workspace, M, a.D, a.H, a.G, a.E, nullptr);
+  if (!a.workspace_clean) {
+    const cudaError_t err = cudaMemsetAsync(workspace, 0, sc.zero_bytes, stream);
+    if (err != cudaSuccess) return err;
   }
-  ProjectKernel<T><<<dim3(Blocks((a.H + 2 * a.G) * a.E, 8), BS), 256, 0, stream>>>(a, sc);
-  if (a.rope) RopeKernel<T><<<dim3(static_cast<unsigned>(a.H + a.G), BS), 64, 0, stream>>>(a, sc);
-  AttendKernel<T><<<dim3(static_cast<unsigned>(a.H), BS), 128, 0, stream>>>(a, sc);
-  GatherProjectKernel<T><<<dim3(Blocks(a.D, 256), BS), 256, 0, stream>>>(
-      sc.o_rows, sc.o_counts, a.H * a.E, sc.context, static_cast<const T*>(a.w_o_t), static_cast<const T*>(a.b_o),
-      static_cast<T*>(a.y), a.S, a.D);
+  T* present_key = static_cast<T*>(a.present_key);
+  T* present_value = static_cast<T*>(a.present_value);
+  if (a.P > 0 && a.past_key != a.present_key) {
+    const int64_t n = a.B * a.G * a.P * a.E;
+    const unsigned blocks = Blocks(n, 256) < 4096 ? Blocks(n, 256) : 4096;
+    CopyPastKernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(a.past_key), present_key, a.B * a.G, a.P,
+                                                  a.capacity, a.E);
+    CopyPastKernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(a.past_value), present_value, a.B * a.G, a.P,
+                                                  a.capacity, a.E);
+  }
+  const Dims<T> dims{a.head_mask, a.S, a.P, a.H, a.G, a.E, a.capacity, a.kv_active};
+  const int mt_size = TokenGroup(M);
+  WithTokenGroup(mt_size, [&](auto mt_c) {
+    constexpr int MT = decltype(mt_c)::value;
+    const ProjectOp<T> project{dims,
+                               static_cast<const T*>(a.w_q), static_cast<const T*>(a.b_q),
+                               static_cast<const T*>(a.w_k), static_cast<const T*>(a.b_k),
+                               static_cast<const T*>(a.w_v), static_cast<const T*>(a.b_v),
+                               a.rope ? static_cast<const T*>(a.cos) : nullptr,
+                               a.rope ? static_cast<const T*>(a.sin) : nullptr,
+                               a.position_ids, a.rope_positions, a.D, sc.q, present_key, present_value};
+    const int64_t units = (a.H + 2 * a.G) * (a.E / 2);
+    const bool vec = Aligned16<T>(a.x, a.D) && Aligned16<T>(a.w_q, a.D) && Aligned16<T>(a.w_k, a.D) &&
+                     Aligned16<T>(a.w_v, a.D);
+    WithVector<T>(vec, [&](auto vec_c) {
+      constexpr int VEC = decltype(vec_c)::value;
+      RowDotKernel<T, MT, 2, VEC><<<RowDotGrid(M, units, MT), kRowDotThreads, 0, stream>>>(
+          project, static_cast<const T*>(a.x), a.t_x, M, a.D, units);
+    });
+  });
+  const bool vec = AttendVector<T>(a);
+  const int lanes_per_key = vec ? static_cast<int>(a.E / kLaneElems) : 32;
+  const int64_t splits = AttendSplits(M, a.G, T_, kAttendWarps * (32 / lanes_per_key));
+  const AttendArgs<T> args{dims, present_key, present_value, a.attention_mask, sc.q, a.scale, sc, splits, lanes_per_key};
+  const int64_t per_group = a.H / a.G;
+  const unsigned grid = static_cast<unsigned>(M * a.G * splits);
+  WithVector<T>(vec, [&](auto vec_c) {
+    constexpr int VEC = decltype(vec_c)::value;
+    if (per_group <= 1)
+      AttendKernel<T, VEC, 1><<<grid, kAttendThreads, 0, stream>>>(args);
+    else if (per_group <= 2)
+      AttendKernel<T, VEC, 2><<<grid, kAttendThreads, 0, stream>>>(args);
+    else if (per_group <= 4)
+      AttendKernel<T, VEC, 4><<<grid, kAttendThreads, 0, stream>>>(args);
+    else
+      AttendKernel<T, VEC, 8><<<grid, kAttendThreads, 0, stream>>>(args);
+  });
+  WithTokenGroup(mt_size, [&](auto mt_c) {
+    constexpr int MT = decltype(mt_c)::value;
+    const OutputProjectionOp<T> out{sc.context, a.t_o, static_cast<const T*>(a.w_o_t), static_cast<const T*>(a.b_o),
+                                    static_cast<T*>(a.y), a.H * a.E, a.D};
+    LaunchOutputProjection<T, MT>(out, M, sc.out_acc, sc.out_counters, stream);
+  });
   return cudaGetLastError();
 }
 
 }  // namespace
 
-size_t AttentionWorkspaceBytes(int64_t B, int64_t S, int64_t T, int64_t H, int64_t G, int64_t E) {
+size_t AttentionWorkspaceBytes(int64_t B, int64_t S, int64_t D, int64_t H, int64_t G, int64_t E) {
   size_t bytes = 0;
-  Scratch::Carve(nullptr, B, S, T, H, G, E, &bytes);
+  Scratch::Carve(nullptr, B * S, D, H, G, E, &bytes);
   return bytes;
+}
+
+const char* AttentionUnsupported(const AttentionLaunch& a) {
+  if (a.G <= 0 || a.H % a.G != 0) return "num_heads must be a multiple of num_kv_heads";
+  if (a.H / a.G > kMaxHeadsPerGroup) return "more than 8 query heads per kv head";
+  if (a.E % 2 != 0 || a.E > kMaxHeadDim) return "head_dim must be even and at most 256";
+  if (a.capacity < a.P + a.S) return "the cache capacity is below past + new positions";
+  if (a.rope && a.rope_positions <= 0) return "RoPE without a cos/sin table";
+  if (a.past_key == a.present_key ? a.past_value != a.present_value : a.past_value == a.present_value)
+    return "past key and value must both alias the present caches or neither";
+  return nullptr;
 }
 
 cudaError_t LaunchSparseHeadAttention(const AttentionLaunch& a, void* workspace, cudaStream_t stream) {
   if (a.B == 0 || a.S == 0) return cudaSuccess;
-  return a.dtype == DType::kFloat16 ? Launch<__half>(a, workspace, stream) : Launch<float>(a, workspace, stream);
+  if (AttentionUnsupported(a) != nullptr) return cudaErrorInvalidValue;
+  switch (a.dtype) {
+    case DType::kFloat16: return Launch<__half>(a, workspace, stream);
+    case DType::kBFloat16: return Launch<__nv_bfloat16>(a, workspace, stream);
+    default: return Launch<float>(a, workspace, stream);
+  }
 }
 
 }  // namespace cuda

@@ -8,27 +8,38 @@ namespace shadowllm {
 namespace cuda {
 
 struct AttentionLaunch {
-  const void* x;                                    // [B, S, D] dtype
-  const void *w_q, *b_q, *w_k, *b_k, *w_v, *b_v;    // [H*E, D] / [G*E, D], biases may be null
-  const void *w_o_t, *b_o;                          // [H*E, D], [D] or null
-  const void *past_key, *past_value;                // [B, G, P, E]
-  const int64_t* attention_mask;                    // [B, T]
-  const int64_t* position_ids;                      // [B, S]
-  const void *cos, *sin;                            // [M, E/2] or null (no RoPE)
-  const bool* head_mask;                            // [B, H]
-  void *y, *present_key, *present_value;            // [B, S, D], [B, G, T, E] x2
+  const void* x;                                  // [B, S, D] dtype
+  const void *w_q, *b_q, *w_k, *b_k, *w_v, *b_v;  // [H*E, D] / [G*E, D] row-major, biases may be null
+  const void *w_o_t, *b_o;                        // [H*E, D], [D] or null
+  // [B, G, P, E]; or, in place (DESIGN §4), the present buffers themselves: the past is the first
+  // P positions of the cache and nothing is copied.
+  const void *past_key, *past_value;
+  const int64_t* attention_mask;  // [B, P+S]
+  const int64_t* position_ids;    // [B, S] (clamped to the RoPE table)
+  const void *cos, *sin;          // [rope_positions, E/2] or null (no RoPE)
+  const bool* head_mask;          // [B, H]
+  const float *t_x, *t_o;         // device fp32 scalars or null: thresholds on x and on the context
+  void *y, *present_key, *present_value;  // [B, S, D], [B, G, capacity, E] x2 (new rows at P..P+S-1)
   int64_t B, S, D, P, H, G, E;
+  int64_t capacity;        // the caches' length axis, >= P + S (P + S for the ONNX contract)
+  int64_t rope_positions;  // rows of cos / sin
   float scale;
   bool rope;
   bool kv_active;
   DType dtype;
+  bool workspace_clean;  // the workspace is left as the previous launch of this op left it (or zeroed)
 };
 
-size_t AttentionWorkspaceBytes(int64_t B, int64_t S, int64_t T, int64_t H, int64_t G, int64_t E);
+size_t AttentionWorkspaceBytes(int64_t B, int64_t S, int64_t D, int64_t H, int64_t G, int64_t E);
 
-// Kernels on `stream`: compact the head mask; copy the past cache; project q (kept heads) and the
-// new k/v (needed kv heads) one warp per output row; RoPE; one block per (token, kept head) for
-// scores, softmax and context; the output projection over the kept heads' w_o_t rows.
+// Why a launch cannot run (null when it can): shapes the kernels do not cover.
+const char* AttentionUnsupported(const AttentionLaunch& a);
+
+// On `stream`, no host synchronisation: copy the past into the present unless in place; one
+// row-dot kernel for q of kept heads and k/v of needed kv heads (a warp per RoPE pair of rows, k/v
+// written straight into the cache); flash-decoding over the keys (one CTA per token, kv head and
+// key split: each needed group's K/V read once for all its kept heads; the last split combines);
+// the split-K output projection over the kept heads' w_o_t rows.
 cudaError_t LaunchSparseHeadAttention(const AttentionLaunch& a, void* workspace, cudaStream_t stream);
 
 }  // namespace cuda

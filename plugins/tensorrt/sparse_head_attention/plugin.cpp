@@ -57,8 +57,7 @@ bool SparseHeadAttentionPlugin::supportsFormatCombination(int32_t pos, const nvi
 size_t SparseHeadAttentionPlugin::getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t,
                                                    const nvinfer1::DynamicPluginTensorDesc*, int32_t) const noexcept {
   const nvinfer1::Dims& x = inputs[inputs_.Index(kX)].max;
-  const nvinfer1::Dims& mask = inputs[inputs_.Index(kAttentionMask)].max;  // [B, T]
-  return cuda::AttentionWorkspaceBytes(x.d[0], x.d[1], mask.d[1], config_.num_heads, config_.num_kv_heads,
+  return cuda::AttentionWorkspaceBytes(x.d[0], x.d[1], x.d[2], config_.num_heads, config_.num_kv_heads,
                                        config_.head_dim);
 }
 
@@ -91,6 +90,8 @@ int32_t SparseHeadAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* inp
   a.S = x.d[1];
   a.D = x.d[2];
   a.P = input_desc[inputs_.Index(kPastKey)].dims.d[2];
+  a.capacity = a.P + a.S;  // present = past + new (the ONNX contract); the in-place cache is the CUDA backend's
+  a.rope_positions = inputs_.Index(kCos) < 0 ? 0 : input_desc[inputs_.Index(kCos)].dims.d[0];
   a.H = config_.num_heads;
   a.G = config_.num_kv_heads;
   a.E = config_.head_dim;

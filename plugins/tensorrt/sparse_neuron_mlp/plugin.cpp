@@ -38,7 +38,7 @@ bool SparseNeuronMLPPlugin::supportsFormatCombination(int32_t pos, const nvinfer
 size_t SparseNeuronMLPPlugin::getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t,
                                                const nvinfer1::DynamicPluginTensorDesc*, int32_t) const noexcept {
   const nvinfer1::Dims& x = inputs[inputs_.Index(kX)].max;
-  return cuda::MLPWorkspaceBytes(x.d[0], x.d[1], inputs[inputs_.Index(kWIn)].max.d[0]);
+  return cuda::MLPWorkspaceBytes(x.d[0], x.d[1], x.d[2], inputs[inputs_.Index(kWIn)].max.d[0], false);
 }
 
 int32_t SparseNeuronMLPPlugin::enqueue(const nvinfer1::PluginTensorDesc* input_desc, const nvinfer1::PluginTensorDesc*,

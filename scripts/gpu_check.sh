@@ -24,6 +24,6 @@ for stage in models predictor export compiler runtime; do ln -s "$PWD/$stage" "$
 export PYTHONPATH=$SHIM:$PWD
 TESTS="python3 -m pytest --noconftest -p no:cacheprovider -q tests/parity/test_cuda_kernels.py"
 # decode shapes first (quick), then the benchmark, then the random cases (hypothesis)
-timeout 120 $TESTS -k "batches or decode or in_place or refuses" 2>&1 | tee "$OUT/tests-decode.log"
-timeout 300 python3 scripts/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
-timeout "${TEST_TIMEOUT:-240}" $TESTS -x -k "not (batches or decode or in_place or refuses)" 2>&1 | tee "$OUT/tests.log"
+timeout 90 $TESTS -k "batches or decode or in_place or refuses" 2>&1 | tee "$OUT/tests-decode.log"
+timeout 180 python3 scripts/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+timeout "${TEST_TIMEOUT:-150}" $TESTS -x -k "not (batches or decode or in_place or refuses)" 2>&1 | tee "$OUT/tests.log"

@@ -48,12 +48,12 @@ def load_library() -> ctypes.CDLL:
     lib.shadowllm_cuda_last_error.restype = ctypes.c_char_p
     lib.shadowllm_cuda_mlp_workspace_bytes.restype = I64
     lib.shadowllm_cuda_mlp_workspace_bytes.argtypes = [I64, I64, I64, I64, I32]
-    lib.shadowllm_cuda_mlp_launch.argtypes = [P_] * 10 + [I32, P_, I64, I64, I64, I64, I32, I32, P_, I32, P_]
+    lib.shadowllm_cuda_mlp_launch.argtypes = [P_] * 9 + [I32, P_, I64, I64, I64, I64, I32, I32, P_, I32, P_]
     lib.shadowllm_cuda_attention_workspace_bytes.restype = I64
     lib.shadowllm_cuda_attention_workspace_bytes.argtypes = [I64] * 6
     lib.shadowllm_cuda_attention_launch.argtypes = ([P_] * 15 + [I64] + [P_] * 6 + [I64] * 8 + [F32, I32, I32, I32]
                                                     + [P_, I32, P_])
-    lib.shadowllm_cuda_set_tuning.argtypes = [I32, I32, I32]
+    lib.shadowllm_cuda_set_tuning.argtypes = [I32, I32, I32, I32]
     return lib
 
 
@@ -67,9 +67,31 @@ def check(lib, rc: int):
 
 
 class Timer:
-    def __init__(self, reps: int):
+    def __init__(self, reps: int, profile: bool = False):
         self.reps = reps
+        self.profile = profile
         self.flush = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
+
+    def kernels(self, fn) -> dict | None:
+        """Per kernel name, its mean device time in us over the timed launches (torch.profiler, CUPTI),
+        when profiling was asked for."""
+        if not self.profile:
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                self.flush.zero_()
+                fn()
+            torch.cuda.synchronize()
+        out = {}
+        for e in prof.key_averages():
+            total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+            if total and "fill" not in e.key and "elementwise" not in e.key:
+                out[e.key[:90]] = round(total / 10, 2)
+        return out
 
     def median_ms(self, fn) -> float:
         fn()
@@ -151,6 +173,7 @@ def mlp_row(lib, timer, bw, shape, dtype, path, kept, batch, seed=0):
                                                  SILU, code, ptr(workspace), 1, stream))
 
     kernel_ms = timer.median_ms(launch)
+    kernels = timer.kernels(launch) if batch in (1, 8) and kept == 0.5 else None
     error = rel(y.view(batch, D), reference)
     x2 = x.view(batch, D)
     dense_ms = timer.median_ms(lambda: (F.silu(x2 @ w_gate.T) * (x2 @ w_in.T)) @ w_out_t)
@@ -162,7 +185,8 @@ def mlp_row(lib, timer, bw, shape, dtype, path, kept, batch, seed=0):
     bound_ms = read_bytes / bw * 1e3
     return dict(op="SparseNeuronMLP", shape=shape, dtype=dtype, path=path, kept=kept, batch=batch, context=None,
                 kernel_ms=kernel_ms, bound_ms=bound_ms, fraction_of_bound=bound_ms / kernel_ms,
-                cublas_dense_ms=dense_ms, cublas_compact_ms=compact_ms, read_bytes=read_bytes, max_rel_error=error)
+                cublas_dense_ms=dense_ms, cublas_compact_ms=compact_ms, read_bytes=read_bytes, max_rel_error=error,
+                kernels_us=kernels)
 
 
 # ---------------------------------------------------------------- SparseHeadAttention
@@ -210,6 +234,7 @@ def attention_row(lib, timer, bw, shape, dtype, kept, batch, context, seed=0):
             ptr(workspace), 1, stream))
 
     kernel_ms = timer.median_ms(launch)
+    kernels = timer.kernels(launch) if kept == 0.5 and batch == 1 else None
     # fp32 reference of the same step
     xf = x.float().view(batch, D)
     c, sn = cos.float()[P], sin.float()[P]
@@ -239,22 +264,25 @@ def attention_row(lib, timer, bw, shape, dtype, kept, batch, context, seed=0):
     bound_ms = read_bytes / bw * 1e3
     return dict(op="SparseHeadAttention", shape=shape, dtype=dtype, path="mask", kept=kept, batch=batch,
                 context=P, kernel_ms=kernel_ms, bound_ms=bound_ms, fraction_of_bound=bound_ms / kernel_ms,
-                cublas_dense_ms=dense_ms, cublas_compact_ms=None, read_bytes=read_bytes, max_rel_error=error)
+                cublas_dense_ms=dense_ms, cublas_compact_ms=None, read_bytes=read_bytes, max_rel_error=error,
+                kernels_us=kernels)
 
 
 # ---------------------------------------------------------------- sweep, table, report
-KNOBS = {"gather_ctas_per_sm": [2, 4, 8, 16], "rowdot_warps_per_sm": [16, 32, 64], "attend_ctas_per_sm": [1, 2, 4, 8]}
-DEFAULTS = {"gather_ctas_per_sm": 4, "rowdot_warps_per_sm": 64, "attend_ctas_per_sm": 2}
+KNOBS = {"gather_ctas_per_sm": [2, 4, 8], "rowdot_warps_per_sm": [32, 64], "rowdot_rows_per_warp": [1, 2, 4],
+         "attend_ctas_per_sm": [1, 2, 4]}
+DEFAULTS = {"gather_ctas_per_sm": 4, "rowdot_warps_per_sm": 64, "attend_ctas_per_sm": 2, "rowdot_rows_per_warp": 2}
 
 
 def set_tuning(lib, knobs: dict):
     lib.shadowllm_cuda_set_tuning(knobs["gather_ctas_per_sm"], knobs["rowdot_warps_per_sm"],
-                                  knobs["attend_ctas_per_sm"])
+                                  knobs["attend_ctas_per_sm"], knobs["rowdot_rows_per_warp"])
 
 
 def sentinels(lib, timer, bw):
     return (mlp_row(lib, timer, bw, "llama-3-8b", "bf16", "mask", 0.5, 1)["kernel_ms"]
             + mlp_row(lib, timer, bw, "llama-3-8b", "bf16", "mask", 0.25, 1)["kernel_ms"]
+            + mlp_row(lib, timer, bw, "llama-3-8b", "bf16", "mask", 0.5, 8)["kernel_ms"]
             + attention_row(lib, timer, bw, "llama-3-8b", "bf16", 0.5, 1, 4096)["kernel_ms"])
 
 
@@ -311,8 +339,8 @@ def markdown(report: dict) -> str:
                    f"{r['context'] or ''} | {r['kernel_ms']:.4f} | {r['bound_ms']:.4f} | {r['fraction_of_bound']:.2f} | "
                    f"{r['cublas_dense_ms']:.4f} | {r['cublas_dense_ms'] / r['kernel_ms']:.2f} | "
                    f"{compact_cells[0]} | {compact_cells[1]} | {r['max_rel_error']:.1e} |")
-    out += ["", "Sweep (sum of the sentinel rows' medians: MLP llama-3-8b bf16 50% + 25%, attention llama-3-8b "
-            "bf16 50% heads P 4096):", "", "| knob | value | ms |", "|---|---:|---:|"]
+    out += ["", "Sweep (sum of the sentinel rows' medians: MLP llama-3-8b bf16 50% + 25% at batch 1 + 50% at batch 8, "
+            "attention llama-3-8b bf16 50% heads P 4096):", "", "| knob | value | ms |", "|---|---:|---:|"]
     out += [f"| {s['knob']} | {s['value']} | {s['sentinel_ms']:.4f} |" for s in report["sweep"]]
     return "\n".join(out) + "\n"
 
@@ -322,6 +350,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="per-kernel device times (torch.profiler) on some rows")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device visible to torch", file=sys.stderr)
@@ -332,6 +361,7 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     started = time.time()
     best, log = (dict(DEFAULTS), []) if args.no_sweep else sweep(lib, timer, bw)
+    timer.profile = args.profile
     rows = table(lib, timer, bw)
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_tb_s=bw / 1e12, reps=args.reps,
                   command="python3 scripts/gpu_bench.py --out docs/results", tuning=best, sweep=log, rows=rows,

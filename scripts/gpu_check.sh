@@ -22,8 +22,8 @@ mkdir "$SHIM/shadowllm"
 ln -s "$PWD"/shadowllm/*.py "$SHIM/shadowllm/"
 for stage in models predictor export compiler runtime; do ln -s "$PWD/$stage" "$SHIM/shadowllm/$stage"; done
 export PYTHONPATH=$SHIM:$PWD
-TESTS="python3 -m pytest --noconftest -p no:cacheprovider -q tests/parity/test_cuda_kernels.py"
+TESTS="python3 -P -m pytest --noconftest -p no:cacheprovider --import-mode=append -q tests/parity/test_cuda_kernels.py"
 # decode shapes first (quick), then the benchmark, then the random cases (hypothesis)
 timeout 90 $TESTS -k "batches or decode or in_place or refuses" 2>&1 | tee "$OUT/tests-decode.log"
-timeout 180 python3 scripts/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+timeout 180 python3 -P scripts/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
 timeout "${TEST_TIMEOUT:-150}" $TESTS -x -k "not (batches or decode or in_place or refuses)" 2>&1 | tee "$OUT/tests.log"

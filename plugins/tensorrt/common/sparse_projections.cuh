@@ -30,8 +30,9 @@ constexpr int kGatherThreads = 128;
 
 // Op: bool Wanted(row, m0, mt); const T* Row(mat, row); void Emit(row, m0, mt, dots, computed)
 // (Emit is called by every lane with the warp-reduced dots; it writes from lane 0).
-// Grid: (CTAs, token groups); x rows [M, D] (16-byte aligned rows when VEC > 1).
-template <typename T, int MT, int NMAT, int VEC, class Op>
+// Grid: (CTAs, token groups); x rows [M, D] (16-byte aligned rows when VEC > 1). A warp reads RPW
+// consecutive rows at once, so each x vector it loads serves RPW rows (and MT tokens each row).
+template <typename T, int MT, int NMAT, int VEC, int RPW, class Op>
 __global__ void __launch_bounds__(kRowDotThreads) RowDotKernel(Op op, const T* x, const float* t_x, int64_t M,
                                                                int64_t D, int64_t R) {
   const int lane = threadIdx.x % 32;
@@ -40,19 +41,34 @@ __global__ void __launch_bounds__(kRowDotThreads) RowDotKernel(Op op, const T* x
   const int mt = static_cast<int>(M - m0 < MT ? M - m0 : MT);
   const bool thresholded = t_x != nullptr;
   const float tx = thresholded ? *t_x : 0.f;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * (kRowDotThreads / 32) + threadIdx.x / 32; row < R;
-       row += warps) {
-    float dots[NMAT][MT] = {};
-    const bool computed = op.Wanted(row, m0, mt);
-    if (computed) {
-      const T* w[NMAT];
+  for (int64_t row0 = (static_cast<int64_t>(blockIdx.x) * (kRowDotThreads / 32) + threadIdx.x / 32) * RPW; row0 < R;
+       row0 += warps * RPW) {
+    float dots[RPW][NMAT][MT] = {};
+    bool want[RPW];
+    bool any = false;
+    const T* w[RPW][NMAT];
 #pragma unroll
-      for (int k = 0; k < NMAT; ++k) w[k] = op.Row(k, row);
-#pragma unroll 4
+    for (int q = 0; q < RPW; ++q) {
+      want[q] = row0 + q < R && op.Wanted(row0 + q, m0, mt);
+      any |= want[q];
+#pragma unroll
+      for (int k = 0; k < NMAT; ++k) w[q][k] = want[q] ? op.Row(k, row0 + q) : nullptr;
+    }
+    if (any) {
+#pragma unroll 2
       for (int64_t i = static_cast<int64_t>(lane) * VEC; i < D; i += 32 * VEC) {
-        float wv[NMAT][VEC];
+        float wv[RPW][NMAT][VEC];
 #pragma unroll
-        for (int k = 0; k < NMAT; ++k) LoadStream<VEC>(w[k] + i, wv[k]);
+        for (int q = 0; q < RPW; ++q)
+#pragma unroll
+          for (int k = 0; k < NMAT; ++k) {
+            if (want[q]) {
+              LoadStream<VEC>(w[q][k] + i, wv[q][k]);
+            } else {
+#pragma unroll
+              for (int v = 0; v < VEC; ++v) wv[q][k][v] = 0.f;
+            }
+          }
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
           if (m >= mt) break;
@@ -62,16 +78,22 @@ __global__ void __launch_bounds__(kRowDotThreads) RowDotKernel(Op op, const T* x
           for (int v = 0; v < VEC; ++v) {
             if (thresholded && !(fabsf(xv[v]) >= tx)) xv[v] = 0.f;
 #pragma unroll
-            for (int k = 0; k < NMAT; ++k) dots[k][m] += wv[k][v] * xv[v];
+            for (int q = 0; q < RPW; ++q)
+#pragma unroll
+              for (int k = 0; k < NMAT; ++k) dots[q][k][m] += wv[q][k][v] * xv[v];
           }
         }
       }
 #pragma unroll
-      for (int k = 0; k < NMAT; ++k)
+      for (int q = 0; q < RPW; ++q)
 #pragma unroll
-        for (int m = 0; m < MT; ++m) dots[k][m] = WarpSum(dots[k][m]);
+        for (int k = 0; k < NMAT; ++k)
+#pragma unroll
+          for (int m = 0; m < MT; ++m) dots[q][k][m] = WarpSum(dots[q][k][m]);
     }
-    op.Emit(row, m0, mt, dots, computed);
+#pragma unroll
+    for (int q = 0; q < RPW; ++q)
+      if (row0 + q < R) op.Emit(row0 + q, m0, mt, dots[q], want[q]);
   }
 }
 
@@ -117,7 +139,7 @@ __global__ void __launch_bounds__(kGatherThreads) GatherRowsKernel(Op op, int64_
     }
     __syncthreads();
     if (in_range) {
-#pragma unroll 4
+#pragma unroll 8
       for (int k = 0; k < count; ++k) {
         const int64_t offset = static_cast<int64_t>(rows[k]) * C;
         float wv[NMAT][VEC];
@@ -212,15 +234,33 @@ void LaunchOutputProjection(const OutputProjectionOp<T>& op, int64_t M, float* a
   });
 }
 
-// Enough warps to cover the multiprocessors, each with the same whole number of rows (a warp with
-// one row more than the others would set the kernel's time).
-inline dim3 RowDotGrid(int64_t M, int64_t R, int mt) {
-  const int64_t per_cta = kRowDotThreads / 32;
+// Enough warps to cover the multiprocessors, each with the same whole number of row groups (a warp
+// with one group more than the others would set the kernel's time).
+inline dim3 RowDotGrid(int64_t M, int64_t R, int mt, int rpw) {
+  const int64_t per_cta = kRowDotThreads / 32, groups = (R + rpw - 1) / rpw;
   int64_t warps = static_cast<int64_t>(GlobalTuning().rowdot_warps_per_sm) * Multiprocessors();
   warps = warps < 1 ? 1 : warps;
-  const int64_t rows_per_warp = (R + warps - 1) / warps;
-  const int64_t ctas = (R + per_cta * rows_per_warp - 1) / (per_cta * rows_per_warp);
+  const int64_t per_warp = (groups + warps - 1) / warps;
+  const int64_t ctas = (groups + per_cta * per_warp - 1) / (per_cta * per_warp);
   return dim3(static_cast<unsigned>(ctas < 1 ? 1 : ctas), static_cast<unsigned>((M + mt - 1) / mt));
+}
+
+// RowDotKernel with the rows-per-warp knob on the vector path (1 row per warp otherwise).
+template <typename T, int MT, int NMAT, int VEC, class Op>
+void LaunchRowDot(const Op& op, const T* x, const float* t_x, int64_t M, int64_t D, int64_t R, cudaStream_t stream) {
+  const int rpw = VEC == 1 ? 1 : GlobalTuning().rowdot_rows_per_warp >= 4 ? 4
+                                 : GlobalTuning().rowdot_rows_per_warp >= 2 ? 2 : 1;
+  const dim3 grid = RowDotGrid(M, R, MT, rpw);
+  if constexpr (VEC == 1) {
+    RowDotKernel<T, MT, NMAT, VEC, 1><<<grid, kRowDotThreads, 0, stream>>>(op, x, t_x, M, D, R);
+  } else {
+    if (rpw == 4)
+      RowDotKernel<T, MT, NMAT, VEC, 4><<<grid, kRowDotThreads, 0, stream>>>(op, x, t_x, M, D, R);
+    else if (rpw == 2)
+      RowDotKernel<T, MT, NMAT, VEC, 2><<<grid, kRowDotThreads, 0, stream>>>(op, x, t_x, M, D, R);
+    else
+      RowDotKernel<T, MT, NMAT, VEC, 1><<<grid, kRowDotThreads, 0, stream>>>(op, x, t_x, M, D, R);
+  }
 }
 
 // Counters the gather kernels may need for M tokens and C columns (the smallest vector, 1).

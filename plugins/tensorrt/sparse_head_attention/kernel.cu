@@ -13,6 +13,7 @@ constexpr int kLaneElems = 8;                    // head-dim entries each lane h
 constexpr int kMaxHeadDim = 32 * kLaneElems;     // 256
 constexpr int kMaxHeadsPerGroup = 8;
 constexpr int64_t kMaxAttendCTAs = 4096;         // bounds the split partials in the workspace
+constexpr int kMaxSplits = 64;                   // key splits per (token, kv head)
 
 struct Scratch {
   float* out_acc;            // [M, D]   } zero between launches
@@ -283,22 +284,34 @@ __global__ void __launch_bounds__(kAttendThreads) AttendKernel(AttendArgs<T> a) 
     a.sc.part_acc[p * d.E + e] = value;
   }
   if (!LastToArrive(a.sc.attend_counters + m * d.G + g, static_cast<unsigned>(a.splits))) return;
-  for (int64_t t = threadIdx.x; t < hpg * d.E; t += kAttendThreads) {
-    const int64_t hh = t / d.E, e = t % d.E;
-    if (!d.HeadOn(b, g * hpg + hh)) {
-      ctx[t] = 0.f;
-      continue;
-    }
+  // The last split's CTA merges all splits: per head (a warp each) the softmax maximum and each
+  // split's weight, then every context entry as one weighted sum whose loads are all independent.
+  __shared__ float split_weight[HPG][kMaxSplits];
+  for (int64_t hh = warp; hh < hpg; hh += kAttendWarps) {
+    if (!d.HeadOn(b, g * hpg + hh)) continue;
     float top = -INFINITY;
-    for (int64_t sp = 0; sp < a.splits; ++sp) top = fmaxf(top, __ldcg(a.sc.part_max + first + sp * hpg + hh));
-    float total = 0.f, value = 0.f;
-    for (int64_t sp = 0; sp < a.splits; ++sp) {
+    for (int64_t sp = lane; sp < a.splits; sp += 32) top = fmaxf(top, __ldcg(a.sc.part_max + first + sp * hpg + hh));
+    top = WarpMax(top);
+    float total = 0.f;
+    for (int64_t sp = lane; sp < a.splits; sp += 32) {
       const int64_t p = first + sp * hpg + hh;
       const float c = Rescale(__ldcg(a.sc.part_max + p), top);
+      split_weight[hh][sp] = c;
       total += __ldcg(a.sc.part_sum + p) * c;
-      value += __ldcg(a.sc.part_acc + p * d.E + e) * c;
     }
-    ctx[t] = value / total;
+    total = WarpSum(total);
+    for (int64_t sp = lane; sp < a.splits; sp += 32) split_weight[hh][sp] /= total;
+  }
+  __syncthreads();
+  for (int64_t t = threadIdx.x; t < hpg * d.E; t += kAttendThreads) {
+    const int64_t hh = t / d.E, e = t % d.E;
+    float value = 0.f;
+    if (d.HeadOn(b, g * hpg + hh)) {
+      const float* part = a.sc.part_acc + (first + hh) * d.E + e;
+#pragma unroll 8
+      for (int64_t sp = 0; sp < a.splits; ++sp) value += __ldcg(part + sp * hpg * d.E) * split_weight[hh][sp];
+    }
+    ctx[t] = value;
   }
 }
 
@@ -317,6 +330,7 @@ int64_t AttendSplits(int64_t M, int64_t G, int64_t T_, int keys_per_step) {
   int64_t splits = (target + units - 1) / units;
   const int64_t most_keys = (T_ + 2 * keys_per_step - 1) / (2 * keys_per_step);  // >= 2 steps per split
   const int64_t most_space = kMaxAttendCTAs / units;
+  splits = splits > kMaxSplits ? kMaxSplits : splits;
   splits = splits > most_keys ? most_keys : splits;
   splits = splits > most_space ? most_space : splits;
   return splits < 1 ? 1 : splits;
@@ -356,8 +370,7 @@ cudaError_t Launch(const AttentionLaunch& a, void* workspace, cudaStream_t strea
                      Aligned16<T>(a.w_v, a.D);
     WithVector<T>(vec, [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
-      RowDotKernel<T, MT, 2, VEC><<<RowDotGrid(M, units, MT), kRowDotThreads, 0, stream>>>(
-          project, static_cast<const T*>(a.x), a.t_x, M, a.D, units);
+      LaunchRowDot<T, MT, 2, VEC>(project, static_cast<const T*>(a.x), a.t_x, M, a.D, units, stream);
     });
   });
   const bool vec = AttendVector<T>(a);

@@ -137,8 +137,7 @@ cudaError_t Launch(const MLPLaunch& a, void* workspace, cudaStream_t stream) {
         WithVector<T>(vec, [&](auto vec_c) {
           constexpr int VEC = decltype(vec_c)::value;
           const RowInputOp<T> op{hidden, w_in, w_gate, a.D};
-          RowDotKernel<T, MT, NMAT, VEC><<<RowDotGrid(M, a.F, MT), kRowDotThreads, 0, stream>>>(op, x, a.t_x, M, a.D,
-                                                                                              a.F);
+          LaunchRowDot<T, MT, NMAT, VEC>(op, x, a.t_x, M, a.D, a.F, stream);
         });
       }
     });

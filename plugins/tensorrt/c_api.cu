@@ -109,12 +109,14 @@ SHADOWLLM_EXPORT const char* shadowllm_cuda_last_error() { return g_error.c_str(
 
 // Launch-shape knobs (a value <= 0 leaves that knob as it is).
 SHADOWLLM_EXPORT void shadowllm_cuda_set_tuning(int32_t gather_ctas_per_sm, int32_t rowdot_warps_per_sm,
-                                                int32_t attend_ctas_per_sm, int32_t rowdot_rows_per_warp) {
+                                                int32_t attend_ctas_per_sm, int32_t rowdot_rows_per_warp,
+                                                int32_t attend_min_keys) {
   Tuning& t = GlobalTuning();
   if (gather_ctas_per_sm > 0) t.gather_ctas_per_sm = gather_ctas_per_sm;
   if (rowdot_warps_per_sm > 0) t.rowdot_warps_per_sm = rowdot_warps_per_sm;
   if (attend_ctas_per_sm > 0) t.attend_ctas_per_sm = attend_ctas_per_sm;
   if (rowdot_rows_per_warp > 0) t.rowdot_rows_per_warp = rowdot_rows_per_warp;
+  if (attend_min_keys > 0) t.attend_min_keys = attend_min_keys;
 }
 
 // ---------------------------------------------------------------- SparseNeuronMLP

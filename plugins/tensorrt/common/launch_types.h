@@ -20,7 +20,8 @@ struct Tuning {
   int gather_ctas_per_sm = 4;   // split-K CTAs of the kept-row projections, per multiprocessor
   int rowdot_warps_per_sm = 64; // warps of the row-dot projections, per multiprocessor
   int attend_ctas_per_sm = 2;   // flash-decoding CTAs per multiprocessor
-  int rowdot_rows_per_warp = 2; // rows a warp reads at once (1, 2 or 4): x is loaded once for all
+  int rowdot_rows_per_warp = 1; // rows a warp reads at once (1, 2 or 4): x is loaded once for all
+  int attend_min_keys = 128;    // keys per flash-decoding split at least (fewer splits to merge)
 };
 Tuning& GlobalTuning();
 

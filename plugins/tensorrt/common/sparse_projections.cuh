@@ -27,6 +27,13 @@ inline bool Aligned16(const void* p, int64_t n) {
 
 constexpr int kRowDotThreads = 256;
 constexpr int kGatherThreads = 128;
+// Loads in flight per thread: deep for one token (decode is latency bound: a warp's row, or a
+// thread's column slice, should take one or two memory round trips), shallower where each load
+// already feeds many tokens and the registers hold their sums.
+template <int MT, int RPW>
+constexpr int kRowDotUnroll = MT * RPW == 1 ? 8 : MT * RPW == 2 ? 4 : 2;
+template <int MT>
+constexpr int kGatherUnroll = MT == 1 ? 16 : MT == 2 ? 8 : 4;
 
 // Op: bool Wanted(row, m0, mt); const T* Row(mat, row); void Emit(row, m0, mt, dots, computed)
 // (Emit is called by every lane with the warp-reduced dots; it writes from lane 0).
@@ -55,7 +62,7 @@ __global__ void __launch_bounds__(kRowDotThreads) RowDotKernel(Op op, const T* x
       for (int k = 0; k < NMAT; ++k) w[q][k] = want[q] ? op.Row(k, row0 + q) : nullptr;
     }
     if (any) {
-#pragma unroll 2
+#pragma unroll(kRowDotUnroll<MT, RPW>)
       for (int64_t i = static_cast<int64_t>(lane) * VEC; i < D; i += 32 * VEC) {
         float wv[RPW][NMAT][VEC];
 #pragma unroll
@@ -139,7 +146,7 @@ __global__ void __launch_bounds__(kGatherThreads) GatherRowsKernel(Op op, int64_
     }
     __syncthreads();
     if (in_range) {
-#pragma unroll 8
+#pragma unroll(kGatherUnroll<MT>)
       for (int k = 0; k < count; ++k) {
         const int64_t offset = static_cast<int64_t>(rows[k]) * C;
         float wv[NMAT][VEC];

@@ -14,6 +14,7 @@ constexpr int kMaxHeadDim = 32 * kLaneElems;     // 256
 constexpr int kMaxHeadsPerGroup = 8;
 constexpr int64_t kMaxAttendCTAs = 4096;         // bounds the split partials in the workspace
 constexpr int kMaxSplits = 64;                   // key splits per (token, kv head)
+constexpr int kKeysAhead = 4;                    // keys a lane group loads before using the first
 
 struct Scratch {
   float* out_acc;            // [M, D]   } zero between launches
@@ -208,39 +209,49 @@ __global__ void __launch_bounds__(kAttendThreads) AttendKernel(AttendArgs<T> a) 
   const T* keys = a.keys + d.CacheRow(b, g, 0);
   const T* values = a.values + d.CacheRow(b, g, 0);
   const int64_t* visible_mask = a.attention_mask + b * T_;
-  for (int64_t jb = j0 + static_cast<int64_t>(warp) * kpw; jb < j1; jb += static_cast<int64_t>(kAttendWarps) * kpw) {
-    const int64_t j = jb + sub;
-    const bool valid = j < j1;
-    float kr[kLaneElems], vr[kLaneElems];
+  // Each warp step reads kKeysAhead keys per lane group (all their K and V loads issued before the
+  // first is used: the loop is latency bound otherwise), then folds them in one by one.
+  const int64_t step = static_cast<int64_t>(kpw) * kKeysAhead;
+  for (int64_t jb = j0 + warp * step; jb < j1; jb += kAttendWarps * step) {
+    float kr[kKeysAhead][kLaneElems], vr[kKeysAhead][kLaneElems];
 #pragma unroll
-    for (int i = 0; i < NI; ++i) {
-      const int64_t e0 = entry(i, 0);
-      float kv[VEC], vv[VEC];
-      if (valid && e0 < d.E) {
-        LoadStream<VEC>(keys + j * d.E + e0, kv);
-        LoadStream<VEC>(values + j * d.E + e0, vv);
-      } else {
+    for (int u = 0; u < kKeysAhead; ++u) {
+      const int64_t j = jb + u * kpw + sub;
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) kv[v] = vv[v] = 0.f;
+      for (int i = 0; i < NI; ++i) {
+        const int64_t e0 = entry(i, 0);
+        float kv[VEC], vv[VEC];
+        if (j < j1 && e0 < d.E) {
+          LoadStream<VEC>(keys + j * d.E + e0, kv);
+          LoadStream<VEC>(values + j * d.E + e0, vv);
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) kv[v] = vv[v] = 0.f;
+        }
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) kr[u][i * VEC + v] = kv[v], vr[u][i * VEC + v] = vv[v];
       }
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) kr[i * VEC + v] = kv[v], vr[i * VEC + v] = vv[v];
     }
-    const bool visible = valid && j <= d.P + s && visible_mask[j] != 0;
 #pragma unroll
-    for (int hh = 0; hh < HPG; ++hh) {
-      if (!kept[hh]) continue;  // the same for the whole warp
-      float dot = 0.f;
+    for (int u = 0; u < kKeysAhead; ++u) {
+      const int64_t j = jb + u * kpw + sub;
+      const bool valid = j < j1;
+      const bool visible = valid && j <= d.P + s && visible_mask[j] != 0;
 #pragma unroll
-      for (int k = 0; k < kLaneElems; ++k) dot += q[hh][k] * kr[k];
-      dot = GroupSum(dot, lpk);
-      if (!valid) continue;
-      const float score = visible ? dot : -FLT_MAX;
-      const float top = fmaxf(mx[hh], score), corr = Rescale(mx[hh], top), p = expf(score - top);
-      sum[hh] = sum[hh] * corr + p;
+      for (int hh = 0; hh < HPG; ++hh) {
+        if (!kept[hh]) continue;  // the same for the whole warp
+        float dot = 0.f;
 #pragma unroll
-      for (int k = 0; k < kLaneElems; ++k) acc[hh][k] = acc[hh][k] * corr + p * vr[k];
-      mx[hh] = top;
+        for (int k = 0; k < kLaneElems; ++k) dot += q[hh][k] * kr[u][k];
+        dot = GroupSum(dot, lpk);
+        if (!valid) continue;
+        const float score = visible ? dot : -FLT_MAX;
+        const float top = fmaxf(mx[hh], score), corr = Rescale(mx[hh], top), p = expf(score - top);
+        sum[hh] = sum[hh] * corr + p;
+#pragma unroll
+        for (int k = 0; k < kLaneElems; ++k) acc[hh][k] = acc[hh][k] * corr + p * vr[u][k];
+        mx[hh] = top;
+      }
     }
   }
   // Merge the key sub-groups of the warp (lanes that hold the same entries differ in the bits >= lpk).
@@ -328,7 +339,8 @@ int64_t AttendSplits(int64_t M, int64_t G, int64_t T_, int keys_per_step) {
   const int64_t units = M * G;
   const int64_t target = static_cast<int64_t>(GlobalTuning().attend_ctas_per_sm) * Multiprocessors();
   int64_t splits = (target + units - 1) / units;
-  const int64_t most_keys = (T_ + 2 * keys_per_step - 1) / (2 * keys_per_step);  // >= 2 steps per split
+  const int64_t min_keys = GlobalTuning().attend_min_keys > keys_per_step ? GlobalTuning().attend_min_keys : keys_per_step;
+  const int64_t most_keys = (T_ + min_keys - 1) / min_keys;
   const int64_t most_space = kMaxAttendCTAs / units;
   splits = splits > kMaxSplits ? kMaxSplits : splits;
   splits = splits > most_keys ? most_keys : splits;
@@ -375,7 +387,7 @@ cudaError_t Launch(const AttentionLaunch& a, void* workspace, cudaStream_t strea
   });
   const bool vec = AttendVector<T>(a);
   const int lanes_per_key = vec ? static_cast<int>(a.E / kLaneElems) : 32;
-  const int64_t splits = AttendSplits(M, a.G, T_, kAttendWarps * (32 / lanes_per_key));
+  const int64_t splits = AttendSplits(M, a.G, T_, kAttendWarps * (32 / lanes_per_key) * kKeysAhead);
   const AttendArgs<T> args{dims, present_key, present_value, a.attention_mask, sc.q, a.scale, sc, splits, lanes_per_key};
   const int64_t per_group = a.H / a.G;
   const unsigned grid = static_cast<unsigned>(M * a.G * splits);

@@ -214,9 +214,11 @@ __global__ void __launch_bounds__(kAttendThreads) AttendKernel(AttendArgs<T> a) 
   const int64_t step = static_cast<int64_t>(kpw) * kKeysAhead;
   for (int64_t jb = j0 + warp * step; jb < j1; jb += kAttendWarps * step) {
     float kr[kKeysAhead][kLaneElems], vr[kKeysAhead][kLaneElems];
+    bool visible[kKeysAhead];
 #pragma unroll
     for (int u = 0; u < kKeysAhead; ++u) {
       const int64_t j = jb + u * kpw + sub;
+      visible[u] = j < j1 && j <= d.P + s && visible_mask[j] != 0;
 #pragma unroll
       for (int i = 0; i < NI; ++i) {
         const int64_t e0 = entry(i, 0);
@@ -234,9 +236,7 @@ __global__ void __launch_bounds__(kAttendThreads) AttendKernel(AttendArgs<T> a) 
     }
 #pragma unroll
     for (int u = 0; u < kKeysAhead; ++u) {
-      const int64_t j = jb + u * kpw + sub;
-      const bool valid = j < j1;
-      const bool visible = valid && j <= d.P + s && visible_mask[j] != 0;
+      const bool valid = jb + u * kpw + sub < j1;
 #pragma unroll
       for (int hh = 0; hh < HPG; ++hh) {
         if (!kept[hh]) continue;  // the same for the whole warp
@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(kAttendThreads) AttendKernel(AttendArgs<T> a) 
         for (int k = 0; k < kLaneElems; ++k) dot += q[hh][k] * kr[u][k];
         dot = GroupSum(dot, lpk);
         if (!valid) continue;
-        const float score = visible ? dot : -FLT_MAX;
+        const float score = visible[u] ? dot : -FLT_MAX;
         const float top = fmaxf(mx[hh], score), corr = Rescale(mx[hh], top), p = expf(score - top);
         sum[hh] = sum[hh] * corr + p;
 #pragma unroll
@@ -319,7 +319,7 @@ __global__ void __launch_bounds__(kAttendThreads) AttendKernel(AttendArgs<T> a) 
     float value = 0.f;
     if (d.HeadOn(b, g * hpg + hh)) {
       const float* part = a.sc.part_acc + (first + hh) * d.E + e;
-#pragma unroll 8
+#pragma unroll 16
       for (int64_t sp = 0; sp < a.splits; ++sp) value += __ldcg(part + sp * hpg * d.E) * split_weight[hh][sp];
     }
     ctx[t] = value;

@@ -359,6 +359,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-kernel device times (torch.profiler) on some rows")
+    ap.add_argument("--single", action="store_true",
+                    help="only two rows (llama-3-8b bf16 batch 1: MLP 50%%, attention 50%% heads P 4096), for ncu")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device visible to torch", file=sys.stderr)
@@ -368,6 +370,11 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(timer)
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     started = time.time()
+    if args.single:
+        for row in (mlp_row(lib, timer, bw, "llama-3-8b", "bf16", "mask", 0.5, 1),
+                    attention_row(lib, timer, bw, "llama-3-8b", "bf16", 0.5, 1, 4096)):
+            print(json.dumps(row))
+        return 0
     best, log = (dict(DEFAULTS), []) if args.no_sweep else sweep(lib, timer, bw)
     timer.profile = args.profile
     rows = table(lib, timer, bw)

@@ -53,8 +53,8 @@ def load_library() -> ctypes.CDLL:
     lib.shadowllm_cuda_attention_workspace_bytes.restype = I64
     lib.shadowllm_cuda_attention_workspace_bytes.argtypes = [I64] * 6
     lib.shadowllm_cuda_attention_launch.argtypes = ([P_] * 15 + [I64] + [P_] * 6 + [I64] * 8 + [F32, I32, I32, I32]
-                                                    + [P_, I32, P_])
-    lib.shadowllm_cuda_set_tuning.argtypes = [I32] * 5
+                                                    + [P_, I32, P_, P_, I64])
+    lib.shadowllm_cuda_set_tuning.argtypes = [I32] * 4
     return lib
 
 
@@ -235,7 +235,7 @@ def attention_row(lib, timer, bw, shape, dtype, kept, batch, context, seed=0):
             ptr(x), ptr(w_q), None, ptr(w_k), None, ptr(w_v), None, ptr(w_o_t), None, ptr(k_cache), ptr(v_cache),
             ptr(attention_mask), ptr(position_ids), ptr(cos), ptr(sin), capacity, ptr(head_mask), None, None,
             ptr(y), ptr(k_cache), ptr(v_cache), batch, 1, D, P, H, G, E, capacity, E ** -0.5, 1, 1, code,
-            ptr(workspace), 1, stream))
+            ptr(workspace), 1, stream, None, 0))
 
     kernel_ms = timer.median_ms(launch)
     kernels = timer.kernels(launch) if kept == 0.5 and batch == 1 else None
@@ -273,15 +273,14 @@ def attention_row(lib, timer, bw, shape, dtype, kept, batch, context, seed=0):
 
 
 # ---------------------------------------------------------------- sweep, table, report
-KNOBS = {"gather_ctas_per_sm": [2, 4, 8], "rowdot_warps_per_sm": [32, 64], "rowdot_rows_per_warp": [1, 2],
-         "attend_ctas_per_sm": [1, 2, 4], "attend_min_keys": [64, 128, 256, 512]}
-DEFAULTS = {"gather_ctas_per_sm": 4, "rowdot_warps_per_sm": 64, "attend_ctas_per_sm": 2, "rowdot_rows_per_warp": 1,
-            "attend_min_keys": 128}
+KNOBS = {"gather_ctas_per_sm": [4, 8, 16], "rowdot_warps_per_sm": [32, 64], "attend_ctas_per_sm": [2, 4, 8],
+         "attend_min_keys": [128, 256, 512]}
+DEFAULTS = {"gather_ctas_per_sm": 8, "rowdot_warps_per_sm": 64, "attend_ctas_per_sm": 2, "attend_min_keys": 128}
 
 
 def set_tuning(lib, knobs: dict):
     lib.shadowllm_cuda_set_tuning(knobs["gather_ctas_per_sm"], knobs["rowdot_warps_per_sm"],
-                                  knobs["attend_ctas_per_sm"], knobs["rowdot_rows_per_warp"], knobs["attend_min_keys"])
+                                  knobs["attend_ctas_per_sm"], knobs["attend_min_keys"])
 
 
 def sentinels(lib, timer, bw) -> list[float]:

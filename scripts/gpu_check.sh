@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The device check for a lent GPU (no TensorRT there): the GPU kernel benchmark (with its knob sweep
-# and a correctness column), then the CUDA kernel parity tests. Run from the repository root on the
-# GPU machine with the library built here (build/ carried: CUDA 13.0, sm_80 + sm_90); if it does
-# not load there it is rebuilt from the carried headers. Writes into $OUT (default /tmp/gpu-check):
-# gpu-kernels.json / .md, bench.log, tests.log.
+# The device check for a lent GPU (no TensorRT there): the CUDA kernel and CUDA backend tests, the
+# kernel benchmark (with its knob sweep and a correctness column) and the decode benchmark. Run from
+# the repository root on the GPU machine with the library built here (build/ carried: CUDA 13.0,
+# sm_80 + sm_90); if it does not load there it is rebuilt from the carried headers. Writes into
+# $OUT (default /tmp/gpu-check): gpu-kernels.*, bench-gpu.*, and a log per step.
+#   bash scripts/gpu_check.sh [gpu_bench.py flags]
 set -u
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
@@ -15,15 +16,17 @@ if ! python3 -c "import ctypes, sys; sys.exit(ctypes.CDLL('$LIB').shadowllm_cuda
     >>"$OUT/build.log" 2>&1 && cmake --build build-gpu -j16 >>"$OUT/build.log" 2>&1
   LIB=$PWD/build-gpu/libshadowllm_trt_plugins.so
 fi
-export SHADOWLLM_TRT_PLUGINS=$LIB PYTHONUNBUFFERED=1
+export SHADOWLLM_TRT_PLUGINS=$LIB PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # The package from the source tree without installing it (its folders map to shadowllm.<stage>).
 SHIM=$(mktemp -d)
 mkdir "$SHIM/shadowllm"
 ln -s "$PWD"/shadowllm/*.py "$SHIM/shadowllm/"
 for stage in models predictor export compiler runtime; do ln -s "$PWD/$stage" "$SHIM/shadowllm/$stage"; done
 export PYTHONPATH=$SHIM:$PWD
-TESTS="python3 -P -m pytest --noconftest -p no:cacheprovider --import-mode=append -q tests/parity/test_cuda_kernels.py"
-# decode shapes first (quick), then the benchmark, then the random cases (hypothesis)
-timeout 90 $TESTS -k "batches or decode or in_place or refuses" 2>&1 | tee "$OUT/tests-decode.log"
-timeout 180 python3 -P scripts/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
-timeout "${TEST_TIMEOUT:-150}" $TESTS -x -k "not (batches or decode or in_place or refuses)" 2>&1 | tee "$OUT/tests.log"
+PYTEST="python3 -P -m pytest --noconftest -p no:cacheprovider --import-mode=append -q"
+KERNELS=tests/parity/test_cuda_kernels.py
+timeout 90 $PYTEST $KERNELS -k "batches or decode or in_place or refuses" 2>&1 | tee "$OUT/tests-decode.log"
+timeout 120 $PYTEST tests/runtime/test_cuda_backend.py 2>&1 | tee "$OUT/tests-backend.log"
+[ -n "${SKIP_KERNEL_BENCH:-}" ] || timeout 150 python3 -P scripts/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+[ -n "${SKIP_DECODE_BENCH:-}" ] || timeout 150 python3 -P scripts/gpu_decode_bench.py --out "$OUT" 2>&1 | tee "$OUT/decode.log"
+timeout "${TEST_TIMEOUT:-120}" $PYTEST -x $KERNELS -k "not (batches or decode or in_place or refuses)" 2>&1 | tee "$OUT/tests.log"

@@ -75,6 +75,14 @@ def _torch_backend(args):
     from shadowllm.predictor.fixed_masks import describe
     from shadowllm.runtime import TorchBackend
 
+    if args.backend == "cuda":
+        from shadowllm.models import ShadowError
+        from shadowllm.runtime.cuda_kernels import require_cuda
+
+        require_cuda()  # before loading anything
+        if args.predictor:
+            raise ShadowError("--backend cuda runs dense, fixed masks (--masks) and thresholds; predictor policies "
+                              "(--predictor) run on --backend torch or an export")
     model, tokenizer = load(args.model)
     if args.predictor:
         from shadowllm.predictor.predictors import load_predictor
@@ -90,8 +98,20 @@ def _torch_backend(args):
         if heads is not None or neurons is not None:
             print(f"[shadowllm] {args.masks} masks: heads {describe(heads)}, neurons {describe(neurons)}",
                   file=sys.stderr)
-        backend = TorchBackend(model, heads, neurons)
+        if args.backend == "cuda":
+            from shadowllm.runtime.cuda_backend import CudaBackend
+
+            backend = CudaBackend(model, heads, neurons, dtype=args.dtype)
+            print(f"[shadowllm] CUDA kernels on {torch_device_name()}, {args.dtype}", file=sys.stderr)
+        else:
+            backend = TorchBackend(model, heads, neurons)
     return tokenizer, backend
+
+
+def torch_device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
 
 
 def _run_generation(args, tokenizer, backend, sampling):
@@ -363,8 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "sparse PyTorch reference")
     p.add_argument("model", nargs="?", default=None,
                    help="an export folder (onnxruntime), a model name (default smollm2-135m) or a HF folder (torch)")
-    p.add_argument("--backend", choices=["torch", "ort", "tensorrt"], default=None,
-                   help="default: ort for export folders (tensorrt: the engine of `build --target tensorrt`)")
+    p.add_argument("--backend", choices=["torch", "ort", "tensorrt", "cuda"], default=None,
+                   help="default: ort for export folders (tensorrt: the engine of `build --target tensorrt`); "
+                        "cuda: a model on the GPU through the plugins' CUDA kernels (no TensorRT)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weights on --backend cuda")
     p.add_argument("--sparsity", type=fraction, default=0.0, help="runtime sparsity of an export folder")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")

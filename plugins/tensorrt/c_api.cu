@@ -109,13 +109,11 @@ SHADOWLLM_EXPORT const char* shadowllm_cuda_last_error() { return g_error.c_str(
 
 // Launch-shape knobs (a value <= 0 leaves that knob as it is).
 SHADOWLLM_EXPORT void shadowllm_cuda_set_tuning(int32_t gather_ctas_per_sm, int32_t rowdot_warps_per_sm,
-                                                int32_t attend_ctas_per_sm, int32_t rowdot_rows_per_warp,
-                                                int32_t attend_min_keys) {
+                                                int32_t attend_ctas_per_sm, int32_t attend_min_keys) {
   Tuning& t = GlobalTuning();
   if (gather_ctas_per_sm > 0) t.gather_ctas_per_sm = gather_ctas_per_sm;
   if (rowdot_warps_per_sm > 0) t.rowdot_warps_per_sm = rowdot_warps_per_sm;
   if (attend_ctas_per_sm > 0) t.attend_ctas_per_sm = attend_ctas_per_sm;
-  if (rowdot_rows_per_warp > 0) t.rowdot_rows_per_warp = rowdot_rows_per_warp;
   if (attend_min_keys > 0) t.attend_min_keys = attend_min_keys;
 }
 
@@ -173,14 +171,17 @@ SHADOWLLM_EXPORT int64_t shadowllm_cuda_attention_workspace_bytes(int64_t B, int
 
 // Device pointers. In place: past_key == present_key and past_value == present_value, caches of
 // `capacity` positions holding the past in their first P. Otherwise present is [B, G, capacity, E]
-// and the past [B, G, P, E] is copied into it.
+// and the past [B, G, P, E] is copied into it. past_length (device int64 scalar, in place only) and
+// mask_stride (attention_mask [B, mask_stride]) let one captured CUDA graph serve every decode step;
+// null and 0 otherwise.
 SHADOWLLM_EXPORT int32_t shadowllm_cuda_attention_launch(
     const void* x, const void* w_q, const void* b_q, const void* w_k, const void* b_k, const void* w_v, const void* b_v,
     const void* w_o_t, const void* b_o, const void* past_key, const void* past_value, const int64_t* attention_mask,
     const int64_t* position_ids, const void* cos, const void* sin, int64_t rope_positions, const bool* head_mask,
     const float* t_x, const float* t_o, void* y, void* present_key, void* present_value, int64_t B, int64_t S,
     int64_t D, int64_t P, int64_t H, int64_t G, int64_t E, int64_t capacity, float scale, int32_t rope,
-    int32_t kv_active, int32_t dtype, void* workspace, int32_t workspace_clean, void* stream) {
+    int32_t kv_active, int32_t dtype, void* workspace, int32_t workspace_clean, void* stream,
+    const int64_t* past_length, int64_t mask_stride) {
   AttentionLaunch a{};
   a.x = x, a.w_q = w_q, a.b_q = b_q, a.w_k = w_k, a.b_k = b_k, a.w_v = w_v, a.b_v = b_v;
   a.w_o_t = w_o_t, a.b_o = b_o, a.past_key = past_key, a.past_value = past_value;
@@ -192,6 +193,7 @@ SHADOWLLM_EXPORT int32_t shadowllm_cuda_attention_launch(
   a.scale = scale, a.rope = rope != 0, a.kv_active = kv_active != 0;
   a.dtype = static_cast<DType>(dtype);
   a.workspace_clean = workspace_clean != 0;
+  a.past_length = past_length, a.mask_stride = mask_stride;
   if (const char* why = AttentionUnsupported(a)) {
     g_error = std::string("SparseHeadAttention launch: ") + why;
     return 1;
@@ -240,7 +242,7 @@ SHADOWLLM_EXPORT int32_t shadowllm_cuda_sparse_head_attention(
     const int32_t rc = shadowllm_cuda_attention_launch(
         d_x, d_wq, d_bq, d_wk, d_bk, d_wv, d_bv, d_wo, d_bo, d_past_key, d_past_value, d_mask, d_pos, d_cos, d_sin,
         rope_positions, d_heads, d_tx, d_to, d_y, d_present_key, d_present_value, B, S, D, P, H, G, E, cap, scale,
-        rope, kv_active, dtype, workspace, clean, nullptr);
+        rope, kv_active, dtype, workspace, clean, nullptr, nullptr, 0);
     if (rc != 0) refused = g_error;
     return rc == 0 ? cudaSuccess : cudaErrorInvalidValue;
   };

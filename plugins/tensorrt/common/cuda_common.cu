@@ -1,5 +1,10 @@
 #include "cuda_common.cuh"
 
+#include <mutex>
+#include <unordered_map>
+
+#include "sparse_projections.cuh"
+
 namespace shadowllm {
 namespace cuda {
 
@@ -18,6 +23,18 @@ int Multiprocessors() {
     counts[device] = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && n > 0 ? n : 132;
   }
   return counts[device];
+}
+
+int ResidentBlocks(const void* kernel, int threads) {
+  static std::mutex lock;
+  static std::unordered_map<const void*, int> cache;
+  std::lock_guard<std::mutex> hold(lock);
+  auto found = cache.find(kernel);
+  if (found != cache.end()) return found->second;
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess || n < 1) n = 1;
+  cache.emplace(kernel, n);
+  return n;
 }
 
 }  // namespace cuda

@@ -220,9 +220,16 @@ struct GatherShape {
   int64_t tiles;  // column tiles x token groups: the counters needed
 };
 
-inline GatherShape GatherGrid(int64_t M, int64_t R, int64_t C, int vec, int mt) {
+// CTAs of `kernel` (with `threads` threads) one multiprocessor holds at once, cached per kernel.
+int ResidentBlocks(const void* kernel, int threads);
+
+// One wave: at most as many CTAs as the multiprocessors hold at once (a second, partial wave
+// would run at a fraction of the bandwidth), capped by the knob.
+inline GatherShape GatherGrid(const void* kernel, int64_t M, int64_t R, int64_t C, int vec, int mt) {
   const int64_t tiles = (C + kGatherThreads * vec - 1) / (kGatherThreads * vec), groups = (M + mt - 1) / mt;
-  const int64_t target = static_cast<int64_t>(GlobalTuning().gather_ctas_per_sm) * Multiprocessors();
+  int64_t per_sm = ResidentBlocks(kernel, kGatherThreads);
+  per_sm = GlobalTuning().gather_ctas_per_sm < per_sm ? GlobalTuning().gather_ctas_per_sm : per_sm;
+  const int64_t target = per_sm * Multiprocessors();
   int64_t splits = target / (tiles * groups);
   const int64_t most = (R + 31) / 32;  // a split gets at least ~32 candidate rows
   splits = splits < 1 ? 1 : splits > most ? most : splits;
@@ -236,38 +243,31 @@ void LaunchOutputProjection(const OutputProjectionOp<T>& op, int64_t M, float* a
                             cudaStream_t stream) {
   WithVector<T>(Aligned16<T>(op.w_t, op.C), [&](auto vec_c) {
     constexpr int VEC = decltype(vec_c)::value;
-    const GatherShape shape = GatherGrid(M, op.R, op.C, VEC, MT);
-    GatherRowsKernel<T, MT, 1, VEC><<<shape.grid, kGatherThreads, 0, stream>>>(op, M, op.R, op.C, acc, counters);
+    auto kernel = GatherRowsKernel<T, MT, 1, VEC, OutputProjectionOp<T>>;
+    const GatherShape shape = GatherGrid(reinterpret_cast<const void*>(kernel), M, op.R, op.C, VEC, MT);
+    kernel<<<shape.grid, kGatherThreads, 0, stream>>>(op, M, op.R, op.C, acc, counters);
   });
 }
 
 // Enough warps to cover the multiprocessors, each with the same whole number of row groups (a warp
 // with one group more than the others would set the kernel's time).
-inline dim3 RowDotGrid(int64_t M, int64_t R, int mt, int rpw) {
+inline dim3 RowDotGrid(const void* kernel, int64_t M, int64_t R, int mt, int rpw) {
   const int64_t per_cta = kRowDotThreads / 32, groups = (R + rpw - 1) / rpw;
-  int64_t warps = static_cast<int64_t>(GlobalTuning().rowdot_warps_per_sm) * Multiprocessors();
-  warps = warps < 1 ? 1 : warps;
+  int64_t per_sm = static_cast<int64_t>(ResidentBlocks(kernel, kRowDotThreads)) * per_cta;
+  per_sm = GlobalTuning().rowdot_warps_per_sm < per_sm ? GlobalTuning().rowdot_warps_per_sm : per_sm;
+  const int64_t warps = per_sm < 1 ? 1 : per_sm * Multiprocessors();
   const int64_t per_warp = (groups + warps - 1) / warps;
   const int64_t ctas = (groups + per_cta * per_warp - 1) / (per_cta * per_warp);
   return dim3(static_cast<unsigned>(ctas < 1 ? 1 : ctas), static_cast<unsigned>((M + mt - 1) / mt));
 }
 
-// RowDotKernel with the rows-per-warp knob on the vector path (1 row per warp otherwise).
+// RowDotKernel, one row per warp at a time: on an H200 two or four rows per warp (RPW, each x load
+// serving more rows) measured slower at batch 1 and 8 alike (register pressure), so RPW stays 1.
 template <typename T, int MT, int NMAT, int VEC, class Op>
 void LaunchRowDot(const Op& op, const T* x, const float* t_x, int64_t M, int64_t D, int64_t R, cudaStream_t stream) {
-  const int rpw = VEC == 1 ? 1 : GlobalTuning().rowdot_rows_per_warp >= 4 ? 4
-                                 : GlobalTuning().rowdot_rows_per_warp >= 2 ? 2 : 1;
-  const dim3 grid = RowDotGrid(M, R, MT, rpw);
-  if constexpr (VEC == 1) {
-    RowDotKernel<T, MT, NMAT, VEC, 1><<<grid, kRowDotThreads, 0, stream>>>(op, x, t_x, M, D, R);
-  } else {
-    if (rpw == 4)
-      RowDotKernel<T, MT, NMAT, VEC, 4><<<grid, kRowDotThreads, 0, stream>>>(op, x, t_x, M, D, R);
-    else if (rpw == 2)
-      RowDotKernel<T, MT, NMAT, VEC, 2><<<grid, kRowDotThreads, 0, stream>>>(op, x, t_x, M, D, R);
-    else
-      RowDotKernel<T, MT, NMAT, VEC, 1><<<grid, kRowDotThreads, 0, stream>>>(op, x, t_x, M, D, R);
-  }
+  auto kernel = RowDotKernel<T, MT, NMAT, VEC, 1, Op>;
+  const dim3 grid = RowDotGrid(reinterpret_cast<const void*>(kernel), M, R, MT, 1);
+  kernel<<<grid, kRowDotThreads, 0, stream>>>(op, x, t_x, M, D, R);
 }
 
 // Counters the gather kernels may need for M tokens and C columns (the smallest vector, 1).

@@ -14,7 +14,7 @@ constexpr int kMaxHeadDim = 32 * kLaneElems;     // 256
 constexpr int kMaxHeadsPerGroup = 8;
 constexpr int64_t kMaxAttendCTAs = 4096;         // bounds the split partials in the workspace
 constexpr int kMaxSplits = 64;                   // key splits per (token, kv head)
-constexpr int kKeysAhead = 4;                    // keys a lane group loads before using the first
+constexpr int kSliceHeads = 4;                   // heads whose slice sums share memory at once
 
 struct Scratch {
   float* out_acc;            // [M, D]   } zero between launches
@@ -48,6 +48,9 @@ struct Dims {
   const bool* head_mask;
   int64_t S, P, H, G, E, capacity;
   bool kv_active;
+  const int64_t* past_length;  // device scalar, or null: P
+  int64_t mask_stride;
+  __device__ int64_t Past() const { return past_length ? *past_length : P; }
   __device__ int64_t PerGroup() const { return H / G; }
   __device__ bool HeadOn(int64_t b, int64_t h) const { return head_mask[b * H + h]; }
   __device__ bool GroupOn(int64_t b, int64_t g) const {
@@ -126,7 +129,7 @@ struct ProjectOp {
         dst[r1] = v1;
         dst[r2] = v2;
       } else {
-        T* dst = (unit.kind == 1 ? present_key : present_value) + dims.CacheRow(b, unit.head, dims.P + s) + unit.i;
+        T* dst = (unit.kind == 1 ? present_key : present_value) + dims.CacheRow(b, unit.head, dims.Past() + s) + unit.i;
         dst[0] = FromFloat<T>(v1);
         dst[half] = FromFloat<T>(v2);
       }
@@ -158,141 +161,165 @@ struct AttendArgs {
   int lanes_per_key;
 };
 
-// Flash-decoding: grid (M * G * splits), one CTA per (token, kv head, key split). Each warp walks
-// keys in steps of 32 / lanes_per_key keys (a key's E entries spread over lanes_per_key lanes, VEC
-// per load), scoring every kept head of the group against the same K row and folding the V row
-// into an online softmax; the warps and then the splits are merged (the last split's CTA merges).
-// Hidden keys score the float minimum, so a token that sees nothing attends uniformly, as the
-// reference does.
+// Flash-decoding: grid (M * G * splits), one CTA per (token, kv head, key split), 128 threads. The
+// split's keys go in chunks of 128: (1) a thread per key scores it against every kept head of the
+// group (q in shared memory, the K row read once for all of them); (2) a warp per head folds the
+// chunk into that head's running maximum and sum; (3) lanes_per_key lanes per V row (16-byte loads,
+// rows spread over the CTA's key slices) add p * V into per-thread sums. The slices, then the
+// splits, are merged (the last split's CTA merges those). Hidden keys score the float minimum, so a
+// token that sees nothing attends uniformly, as the reference does.
 template <typename T, int VEC, int HPG>
 __global__ void __launch_bounds__(kAttendThreads) AttendKernel(AttendArgs<T> a) {
-  __shared__ float w_max[kAttendWarps][HPG], w_sum[kAttendWarps][HPG];
-  __shared__ float w_acc[kAttendWarps][HPG][kMaxHeadDim];
+  constexpr int kChunk = kAttendThreads;
+  __shared__ float q_s[HPG][kMaxHeadDim];
+  __shared__ float p_s[HPG][kChunk];
+  __shared__ float run_max[HPG], run_sum[HPG], corr_s[HPG];
+  // slices x E <= 1024 for every (lanes per key, VEC) the launcher picks: [slice, head, entry] flat
+  __shared__ float slice_acc[kSliceHeads * 1024];
   const Dims<T>& d = a.dims;
   const int64_t split = blockIdx.x % a.splits, mg = blockIdx.x / a.splits, g = mg % d.G, m = mg / d.G;
-  const int64_t b = m / d.S, s = m % d.S, hpg = d.PerGroup(), HE = d.H * d.E, T_ = d.P + d.S;
+  const int64_t b = m / d.S, s = m % d.S, hpg = d.PerGroup(), HE = d.H * d.E, P = d.Past(), T_ = P + d.S;
   float* ctx = a.sc.context + m * HE + g * hpg * d.E;
-  bool kept[HPG];
-  bool any = false;
+  unsigned kept = 0;  // bit hh: head g * hpg + hh is kept for this token's row
 #pragma unroll
-  for (int hh = 0; hh < HPG; ++hh) {
-    kept[hh] = hh < hpg && d.HeadOn(b, g * hpg + hh);
-    any |= kept[hh];
-  }
-  if (!any) {
+  for (int hh = 0; hh < HPG; ++hh)
+    if (hh < hpg && d.HeadOn(b, g * hpg + hh)) kept |= 1u << hh;
+  if (kept == 0) {
     if (split == 0)
       for (int64_t i = threadIdx.x; i < hpg * d.E; i += kAttendThreads) ctx[i] = 0.f;
     return;
   }
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, lpk = a.lanes_per_key, kpw = 32 / lpk;
-  const int sub = lane / lpk, lk = lane % lpk;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  for (int64_t t = tid; t < HPG * d.E; t += kAttendThreads) {
+    const int64_t hh = t / d.E, e = t % d.E;
+    q_s[hh][e] = (kept >> hh) & 1u ? a.q[m * HE + (g * hpg + hh) * d.E + e] * a.scale : 0.f;
+  }
+  if (tid < HPG) run_max[tid] = -INFINITY, run_sum[tid] = 0.f;
+  const int lpk = a.lanes_per_key, slices = kAttendThreads / lpk, slice = tid / lpk, lk = tid % lpk;
   constexpr int NI = kLaneElems / VEC;
   auto entry = [&](int i, int v) { return (static_cast<int64_t>(i) * lpk + lk) * VEC + v; };
-  float q[HPG][kLaneElems];
+  float acc[HPG][kLaneElems];
 #pragma unroll
   for (int hh = 0; hh < HPG; ++hh)
 #pragma unroll
-    for (int i = 0; i < NI; ++i)
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        const int64_t e = entry(i, v);
-        q[hh][i * VEC + v] = kept[hh] && e < d.E ? a.q[m * HE + (g * hpg + hh) * d.E + e] * a.scale : 0.f;
-      }
-  float mx[HPG], sum[HPG], acc[HPG][kLaneElems];
-#pragma unroll
-  for (int hh = 0; hh < HPG; ++hh) {
-    mx[hh] = -INFINITY, sum[hh] = 0.f;
-#pragma unroll
     for (int k = 0; k < kLaneElems; ++k) acc[hh][k] = 0.f;
-  }
   const int64_t per = (T_ + a.splits - 1) / a.splits, j0 = split * per, j1 = j0 + per < T_ ? j0 + per : T_;
   const T* keys = a.keys + d.CacheRow(b, g, 0);
   const T* values = a.values + d.CacheRow(b, g, 0);
-  const int64_t* visible_mask = a.attention_mask + b * T_;
-  // Each warp step reads kKeysAhead keys per lane group (all their K and V loads issued before the
-  // first is used: the loop is latency bound otherwise), then folds them in one by one.
-  const int64_t step = static_cast<int64_t>(kpw) * kKeysAhead;
-  for (int64_t jb = j0 + warp * step; jb < j1; jb += kAttendWarps * step) {
-    float kr[kKeysAhead][kLaneElems], vr[kKeysAhead][kLaneElems];
-    bool visible[kKeysAhead];
+  const int64_t* visible_mask = a.attention_mask + b * (d.mask_stride ? d.mask_stride : T_);
+  __syncthreads();
+  for (int64_t base = j0; base < j1; base += kChunk) {
+    // (1) scores: thread tid owns key base + tid
+    {
+      const int64_t j = base + tid;
+      float dot[HPG] = {};
+      if (j < j1) {
+        const T* row = keys + j * d.E;
+        if constexpr (VEC > 1) {
+#pragma unroll 4
+          for (int64_t e0 = 0; e0 < d.E; e0 += VEC) {
+            float kv[VEC];
+            LoadStream<VEC>(row + e0, kv);
 #pragma unroll
-    for (int u = 0; u < kKeysAhead; ++u) {
-      const int64_t j = jb + u * kpw + sub;
-      visible[u] = j < j1 && j <= d.P + s && visible_mask[j] != 0;
+            for (int hh = 0; hh < HPG; ++hh)
+#pragma unroll
+              for (int v = 0; v < VEC; ++v) dot[hh] += q_s[hh][e0 + v] * kv[v];
+          }
+        } else {
+#pragma unroll 4
+          for (int64_t e = 0; e < d.E; ++e) {
+            const float kv = ToFloat(row[e]);
+#pragma unroll
+            for (int hh = 0; hh < HPG; ++hh) dot[hh] += q_s[hh][e] * kv;
+          }
+        }
+      }
+      const bool visible = j < j1 && j <= P + s && visible_mask[j] != 0;
+#pragma unroll
+      for (int hh = 0; hh < HPG; ++hh) p_s[hh][tid] = j >= j1 ? -INFINITY : visible ? dot[hh] : -FLT_MAX;
+    }
+    __syncthreads();
+    // (2) a warp per head: fold the chunk into the running maximum and sum; p_s becomes p
+    for (int hh = warp; hh < HPG; hh += kAttendWarps) {
+      if (!((kept >> hh) & 1u)) continue;
+      float top = -INFINITY;
+      for (int k = lane; k < kChunk; k += 32) top = fmaxf(top, p_s[hh][k]);
+      top = fmaxf(WarpMax(top), run_max[hh]);
+      float total = 0.f;
+      for (int k = lane; k < kChunk; k += 32) {
+        const float p = p_s[hh][k] == -INFINITY ? 0.f : expf(p_s[hh][k] - top);
+        p_s[hh][k] = p;
+        total += p;
+      }
+      total = WarpSum(total);
+      if (lane == 0) {
+        const float c = Rescale(run_max[hh], top);
+        corr_s[hh] = c;
+        run_sum[hh] = run_sum[hh] * c + total;
+        run_max[hh] = top;
+      }
+    }
+    __syncthreads();
+    // (3) p * V: this thread's slice of the chunk's keys, its entries of each V row
+#pragma unroll
+    for (int hh = 0; hh < HPG; ++hh) {
+      const float c = (kept >> hh) & 1u ? corr_s[hh] : 0.f;
+#pragma unroll
+      for (int k = 0; k < kLaneElems; ++k) acc[hh][k] *= c;
+    }
+    const int64_t count = j1 - base < kChunk ? j1 - base : kChunk;
+#pragma unroll 4
+    for (int64_t k = slice; k < count; k += slices) {
+      float vr[kLaneElems];
 #pragma unroll
       for (int i = 0; i < NI; ++i) {
         const int64_t e0 = entry(i, 0);
-        float kv[VEC], vv[VEC];
-        if (j < j1 && e0 < d.E) {
-          LoadStream<VEC>(keys + j * d.E + e0, kv);
-          LoadStream<VEC>(values + j * d.E + e0, vv);
+        float vv[VEC];
+        if (e0 < d.E) {
+          LoadStream<VEC>(values + (base + k) * d.E + e0, vv);
         } else {
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) kv[v] = vv[v] = 0.f;
+          for (int v = 0; v < VEC; ++v) vv[v] = 0.f;
         }
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) kr[u][i * VEC + v] = kv[v], vr[u][i * VEC + v] = vv[v];
+        for (int v = 0; v < VEC; ++v) vr[i * VEC + v] = vv[v];
       }
-    }
-#pragma unroll
-    for (int u = 0; u < kKeysAhead; ++u) {
-      const bool valid = jb + u * kpw + sub < j1;
 #pragma unroll
       for (int hh = 0; hh < HPG; ++hh) {
-        if (!kept[hh]) continue;  // the same for the whole warp
-        float dot = 0.f;
+        const float p = p_s[hh][k];
 #pragma unroll
-        for (int k = 0; k < kLaneElems; ++k) dot += q[hh][k] * kr[u][k];
-        dot = GroupSum(dot, lpk);
-        if (!valid) continue;
-        const float score = visible[u] ? dot : -FLT_MAX;
-        const float top = fmaxf(mx[hh], score), corr = Rescale(mx[hh], top), p = expf(score - top);
-        sum[hh] = sum[hh] * corr + p;
-#pragma unroll
-        for (int k = 0; k < kLaneElems; ++k) acc[hh][k] = acc[hh][k] * corr + p * vr[u][k];
-        mx[hh] = top;
+        for (int e = 0; e < kLaneElems; ++e) acc[hh][e] += p * vr[e];
       }
     }
+    __syncthreads();  // p_s is rewritten by the next chunk
   }
-  // Merge the key sub-groups of the warp (lanes that hold the same entries differ in the bits >= lpk).
-  for (int o = lpk; o < 32; o <<= 1) {
+  // Merge the key slices (each holds the same entries for different keys) into this split's partial.
+  const int64_t first = ((m * d.G + g) * a.splits) * hpg;  // this (token, group)'s partials
+  float* part_acc = a.sc.part_acc;
 #pragma unroll
-    for (int hh = 0; hh < HPG; ++hh) {
-      const float om = __shfl_xor_sync(0xffffffffu, mx[hh], o), os = __shfl_xor_sync(0xffffffffu, sum[hh], o);
-      const float top = fmaxf(mx[hh], om), c1 = Rescale(mx[hh], top), c2 = Rescale(om, top);
-      sum[hh] = sum[hh] * c1 + os * c2;
+  for (int hh0 = 0; hh0 < HPG; hh0 += kSliceHeads) {
 #pragma unroll
-      for (int k = 0; k < kLaneElems; ++k) acc[hh][k] = acc[hh][k] * c1 + __shfl_xor_sync(0xffffffffu, acc[hh][k], o) * c2;
-      mx[hh] = top;
-    }
-  }
-  if (sub == 0) {
-#pragma unroll
-    for (int hh = 0; hh < HPG; ++hh) {
-      if (lk == 0) w_max[warp][hh] = mx[hh], w_sum[warp][hh] = sum[hh];
+    for (int h = 0; h < kSliceHeads; ++h) {
+      const int hh = hh0 + h;
+      if (hh >= HPG) break;
 #pragma unroll
       for (int i = 0; i < NI; ++i)
 #pragma unroll
         for (int v = 0; v < VEC; ++v)
-          if (entry(i, v) < d.E) w_acc[warp][hh][entry(i, v)] = acc[hh][i * VEC + v];
+          if (entry(i, v) < d.E) slice_acc[(slice * kSliceHeads + h) * d.E + entry(i, v)] = acc[hh][i * VEC + v];
     }
-  }
-  __syncthreads();
-  const int64_t first = ((m * d.G + g) * a.splits) * hpg;  // this (token, group)'s partials
-  for (int64_t t = threadIdx.x; t < hpg * d.E; t += kAttendThreads) {
-    const int64_t hh = t / d.E, e = t % d.E;
-    if (!d.HeadOn(b, g * hpg + hh)) continue;
-    float top = -INFINITY;
-    for (int w = 0; w < kAttendWarps; ++w) top = fmaxf(top, w_max[w][hh]);
-    float total = 0.f, value = 0.f;
-    for (int w = 0; w < kAttendWarps; ++w) {
-      const float c = Rescale(w_max[w][hh], top);
-      total += w_sum[w][hh] * c;
-      value += w_acc[w][hh][e] * c;
+    __syncthreads();
+    for (int64_t t = tid; t < kSliceHeads * d.E; t += kAttendThreads) {
+      const int h = static_cast<int>(t / d.E), hh = hh0 + h;
+      const int64_t e = t % d.E;
+      if (hh >= hpg || !((kept >> hh) & 1u)) continue;
+      float value = 0.f;
+      for (int sl = 0; sl < slices; ++sl) value += slice_acc[(sl * kSliceHeads + h) * d.E + e];
+      const int64_t p = first + split * hpg + hh;
+      if (e == 0) a.sc.part_max[p] = run_max[hh], a.sc.part_sum[p] = run_sum[hh];
+      part_acc[p * d.E + e] = value;
     }
-    const int64_t p = first + split * hpg + hh;
-    if (e == 0) a.sc.part_max[p] = top, a.sc.part_sum[p] = total;
-    a.sc.part_acc[p * d.E + e] = value;
+    __syncthreads();
   }
   if (!LastToArrive(a.sc.attend_counters + m * d.G + g, static_cast<unsigned>(a.splits))) return;
   // The last split's CTA merges all splits: per head (a warp each) the softmax maximum and each
@@ -350,7 +377,7 @@ int64_t AttendSplits(int64_t M, int64_t G, int64_t T_, int keys_per_step) {
 
 template <typename T>
 cudaError_t Launch(const AttentionLaunch& a, void* workspace, cudaStream_t stream) {
-  const int64_t M = a.B * a.S, T_ = a.P + a.S;
+  const int64_t M = a.B * a.S, T_ = a.past_length ? a.capacity : a.P + a.S;  // keys at most
   const Scratch sc = Scratch::Carve(workspace, M, a.D, a.H, a.G, a.E, nullptr);
   if (!a.workspace_clean) {
     const cudaError_t err = cudaMemsetAsync(workspace, 0, sc.zero_bytes, stream);
@@ -358,7 +385,7 @@ cudaError_t Launch(const AttentionLaunch& a, void* workspace, cudaStream_t strea
   }
   T* present_key = static_cast<T*>(a.present_key);
   T* present_value = static_cast<T*>(a.present_value);
-  if (a.P > 0 && a.past_key != a.present_key) {
+  if (a.past_length == nullptr && a.P > 0 && a.past_key != a.present_key) {
     const int64_t n = a.B * a.G * a.P * a.E;
     const unsigned blocks = Blocks(n, 256) < 4096 ? Blocks(n, 256) : 4096;
     CopyPastKernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(a.past_key), present_key, a.B * a.G, a.P,
@@ -366,7 +393,7 @@ cudaError_t Launch(const AttentionLaunch& a, void* workspace, cudaStream_t strea
     CopyPastKernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(a.past_value), present_value, a.B * a.G, a.P,
                                                   a.capacity, a.E);
   }
-  const Dims<T> dims{a.head_mask, a.S, a.P, a.H, a.G, a.E, a.capacity, a.kv_active};
+  const Dims<T> dims{a.head_mask, a.S, a.P, a.H, a.G, a.E, a.capacity, a.kv_active, a.past_length, a.mask_stride};
   const int mt_size = TokenGroup(M);
   WithTokenGroup(mt_size, [&](auto mt_c) {
     constexpr int MT = decltype(mt_c)::value;
@@ -387,7 +414,7 @@ cudaError_t Launch(const AttentionLaunch& a, void* workspace, cudaStream_t strea
   });
   const bool vec = AttendVector<T>(a);
   const int lanes_per_key = vec ? static_cast<int>(a.E / kLaneElems) : 32;
-  const int64_t splits = AttendSplits(M, a.G, T_, kAttendWarps * (32 / lanes_per_key) * kKeysAhead);
+  const int64_t splits = AttendSplits(M, a.G, T_, kAttendThreads);
   const AttendArgs<T> args{dims, present_key, present_value, a.attention_mask, sc.q, a.scale, sc, splits, lanes_per_key};
   const int64_t per_group = a.H / a.G;
   const unsigned grid = static_cast<unsigned>(M * a.G * splits);
@@ -424,6 +451,9 @@ const char* AttentionUnsupported(const AttentionLaunch& a) {
   if (a.H / a.G > kMaxHeadsPerGroup) return "more than 8 query heads per kv head";
   if (a.E % 2 != 0 || a.E > kMaxHeadDim) return "head_dim must be even and at most 256";
   if (a.capacity < a.P + a.S) return "the cache capacity is below past + new positions";
+  if (a.past_length != nullptr && a.past_key != a.present_key)
+    return "a device-side past length needs the in-place cache (past aliasing present)";
+  if (a.mask_stride != 0 && a.mask_stride < a.P + a.S) return "the attention mask's row stride is below past + new";
   if (a.rope && a.rope_positions <= 0) return "RoPE without a cos/sin table";
   if (a.past_key == a.present_key ? a.past_value != a.present_value : a.past_value == a.present_value)
     return "past key and value must both alias the present caches or neither";

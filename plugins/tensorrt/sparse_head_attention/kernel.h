@@ -28,6 +28,11 @@ struct AttentionLaunch {
   bool kv_active;
   DType dtype;
   bool workspace_clean;  // the workspace is left as the previous launch of this op left it (or zeroed)
+  // CUDA graphs (one captured decode step replayed at every length): the past length read on the
+  // device (in place only; P then only bounds it for the checks, capacity bounds the keys), and
+  // the attention mask as rows of mask_stride entries (0: P + S).
+  const int64_t* past_length;
+  int64_t mask_stride;
 };
 
 size_t AttentionWorkspaceBytes(int64_t B, int64_t S, int64_t D, int64_t H, int64_t G, int64_t E);

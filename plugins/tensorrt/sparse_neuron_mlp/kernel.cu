@@ -127,10 +127,10 @@ cudaError_t Launch(const MLPLaunch& a, void* workspace, cudaStream_t stream) {
         const bool vec = Aligned16<T>(w_in, a.F) && Aligned16<T>(w_gate, a.F);
         WithVector<T>(vec, [&](auto vec_c) {
           constexpr int VEC = decltype(vec_c)::value;
-          const GatherShape shape = GatherGrid(M, a.D, a.F, VEC, MT);
           const ChannelInputOp<T> op{hidden, x, w_in, w_gate, a.t_x, a.D};
-          GatherRowsKernel<T, MT, NMAT, VEC><<<shape.grid, kGatherThreads, 0, stream>>>(op, M, a.D, a.F, sc.in_acc,
-                                                                                        sc.in_counters);
+          auto kernel = GatherRowsKernel<T, MT, NMAT, VEC, ChannelInputOp<T>>;
+          const GatherShape shape = GatherGrid(reinterpret_cast<const void*>(kernel), M, a.D, a.F, VEC, MT);
+          kernel<<<shape.grid, kGatherThreads, 0, stream>>>(op, M, a.D, a.F, sc.in_acc, sc.in_counters);
         });
       } else {
         const bool vec = Aligned16<T>(x, a.D) && Aligned16<T>(w_in, a.D) && Aligned16<T>(w_gate, a.D);

@@ -161,7 +161,7 @@ class CudaBackend:
                 logits = self._blocks(x, state, mask.contiguous(), positions.contiguous(), past, decode=past > 0,
                                       clean=past > 0)
             state.past = past + S
-            return logits, state
+            return logits.cpu(), state  # the generation loop samples on the host, like every backend
 
     # ---------------------------------------------------------------- CUDA graphs for decode
     def _replay(self, ids, mask, positions, state: CudaState):

@@ -275,7 +275,7 @@ def attention_row(lib, timer, bw, shape, dtype, kept, batch, context, seed=0):
 # ---------------------------------------------------------------- sweep, table, report
 KNOBS = {"gather_ctas_per_sm": [4, 8, 16], "rowdot_warps_per_sm": [32, 64], "attend_ctas_per_sm": [2, 4, 8],
          "attend_min_keys": [128, 256, 512]}
-DEFAULTS = {"gather_ctas_per_sm": 8, "rowdot_warps_per_sm": 64, "attend_ctas_per_sm": 2, "attend_min_keys": 128}
+DEFAULTS = {"gather_ctas_per_sm": 4, "rowdot_warps_per_sm": 64, "attend_ctas_per_sm": 4, "attend_min_keys": 128}
 
 
 def set_tuning(lib, knobs: dict):

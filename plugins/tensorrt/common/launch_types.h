@@ -17,9 +17,9 @@ inline size_t DTypeBytes(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 // Launch shape knobs the GPU benchmark sweeps (scripts/gpu_bench.py through the C ABI). Defaults
 // are the values that benchmark picked on an H200; any positive value is correct.
 struct Tuning {
-  int gather_ctas_per_sm = 8;   // split-K CTAs of the kept-row projections, per multiprocessor (at most what fits)
+  int gather_ctas_per_sm = 4;   // split-K CTAs of the kept-row projections, per multiprocessor (at most what fits)
   int rowdot_warps_per_sm = 64; // warps of the row-dot projections, per multiprocessor
-  int attend_ctas_per_sm = 2;   // flash-decoding CTAs per multiprocessor
+  int attend_ctas_per_sm = 4;   // flash-decoding CTAs per multiprocessor
   int attend_min_keys = 128;    // keys per flash-decoding split at least (fewer splits to merge)
 };
 Tuning& GlobalTuning();

@@ -312,15 +312,24 @@ __global__ void __launch_bounds__(kAttendThreads) AttendKernel(AttendArgs<T> a) 
     for (int64_t t = tid; t < kSliceHeads * d.E; t += kAttendThreads) {
       const int h = static_cast<int>(t / d.E), hh = hh0 + h;
       const int64_t e = t % d.E;
-      if (hh >= hpg || !((kept >> hh) & 1u)) continue;
+      if (hh >= hpg) continue;
+      if (!((kept >> hh) & 1u)) {
+        if (a.splits == 1) ctx[hh * d.E + e] = 0.f;
+        continue;
+      }
       float value = 0.f;
       for (int sl = 0; sl < slices; ++sl) value += slice_acc[(sl * kSliceHeads + h) * d.E + e];
+      if (a.splits == 1) {  // one split: this CTA has the whole softmax, no partials to merge
+        ctx[hh * d.E + e] = value / run_sum[hh];
+        continue;
+      }
       const int64_t p = first + split * hpg + hh;
       if (e == 0) a.sc.part_max[p] = run_max[hh], a.sc.part_sum[p] = run_sum[hh];
       part_acc[p * d.E + e] = value;
     }
     __syncthreads();
   }
+  if (a.splits == 1) return;
   if (!LastToArrive(a.sc.attend_counters + m * d.G + g, static_cast<unsigned>(a.splits))) return;
   // The last split's CTA merges all splits: per head (a warp each) the softmax maximum and each
   // split's weight, then every context entry as one weighted sum whose loads are all independent.

@@ -11,6 +11,17 @@ computes them; everything else float64). The tolerance is 1e-4, or twice PyTorch
 inputs when that is larger: with half of the heads and neurons of every layer switched off, fp32
 rounding alone moves SmolLM2-135M's logits by 2-5e-4 (any implementation, PyTorch included), so a
 fixed 1e-4 would judge summation order, not correctness. Both numbers are in the report.
+
+Prefill logits get that tolerance per position, scaled by the magnitude of what the position's
+logits were computed from: the largest |residual stream| entry it reaches over the layers (float64).
+A Llama model's first token carries residual entries ~50x larger than the others' (the attention
+sink: 26,000 against 400-600 on SmolLM2), and every fp32 implementation's rounding there is larger:
+on a static SmolLM2 export PyTorch fp32 is 1.1e-4 from float64 at the sink and 2-5e-5 elsewhere,
+onnxruntime 3.4e-4 and 2-6e-5. A single tolerance set by the largest fp32 error fails the sink by
+chance of summation order; one linear in the magnitude would allow the sink 50x the others' error,
+where the errors measured there are 3-10x. The tolerance grows with the square root of the
+magnitude: fp32's largest error over sqrt(magnitude), x FP32_FACTOR, times each position's
+sqrt(magnitude), at least ATOL (on that export: 1e-4 to 7.6e-4 at the sink).
 """
 
 from __future__ import annotations
@@ -77,6 +88,7 @@ class ParityReport:
     mask_flips_at_ties: int = 0
     tolerance: float = ATOL
     fp32_reference_error: float = 0.0
+    logits_tolerance: tuple = (ATOL, ATOL)  # prefill logits: the per-position tolerance's (min, max)
     greedy_tokens: int = 0
     native: bool = False
     tokens_identical: bool = True
@@ -110,13 +122,35 @@ class ParityReport:
                 lines.append(f"decode steps whose logits a tie moved past tolerance: {self.tie_steps} (reported, "
                              "not compared)")
         lines.append(f"{f'greedy tokens ({self.greedy_tokens})':<52}  {'pass' if self.tokens_identical else 'FAIL'}")
-        lines.append(f"{'polygraphy comparator (atol %.1e)' % self.tolerance:<52}  "
-                     f"{'pass' if self.polygraphy_passed else 'FAIL'}")
+        comparator = ("polygraphy comparator (atol %.1e)" % self.tolerance if self.against == "tensorrt"
+                      else "polygraphy comparator (each output / its tolerance)")
+        lines.append(f"{comparator:<52}  {'pass' if self.polygraphy_passed else 'FAIL'}")
         if self.against == "pytorch":
             lines.append(f"golden: float64 reference; PyTorch fp32 is {self.fp32_reference_error:.1e} from it; "
-                         f"tolerance {self.tolerance:.1e}")
+                         f"tolerance {self.tolerance:.1e} (prefill logits: {self.logits_tolerance[0]:.1e} to "
+                         f"{self.logits_tolerance[1]:.1e} by position, from each position's residual magnitude)")
         lines.append("PASSED" if self.passed else "FAILED")
         return "\n".join(lines)
+
+
+def _logit_tolerance(model64, ids, mask, logits32, logits64) -> torch.Tensor:
+    """[B, S]: each position's prefill-logit tolerance (module docstring). The magnitude comes from a
+    dense float64 pass (masks change it by a small factor, not its order)."""
+    from shadowllm.models import sparse_forward
+
+    scale = torch.zeros(ids.shape, dtype=torch.float64)
+
+    def observe(layer, name, t):
+        if name == "residual":
+            scale.copy_(torch.maximum(scale, t.detach().abs().amax(-1).double()))
+        return None
+
+    with torch.inference_mode():
+        sparse_forward(model64, ids, attention_mask=mask, observer=observe)
+    scale = scale.clamp(min=1e-30).sqrt()
+    valid = mask.bool()
+    ratio = float(((logits32.double() - logits64).abs().amax(-1) / scale)[valid].max())
+    return (FP32_FACTOR * ratio * scale).clamp(min=ATOL)
 
 
 def reference_backend(folder: Path, manifest: dict, model, sparsity: float) -> TorchBackend:
@@ -250,6 +284,8 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
     valid = mask.bool().numpy()
     report.fp32_reference_error = float((logits32.double() - logits)[mask.bool()].abs().max())
     report.tolerance = max(ATOL, FP32_FACTOR * report.fp32_reference_error)
+    logit_tolerance = _logit_tolerance(_float64(model), ids, mask, logits32, logits)  # [B, S]
+    report.logits_tolerance = (float(logit_tolerance[mask.bool()].min()), float(logit_tolerance[mask.bool()].max()))
     for name, expect, scores in (("shadow_head_mask_out", mask_heads, reference.last_scores[0]),
                                  ("shadow_neuron_mask_out", mask_neurons, reference.last_scores[1])):
         same, flips = mask_agreement(ours[name], expect, scores)
@@ -266,17 +302,26 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
     results.extend(golden_results)
     for name, expect in golden.items():
         diff = np.abs(ours[name] - expect)
-        if name == "logits":  # padded positions' logits are not used by anyone
+        if name == "logits":  # per position; padded positions' logits are not used by anyone
+            per_position = diff.max(-1)[valid]
+            passed = bool((per_position <= logit_tolerance.numpy()[valid]).all())
             diff = diff[valid]
         max_abs = float(diff.max()) if diff.size else 0.0
         max_rel = max_abs / max(float(np.abs(expect).max()), 1e-30)
-        report.outputs.append(OutputCheck(name, max_abs, max_rel, max_abs <= report.tolerance))
-    # Polygraphy's own verdict on the same pair. Logits at padded positions belong to no one (their
-    # queries see no key), so both sides keep only the real positions.
+        report.outputs.append(OutputCheck(name, max_abs, max_rel, passed if name == "logits"
+                                          else max_abs <= report.tolerance))
+    # Polygraphy's own verdict on the same pair, the logits divided by their positions' tolerance
+    # (so that its single atol, 1, is each position's own). Logits at padded positions belong to no
+    # one (their queries see no key), so both sides keep only the real positions.
+    per_position = logit_tolerance.numpy()[valid][:, None]
     for runner_results in (results[0][1], results[1][1]):
-        runner_results[0]["logits"] = runner_results[0]["logits"][valid]
+        runner_results[0]["logits"] = runner_results[0]["logits"][valid] / per_position
+    for runner_results in (results[0][1], results[1][1]):
+        for key in list(runner_results[0].keys()):
+            if key.startswith("present."):
+                runner_results[0][key] = runner_results[0][key] / report.tolerance
     report.polygraphy_passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(
-        atol=report.tolerance, rtol=0.0)))
+        atol=1.0, rtol=0.0)))
 
     # 2. greedy decoding step by step on both backends: tokens, masks and last-position logits (and, with
     # thresholds, the kept entries of every op's input x)

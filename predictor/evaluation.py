@@ -371,11 +371,11 @@ def evaluate_method(model, method: Method, windows: torch.Tensor, prompt: int, l
     return math.exp(nll / count), bytes_fraction, acc
 
 
-def lastword_items(tokenizer, split: str = "test", n: int = 64, max_context: int = 96):
+def lastword_items(tokenizer, split: str = "test", n: int = 64, max_context: int = 96, text_corpus="wiki"):
     """(context ids, final-word ids) for the first n articles of a split whose last word is alphabetic."""
     items = []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    for _, text in corpus("wiki").articles(split):
+    for _, text in corpus(text_corpus).articles(split):
         m = re.search(r"\s([A-Za-z][\w'-]*)\W*$", text)
         if not m:
             continue
@@ -391,8 +391,9 @@ def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=
              max_windows: int = 16, window: int = 256, prompt: int = 128, static_scores=None,
              oracle_criteria=("l2_norm",), allocation: str = "per_layer", lastword: int = 32, seed: int = 0,
              methods=None, progress: bool = True, threshold_tables: dict | None = None,
-             hybrid_head_sparsity=(0.25,)) -> list[Row]:
-    """Every method x target x sparsity, through the sparse reference. Returns the rows.
+             hybrid_head_sparsity=(0.25,), text_corpus="wiki") -> list[Row]:
+    """Every method x target x sparsity, through the sparse reference, on `text_corpus` (a name, a
+    path or a Corpus: models/corpus.py). Returns the rows.
 
     threshold_tables: {"uniform" | "greedy": thresholds [R, L, 4] of predictor.thresholds.GRID}: rows of
     method `threshold` per table and sparsity, and `shadow+threshold` per token-granularity shadow
@@ -405,10 +406,12 @@ def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=
     if not 0 < prompt < window:
         raise ShadowError(f"--prompt {prompt} must lie between 0 and --window {window}")
     arch = adapter_for(model).arch
-    windows = corpus("wiki").windows(tokenizer, split, window, limit=max_windows)
+    text = corpus(text_corpus)
+    windows = text.windows(tokenizer, split, window, limit=max_windows)
     if windows.shape[0] == 0:
-        raise ShadowError(f"the {split} split has no window of {window} tokens")
-    items = lastword_items(tokenizer, split, lastword) if lastword else []
+        raise ShadowError(f"corpus {text}: the {split} split ({len(text.articles(split))} documents) has no window of "
+                          f"{window} tokens; give more text or a shorter --window")
+    items = lastword_items(tokenizer, split, lastword, text_corpus=text) if lastword else []
     static = static_scores
     oracle_cache: dict = {}
 

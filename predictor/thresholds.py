@@ -128,7 +128,7 @@ class Calibration:
 
 
 @torch.no_grad()
-def calibrate_thresholds(model, tokenizer, out: str | os.PathLike | None, corpus_name: str = "wiki",
+def calibrate_thresholds(model, tokenizer, out: str | os.PathLike | None, corpus_name="wiki",
                          split: str = "train", samples: int = 128, window: int = 256, greedy_windows: int = 8,
                          batch_size: int = 4, progress: bool = True) -> Calibration:
     """Histograms over `samples` windows and greedy costs on the first `greedy_windows` of them (0: none,
@@ -146,9 +146,10 @@ def calibrate_thresholds(model, tokenizer, out: str | os.PathLike | None, corpus
                           "; choose a new folder")
     start = time.perf_counter()
     arch = adapter_for(model).arch
-    windows = corpus(corpus_name).windows(tokenizer, split, window, limit=samples)
+    text = corpus(corpus_name)
+    windows = text.windows(tokenizer, split, window, limit=samples)
     if windows.shape[0] < samples:
-        raise ShadowError(f"--samples {samples}: the {corpus_name} {split} split has only {windows.shape[0]} "
+        raise ShadowError(f"--samples {samples}: the {text} {split} split has only {windows.shape[0]} "
                           f"windows of {window} tokens")
     L = arch.num_layers
     hist = torch.zeros(L, 4, BINS, dtype=torch.float64)
@@ -171,7 +172,7 @@ def calibrate_thresholds(model, tokenizer, out: str | os.PathLike | None, corpus
         "format": FORMAT, "model_fingerprint": fingerprint(model), "model": getattr(model, "_shadowllm_source", None),
         "arch": {"layers": L, "hidden": arch.hidden, "heads": arch.num_heads, "kv_heads": arch.num_kv_heads,
                  "head_dim": arch.head_dim, "neurons": arch.ffn, "gated": arch.gated},
-        "corpus": corpus_name, "split": split, "samples": samples, "window": window,
+        **text.describe(), "split": split, "samples": samples, "window": window,
         "greedy_windows": min(greedy_windows, samples), "inputs": list(THRESHOLD_INPUTS), "levels": list(LEVELS),
         "histogram": {"log10_lo": LOG_LO, "log10_hi": LOG_HI, "bins": BINS},
         "cost": "Fisher (labels sampled from the model) of the block output change, per input and level",

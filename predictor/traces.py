@@ -47,7 +47,7 @@ def _positions(seed: int, first_index: int, length: int, k: int) -> torch.Tensor
     return torch.randperm(length - 2, generator=g)[:k].sort().values + 1
 
 
-def calibrate(model, tokenizer, out: str | os.PathLike, criteria, corpus_name: str = "wiki", split: str = "train",
+def calibrate(model, tokenizer, out: str | os.PathLike, criteria, corpus_name="wiki", split: str = "train",
               samples: int = 256, window: int = 256, batch_size: int = 4, token_positions: int = 16,
               shard_size: int = 64, seed: int = 0, progress: bool = True) -> dict:
     """Collect traces into folder `out` (resuming a matching, unfinished run). Returns the manifest."""
@@ -58,16 +58,17 @@ def calibrate(model, tokenizer, out: str | os.PathLike, criteria, corpus_name: s
         raise ShadowError(f"--window must be >= 8 tokens, got {window}")
     arch = adapter_for(model).arch
     out = Path(out)
-    windows = corpus(corpus_name).windows(tokenizer, split, window, limit=samples)
+    text = corpus(corpus_name)
+    windows = text.windows(tokenizer, split, window, limit=samples)
     if windows.shape[0] < samples:
-        raise ShadowError(f"--samples {samples}: the {corpus_name} {split} split has only {windows.shape[0]} "
+        raise ShadowError(f"--samples {samples}: the {text} {split} split has only {windows.shape[0]} "
                           f"windows of {window} tokens")
     params = {
         "format": FORMAT, "model_fingerprint": fingerprint(model), "model": getattr(model, "_shadowllm_source", None),
         "arch": {"layers": arch.num_layers, "hidden": arch.hidden, "heads": arch.num_heads,
                  "kv_heads": arch.num_kv_heads, "head_dim": arch.head_dim, "neurons": arch.ffn,
                  "gated": arch.gated, "family": arch.family},
-        "corpus": corpus_name, "split": split, "samples": samples, "window": window, "criteria": criteria,
+        **text.describe(), "split": split, "samples": samples, "window": window, "criteria": criteria,
         "token_positions": min(token_positions, window - 2), "shard_size": shard_size, "seed": seed,
     }
     manifest = _resume(out, params)

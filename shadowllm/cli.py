@@ -38,6 +38,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _corpus_args(p):
+    p.add_argument("--corpus", default="wiki",
+                   help="wiki (embedded), or your text: a .txt file (documents between blank lines), a folder of "
+                        ".txt files (one document each) or a .jsonl file; split by document like wiki")
+    p.add_argument("--text-field", default="text", help="the text field of a .jsonl --corpus")
+
+
 def _model_arg(p):
     p.add_argument("model", nargs="?", default=None,
                    help="embedded model name (default: smollm2-135m) or a local Hugging Face folder")
@@ -137,10 +144,11 @@ def _format_prompt(tokenizer, prompt: str, chat: bool) -> str:
 def cmd_calibrate(args):
     import time
 
-    from shadowllm.models import ShadowError, load
+    from shadowllm.models import ShadowError, corpus, load
     from shadowllm.predictor.traces import calibrate
 
     criteria = args.criterion or ["plainact"]
+    text = corpus(args.corpus, args.text_field)  # before loading the model: a bad --corpus is one line
     if "activations" in criteria:
         if len(criteria) > 1:
             raise ShadowError("--criterion activations calibrates activation thresholds into a folder of its own; "
@@ -149,7 +157,7 @@ def cmd_calibrate(args):
 
         model, tokenizer = load(args.model)
         start = time.perf_counter()
-        calib = calibrate_thresholds(model, tokenizer, args.out, args.corpus, args.split, args.samples, args.window,
+        calib = calibrate_thresholds(model, tokenizer, args.out, text, args.split, args.samples, args.window,
                                      args.greedy_windows, args.batch_size)
         print(f"activation thresholds of {calib.manifest['samples']} windows (greedy costs on "
               f"{calib.manifest['greedy_windows']}) in {args.out} [{time.perf_counter() - start:.0f} s, peak RSS "
@@ -157,7 +165,7 @@ def cmd_calibrate(args):
         return
     model, tokenizer = load(args.model)
     start = time.perf_counter()
-    manifest = calibrate(model, tokenizer, args.out, criteria, args.corpus, args.split,
+    manifest = calibrate(model, tokenizer, args.out, criteria, text, args.split,
                          args.samples, args.window, args.batch_size, args.token_positions, args.shard_size, args.seed)
     took = time.perf_counter() - start
     print(f"traces of {manifest['samples']} windows ({', '.join(manifest['criteria'])}) in {args.out} "
@@ -219,6 +227,9 @@ def cmd_eval(args):
     if thresholded:
         for s in args.sparsity:
             check_grid_sparsity(s)
+    from shadowllm.models import corpus
+
+    text = corpus(args.corpus, args.text_field)  # before loading the model: a bad --corpus is one line
     merged = []
     for path in args.merge:
         old_rows, old_meta = rows_from_json(path)
@@ -243,10 +254,12 @@ def cmd_eval(args):
     rows = evaluate(model, tokenizer, predictors, args.sparsity, args.target or ["heads", "neurons", "both"],
                     args.split, args.max_windows,
                     args.window, args.prompt, static, oracle, mask_allocation, args.lastword, args.seed,
-                    args.method, threshold_tables=tables, hybrid_head_sparsity=args.hybrid_head_sparsity)
+                    args.method, threshold_tables=tables, hybrid_head_sparsity=args.hybrid_head_sparsity,
+                    text_corpus=text)
     rows += merged
     command = "shadowllm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    meta = {"model": args.model or "smollm2-135m", "split": args.split, "window": args.window, "prompt": args.prompt,
+    meta = {"model": args.model or "smollm2-135m", **text.describe(), "split": args.split, "window": args.window,
+            "prompt": args.prompt,
             "allocation": mask_allocation, "threshold_allocations": threshold_allocations if thresholded else [],
             "thresholds": threshold_source, "merged": list(args.merge), "predictors": [p.manifest for p in predictors]}
     if args.out:
@@ -411,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the greedy allocation's costs, for the threshold policies (alone)")
     p.add_argument("--greedy-windows", type=positive_int, default=8,
                    help="activations: windows the greedy allocation's costs are measured on")
-    p.add_argument("--corpus", default="wiki")
+    _corpus_args(p)
     p.add_argument("--split", default="train", choices=["train", "validation", "test"])
     p.add_argument("--samples", type=int, default=256, help="number of windows")
     p.add_argument("--window", type=int, default=256, help="tokens per window")
@@ -443,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity vs sparsity for every mask method")
     _model_arg(p)
+    _corpus_args(p)
     p.add_argument("--predictor", action="append", default=[], help="predictor folder; repeatable")
     p.add_argument("--traces", default=None, help="traces for the static policy (default: the predictor's)")
     p.add_argument("--static-criterion", default="l2_norm")

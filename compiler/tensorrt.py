@@ -5,8 +5,10 @@ Two passes, the first of which runs anywhere (and is tested here):
      inputs a node has, so empty optional inputs (absent biases, w_gate, cos/sin) are dropped and
      the node records which optional slots remain in the attribute `optional_inputs` (bit i = i-th
      optional slot of DESIGN §3's input list; the plugins read it). The model-local function bodies
-     are removed, so the parser cannot inline the dense body in place of the plugin. The result is
-     a TensorRT-only model: onnxruntime's schema for the op has no `optional_inputs`.
+     are removed, so the parser cannot inline the dense body in place of the plugin. The bool masks
+     reach the plugins through a Cast to int32 (TensorRT documents bool as unsupported for plugin
+     I/O). The result is a TensorRT-only model: onnxruntime's schema for the op has no
+     `optional_inputs`.
   2. engine: TensorRT's builder with the plugin library loaded into its registry, one optimisation
      profile over batch, new tokens and cache length, fp16 when asked.
 Engines need the `tensorrt` package, a CUDA GPU and build/libshadowllm_trt_plugins.so; where one
@@ -33,6 +35,7 @@ from .folders import target_folder, write_manifest
 OPTIONAL = {"SparseNeuronMLP": ["b_in", "w_gate", "b_out"],
             "SparseHeadAttention": ["b_q", "b_k", "b_v", "b_o", "cos", "sin"]}
 CONTRACT = {"SparseNeuronMLP": MLP_INPUTS, "SparseHeadAttention": ATTENTION_INPUTS}
+MASK_SLOT = {"SparseNeuronMLP": "mask", "SparseHeadAttention": "head_mask"}
 
 
 def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -40,8 +43,10 @@ def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.functions[:]
+    nodes, cast = [], {}  # cast: bool mask tensor -> its int32 copy (one Cast per tensor, before its first use)
     for node in out.graph.node:
         if node.domain != DOMAIN:
+            nodes.append(node)
             continue
         slots = CONTRACT[node.op_type]
         names = list(node.input) + [""] * (len(slots) - len(node.input))
@@ -49,12 +54,21 @@ def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
         if any(names[slots.index(t)] for t in THRESHOLDS if t in slots) or layout != "row_major":
             raise ShadowError(f"--target tensorrt: node {node.name} takes activation thresholds (a threshold "
                               "policy); the TensorRT plugins do not implement them yet: use --target ort-cpu")
+        mask = slots.index(MASK_SLOT[node.op_type])
+        if names[mask] not in cast:
+            cast[names[mask]] = f"{names[mask]}/int32"
+            nodes.append(helper.make_node("Cast", [names[mask]], [cast[names[mask]]], to=onnx.TensorProto.INT32,
+                                          name=f"{node.name}/mask_to_int32"))
+        names[mask] = cast[names[mask]]
         bits = 0
         for i, slot in enumerate(OPTIONAL[node.op_type]):
             bits |= (1 << i) if names[slots.index(slot)] else 0
         del node.input[:]
         node.input.extend(n for n in names if n)
         node.attribute.append(helper.make_attribute("optional_inputs", bits))
+        nodes.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
     return out
 
 

@@ -15,7 +15,8 @@ First a sweep of the launch-shape knobs (shadowllm_cuda_set_tuning) on three sen
 best value of each knob is kept for the table.
 
     python3 scripts/gpu_bench.py --out docs/results      # writes gpu-kernels.json and gpu-kernels.md
-Needs torch with CUDA and build/libshadowllm_trt_plugins.so (or $SHADOWLLM_TRT_PLUGINS).
+Needs torch with CUDA, the shadowllm package importable and build/libshadowllm_trt_plugins.so (or
+$SHADOWLLM_TRT_PLUGINS).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import statistics
 import sys
 import time
@@ -40,20 +40,14 @@ SHAPES = {  # hidden D, FFN F, heads H, kv heads G, head dim E
 }
 DTYPES = {"fp32": (torch.float32, 0), "fp16": (torch.float16, 1), "bf16": (torch.bfloat16, 2)}
 SILU = 3
-P_, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+I32 = ctypes.c_int32
 
 
 def load_library() -> ctypes.CDLL:
-    path = os.environ.get("SHADOWLLM_TRT_PLUGINS") or str(ROOT / "build" / "libshadowllm_trt_plugins.so")
-    lib = ctypes.CDLL(path)
-    lib.shadowllm_cuda_last_error.restype = ctypes.c_char_p
-    lib.shadowllm_cuda_mlp_workspace_bytes.restype = I64
-    lib.shadowllm_cuda_mlp_workspace_bytes.argtypes = [I64, I64, I64, I64, I32]
-    lib.shadowllm_cuda_mlp_launch.argtypes = [P_] * 9 + [I32, P_, I64, I64, I64, I64, I32, I32, P_, I32, P_]
-    lib.shadowllm_cuda_attention_workspace_bytes.restype = I64
-    lib.shadowllm_cuda_attention_workspace_bytes.argtypes = [I64] * 6
-    lib.shadowllm_cuda_attention_launch.argtypes = ([P_] * 15 + [I64] + [P_] * 6 + [I64] * 8 + [F32, I32, I32, I32]
-                                                    + [P_, I32, P_, P_, I64])
+    """The kernels' C ABI as the CUDA backend binds it, plus the launch-shape knobs this sweeps."""
+    from shadowllm.runtime.cuda_kernels import library
+
+    lib = library()
     lib.shadowllm_cuda_set_tuning.argtypes = [I32] * 4
     return lib
 
@@ -117,7 +111,6 @@ def copy_bandwidth(timer: Timer) -> float:
     a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     ms = timer.median_ms(lambda: b.copy_(a))
-    del a, b
     return 2 * (2 << 30) / (ms * 1e-3)
 
 

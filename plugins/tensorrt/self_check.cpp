@@ -116,8 +116,8 @@ SHADOWLLM_EXPORT int32_t shadowllm_trt_self_check(char* buffer, int32_t size) {
                                        PluginField("kv_policy", "active", PluginFieldType::kCHAR, 7),
                                        PluginField("optional_inputs", &optional_attn, PluginFieldType::kINT32, 1)};
   const std::vector<std::vector<PluginField>*> all{&mlp_fields, &attn_fields};
-  const DataType F = DataType::kFLOAT, I = DataType::kINT64, Bo = DataType::kBOOL;
-  const std::vector<std::vector<DataType>> index_types{{F, F, F, F, Bo}, {F, F, F, F, F, F, F, I, I, F, F, Bo}};
+  const DataType F = DataType::kFLOAT, I = DataType::kINT64, M = DataType::kINT32;  // masks: int32
+  const std::vector<std::vector<DataType>> index_types{{F, F, F, F, M}, {F, F, F, F, F, F, F, I, I, F, F, M}};
   const int32_t nb_outputs[] = {1, 3};
 
   for (int32_t i = 0; i < 2; ++i) {

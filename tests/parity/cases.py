@@ -128,6 +128,20 @@ def threshold_for_computed(values, mode: str) -> np.float32:
     return np.float32((mags[i] + upper) / 2)
 
 
+def mlp_threshold_case(case, x_mode: str, h_mode: str):
+    """(tensors, t_x, t_h, y float64, magnitude of y's terms) of an MLP case with thresholds picked
+    by the modes: t_x from x, t_h from the h the reference computes once t_x applies."""
+    v, seed = case[4], case[5]
+    t = mlp_tensors(case)
+    t_x = threshold_for_input(t["x"], x_mode, seed)
+    args = (t["x"], t["w_in"], t.get("b_in"), t.get("w_gate"), t["w_out_t"], t.get("b_out"), t["mask"], v.activation)
+    seen = []
+    ref.sparse_neuron_mlp(*args, t_x=t_x, seen=seen)
+    t_h = threshold_for_computed(seen, h_mode)
+    expect, magnitude = ref.sparse_neuron_mlp(*args, True, t_x, t_h)
+    return t, t_x, t_h, expect, magnitude
+
+
 def channel_major(t: dict, names) -> dict:
     """The tensors with the input projections `names` transposed to [in, out] (weight_layout=channel_major)."""
     return {k: (np.ascontiguousarray(a.T) if k in names else a) for k, a in t.items()}

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from shadowllm.export.onnx_ops import ATTENTION_INPUTS, AttentionVariant, MLPVariant
 from tests.parity import numpy_reference as ref
 from tests.parity.cases import (COMPUTED_MODES, INPUT_MODES, REL, SETTINGS, attention_case, attention_reference,
-                                attention_tensors, mlp_case, mlp_reference, mlp_tensors, rel_error,
+                                attention_tensors, mlp_case, mlp_reference, mlp_tensors, mlp_threshold_case, rel_error,
                                 threshold_for_computed, threshold_for_input)
+from tests.parity.cases import channel_major as channel_major_copy
 from tests.parity.trt_library import load
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
@@ -157,17 +158,10 @@ def test_cuda_sparse_head_attention(lib, case):
 @SETTINGS
 def test_cuda_mlp_with_thresholds(lib, case, x_mode, h_mode, channel_major):
     """t_x / t_h on top of the mask (ties kept, all kept, none kept), in both weight layouts."""
-    v, seed = case[4], case[5]
-    t = mlp_tensors(case)
-    t_x = threshold_for_input(t["x"], x_mode, seed)
-    seen = []
-    ref.sparse_neuron_mlp(t["x"], t["w_in"], t.get("b_in"), t.get("w_gate"), t["w_out_t"], t.get("b_out"), t["mask"],
-                          v.activation, t_x=t_x, seen=seen)
-    t_h = threshold_for_computed(seen, h_mode)
-    expect, magnitude = ref.sparse_neuron_mlp(t["x"], t["w_in"], t.get("b_in"), t.get("w_gate"), t["w_out_t"],
-                                              t.get("b_out"), t["mask"], v.activation, True, t_x, t_h)
+    v = case[4]
+    t, t_x, t_h, expect, magnitude = mlp_threshold_case(case, x_mode, h_mode)
     if channel_major:
-        t = {k: (np.ascontiguousarray(a.T) if k in ("w_in", "w_gate") else a) for k, a in t.items()}
+        t = channel_major_copy(t, ("w_in", "w_gate"))
     y, _ = run_mlp(lib, t, v, t_x=t_x, t_h=t_h, channel_major=channel_major)
     assert rel_error(y, expect, magnitude) < REL
 

@@ -242,18 +242,31 @@ def test_tensorrt_preparation_feeds_the_plugins_what_they_expect(exported, predi
     optional slots present (the bit order of the plugins' InputMap), no function bodies to inline."""
     import onnx
 
-    from shadowllm.compiler.tensorrt import CONTRACT, OPTIONAL, prepare_model
+    from shadowllm.compiler.tensorrt import CONTRACT, MASK_SLOT, OPTIONAL, prepare_model
     from shadowllm.export.onnx_ops import DOMAIN, THRESHOLDS
 
     for folder in (exported[2], predictor_exports["shadow-token"]):
         original = onnx.load(str(folder / "model.onnx"), load_external_data=False)
         prepared = prepare_model(original)
         assert len(prepared.functions) == 0 and len(original.functions) == 2
-        custom = [(a, b) for a, b in zip(original.graph.node, prepared.graph.node) if a.domain == DOMAIN]
+        custom = list(zip([n for n in original.graph.node if n.domain == DOMAIN],
+                          [n for n in prepared.graph.node if n.domain == DOMAIN]))
         assert custom and all(a.name == b.name for a, b in custom)
+        # bool masks reach the plugins as int32 (TensorRT hands plugins no bool tensors), each cast once,
+        # before its first consumer
+        casts = {n.output[0]: n for n in prepared.graph.node if n.op_type == "Cast"}
+        produced = set(i.name for i in prepared.graph.input) | set(i.name for i in prepared.graph.initializer)
+        for n in prepared.graph.node:
+            assert all(i in produced for i in n.input if i), f"{n.name} reads a tensor made later"
+            produced.update(n.output)
         for before, after in custom:
             slots = CONTRACT[before.op_type]
             named = dict(zip(slots, list(before.input) + [""] * (len(slots) - len(before.input))))
+            mask = MASK_SLOT[before.op_type]
+            cast = casts[after.input[[s for s in slots if named[s]].index(mask)]]
+            assert list(cast.input) == [named[mask]]
+            assert next(a.i for a in cast.attribute if a.name == "to") == onnx.TensorProto.INT32
+            named[mask] = cast.output[0]
             bits = next(x.i for x in after.attribute if x.name == "optional_inputs")
             assert list(after.input) == [named[s] for s in slots if named[s]]
             assert bits == sum(1 << i for i, s in enumerate(OPTIONAL[before.op_type]) if named[s])

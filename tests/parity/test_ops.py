@@ -22,7 +22,7 @@ from shadowllm.export.onnx_ops import (ATTENTION_INPUTS, DOMAIN, MLP_INPUTS, OPS
                                        register_schemas)
 from tests.parity import numpy_reference as ref
 from tests.parity.cases import (COMPUTED_MODES, INPUT_MODES, REL, SETTINGS, attention_case, attention_reference,
-                                attention_tensors, channel_major, mlp_case, mlp_reference, mlp_tensors, rel_error,
+                                attention_tensors, channel_major, mlp_case, mlp_reference, mlp_tensors, mlp_threshold_case, rel_error,
                                 threshold_for_computed, threshold_for_input)
 
 
@@ -106,14 +106,7 @@ def test_sparse_neuron_mlp_with_thresholds(case, x_mode, h_mode, layout):
     top of the mask, in either weight layout: eager, function body and C++ kernel vs float64 NumPy."""
     B, S, D, F, v, seed, keep = case
     v = replace(v, thresholds=True, weight_layout=layout)
-    t = mlp_tensors(case)
-    t_x = threshold_for_input(t["x"], x_mode, seed)
-    seen = []
-    ref.sparse_neuron_mlp(t["x"], t["w_in"], t.get("b_in"), t.get("w_gate"), t["w_out_t"], t.get("b_out"), t["mask"],
-                          v.activation, t_x=t_x, seen=seen)
-    t_h = threshold_for_computed(seen, h_mode)
-    expect, magnitude = ref.sparse_neuron_mlp(t["x"], t["w_in"], t.get("b_in"), t.get("w_gate"), t["w_out_t"],
-                                              t.get("b_out"), t["mask"], v.activation, True, t_x, t_h)
+    t, t_x, t_h, expect, magnitude = mlp_threshold_case(case, x_mode, h_mode)
     if layout == "channel_major":
         t = channel_major(t, ("w_in", "w_gate"))
     t.update(t_x=np.array(t_x), t_h=np.array(t_h))

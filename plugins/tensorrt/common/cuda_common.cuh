@@ -110,6 +110,16 @@ __device__ __forceinline__ float GroupSum(float v, int width) {
   return v;
 }
 
+// A keep mask as the caller stores it: bool (the ONNX contract, the C ABI, torch) or int32 (the
+// TensorRT plugins: TensorRT does not hand plugins bool tensors, so the prepared graph casts them).
+struct MaskView {
+  const void* data;
+  bool int32;
+  __device__ __forceinline__ bool operator[](int64_t i) const {
+    return int32 ? static_cast<const int32_t*>(data)[i] != 0 : static_cast<const bool*>(data)[i];
+  }
+};
+
 __device__ __forceinline__ bool KeepLarge(float v, const float* threshold) {
   return threshold == nullptr || fabsf(v) >= *threshold;
 }

@@ -110,7 +110,8 @@ bool SparsePluginBase::SupportsSlot(SlotKind kind, const nvinfer1::DynamicPlugin
   const nvinfer1::PluginTensorDesc& d = in_out[pos].desc;
   if (d.format != nvinfer1::TensorFormat::kLINEAR) return false;
   switch (kind) {
-    case SlotKind::kBool: return d.type == nvinfer1::DataType::kBOOL;
+    // PluginTensorDesc documents kBOOL as unsupported for plugin I/O: masks arrive as int32
+    case SlotKind::kMask: return d.type == nvinfer1::DataType::kINT32;
     case SlotKind::kInt64: return d.type == nvinfer1::DataType::kINT64;
     case SlotKind::kFloat:
       if (pos == 0)

@@ -97,7 +97,7 @@ class SparsePluginBase : public nvinfer1::IPluginV3,
 
  protected:
   // Format check shared by both ops: linear layout; float slots all of x's type (fp32, fp16 or bf16).
-  enum class SlotKind { kFloat, kBool, kInt64 };
+  enum class SlotKind { kFloat, kMask, kInt64 };
   bool SupportsSlot(SlotKind kind, const nvinfer1::DynamicPluginTensorDesc* in_out, int32_t pos) const;
   // The kernels' storage type: x's (every float tensor of a node has the same type).
   static cuda::DType StorageType(const nvinfer1::PluginTensorDesc* input_desc) {

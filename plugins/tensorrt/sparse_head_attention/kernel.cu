@@ -45,7 +45,7 @@ struct Scratch {
 // The shapes of one launch, as the device code reads them.
 template <typename T>
 struct Dims {
-  const bool* head_mask;
+  MaskView head_mask;
   int64_t S, P, H, G, E, capacity;
   bool kv_active;
   const int64_t* past_length;  // device scalar, or null: P
@@ -402,7 +402,7 @@ cudaError_t Launch(const AttentionLaunch& a, void* workspace, cudaStream_t strea
     CopyPastKernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(a.past_value), present_value, a.B * a.G, a.P,
                                                   a.capacity, a.E);
   }
-  const Dims<T> dims{a.head_mask, a.S, a.P, a.H, a.G, a.E, a.capacity, a.kv_active, a.past_length, a.mask_stride};
+  const Dims<T> dims{MaskView{a.head_mask, a.mask_int32}, a.S, a.P, a.H, a.G, a.E, a.capacity, a.kv_active, a.past_length, a.mask_stride};
   const int mt_size = TokenGroup(M);
   WithTokenGroup(mt_size, [&](auto mt_c) {
     constexpr int MT = decltype(mt_c)::value;

@@ -17,7 +17,7 @@ struct AttentionLaunch {
   const int64_t* attention_mask;  // [B, P+S]
   const int64_t* position_ids;    // [B, S] (clamped to the RoPE table)
   const void *cos, *sin;          // [rope_positions, E/2] or null (no RoPE)
-  const bool* head_mask;          // [B, H]
+  const void* head_mask;          // [B, H] bool (or int32: mask_int32)
   const float *t_x, *t_o;         // device fp32 scalars or null: thresholds on x and on the context
   void *y, *present_key, *present_value;  // [B, S, D], [B, G, capacity, E] x2 (new rows at P..P+S-1)
   int64_t B, S, D, P, H, G, E;
@@ -33,6 +33,7 @@ struct AttentionLaunch {
   // the attention mask as rows of mask_stride entries (0: P + S).
   const int64_t* past_length;
   int64_t mask_stride;
+  bool mask_int32;  // head_mask holds int32 (TensorRT plugins), not bool
 };
 
 size_t AttentionWorkspaceBytes(int64_t B, int64_t S, int64_t D, int64_t H, int64_t G, int64_t E);

@@ -48,7 +48,7 @@ int32_t SparseHeadAttentionPlugin::getOutputShapes(const nvinfer1::DimsExprs* in
 bool SparseHeadAttentionPlugin::supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* in_out,
                                                           int32_t nb_inputs, int32_t) noexcept {
   if (pos >= nb_inputs) return SupportsSlot(SlotKind::kFloat, in_out, pos);
-  if (pos == inputs_.Index(kHeadMask)) return SupportsSlot(SlotKind::kBool, in_out, pos);
+  if (pos == inputs_.Index(kHeadMask)) return SupportsSlot(SlotKind::kMask, in_out, pos);
   if (pos == inputs_.Index(kAttentionMask) || pos == inputs_.Index(kPositionIds))
     return SupportsSlot(SlotKind::kInt64, in_out, pos);
   return SupportsSlot(SlotKind::kFloat, in_out, pos);
@@ -82,7 +82,8 @@ int32_t SparseHeadAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* inp
   a.position_ids = static_cast<const int64_t*>(in(kPositionIds));
   a.cos = in(kCos);
   a.sin = in(kSin);
-  a.head_mask = static_cast<const bool*>(in(kHeadMask));
+  a.head_mask = in(kHeadMask);
+  a.mask_int32 = true;  // supportsFormatCombination accepts int32 only (the prepared graph casts the bool mask)
   a.y = outputs[0];
   a.present_key = outputs[1];
   a.present_value = outputs[2];

@@ -22,7 +22,7 @@ __device__ __forceinline__ float Activate(Activation a, float t) {
 template <typename T>
 struct Hidden {
   const T* b_in;
-  const bool* mask;
+  MaskView mask;
   const float* t_h;
   float* coeff;  // [M, F]: h of every (token, neuron), zero where dropped
   int64_t S, F;
@@ -117,7 +117,7 @@ cudaError_t Launch(const MLPLaunch& a, void* workspace, cudaStream_t stream) {
   const T* w_in = static_cast<const T*>(a.w_in);
   const T* w_gate = static_cast<const T*>(a.w_gate);
   const bool gated = w_gate != nullptr;
-  const Hidden<T> hidden{static_cast<const T*>(a.b_in), a.mask, a.t_h, sc.coeff, a.S, a.F, a.activation, gated};
+  const Hidden<T> hidden{static_cast<const T*>(a.b_in), MaskView{a.mask, a.mask_int32}, a.t_h, sc.coeff, a.S, a.F, a.activation, gated};
   const int mt_size = TokenGroup(M);
   WithTokenGroup(mt_size, [&](auto mt_c) {
     constexpr int MT = decltype(mt_c)::value;

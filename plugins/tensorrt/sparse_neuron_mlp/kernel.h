@@ -15,7 +15,7 @@ struct MLPLaunch {
   const void* w_gate;   // like w_in, or null (ungated, OPT)
   const void* w_out_t;  // [F, D]
   const void* b_out;    // [D] or null
-  const bool* mask;     // [B, F]: row b's kept neurons
+  const void* mask;     // [B, F]: row b's kept neurons, bool (or int32: mask_int32)
   const float* t_x;     // device fp32 scalar or null: x entries with |x| < t_x count as zero
   const float* t_h;     // device fp32 scalar or null: likewise for the hidden h
   void* y;              // [B, S, D]
@@ -24,6 +24,7 @@ struct MLPLaunch {
   DType dtype;
   bool channel_major;    // weight_layout=channel_major: w_in / w_gate stored [D, F]
   bool workspace_clean;  // the workspace is left as the previous launch of this op left it (or zeroed)
+  bool mask_int32;       // the mask holds int32 (TensorRT plugins), not bool
 };
 
 // Bytes of scratch one launch of up to B*S tokens needs.

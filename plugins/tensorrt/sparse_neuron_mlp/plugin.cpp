@@ -32,7 +32,7 @@ int32_t SparseNeuronMLPPlugin::getOutputShapes(const nvinfer1::DimsExprs* inputs
 bool SparseNeuronMLPPlugin::supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* in_out,
                                                       int32_t nb_inputs, int32_t) noexcept {
   if (pos >= nb_inputs) return SupportsSlot(SlotKind::kFloat, in_out, pos);
-  return SupportsSlot(pos == inputs_.Index(kMask) ? SlotKind::kBool : SlotKind::kFloat, in_out, pos);
+  return SupportsSlot(pos == inputs_.Index(kMask) ? SlotKind::kMask : SlotKind::kFloat, in_out, pos);
 }
 
 size_t SparseNeuronMLPPlugin::getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t,
@@ -53,7 +53,8 @@ int32_t SparseNeuronMLPPlugin::enqueue(const nvinfer1::PluginTensorDesc* input_d
   a.w_gate = in(kWGate);
   a.w_out_t = in(kWOutT);
   a.b_out = in(kBOut);
-  a.mask = static_cast<const bool*>(in(kMask));
+  a.mask = in(kMask);
+  a.mask_int32 = true;  // supportsFormatCombination accepts int32 only (the prepared graph casts the bool mask)
   a.y = outputs[0];
   a.B = x.d[0];
   a.S = x.d[1];

@@ -29,7 +29,7 @@ def test_windows_start_with_bos_and_are_contiguous_text():
 
 
 def test_unknown_corpus_and_split():
-    with pytest.raises(ShadowError, match="corpus 'books' is unknown"):
+    with pytest.raises(ShadowError, match="'books': neither a known corpus \\(wiki\\) nor a file or folder"):
         corpus("books")
     with pytest.raises(ShadowError, match="split 'dev' is unknown"):
         corpus("wiki").articles("dev")

@@ -119,15 +119,46 @@ class OrtBackend:
         binding.bind_ortvalue_input("shadow_head_mask", state["heads"])
         binding.bind_ortvalue_input("shadow_neuron_mask", state["neurons"])
         binding.bind_ortvalue_input("sparsity", value(self.sparsity))
+        # `state` keeps the buffers the past lives in alive through the run (OrtValues made from numpy
+        # arrays do not own them); the new state holds the ones present is written into.
+        caches, buffers = self._cache_buffers(state, ids.shape[0], mask.shape[1])
         for name in self.output_names:
-            binding.bind_output(name, self.device)
+            if caches is not None and name in caches:
+                binding.bind_ortvalue_output(name, caches[name])
+            else:
+                binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outs = dict(zip(self.output_names, binding.get_outputs()))
         logits = torch.from_numpy(outs["logits"].numpy())
         past = [outs[f"present.{i // 2}.{('key', 'value')[i % 2]}"] for i in range(2 * self.layers)]
         probe = {n[len(PROBE):]: outs[n].numpy() for n in outs if n.startswith(PROBE)}
         return logits, {"past": past, "heads": outs["shadow_head_mask_out"], "neurons": outs["shadow_neuron_mask_out"],
-                        **({"probe": probe} if probe else {})}
+                        **({"probe": probe} if probe else {}), "buffers": buffers, "flip": state.get("flip", 0) ^ 1}
+
+    def _cache_buffers(self, state, batch: int, length: int):
+        """Where this call's `present` caches go (CPU): two preallocated flat buffers per cache, used in
+        turn — the graph reads the past from one and writes present = past + new into the other, a
+        contiguous prefix of it. The file's contract (present = past + new) still copies the past every
+        step, but into memory allocated once per request (doubled when full), instead of a new block a
+        position longer each step: those ever-growing blocks fragmented the allocator (+0.65 GB peak
+        RSS over 3,000 tokens for 132 MB of cache). Returns ({output name: OrtValue}, the buffers), or
+        (None, None) off the CPU."""
+        if self.device != "cpu":
+            return None, None
+        import onnxruntime as ort
+
+        per_position = batch * self.kv_heads * self.head_dim
+        buffers = state.get("buffers")
+        if buffers is None or buffers["positions"] < length:  # the past stays in the old ones for this call
+            positions = max(2 * length, 256) if buffers is None else max(2 * buffers["positions"], length)
+            buffers = {"positions": positions,
+                       "flat": [[np.empty(positions * per_position, np.float32) for _ in range(2)]
+                                for _ in range(2 * self.layers)]}
+        flip = state.get("flip", 0)
+        shape = (batch, self.kv_heads, length, self.head_dim)
+        return {f"present.{i // 2}.{('key', 'value')[i % 2]}":
+                ort.OrtValue.ortvalue_from_numpy(buffers["flat"][i][flip][:length * per_position].reshape(shape))
+                for i in range(2 * self.layers)}, buffers
 
 
 PROBE = "probe/"

@@ -176,3 +176,36 @@ def test_a_folder_builds_again_after_the_tensorrt_preparation(tmp_path):
     build(folder, "ort-cpu")
     build(folder, "ort-cpu")
     assert (folder / "ort-cpu" / "model.onnx").is_file()
+
+
+def test_ort_decode_writes_the_cache_into_buffers_allocated_once(tmp_path):
+    """Issue 15 (2): each decode step's present caches land in one of two preallocated buffers per
+    cache (doubled when full), not in a new block a position longer per step; the logits still equal
+    the PyTorch reference's."""
+    import torch
+
+    from shadowllm.export.exporter import export
+    from shadowllm.models.tiny import build_model, byte_tokenizer
+    from shadowllm.runtime.ort_backend import OrtBackend
+    from shadowllm.runtime.torch_backend import TorchBackend
+
+    model = build_model("llama", seed=3, max_position_embeddings=640)
+    folder = export(model, byte_tokenizer(), tmp_path / "dense")
+    ours, reference = OrtBackend(folder, 0.0), TorchBackend(model)
+    ids = torch.tensor([[5, 17, 42, 9]])
+    mask = torch.ones_like(ids)
+    logits, state = ours.forward(ids, mask, None)
+    ref_logits, ref_state = reference.forward(ids, mask, None)
+    seen = set()
+    for step in range(300):  # crosses the first doubling (256 positions)
+        nxt = ref_logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        logits, state = ours.forward(nxt, mask, state)
+        ref_logits, ref_state = reference.forward(nxt, mask, ref_state)
+        assert float((logits - ref_logits).abs().max()) <= 1e-4 * max(1.0, float(ref_logits.abs().max()))
+        buffers = state["buffers"]
+        seen.add(id(buffers))
+        flat = buffers["flat"][0][state["flip"] ^ 1]  # where this step's present.0.key went
+        start = flat.ctypes.data
+        assert start <= state["past"][0].data_ptr() < start + flat.nbytes
+    assert buffers["positions"] == 512 and len(seen) == 2  # allocated at prefill, doubled once

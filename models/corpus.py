@@ -81,9 +81,8 @@ class Corpus:
         return self.name
 
     def describe(self) -> dict:
-        """What manifests record about the corpus."""
-        src = CORPORA[self.name]
-        return {"corpus": self.name, "corpus_source": f"{src.dist}=={src.version}:{src.file}"}
+        """What manifests record about the corpus (a named corpus is pinned by its package version)."""
+        return {"corpus": self.name}
 
     def _split_articles(self) -> dict:
         return _articles(self.name)

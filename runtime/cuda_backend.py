@@ -91,24 +91,24 @@ class CudaBackend:
         return _Layer(attention, mlp, self.adapter.attn_norm(i), self.adapter.mlp_norm(i))
 
     # ---------------------------------------------------------------- one forward
-    def _workspace(self, kind: str, tokens: int) -> tuple[torch.Tensor, bool]:
-        """The op's workspace for `tokens` tokens, and whether it is clean for them (grown ones are)."""
+    def _workspace(self, kind: str, tokens: int) -> torch.Tensor:
+        """The op's workspace for `tokens` tokens (grown, zeroed, when a call needs more)."""
         have = self.workspaces.get(kind)
         if have is not None and have[1] >= tokens:
-            return have[0], True
+            return have[0]
         a = self.arch
         ws = (kernels.attention_workspace(tokens, a.hidden, a.num_heads, a.num_kv_heads, a.head_dim, self.device)
               if kind == "attention" else
               kernels.mlp_workspace(tokens, a.hidden, a.ffn, self.thresholds is not None, self.device))
         self.workspaces[kind] = (ws, tokens)
-        return ws, True
+        return ws
 
     def _blocks(self, x, state: CudaState, attention_mask, position_ids, past: int, decode: bool, clean: bool,
                 past_length=None):
         a = self.arch
         B, S, _ = x.shape
-        attn_ws, attn_clean = self._workspace("attention", B * S)
-        mlp_ws, mlp_clean = self._workspace("mlp", B * S)
+        # clean: decode steps (the prefill before them, with more tokens, left a larger zeroed region)
+        attn_ws, mlp_ws = self._workspace("attention", B * S), self._workspace("mlp", B * S)
         heads = self.head_mask[:, None].expand(-1, B, -1).contiguous() if B > 1 else self.head_mask[:, None]
         neurons = self.neuron_mask[:, None].expand(-1, B, -1).contiguous() if B > 1 else self.neuron_mask[:, None]
         thr = self.thresholds if decode else None
@@ -119,12 +119,12 @@ class CudaBackend:
                 self.cos, self.sin, heads[i], y, attn_ws, past=past, heads=a.num_heads, kv_heads=a.num_kv_heads,
                 head_dim=a.head_dim, scale=a.scale, kv_active=self.kv_active,
                 t_x=None if thr is None else thr[i, 0], t_o=None if thr is None else thr[i, 1],
-                past_length=past_length, clean=clean and attn_clean)
+                past_length=past_length, clean=clean)
             x = x + y
             kernels.sparse_neuron_mlp(
                 layer.mlp_norm(x), layer.mlp, neurons[i], y, mlp_ws, activation=a.activation,
                 t_x=None if thr is None else thr[i, 2], t_h=None if thr is None else thr[i, 3],
-                channel_major=self.thresholds is not None, clean=clean and mlp_clean)
+                channel_major=self.thresholds is not None, clean=clean)
             x = x + y
         return self.adapter.logits(x).float()
 

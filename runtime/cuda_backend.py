@@ -3,8 +3,8 @@
 Each block's attention and MLP are the SparseHeadAttention / SparseNeuronMLP kernels (runtime/
 cuda_kernels.py: device pointers, torch's stream); embeddings, norms, the LM head and sampling stay
 in torch on the same stream. The weights live on the GPU in the ops' layouts (bf16, fp16 or fp32);
-the KV cache is preallocated per request and written in place (DESIGN §4: nothing is copied per
-step). Policies: dense, fixed head / neuron masks (static, random) and activation thresholds
+the KV cache is preallocated per request (`capacity` positions, doubled when a request outgrows it)
+and written in place (DESIGN §4: nothing is copied per step). Policies: dense, fixed head / neuron masks (static, random) and activation thresholds
 ([L, 4], THRESHOLD_INPUTS order; decode only, the prefill runs dense as the exports do, with the
 MLP's gate / up weights channel-major so that kept x channels are all it reads).
 
@@ -129,13 +129,22 @@ class CudaBackend:
         return self.adapter.logits(x).float()
 
     def _new_state(self, batch: int, tokens: int) -> CudaState:
-        capacity = max(self.capacity, tokens)
-        if capacity > self.arch.max_positions:
+        if tokens > self.arch.max_positions:
             raise ShadowError(f"{tokens} positions exceed the model's {self.arch.max_positions}")
+        capacity = min(max(self.capacity, tokens), self.arch.max_positions)
         shape = (batch, self.arch.num_kv_heads, capacity, self.arch.head_dim)
         L = self.arch.num_layers
         return CudaState(0, [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(L)],
                          [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(L)])
+
+    def _grown(self, state: CudaState, needed: int) -> CudaState:
+        """A cache twice as long (at least `needed`) holding the same past: the next decode step
+        captures a new graph for it."""
+        grown = self._new_state(state.keys[0].shape[0], max(2 * state.keys[0].shape[2], needed))
+        for old, new in zip(state.keys + state.values, grown.keys + grown.values):
+            new[:, :, :state.past].copy_(old[:, :, :state.past])
+        grown.past = state.past
+        return grown
 
     def forward(self, input_ids, attention_mask, state):
         B, S = input_ids.shape
@@ -144,8 +153,7 @@ class CudaBackend:
                 state = self._new_state(B, S)
             past = state.past
             if past + S > state.keys[0].shape[2]:
-                raise ShadowError(f"the CUDA backend's cache holds {state.keys[0].shape[2]} positions; this call needs "
-                                  f"{past + S} (pass a larger capacity)")
+                state = self._grown(state, past + S)
             # positions where the mask is (the generation loop keeps it on the host: no device sync here)
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             top = int(positions.max())

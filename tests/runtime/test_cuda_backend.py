@@ -90,3 +90,27 @@ def test_cuda_backend_generates_like_the_reference_in_bf16():
     # the first tokens must agree.
     for a, b in zip(want, got):
         assert a.token_ids[:4] == b.token_ids[:4]
+
+
+def test_cuda_backend_cache_doubles_and_keeps_the_past():
+    """A request longer than the preallocated cache gets one twice as long holding the same past
+    (pure torch bookkeeping, checked on the CPU; the kernels then write past it in place)."""
+    from types import SimpleNamespace
+
+    from shadowllm.runtime.cuda_backend import CudaBackend
+
+    backend = CudaBackend.__new__(CudaBackend)  # no GPU here: only the cache bookkeeping is exercised
+    backend.arch = SimpleNamespace(num_kv_heads=2, head_dim=4, num_layers=3, max_positions=40)
+    backend.capacity, backend.dtype, backend.device = 8, torch.float32, torch.device("cpu")
+    state = backend._new_state(batch=2, tokens=5)
+    assert state.keys[0].shape == (2, 2, 8, 4)
+    for t in state.keys + state.values:
+        t[:, :, :6].normal_()
+    state.past = 6
+    grown = backend._grown(state, 9)
+    assert grown.keys[0].shape[2] == 16 and grown.past == 6
+    for old, new in zip(state.keys + state.values, grown.keys + grown.values):
+        assert torch.equal(new[:, :, :6], old[:, :, :6]) and not new[:, :, 6:].any()
+    assert backend._grown(grown, 30).keys[0].shape[2] == 32
+    with pytest.raises(ShadowError, match="exceed the model's 40"):
+        backend._new_state(1, 41)

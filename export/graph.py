@@ -82,7 +82,7 @@ class ExportModule(nn.Module):
             if t is None:
                 return None
             t = t.detach()
-            return (t.t() if name in CHANNEL_MAJOR and self.weight_layout == "channel_major" else t).contiguous().clone()
+            return (t.t() if name in CHANNEL_MAJOR and self.weight_layout == "channel_major" else t).contiguous()
 
         self.attn, self.mlp = [], []
         for layer in range(a.num_layers):

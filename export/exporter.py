@@ -15,7 +15,6 @@ import os
 import sys
 from pathlib import Path
 
-import onnx
 import onnxscript
 import torch
 
@@ -86,8 +85,10 @@ def check_threshold_table(thresholds, num_layers: int):
 
 
 def trace(model, policy: str = "dense", static_scores=None, target: str = "both", predictor=None,
-          thresholds=None, head_sparsity: float = 0.0) -> onnx.ModelProto:
-    """The ONNX model (in memory, weights inside) for `model` under `policy`."""
+          thresholds=None, head_sparsity: float = 0.0):
+    """The ONNX model for `model` under `policy`, as an onnx_ir Model whose initializers still point at
+    the traced module's tensors (written out by `export` one at a time: no in-memory proto holding
+    every weight a second time)."""
     if policy not in POLICIES:
         raise ShadowError(f"--policy {policy!r}: expected one of {', '.join(POLICIES)}")
     register_schemas()
@@ -110,20 +111,23 @@ def trace(model, policy: str = "dense", static_scores=None, target: str = "both"
             dynamic_shapes=_dynamic_shapes(arch.num_layers), verbose=False,
             custom_translation_table={torch.ops.shadowllm.sparse_neuron_mlp.default: _mlp_translation,
                                       torch.ops.shadowllm.sparse_head_attention.default: _attention_translation})
-    proto = program.model_proto
-    _name_nodes(proto)
+    import onnx_ir as ir
+
+    ir_model = program.model
+    _name_nodes(ir_model.graph)
     w0 = adapter_for(model).attention(0)
     m0 = adapter_for(model).mlp(0)
     thresholded = policy in THRESHOLDED
-    proto.functions.extend([
-        mlp_function(MLPVariant(arch.activation, m0.w_gate is not None, m0.b_in is not None, m0.b_out is not None,
-                                thresholded, module.weight_layout)),
-        attention_function(AttentionVariant(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.scale, arch.rope,
-                                            w0.b_q is not None, w0.b_o is not None,
-                                            "active" if module.granularity == "sequence" else "all",
-                                            thresholded, module.weight_layout)),
-    ])
-    return proto
+    for body in (mlp_function(MLPVariant(arch.activation, m0.w_gate is not None, m0.b_in is not None,
+                                         m0.b_out is not None, thresholded, module.weight_layout)),
+                 attention_function(AttentionVariant(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.scale,
+                                                     arch.rope, w0.b_q is not None, w0.b_o is not None,
+                                                     "active" if module.granularity == "sequence" else "all",
+                                                     thresholded, module.weight_layout))):
+        function = ir.serde.deserialize_function(body)
+        ir_model.functions[function.identifier()] = function
+    ir_model._shadowllm_module = module  # the initializers' tensors live as long as the model
+    return ir_model
 
 
 class _one_line_errors:
@@ -148,30 +152,32 @@ class _one_line_errors:
 _PREDICTOR_FRAMES = ("self.predictor", "keep_rows(", "_shadow_masks(", "self._targeted(")
 
 
-def _is_predictor_node(node: onnx.NodeProto) -> bool:
-    meta = {p.key: p.value for p in node.metadata_props}
+def _is_predictor_node(node) -> bool:
+    meta = node.metadata_props
     scopes = meta.get("pkg.torch.onnx.name_scopes", "")
     return "'predictor" in scopes or any(f in meta.get("pkg.torch.onnx.stack_trace", "") for f in _PREDICTOR_FRAMES)
 
 
-def _name_nodes(proto: onnx.ModelProto):
+def _name_nodes(graph):
     """Name each custom node after its layer, in graph order, for readable graphs (Netron), and prefix
     the predictor's nodes (and mask selection) with `predictor/`, so profiles can tell its share."""
+    import onnx_ir as ir
+
     counts = {"SparseHeadAttention": 0, "SparseNeuronMLP": 0}
 
     def walk(graph):
-        for node in graph.node:
+        for node in graph:
             if node.domain == DOMAIN and node.op_type in counts:
                 kind = "attention" if node.op_type == "SparseHeadAttention" else "mlp"
                 node.name = f"layers.{counts[node.op_type]}.{kind}"
                 counts[node.op_type] += 1
-            elif _is_predictor_node(node) and not node.name.startswith("predictor/"):
+            elif _is_predictor_node(node) and not (node.name or "").startswith("predictor/"):
                 node.name = f"predictor/{node.name}"
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    walk(attr.value)
 
-    walk(proto.graph)
+    walk(graph)
 
 
 def predictor_fingerprint(predictor) -> str | None:
@@ -232,12 +238,13 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
         raise ShadowError(f"--target {target!r}: expected heads, neurons or both")
     if policy == "shadow+threshold":
         target = "heads"  # the predictor picks heads; the runtime sparsity picks the threshold row
-    proto = trace(model, policy, static_scores, target, predictor, thresholds, head_sparsity)
+    traced = trace(model, policy, static_scores, target, predictor, thresholds, head_sparsity)
     from shadowllm.models.paths import atomic_folder
 
     with atomic_folder(out) as tmp:
-        onnx.save_model(proto, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
+        import onnx_ir as ir
+
+        ir.save(traced, tmp / "model.onnx", external_data="model.onnx.data", size_threshold_bytes=1024)
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if policy == "static":  # kept beside the graph so parity can derive the masks independently

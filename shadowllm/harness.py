@@ -29,9 +29,13 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as e:  # the harness is an optional extra
+    raise ImportError("shadowllm.harness needs lm-evaluation-harness: pip install 'shadowllm[lm-eval]' "
+                      "(lm-eval==0.4.13)") from e
 
 from shadowllm.models import ShadowError
 

@@ -315,11 +315,10 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
     # one (their queries see no key), so both sides keep only the real positions.
     per_position = logit_tolerance.numpy()[valid][:, None]
     for runner_results in (results[0][1], results[1][1]):
-        runner_results[0]["logits"] = runner_results[0]["logits"][valid] / per_position
-    for runner_results in (results[0][1], results[1][1]):
-        for key in list(runner_results[0].keys()):
-            if key.startswith("present."):
-                runner_results[0][key] = runner_results[0][key] / report.tolerance
+        outputs = runner_results[0]
+        outputs["logits"] = outputs["logits"][valid] / per_position
+        for key in [k for k in outputs.keys() if k.startswith("present.")]:
+            outputs[key] = outputs[key] / report.tolerance
     report.polygraphy_passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(
         atol=1.0, rtol=0.0)))
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from shadowllm.export.exporter import LOGITS_TO_KEEP
 from shadowllm.export.onnx_ops import ATTENTION_INPUTS, DOMAIN, MLP_INPUTS, THRESHOLDS
 from shadowllm.models import ShadowError
 from shadowllm.runtime.native import TRT_LIBRARY, load_trt_plugins, trt_plugins_library
@@ -69,6 +70,11 @@ def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(node)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
+    # `logits_to_keep` stays its initializer (0, every position) in engines: a scalar input that
+    # slices would be a TensorRT shape tensor, fed from the host; the TensorRT backend slices instead.
+    inputs = [i for i in out.graph.input if i.name != LOGITS_TO_KEEP]
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
     return out
 
 

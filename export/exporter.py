@@ -26,6 +26,9 @@ from .onnx_ops import (DOMAIN, OPSET, PLUGIN_ATTRS, AttentionVariant, MLPVariant
 
 MANIFEST = "shadowllm.json"
 FORMAT = "shadowllm-export/1"
+# Bumped whenever the exporter writes a different graph for the same model (4: `logits_to_keep`, the
+# KV cache written in place); folders cached under it (demo, bench) are made again.
+REVISION = 4
 _custom = onnxscript.values.Opset(domain=DOMAIN, version=1)
 
 
@@ -43,11 +46,14 @@ def _attention_translation(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key
         rope=rope, kv_policy=kv_policy, **layout_attrs(weight_layout), **PLUGIN_ATTRS)
 
 
+LOGITS_TO_KEEP = "logits_to_keep"  # optional input (default 0 = every position), added after tracing
+
+
 def io_names(num_layers: int):
     past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     inputs = ["input_ids", "attention_mask", "position_ids", *past, "shadow_head_mask", "shadow_neuron_mask",
-              "sparsity"]
+              "sparsity", LOGITS_TO_KEEP]
     outputs = ["logits", *present, "shadow_head_mask_out", "shadow_neuron_mask_out"]
     return inputs, outputs
 
@@ -107,7 +113,7 @@ def trace(model, policy: str = "dense", static_scores=None, target: str = "both"
     inputs, outputs = io_names(arch.num_layers)
     with torch.no_grad(), _one_line_errors():
         program = torch.onnx.export(
-            module, _example(arch), dynamo=True, opset_version=OPSET, input_names=inputs, output_names=outputs,
+            module, _example(arch), dynamo=True, opset_version=OPSET, input_names=inputs[:-1], output_names=outputs,
             dynamic_shapes=_dynamic_shapes(arch.num_layers), verbose=False,
             custom_translation_table={torch.ops.shadowllm.sparse_neuron_mlp.default: _mlp_translation,
                                       torch.ops.shadowllm.sparse_head_attention.default: _attention_translation})
@@ -115,6 +121,7 @@ def trace(model, policy: str = "dense", static_scores=None, target: str = "both"
 
     ir_model = program.model
     _name_nodes(ir_model.graph)
+    _add_logits_to_keep(ir_model.graph)
     w0 = adapter_for(model).attention(0)
     m0 = adapter_for(model).mlp(0)
     thresholded = policy in THRESHOLDED
@@ -178,6 +185,42 @@ def _name_nodes(graph):
                     walk(attr.value)
 
     walk(graph)
+
+
+def _add_logits_to_keep(graph):
+    """The optional int64 scalar input `logits_to_keep` (transformers' name and meaning): k > 0 runs the
+    LM head on the last k positions only, 0 (its default, an initializer of the same name) on all.
+    Generation asks for 1 at prefill: a 2,000-token prompt otherwise computes and returns 2,000 rows of
+    vocabulary logits (375 MB of fp32 on SmolLM2) to sample from the last. Added to the traced graph
+    rather than to ExportModule, whose slice bound would be data-dependent for torch.export: the
+    LM head's MatMul reads Slice(h, -k, end) (-0 = 0 keeps every row)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    logits = next(v for v in graph.outputs if v.name == "logits")
+    head = logits.producer()
+    if head is None or head.op_type != "MatMul":
+        raise ShadowError(f"export: expected the LM head (a MatMul) to produce `logits`, found "
+                          f"{head.op_type if head else 'a graph input'}")
+    keep = ir.Value(name=LOGITS_TO_KEEP, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]),
+                    const_value=ir.tensor(np.array(0, dtype=np.int64), name=LOGITS_TO_KEEP))
+    graph.inputs.append(keep)
+    graph.register_initializer(keep)
+
+    def const(name, values):
+        return ir.node("Constant", [], attributes={"value": ir.tensor(np.array(values, dtype=np.int64), name=name)},
+                       outputs=[ir.Value(name=name)])
+
+    end, axis = const("logits_to_keep/end", [np.iinfo(np.int64).max]), const("logits_to_keep/axis", [1])
+    one = const("logits_to_keep/one", [1])
+    neg = ir.node("Neg", [keep], outputs=[ir.Value(name="logits_to_keep/neg")])
+    start = ir.node("Reshape", [neg.outputs[0], one.outputs[0]], outputs=[ir.Value(name="logits_to_keep/start")])
+    rows = ir.node("Slice", [head.inputs[0], start.outputs[0], end.outputs[0], axis.outputs[0]],
+                   outputs=[ir.Value(name="logits_to_keep/hidden")])
+    graph.insert_before(head, [end, axis, one, neg, start, rows])
+    head.replace_input_with(0, rows.outputs[0])
+    if logits.shape is not None and len(logits.shape) == 3:  # no longer the input's sequence length
+        logits.shape = ir.Shape([logits.shape[0], "logits_sequence", logits.shape[2]])
 
 
 def predictor_fingerprint(predictor) -> str | None:

@@ -152,8 +152,15 @@ def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
                    b.const([2]), keepdims=0)  # [B, G]
         group_on = b("Unsqueeze", b("CastLike", groups, "x"), b.const([2, 3]))
         k, val = b("Mul", k, group_on), b("Mul", val, group_on)
-    b.rename(b("Concat", "past_key", k, axis=2), "present_key")
-    b.rename(b("Concat", "past_value", val, axis=2), "present_value")
+    # the past: the first P = T - S positions of past_key; present = past_key with P..T-1 written
+    S = b("Slice", b("Shape", "x"), b.const([1]), b.const([2]))
+    T = b("Slice", b("Shape", "attention_mask"), b.const([1]), b.const([2]))
+    past = b("Sub", T, S)
+    valid_k = b("Concat", b("Slice", "past_key", b.const([0]), past, b.const([2])), k, axis=2)
+    valid_v = b("Concat", b("Slice", "past_value", b.const([0]), past, b.const([2])), val, axis=2)
+    end = b.const([np.iinfo(np.int64).max])
+    b.rename(b("Concat", valid_k, b("Slice", "past_key", T, end, b.const([2])), axis=2), "present_key")
+    b.rename(b("Concat", valid_v, b("Slice", "past_value", T, end, b.const([2])), axis=2), "present_value")
 
     def per_head(t):  # [B, G, T, E] -> [B, H, T, E]: query head h reads kv head h // (H/G)
         shape = b("Shape", t)
@@ -161,12 +168,9 @@ def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
                      b("Concat", b("Slice", shape, b.const([0]), b.const([2])), b.const([H // G]),
                        b("Slice", shape, b.const([2]), b.const([4])), axis=0))
         return b("Reshape", expanded, b.const([0, H, -1, E]))
-    keys, values = per_head("present_key"), per_head("present_value")
+    keys, values = per_head(valid_k), per_head(valid_v)
     scores = b("Mul", b("MatMul", q, b("Transpose", keys, perm=[0, 1, 3, 2])), b.const(v.scale, np.float32))
     # causal and padding mask: key j visible to new token i when j <= past + i and attention_mask[b, j]
-    past = b("Slice", b("Shape", "past_key"), b.const([2]), b.const([3]))
-    S = b("Slice", b("Shape", "x"), b.const([1]), b.const([2]))
-    T = b("Slice", b("Shape", "attention_mask"), b.const([1]), b.const([2]))
     zero, one = b.const(0), b.const(1)
     i = b("Add", b("Range", zero, b("Squeeze", S), one), b("Squeeze", past))
     j = b("Range", zero, b("Squeeze", T), one)

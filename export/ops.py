@@ -6,11 +6,13 @@ op and the reference forward cannot drift apart. The fake kernels give shapes fo
 
 shadowllm::sparse_neuron_mlp(x[B,S,D], w_in[F,D], b_in[F]?, w_gate[F,D]?, w_out_t[F,D], b_out[D]?,
                              mask[B,F] bool, t_x[]?, t_h[]?, activation, weight_layout) -> y[B,S,D]
-shadowllm::sparse_head_attention(x, w_q, b_q?, w_k, b_k?, w_v, b_v?, w_o_t, b_o?, past_key[B,G,P,E],
+shadowllm::sparse_head_attention(x, w_q, b_q?, w_k, b_k?, w_v, b_v?, w_o_t, b_o?, past_key[B,G,C,E],
                              past_value, attention_mask[B,T], position_ids[B,S], cos[M,E/2]?,
                              sin[M,E/2]?, head_mask[B,H] bool, t_x[]?, t_o[]?, num_heads, num_kv_heads,
                              head_dim, scale, rope, kv_policy, weight_layout)
-                             -> (y, present_key[B,G,T,E], present_value)
+                             -> (y, present_key[B,G,max(C,T),E], present_value)
+The past is the first P = T - S positions of past_key (C >= P); present is past_key with the new
+positions P..T-1 written (C = P: present = past + new; C >= T: a cache updated in place).
 t_*: activation thresholds (fp32 scalars; an entry v counts only when |v| >= t). weight_layout
 "row_major" keeps the input projections [out, in]; "channel_major" hands them in transposed ([D, F],
 [D, H*E], ...), the layout in which a kernel reads only the kept input channels' weights.
@@ -87,15 +89,18 @@ def sparse_head_attention(x: Tensor, w_q: Tensor, b_q: Optional[Tensor], w_k: Te
     w = AttentionWeights(w_q=_row_major(w_q, weight_layout), w_k=_row_major(w_k, weight_layout),
                          w_v=_row_major(w_v, weight_layout), w_o_t=w_o_t, b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o)
     tables = (cos[position_ids], sin[position_ids]) if rope else None
-    allowed = _allowed(attention_mask, past_key.shape[2], x.shape[1])
-    y, key, value = attention_block(shape, w, x, (past_key, past_value), allowed, tables, head_mask.bool(),
-                                    kv_policy=kv_policy, t_x=t_x, t_o=t_o)
-    return y.clone(), key.clone(), value.clone()
+    T = attention_mask.shape[1]
+    P = T - x.shape[1]
+    allowed = _allowed(attention_mask, P, x.shape[1])
+    y, key, value = attention_block(shape, w, x, (past_key[:, :, :P], past_value[:, :, :P]), allowed, tables,
+                                    head_mask.bool(), kv_policy=kv_policy, t_x=t_x, t_o=t_o)
+    # positions T.. of a larger past_key are kept as they are (a preallocated cache's unused tail)
+    return y.clone(), torch.cat([key, past_key[:, :, T:]], 2), torch.cat([value, past_value[:, :, T:]], 2)
 
 
 @sparse_head_attention.register_fake
 def _(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask, position_ids, cos, sin,
       head_mask, t_x, t_o, num_heads, num_kv_heads, head_dim, scale, rope, kv_policy, weight_layout):
-    B, G, P, E = past_key.shape
-    T = P + x.shape[1]
-    return torch.empty_like(x), past_key.new_empty(B, G, T, E), past_value.new_empty(B, G, T, E)
+    B, G, C, E = past_key.shape
+    N = torch.sym_max(C, attention_mask.shape[1])
+    return torch.empty_like(x), past_key.new_empty(B, G, N, E), past_value.new_empty(B, G, N, E)

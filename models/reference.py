@@ -236,8 +236,10 @@ def mlp_block(activation: str, w: MLPWeights, x, neuron_mask=None, token_mask=No
 
 
 def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention_mask=None, past=None,
-                   *, kv_policy: str = "all", observer: Observer | None = None, thresholds=None):
-    """Run `model` on `input_ids` [B, S] with head / neuron masks; returns (logits [B,S,V], past).
+                   *, kv_policy: str = "all", observer: Observer | None = None, thresholds=None,
+                   last_only: bool = False):
+    """Run `model` on `input_ids` [B, S] with head / neuron masks; returns (logits [B,S,V], past)
+    (logits [B, 1, V] of the last position with last_only: the LM head runs on that row only).
 
     head_mask: bool [B, L, H] (per sequence: masked heads are skipped) or [B, S, L, H] (per token:
     zeroed); neuron_mask likewise with F. None means dense. attention_mask: [B, P+S] with 1 = attend
@@ -308,4 +310,4 @@ def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention
             None if tok_neurons is None else tok_neurons[:, :, layer], observer, layer, t[2], t[3]))
         if not arch.pre_norm:
             h = adapter.mlp_norm(layer)(h)
-    return adapter.logits(h), tuple(presents)
+    return adapter.logits(h[:, -1:] if last_only else h), tuple(presents)

@@ -16,6 +16,9 @@ class Backend(Protocol):
     max_positions: int
     vocab_size: int
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
-        """input_ids [B, S]; attention_mask [B, past+S]; state None at prefill."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any,
+                last_only: bool = False) -> tuple[torch.Tensor, Any]:
+        """input_ids [B, S]; attention_mask [B, past+S]; state None at prefill. last_only: logits
+        [B, 1, V] of the last position (generation's prefill), the LM head run on that row alone
+        where the backend can."""
         ...

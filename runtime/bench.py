@@ -42,7 +42,6 @@ from .ort_backend import OrtBackend
 
 SYNTHETIC = ("tinyllama-1.1b", "opt-1.3b")
 REAL = ("smollm2-135m",)
-EXPORT_VERSION = 3  # bump when the exporter's output changes in a way bench depends on (node names)
 
 
 @dataclass
@@ -207,9 +206,9 @@ def _bench_arch(folder: Path) -> dict:
 
 
 def _cached_export(root: Path, model, tokenizer, policy: str, predictor=None, predictor_dir=None) -> Path:
-    from shadowllm.export.exporter import export
+    from shadowllm.export.exporter import REVISION, export
 
-    folder = root / f"export-{policy}-v{EXPORT_VERSION}"
+    folder = root / f"export-{policy}-v{REVISION}"
     if not (folder / "shadowllm.json").is_file():
         thresholds = _uniform_thresholds(model, tokenizer, root) if policy == "threshold" else None
         export(model, tokenizer, folder, policy, predictor=predictor, predictor_dir=predictor_dir,

@@ -104,7 +104,7 @@ class CudaBackend:
         return ws
 
     def _blocks(self, x, state: CudaState, attention_mask, position_ids, past: int, decode: bool, clean: bool,
-                past_length=None):
+                past_length=None, last_only: bool = False):
         a = self.arch
         B, S, _ = x.shape
         # clean: decode steps (the prefill before them, with more tokens, left a larger zeroed region)
@@ -126,7 +126,7 @@ class CudaBackend:
                 t_x=None if thr is None else thr[i, 2], t_h=None if thr is None else thr[i, 3],
                 channel_major=self.thresholds is not None, clean=clean)
             x = x + y
-        return self.adapter.logits(x).float()
+        return self.adapter.logits(x[:, -1:] if last_only else x).float()
 
     def _new_state(self, batch: int, tokens: int) -> CudaState:
         if tokens > self.arch.max_positions:
@@ -146,7 +146,7 @@ class CudaBackend:
         grown.past = state.past
         return grown
 
-    def forward(self, input_ids, attention_mask, state):
+    def forward(self, input_ids, attention_mask, state, last_only: bool = False):
         B, S = input_ids.shape
         with torch.inference_mode():
             if state is None:
@@ -167,7 +167,7 @@ class CudaBackend:
             else:
                 x = self.adapter.embed(ids, positions)
                 logits = self._blocks(x, state, mask.contiguous(), positions.contiguous(), past, decode=past > 0,
-                                      clean=past > 0)
+                                      clean=past > 0, last_only=last_only)
             state.past = past + S
             return logits.cpu(), state  # the generation loop samples on the host, like every backend
 

@@ -103,7 +103,7 @@ def generate(backend: Backend, tokenizer, prompts: str | Sequence[str], max_new_
     streams = [_Stream(tokenizer, stop) for _ in prompts]
     done = torch.zeros(B, dtype=torch.bool)
 
-    logits, state = backend.forward(input_ids, attention_mask, None)
+    logits, state = backend.forward(input_ids, attention_mask, None, last_only=True)  # sampling reads the last
     for step in range(max_new_tokens):
         next_ids = sampler(logits[:, -1])
         next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)

@@ -383,9 +383,9 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
 
 def _with_past(state, graph_state: dict, dtype):
     """A reference backend state whose KV cache is the graph's (the state's masks, if any, kept)."""
-    past = tuple((torch.from_numpy(graph_state["past"][2 * i].numpy()).to(dtype),
-                  torch.from_numpy(graph_state["past"][2 * i + 1].numpy()).to(dtype))
-                 for i in range(len(graph_state["past"]) // 2))
+    arrays = OrtBackend.past_arrays(graph_state)
+    past = tuple((torch.from_numpy(arrays[2 * i].copy()).to(dtype), torch.from_numpy(arrays[2 * i + 1].copy()).to(dtype))
+                 for i in range(len(arrays) // 2))
     if isinstance(state, tuple) and len(state) == 3 and isinstance(state[1], torch.Tensor):
         return (past, state[1], state[2])  # per-sequence predictor: (past, heads, neurons)
     return past
@@ -430,7 +430,7 @@ def _check_thresholded_ops(report: ParityReport, model64, manifest: dict, thresh
             def observe(_, name, v):
                 seen[name] = v
             if op == "attention":
-                past = tuple(torch.from_numpy(before["past"][2 * layer + i].numpy()).double() for i in (0, 1))
+                past = tuple(torch.from_numpy(OrtBackend.past_arrays(before)[2 * layer + i]).double() for i in (0, 1))
                 on = heads[:, layer]
                 ref, _, _ = attention_block(arch, adapter.attention(layer), x, past, allowed, rope,
                                             token_mask=on[:, None, :], kv_policy="all", observer=observe,

@@ -60,7 +60,8 @@ class TorchBackend:
         return (keep_mask(heads, self.head_sparsity, self.allocation) if self.head_sparsity else None,
                 keep_mask(neurons, self.neuron_sparsity, self.allocation) if self.neuron_sparsity else None)
 
-    def forward(self, input_ids, attention_mask, state):
+    def forward(self, input_ids, attention_mask, state, last_only: bool = False):
+        self.last_only = last_only  # logits of the last position only (every sparse_forward of this call)
         try:
             return self._forward(input_ids, attention_mask, state)
         finally:
@@ -73,7 +74,7 @@ class TorchBackend:
                 self.last_masks = (self._rows(self.head_mask, B), self._rows(self.neuron_mask, B))
                 return sparse_forward(self.model, input_ids, *self.last_masks, attention_mask, state,
                                       kv_policy=self.kv_policy, thresholds=self._thresholds(state),
-                                      observer=self._kept_observer(None, state))
+                                      observer=self._kept_observer(None, state), last_only=self.last_only)
             if self.predictor.granularity == "sequence":
                 return self._per_sequence(input_ids, attention_mask, state)
             return self._per_token(input_ids, attention_mask, state)
@@ -137,24 +138,26 @@ class TorchBackend:
             heads, neurons = self._ones(input_ids.shape[0])
             observer = self._observer_filling(heads, neurons, lambda t: t[:, -1])
             logits, past = sparse_forward(self.model, input_ids, heads, neurons, attention_mask,
-                                          kv_policy="active", observer=observer)
+                                          kv_policy="active", observer=observer, last_only=self.last_only)
             return logits, (past, heads, neurons)
         past, heads, neurons = state
         logits, past = sparse_forward(self.model, input_ids, heads, neurons, attention_mask, past, kv_policy="active",
-                                      thresholds=self.thresholds, observer=self._kept_observer(None, state))
+                                      thresholds=self.thresholds, observer=self._kept_observer(None, state),
+                                      last_only=self.last_only)
         return logits, (past, heads, neurons)
 
     def _per_token(self, input_ids, attention_mask, state):
         if state is None:  # dense prefill
             self.last_masks = (None, None)
-            return sparse_forward(self.model, input_ids, attention_mask=attention_mask)
+            return sparse_forward(self.model, input_ids, attention_mask=attention_mask, last_only=self.last_only)
         heads, neurons = self._ones(*input_ids.shape)
         if self.predictor.kind == "dejavu":
             observer = self._observer_lookahead(heads, neurons)
         else:
             observer = self._observer_filling(heads, neurons, lambda t: t[:, -1])
         return sparse_forward(self.model, input_ids, heads, neurons, attention_mask, state,
-                              observer=self._kept_observer(observer, state), thresholds=self.thresholds)
+                              observer=self._kept_observer(observer, state), thresholds=self.thresholds,
+                              last_only=self.last_only)
 
     def _observer_lookahead(self, heads, neurons):
         """DejaVu: the residual input of layer l-1 (in this sparse run) predicts layer l's masks."""

@@ -62,7 +62,9 @@ class TrtBackend:
         neurons = np.ones((batch, self.layers, self.neurons), bool) if neuron_mask is None else np.asarray(neuron_mask)
         return {"past": [empty] * (2 * self.layers), "heads": heads, "neurons": neurons}
 
-    def forward(self, input_ids, attention_mask, state):
+    def forward(self, input_ids, attention_mask, state, last_only: bool = False):
+        """last_only: the last position's logits (the engine keeps `logits_to_keep` at its default, every
+        position: TensorRT folds an initializer-backed input into a constant)."""
         ids = input_ids.numpy().astype(np.int64)
         mask = attention_mask.numpy().astype(np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
@@ -79,4 +81,5 @@ class TrtBackend:
         past = [np.asarray(outs[f"present.{i // 2}.{('key', 'value')[i % 2]}"]) for i in range(2 * self.layers)]
         state = {"past": past, "heads": np.asarray(outs["shadow_head_mask_out"]),
                  "neurons": np.asarray(outs["shadow_neuron_mask_out"])}
-        return torch.from_numpy(np.asarray(outs["logits"], dtype=np.float32)), state
+        logits = torch.from_numpy(np.asarray(outs["logits"], dtype=np.float32))
+        return (logits[:, -1:] if last_only else logits), state

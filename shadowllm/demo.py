@@ -22,7 +22,7 @@ from shadowllm.models import adapter_for, load
 from shadowllm.predictor.cached import cached_predictors
 from shadowllm.predictor.evaluation import evaluate, rows_table
 from shadowllm.predictor.thresholds import default_calibration, threshold_table
-from shadowllm.export.exporter import export
+from shadowllm.export.exporter import REVISION, export
 from shadowllm.runtime import TorchBackend, generate
 from shadowllm.runtime.generate import chat_prompt
 from shadowllm.runtime.ort_backend import OrtBackend
@@ -95,7 +95,7 @@ def run_demo(model_name: str | None = None, quick: bool = False):
 def _exported(model, tokenizer, root, policy, predictor=None, thresholds=None):
     """The demo's export of `policy` (shadow: the per-token predictor, neurons targeted; threshold: the
     greedy table), made once and cached."""
-    folder = root / f"export-{policy}-v2"
+    folder = root / f"export-{policy}-v{REVISION}"
     if not (folder / "shadowllm.json").is_file():
         _heading(f"exporting model{' + predictor' if predictor else ''} to ONNX (policy {policy})")
         export(model, tokenizer, folder, policy, target="neurons", predictor=predictor,

@@ -117,7 +117,7 @@ class ShadowLLMHarness(LM):
 
     def _decode_logprobs(self, chunk):
         ids, mask = self._batch([ctx for ctx, _ in chunk])
-        logits, state = self.backend.forward(ids, mask, None)
+        logits, state = self.backend.forward(ids, mask, None, last_only=True)
         rows = [[F.log_softmax(torch.as_tensor(logits)[i, -1].float(), -1)] for i in range(len(chunk))]
         for t in range(1, max(len(cont) for _, cont in chunk)):
             step = torch.tensor([[cont[t - 1] if t < len(cont) else self.pad_id] for _, cont in chunk])

@@ -67,7 +67,13 @@ def attention_case(draw):
     return B, S, P, D, v, draw(st.integers(0, 2**31 - 1)), draw(st.sampled_from([0.0, 0.4, 0.8, 1.0]))
 
 
-def attention_tensors(case) -> dict:
+# Positions past_key holds beyond the past (C = P + spare): 0 = present is past + new; 7 (> any S) = a
+# preallocated cache updated in place, its tail beyond T carried over; 1 = new positions overwrite
+# part of it and present grows to T.
+SPARE = st.sampled_from([0, 0, 1, 7])
+
+
+def attention_tensors(case, spare: int = 0) -> dict:
     B, S, P, D, v, seed, keep = case
     H, G, E = v.num_heads, v.num_kv_heads, v.head_dim
     T = P + S
@@ -78,7 +84,7 @@ def attention_tensors(case) -> dict:
         attention_mask[b, : r.integers(0, T)] = 0
     positions = np.clip(np.cumsum(attention_mask, -1) - 1, 0, None)[:, P:]
     t = dict(x=f(B, S, D), w_q=f(H * E, D), w_k=f(G * E, D), w_v=f(G * E, D), w_o_t=f(H * E, D),
-             past_key=f(B, G, P, E), past_value=f(B, G, P, E), attention_mask=attention_mask,
+             past_key=f(B, G, P + spare, E), past_value=f(B, G, P + spare, E), attention_mask=attention_mask,
              position_ids=positions.astype(np.int64), head_mask=r.random((B, H)) < keep)
     if v.bias_qkv:
         t.update(b_q=f(H * E), b_k=f(G * E), b_v=f(G * E))

@@ -87,8 +87,10 @@ def sparse_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key,
     every context entry of a kept head before t_o applies."""
     x = keep_large(x.astype(np.float64), t_x)
     B, S, D = x.shape
-    P = past_key.shape[2]
-    T = P + S
+    T = attention_mask.shape[1]
+    P = T - S  # the past: past_key's first P positions; positions T.. of a larger one are carried over
+    tail_k, tail_v = past_key[:, :, T:], past_value[:, :, T:]
+    past_key, past_value = past_key[:, :, :P], past_value[:, :, :P]
     per_group = H // G
     y, mag = np.zeros((B, S, D)), np.zeros((B, S, D))
     new_k, new_v = np.zeros((B, G, S, E)), np.zeros((B, G, S, E))
@@ -138,4 +140,5 @@ def sparse_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key,
     if b_o is not None:
         y += b_o
         mag += np.abs(b_o)
+    present_k, present_v = np.concatenate([present_k, tail_k], axis=2), np.concatenate([present_v, tail_v], axis=2)
     return (y, present_k, present_v, mag) if magnitude else (y, present_k, present_v)

@@ -21,7 +21,7 @@ from shadowllm.export.onnx_ops import (ATTENTION_INPUTS, DOMAIN, MLP_INPUTS, OPS
                                        attention_function, attention_node, mlp_function, mlp_node,
                                        register_schemas)
 from tests.parity import numpy_reference as ref
-from tests.parity.cases import (COMPUTED_MODES, INPUT_MODES, REL, SETTINGS, attention_case, attention_reference,
+from tests.parity.cases import (COMPUTED_MODES, INPUT_MODES, REL, SETTINGS, SPARE, attention_case, attention_reference,
                                 attention_tensors, channel_major, mlp_case, mlp_reference, mlp_tensors, mlp_threshold_case, rel_error,
                                 threshold_for_computed, threshold_for_input)
 
@@ -74,13 +74,13 @@ def test_sparse_neuron_mlp(case):
         assert rel_error(onnx_y, expect, magnitude) < REL, f"native={native}"
 
 
-@given(attention_case())
+@given(attention_case(), SPARE)
 @SETTINGS
-def test_sparse_head_attention(case):
+def test_sparse_head_attention(case, spare):
     B, S, P, D, v, seed, keep = case
     H, G, E = v.num_heads, v.num_kv_heads, v.head_dim
-    T = P + S
-    t = attention_tensors(case)
+    T = max(P + spare, P + S)  # present's positions
+    t = attention_tensors(case, spare)
     expect, magnitudes = attention_reference(t, v)
     tt = {k: torch.from_numpy(a) for k, a in t.items()}
     eager = torch.ops.shadowllm.sparse_head_attention(*[tt.get(k) for k in ATTENTION_INPUTS], H, G, E, v.scale,
@@ -121,14 +121,14 @@ def test_sparse_neuron_mlp_with_thresholds(case, x_mode, h_mode, layout):
         assert rel_error(onnx_y, expect, magnitude) < REL, f"native={native}"
 
 
-@given(attention_case(), st.sampled_from(INPUT_MODES), st.sampled_from(COMPUTED_MODES), LAYOUTS)
+@given(attention_case(), st.sampled_from(INPUT_MODES), st.sampled_from(COMPUTED_MODES), LAYOUTS, SPARE)
 @SETTINGS
-def test_sparse_head_attention_with_thresholds(case, x_mode, o_mode, layout):
+def test_sparse_head_attention_with_thresholds(case, x_mode, o_mode, layout, spare):
     B, S, P, D, v, seed, keep = case
     v = replace(v, thresholds=True, weight_layout=layout)
     H, G, E = v.num_heads, v.num_kv_heads, v.head_dim
-    T = P + S
-    t = attention_tensors(case)
+    T = max(P + spare, P + S)  # present's positions
+    t = attention_tensors(case, spare)
     t_x = threshold_for_input(t["x"], x_mode, seed)
     args = [t.get(k) for k in ATTENTION_INPUTS[:16]] + [H, G, E, v.scale, v.rope, v.kv_policy]
     seen = []

@@ -178,20 +178,20 @@ def test_a_folder_builds_again_after_the_tensorrt_preparation(tmp_path):
     assert (folder / "ort-cpu" / "model.onnx").is_file()
 
 
-def test_ort_decode_writes_the_cache_into_buffers_allocated_once(tmp_path):
-    """Issue 15 (2): each decode step's present caches land in one of two preallocated buffers per
-    cache (doubled when full), not in a new block a position longer per step; the logits still equal
-    the PyTorch reference's."""
-    import torch
-
+@pytest.mark.parametrize("native", [True, False])
+def test_ort_decode_writes_the_cache_into_buffers_allocated_once(tmp_path, native):
+    """Issue 15 (2): with the native kernels, each layer's cache is one preallocated buffer bound as
+    both past and present, written in place at the new position only (doubled when full); with the
+    function bodies (stock onnxruntime), present = past + new lands in one of two preallocated buffers
+    per cache used in turn. Either way no new block a position longer per step, and the logits equal
+    the PyTorch reference's over 300 steps (crossing a doubling)."""
     from shadowllm.export.exporter import export
-    from shadowllm.models.tiny import build_model, byte_tokenizer
     from shadowllm.runtime.ort_backend import OrtBackend
     from shadowllm.runtime.torch_backend import TorchBackend
 
     model = build_model("llama", seed=3, max_position_embeddings=640)
     folder = export(model, byte_tokenizer(), tmp_path / "dense")
-    ours, reference = OrtBackend(folder, 0.0), TorchBackend(model)
+    ours, reference = OrtBackend(folder, 0.0, native=native), TorchBackend(model)
     ids = torch.tensor([[5, 17, 42, 9]])
     mask = torch.ones_like(ids)
     logits, state = ours.forward(ids, mask, None)
@@ -203,12 +203,54 @@ def test_ort_decode_writes_the_cache_into_buffers_allocated_once(tmp_path):
         logits, state = ours.forward(nxt, mask, state)
         ref_logits, ref_state = reference.forward(nxt, mask, ref_state)
         assert float((logits - ref_logits).abs().max()) <= 1e-4 * max(1.0, float(ref_logits.abs().max()))
-        buffers = state["buffers"]
+        if native:
+            buffers = state["shared"]
+            key = buffers["arrays"][0]  # present.0.key is past_key_values.0.key: the same memory
+            assert state["past"][0].data_ptr() == key.ctypes.data and key.shape[2] == buffers["positions"]
+        else:
+            buffers = state["buffers"]
+            flat = buffers["flat"][0][state["flip"] ^ 1]  # where this step's present.0.key went
+            assert flat.ctypes.data <= state["past"][0].data_ptr() < flat.ctypes.data + flat.nbytes
         seen.add(id(buffers))
-        flat = buffers["flat"][0][state["flip"] ^ 1]  # where this step's present.0.key went
-        start = flat.ctypes.data
-        assert start <= state["past"][0].data_ptr() < start + flat.nbytes
     assert buffers["positions"] == 512 and len(seen) == 2  # allocated at prefill, doubled once
+    cache = OrtBackend.past_arrays(state)
+    assert cache[0].shape[2] == mask.shape[1]
+    expect = ref_state[0][0].numpy()
+    assert np.abs(cache[0] - expect).max() <= 1e-4 * max(1.0, float(np.abs(expect).max()))
+
+
+def test_prefill_for_generation_runs_the_lm_head_on_the_last_position_only(tmp_path):
+    """Issue 15 (6): the export takes `logits_to_keep` (default 0: every position, what parity compares);
+    generation's prefill asks for 1 and gets [B, 1, V], the last row of the full logits; the LM head's
+    MatMul then reads one row (its input is sliced in the graph, not the output after the run)."""
+    import onnxruntime as ort
+
+    from shadowllm.export.exporter import export
+    from shadowllm.runtime.ort_backend import OrtBackend
+    from shadowllm.runtime.torch_backend import TorchBackend
+
+    model = build_model("opt", seed=4)
+    folder = export(model, byte_tokenizer(), tmp_path / "dense")
+    ours, reference = OrtBackend(folder, 0.0), TorchBackend(model)
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    every, _ = ours.forward(ids, mask, None)
+    last, state = ours.forward(ids, mask, None, last_only=True)
+    ref_last, _ = reference.forward(ids, mask, None, last_only=True)
+    assert every.shape[1] == 9 and last.shape == (2, 1, every.shape[2]) == ref_last.shape
+    assert torch.allclose(last, every[:, -1:], atol=1e-5) and torch.allclose(last, ref_last, atol=1e-4)
+    nxt = last[:, -1].argmax(-1, keepdim=True)  # the cache of a last_only prefill decodes on as usual
+    step, _ = ours.forward(nxt, torch.cat([mask, torch.ones_like(nxt)], 1), state)
+    assert step.shape == (2, 1, every.shape[2])
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    head = next(n for n in graph.node if "logits" in n.output)
+    sliced = next(n for n in graph.node if head.input[0] in n.output)
+    assert sliced.op_type == "Slice"
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.shape for i in session.get_overridable_initializers() if i.name == "logits_to_keep"] == [[]]
+    assert ours.keeps_logits
 
 
 _EXPORT_PEAK = """

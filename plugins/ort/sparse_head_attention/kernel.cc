@@ -27,6 +27,8 @@ void Rope(float* t, const float* cos, const float* sin, int64_t pos, int64_t E) 
 
 void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
   const int64_t S = a.S, D = a.D, E = a.E, P = a.P, T = a.P + a.S, G = a.G, H = a.H;
+  const int64_t C = a.C, N = std::max(C, T);  // past_key's positions, present's
+  const bool in_place = a.present_key == a.past_key;
   const int64_t per_group = H / G;
   std::vector<float> kept_x;
   for (int64_t b = 0; b < a.B; ++b) {
@@ -78,14 +80,17 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
       ProjectRows(x, S, D, rows, proj.data(), parallel);
     }
 
-    // Present cache: the past, then the new K/V (RoPE on K) of needed kv heads, zeros for the rest.
+    // Present cache: the past's positions (nothing to copy in place), then the new K/V (RoPE on K)
+    // of needed kv heads at P..T-1, zeros there for the rest.
     std::vector<char> group_on(static_cast<size_t>(G), 0);
     for (int64_t g : groups) group_on[g] = 1;
     for (int64_t g = 0; g < G; ++g) {
-      float* pk = a.present_key + (b * G + g) * T * E;
-      float* pv = a.present_value + (b * G + g) * T * E;
-      std::memcpy(pk, a.past_key + (b * G + g) * P * E, sizeof(float) * P * E);
-      std::memcpy(pv, a.past_value + (b * G + g) * P * E, sizeof(float) * P * E);
+      float* pk = a.present_key + (b * G + g) * N * E;
+      float* pv = a.present_value + (b * G + g) * N * E;
+      if (!in_place) {
+        std::memcpy(pk, a.past_key + (b * G + g) * C * E, sizeof(float) * C * E);
+        std::memcpy(pv, a.past_value + (b * G + g) * C * E, sizeof(float) * C * E);
+      }
       if (!group_on[g]) {
         std::fill(pk + P * E, pk + T * E, 0.f);
         std::fill(pv + P * E, pv + T * E, 0.f);
@@ -93,8 +98,8 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
     }
     for (int64_t j = 0; j < NG; ++j) {
       const int64_t g = groups[j];
-      float* pk = a.present_key + (b * G + g) * T * E + P * E;
-      float* pv = a.present_value + (b * G + g) * T * E + P * E;
+      float* pk = a.present_key + (b * G + g) * N * E + P * E;
+      float* pv = a.present_value + (b * G + g) * N * E + P * E;
       const float* k_rows = proj.data() + ((K + j) * E) * S;
       const float* v_rows = proj.data() + ((K + NG + j) * E) * S;
       for (int64_t s = 0; s < S; ++s) {
@@ -113,8 +118,8 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
     parallel.For(K, [&](int64_t k) {
       const int64_t h = heads[k], g = h / per_group;
       std::vector<float> q(static_cast<size_t>(E)), p(static_cast<size_t>(T)), out(static_cast<size_t>(E));
-      const float* keys = a.present_key + (b * G + g) * T * E;
-      const float* values = a.present_value + (b * G + g) * T * E;
+      const float* keys = a.present_key + (b * G + g) * N * E;
+      const float* values = a.present_value + (b * G + g) * N * E;
       for (int64_t s = 0; s < S; ++s) {
         for (int64_t e = 0; e < E; ++e) q[e] = proj[(k * E + e) * S + s] + (a.b_q ? a.b_q[h * E + e] : 0.f);
         if (a.rope) Rope(q.data(), a.cos, a.sin, positions[s], E);

@@ -15,14 +15,14 @@ struct AttentionArgs {
   const float* x;  // [B, S, D]
   const float *w_q, *b_q, *w_k, *b_k, *w_v, *b_v;  // [H*E, D] / [G*E, D], biases may be null
   const float *w_o_t, *b_o;                         // [H*E, D], [D] or null
-  const float *past_key, *past_value;               // [B, G, P, E]
+  const float *past_key, *past_value;               // [B, G, C, E], the past in the first P positions
   const int64_t* attention_mask;                    // [B, T]
   const int64_t* position_ids;                      // [B, S]
   const float *cos, *sin;                           // [M, E/2] or null (no RoPE)
   const bool* head_mask;                            // [B, H]
   const float *t_x, *t_o;                           // thresholds on x and on the context, or null
-  float *y, *present_key, *present_value;           // [B, S, D], [B, G, T, E] x2
-  int64_t B, S, D, P, H, G, E, max_positions;
+  float *y, *present_key, *present_value;           // [B, S, D], [B, G, max(C, T), E] x2 (may alias past)
+  int64_t B, S, D, P, C, H, G, E, max_positions;  // P = T - S past positions, C = past_key's length axis
   float scale;
   bool rope;
   bool kv_active;      // kv_policy == "active"

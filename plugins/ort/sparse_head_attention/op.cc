@@ -1,5 +1,6 @@
 #include "op.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -25,7 +26,12 @@ void SparseHeadAttentionKernel::Compute(OrtKernelContext* context) {
   a.B = x_shape[0];
   a.S = x_shape[1];
   a.D = x_shape[2];
-  a.P = past_shape[2];
+  // The past is the first P = T - S positions of past_key's C (>= P) positions; present has
+  // max(C, T). When the caller binds present to the memory of past (C >= T), only the new positions
+  // are written: the KV cache is updated in place instead of copied every step.
+  const int64_t T = InputShape(ctx, 11)[1];
+  a.P = T - a.S;
+  a.C = past_shape[2];
   a.H = num_heads;
   a.G = num_kv_heads;
   a.E = head_dim;
@@ -61,9 +67,11 @@ void SparseHeadAttentionKernel::Compute(OrtKernelContext* context) {
                                     ", outside the cos/sin table of " + std::to_string(rows) +
                                     " positions (the model's maximum)");
   }
-  if (InputShape(ctx, 11)[1] != a.P + a.S)
-    throw std::invalid_argument("SparseHeadAttention: attention_mask must cover past + new tokens");
-  const std::vector<int64_t> present{a.B, a.G, a.P + a.S, a.E};
+  if (a.P < 0 || a.C < a.P)
+    throw std::invalid_argument("SparseHeadAttention: attention_mask covers " + std::to_string(T) + " positions for " +
+                                std::to_string(a.S) + " new tokens, so the past holds " + std::to_string(a.P) +
+                                "; past_key has room for " + std::to_string(a.C));
+  const std::vector<int64_t> present{a.B, a.G, std::max(a.C, T), a.E};
   a.y = ctx.GetOutput(0, x_shape).GetTensorMutableData<float>();
   a.present_key = ctx.GetOutput(1, present).GetTensorMutableData<float>();
   a.present_value = ctx.GetOutput(2, present).GetTensorMutableData<float>();

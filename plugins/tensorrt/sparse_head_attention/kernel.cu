@@ -394,13 +394,16 @@ cudaError_t Launch(const AttentionLaunch& a, void* workspace, cudaStream_t strea
   }
   T* present_key = static_cast<T*>(a.present_key);
   T* present_value = static_cast<T*>(a.present_value);
-  if (a.past_length == nullptr && a.P > 0 && a.past_key != a.present_key) {
-    const int64_t n = a.B * a.G * a.P * a.E;
+  // Not in place: present = past_key's rows (the past and any tail beyond P + S), then the new rows
+  // P..P+S-1 written over them by the projection below (same stream, so after the copy).
+  const int64_t past_rows = a.past_rows ? a.past_rows : a.P;
+  if (a.past_length == nullptr && past_rows > 0 && a.past_key != a.present_key) {
+    const int64_t n = a.B * a.G * past_rows * a.E;
     const unsigned blocks = Blocks(n, 256) < 4096 ? Blocks(n, 256) : 4096;
-    CopyPastKernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(a.past_key), present_key, a.B * a.G, a.P,
-                                                  a.capacity, a.E);
-    CopyPastKernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(a.past_value), present_value, a.B * a.G, a.P,
-                                                  a.capacity, a.E);
+    CopyPastKernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(a.past_key), present_key, a.B * a.G,
+                                                  past_rows, a.capacity, a.E);
+    CopyPastKernel<T><<<blocks, 256, 0, stream>>>(static_cast<const T*>(a.past_value), present_value, a.B * a.G,
+                                                  past_rows, a.capacity, a.E);
   }
   const Dims<T> dims{MaskView{a.head_mask, a.mask_int32}, a.S, a.P, a.H, a.G, a.E, a.capacity, a.kv_active, a.past_length, a.mask_stride};
   const int mt_size = TokenGroup(M);
@@ -460,6 +463,8 @@ const char* AttentionUnsupported(const AttentionLaunch& a) {
   if (a.H / a.G > kMaxHeadsPerGroup) return "more than 8 query heads per kv head";
   if (a.E % 2 != 0 || a.E > kMaxHeadDim) return "head_dim must be even and at most 256";
   if (a.capacity < a.P + a.S) return "the cache capacity is below past + new positions";
+  if (a.past_rows != 0 && (a.past_rows < a.P || a.past_rows > a.capacity))
+    return "past_key's positions must lie between the past length and the present capacity";
   if (a.past_length != nullptr && a.past_key != a.present_key)
     return "a device-side past length needs the in-place cache (past aliasing present)";
   if (a.mask_stride != 0 && a.mask_stride < a.P + a.S) return "the attention mask's row stride is below past + new";

@@ -11,8 +11,8 @@ struct AttentionLaunch {
   const void* x;                                  // [B, S, D] dtype
   const void *w_q, *b_q, *w_k, *b_k, *w_v, *b_v;  // [H*E, D] / [G*E, D] row-major, biases may be null
   const void *w_o_t, *b_o;                        // [H*E, D], [D] or null
-  // [B, G, P, E]; or, in place (DESIGN §4), the present buffers themselves: the past is the first
-  // P positions of the cache and nothing is copied.
+  // [B, G, past_rows, E], the past in its first P positions; or, in place (DESIGN §4), the present
+  // buffers themselves: the past is the first P positions of the cache and nothing is copied.
   const void *past_key, *past_value;
   const int64_t* attention_mask;  // [B, P+S]
   const int64_t* position_ids;    // [B, S] (clamped to the RoPE table)
@@ -21,7 +21,8 @@ struct AttentionLaunch {
   const float *t_x, *t_o;         // device fp32 scalars or null: thresholds on x and on the context
   void *y, *present_key, *present_value;  // [B, S, D], [B, G, capacity, E] x2 (new rows at P..P+S-1)
   int64_t B, S, D, P, H, G, E;
-  int64_t capacity;        // the caches' length axis, >= P + S (P + S for the ONNX contract)
+  int64_t capacity;        // present's length axis, >= P + S (max(past_rows, P + S) for the ONNX contract)
+  int64_t past_rows;       // past_key's length axis when it is not present (0: P); copied whole
   int64_t rope_positions;  // rows of cos / sin
   float scale;
   bool rope;

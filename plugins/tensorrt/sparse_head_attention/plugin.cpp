@@ -37,9 +37,10 @@ int32_t SparseHeadAttentionPlugin::getOutputShapes(const nvinfer1::DimsExprs* in
   }
   const nvinfer1::DimsExprs& x = inputs[inputs_.Index(kX)];
   const nvinfer1::DimsExprs& past = inputs[inputs_.Index(kPastKey)];
+  const nvinfer1::DimsExprs& mask = inputs[inputs_.Index(kAttentionMask)];
   outputs[0] = x;
-  nvinfer1::DimsExprs present = past;  // [B, G, P + S, E]
-  present.d[2] = builder.operation(DimensionOperation::kSUM, *past.d[2], *x.d[1]);
+  nvinfer1::DimsExprs present = past;  // [B, G, max(C, T), E]: past_key's C positions or the mask's T
+  present.d[2] = builder.operation(DimensionOperation::kMAX, *past.d[2], *mask.d[1]);
   outputs[1] = present;
   outputs[2] = present;
   return 0;
@@ -90,8 +91,12 @@ int32_t SparseHeadAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* inp
   a.B = x.d[0];
   a.S = x.d[1];
   a.D = x.d[2];
-  a.P = input_desc[inputs_.Index(kPastKey)].dims.d[2];
-  a.capacity = a.P + a.S;  // present = past + new (the ONNX contract); the in-place cache is the CUDA backend's
+  // The ONNX contract: the past is the first P = T - S of past_key's positions, present has
+  // max(C, T) (C = P: past + new). Engines do not alias present to past (the CUDA backend does).
+  const int64_t T = input_desc[inputs_.Index(kAttentionMask)].dims.d[1];
+  a.P = T - a.S;
+  a.past_rows = input_desc[inputs_.Index(kPastKey)].dims.d[2];
+  a.capacity = a.past_rows > T ? a.past_rows : T;
   a.rope_positions = inputs_.Index(kCos) < 0 ? 0 : input_desc[inputs_.Index(kCos)].dims.d[0];
   a.H = config_.num_heads;
   a.G = config_.num_kv_heads;

@@ -21,7 +21,7 @@ import onnx
 
 from shadowllm.export.onnx_ops import DOMAIN, register_schemas
 from shadowllm.models import ShadowError
-from shadowllm.runtime.native import ort_ops_library
+from shadowllm.runtime.native import QUIET, ort_ops_library
 from shadowllm.runtime.ort_backend import check_export_folder
 
 from .folders import target_folder, write_manifest
@@ -82,6 +82,7 @@ def build(folder: str | os.PathLike, target: str = "ort-cpu", fp16: bool = False
                           "library first (scripts/setup.sh)")
     with target_folder(folder, target) as tmp:
         options = ort.SessionOptions()
+        options.log_severity_level = QUIET  # (its one warning: logits_to_keep is an input with a default)
         options.register_custom_ops_library(str(library))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(tmp / "model.onnx")

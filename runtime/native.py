@@ -41,6 +41,20 @@ def trt_plugins_library() -> Path | None:
     return _find("SHADOWLLM_TRT_PLUGINS", TRT_LIBRARY)
 
 
+def session_options(native: bool | None):
+    """(SessionOptions for an export folder's model, whether the native library is registered on them).
+    onnxruntime logs errors only: the one warning it gives every export is that `logits_to_keep` is
+    an input with a default (an initializer of the same name), which is what it is meant to be."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = QUIET
+    return options, register_native(options, native)
+
+
+QUIET = 3  # onnxruntime's ERROR severity
+
+
 def register_native(options, native: bool | None) -> bool:
     """Register the library on SessionOptions when asked (True), or when found (None). Returns whether it was."""
     if native is False:

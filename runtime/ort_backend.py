@@ -61,16 +61,15 @@ class OrtBackend:
         self.head_dim, self.neurons = a["head_dim"], a["neurons"]
         self.vocab_size, self.max_positions = a["vocab"], a["max_positions"]
         self.sparsity = np.array(float(sparsity), dtype=np.float32)
-        options = ort.SessionOptions()
+        from .native import session_options
+
+        # The C++ kernels run on this session's intra-op pool (KernelContext::ParallelFor).
+        options, self.native = session_options(native)
         if threads:
             options.intra_op_num_threads = threads
         if profile_prefix:  # onnxruntime's per-node profiler (bench: the predictor's share of time)
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
-        from .native import register_native
-
-        # The C++ kernels run on this session's intra-op pool (KernelContext::ParallelFor).
-        self.native = register_native(options, native)
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         path = _probe_copy(folder) if probe else folder / "model.onnx"

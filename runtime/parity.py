@@ -36,7 +36,7 @@ import torch
 
 from shadowllm.models import ShadowError, fingerprint
 
-from .native import register_native
+from .native import session_options
 from .ort_backend import OrtBackend, check_export_folder
 from .torch_backend import TorchBackend
 
@@ -268,8 +268,7 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
         for kv in ("key", "value"):
             feeds[f"past_key_values.{i}.{kv}"] = np.zeros((B, a["kv_heads"], 0, a["head_dim"]), np.float32)
     G_LOGGER.module_severity = G_LOGGER.ERROR  # our table reports per output; keep Polygraphy's log short
-    options = ort.SessionOptions()
-    report.native = register_native(options, native)
+    options, report.native = session_options(native)
     session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     runner = OnnxrtRunner(session, name="onnxruntime")
     results = Comparator.run([runner], data_loader=[feeds])
@@ -413,7 +412,6 @@ def _check_thresholded_ops(report: ParityReport, model64, manifest: dict, thresh
     adapter = adapter_for(model64)
     arch = adapter.arch
     probe = after["probe"]
-    T = mask.shape[1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
     rope = adapter.rope(positions) if arch.rope else None
     allowed = mask.bool()[:, None, :]
@@ -517,8 +515,7 @@ def check_tensorrt(folder: str | os.PathLike, tokenizer, sparsity: float = 0.5, 
     for i in range(a["layers"]):
         for kv in ("key", "value"):
             feeds[f"past_key_values.{i}.{kv}"] = ones["past"][2 * i]
-    options = ort.SessionOptions()
-    report.native = register_native(options, None)
+    options, report.native = session_options(None)
     session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     results = Comparator.run([OnnxrtRunner(session, name="onnxruntime"), trt_backend.make_runner()],
                              data_loader=[feeds])

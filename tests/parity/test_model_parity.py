@@ -152,7 +152,9 @@ def test_graph_names_and_plugin_attributes(exported):
     assert {f.name for f in proto.functions} == {"SparseHeadAttention", "SparseNeuronMLP"}
     names = [i.name for i in proto.graph.input]
     assert names[:4] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"]
-    assert names[-3:] == ["shadow_head_mask", "shadow_neuron_mask", "sparsity"]
+    assert names[-4:] == ["shadow_head_mask", "shadow_neuron_mask", "sparsity", "logits_to_keep"]
+    defaults = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == "logits_to_keep"}
+    assert defaults["logits_to_keep"].shape == () and int(defaults["logits_to_keep"]) == 0  # every position
 
 
 def test_bad_export_folders_and_inputs(exported, tmp_path):

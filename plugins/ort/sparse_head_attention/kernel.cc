@@ -111,33 +111,75 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
       }
     }
 
-    // Per kept head and token: q (bias, RoPE), scores over visible keys (hidden ones score the float
-    // minimum, so a row that sees nothing attends uniformly), softmax, context into [K*E, S].
-    std::vector<float> context(static_cast<size_t>(K * E * S));
+    // Per kv head, token and block of keys, all the group's kept query heads together: q (bias,
+    // RoPE), scores over visible keys (hidden ones score the float minimum, so a row that sees
+    // nothing attends uniformly), a softmax partial (max, sum, unnormalised context); the blocks of
+    // a (head, token) are then merged. Each key and value row is read once per group — a task per
+    // query head read the group's cache once per head, the decode cost that grows with the context —
+    // and long contexts spread over every thread even with few kv heads (flash-decoding's split).
+    constexpr int64_t kKeysPerBlock = 512;
+    const int64_t blocks = (T + kKeysPerBlock - 1) / kKeysPerBlock;
+    std::vector<int64_t> first(static_cast<size_t>(G + 1), K);  // kept heads of group g: [first[g], first[g+1])
+    for (int64_t k = K - 1; k >= 0; --k) first[heads[k] / per_group] = k;
+    for (int64_t g = G - 1; g >= 0; --g) first[g] = std::min(first[g], first[g + 1]);
+    // partials per (kept head, token, block): max, sum, then E context entries
+    std::vector<float> partial(static_cast<size_t>(K * S * blocks * (E + 2)));
+    auto part = [&](int64_t k, int64_t s, int64_t c) { return partial.data() + ((k * S + s) * blocks + c) * (E + 2); };
     const int64_t* visible = a.attention_mask + b * T;
-    parallel.For(K, [&](int64_t k) {
-      const int64_t h = heads[k], g = h / per_group;
-      std::vector<float> q(static_cast<size_t>(E)), p(static_cast<size_t>(T)), out(static_cast<size_t>(E));
+    parallel.For(G * S * blocks, [&](int64_t task) {
+      const int64_t g = task / (S * blocks), s = task / blocks % S, c = task % blocks;
+      const int64_t k0 = first[g], n = first[g + 1] - k0;
+      if (n == 0) return;
+      const int64_t j0 = c * kKeysPerBlock, width = std::min(T - j0, kKeysPerBlock);
+      std::vector<float> q(static_cast<size_t>(n * E)), p(static_cast<size_t>(n * width));
       const float* keys = a.present_key + (b * G + g) * N * E;
       const float* values = a.present_value + (b * G + g) * N * E;
-      for (int64_t s = 0; s < S; ++s) {
-        for (int64_t e = 0; e < E; ++e) q[e] = proj[(k * E + e) * S + s] + (a.b_q ? a.b_q[h * E + e] : 0.f);
-        if (a.rope) Rope(q.data(), a.cos, a.sin, positions[s], E);
-        float top = -FLT_MAX;
-        for (int64_t j = 0; j < T; ++j) {
-          p[j] = (j <= P + s && visible[j]) ? Dot(q.data(), keys + j * E, E) * a.scale : -FLT_MAX;
-          top = std::max(top, p[j]);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t k = k0 + i, h = heads[k];
+        float* qi = q.data() + i * E;
+        for (int64_t e = 0; e < E; ++e) qi[e] = proj[(k * E + e) * S + s] + (a.b_q ? a.b_q[h * E + e] : 0.f);
+        if (a.rope) Rope(qi, a.cos, a.sin, positions[s], E);
+        part(k, s, c)[0] = -FLT_MAX;
+      }
+      for (int64_t j = 0; j < width; ++j) {
+        const bool seen = j0 + j <= P + s && visible[j0 + j];
+        for (int64_t i = 0; i < n; ++i) {
+          const float v = seen ? Dot(q.data() + i * E, keys + (j0 + j) * E, E) * a.scale : -FLT_MAX;
+          p[i * width + j] = v;
+          float& top = part(k0 + i, s, c)[0];
+          top = std::max(top, v);
         }
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        float* r = part(k0 + i, s, c);
         float total = 0.f;
-        for (int64_t j = 0; j < T; ++j) total += (p[j] = std::exp(p[j] - top));
-        std::fill(out.begin(), out.end(), 0.f);
-        for (int64_t j = 0; j < T; ++j) {
-          const float w = p[j] / total;
-          for (int64_t e = 0; e < E; ++e) out[e] += w * values[j * E + e];
+        for (int64_t j = 0; j < width; ++j) total += (p[i * width + j] = std::exp(p[i * width + j] - r[0]));
+        r[1] = total;
+        std::fill(r + 2, r + 2 + E, 0.f);
+      }
+      for (int64_t j = 0; j < width; ++j) {
+        const float* row = values + (j0 + j) * E;
+        for (int64_t i = 0; i < n; ++i) {
+          const float w = p[i * width + j];
+          float* oi = part(k0 + i, s, c) + 2;
+          for (int64_t e = 0; e < E; ++e) oi[e] += w * row[e];
         }
-        for (int64_t e = 0; e < E; ++e) context[(k * E + e) * S + s] = out[e];
       }
     });
+    std::vector<float> context(static_cast<size_t>(K * E * S));
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t s = 0; s < S; ++s) {
+        float top = -FLT_MAX, total = 0.f;
+        for (int64_t c = 0; c < blocks; ++c) top = std::max(top, part(k, s, c)[0]);
+        std::vector<float> out(static_cast<size_t>(E), 0.f);
+        for (int64_t c = 0; c < blocks; ++c) {
+          const float* r = part(k, s, c);
+          const float f = std::exp(r[0] - top);  // 0 for a block of hidden keys when some key is seen
+          total += f * r[1];
+          for (int64_t e = 0; e < E; ++e) out[e] += f * r[2 + e];
+        }
+        for (int64_t e = 0; e < E; ++e) context[(k * E + e) * S + s] = out[e] / total;
+      }
 
     // y = sum over kept heads of context_h @ w_o_t[hE:(h+1)E] + b_o: the E rows each kept head owns;
     // with t_o, only the rows of context entries that count for some token.

@@ -10,6 +10,8 @@ ort-cpu runs the passes for CPU and writes DIR/ort-cpu/ (a complete export folde
      nodes and the folded graph is saved (ORT's optimised-graph output).
 tensorrt (compiler/tensorrt.py) writes DIR/tensorrt/ with model.engine; it needs the `tensorrt`
 package, a GPU and the plugin library, and fails with a line that names whichever is missing.
+triton (compiler/triton.py) writes DIR/triton/, a Triton Inference Server model repository serving
+the export (and the engine, when DIR/tensorrt/ holds one).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from shadowllm.runtime.ort_backend import check_export_folder
 
 from .folders import target_folder, write_manifest
 
-TARGETS = ("ort-cpu", "tensorrt")
+TARGETS = ("ort-cpu", "tensorrt", "triton")
 
 
 def _validate(path: Path) -> onnx.ModelProto:
@@ -57,13 +59,20 @@ def _check_layout(model: onnx.ModelProto):
             raise ShadowError(f"node {node.name}: weights are not {layout} initializers (re-export the model)")
 
 
-def build(folder: str | os.PathLike, target: str = "ort-cpu", fp16: bool = False) -> Path:
+def build(folder: str | os.PathLike, target: str = "ort-cpu", fp16: bool = False, instances: int = 1,
+          max_batch: int = 8, sparsity: float = 0.0) -> Path:
+    """instances, max_batch, sparsity: the triton target's instance count, largest batch and the
+    sparsity of requests that give none."""
     folder = Path(folder)
     if target not in TARGETS:
         raise ShadowError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
     manifest = check_export_folder(folder)
     if fp16 and target != "tensorrt":
         raise ShadowError("--fp16 applies to --target tensorrt only (the CPU kernels compute in fp32)")
+    if target == "triton":
+        from .triton import build_repository
+
+        return build_repository(folder, manifest, instances, max_batch, sparsity)
     if target == "tensorrt":
         from .tensorrt import build_engine
 

@@ -14,16 +14,17 @@ COPIED = ("config.json", "genai_config.json", "tokenizer.json", "tokenizer_confi
 
 
 @contextmanager
-def target_folder(source: Path, target: str):
+def target_folder(source: Path, target: str, side_files: bool = True):
     """Yields a temporary folder beside DIR/<target>; when the block succeeds the export's side files
-    are copied in and it replaces DIR/<target>, when it fails it is removed."""
+    are copied in (unless side_files is False) and it replaces DIR/<target>, when it fails it is
+    removed."""
     out = source / target
     tmp = source / f".{target}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
-        for name in COPIED:
+        for name in COPIED if side_files else ():
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
         shutil.rmtree(out, ignore_errors=True)

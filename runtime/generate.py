@@ -75,16 +75,24 @@ class _Stream:
         return out
 
 
-def generate(backend: Backend, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64,
+def generate(backend: Backend, tokenizer, prompts: str | Sequence[str], max_new_tokens: int | Sequence[int] = 64,
              sampling: Sampling = Sampling(), stop: Sequence[str] = (), eos_ids: Sequence[int] | None = None,
-             on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
-    """Generate a completion for each prompt. `on_text(row, delta)` streams text as it is final."""
+             on_text: Callable[[int, str], None] | None = None,
+             on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+    """Generate a completion for each prompt. `on_text(row, delta)` streams text as it is final;
+    `on_done(row, completion)` is called once per row as soon as that row has finished (a server
+    answers it while longer rows of the batch go on). max_new_tokens: one limit, or one per prompt."""
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
     if not prompts:
         raise ShadowError("no prompt given")
-    if max_new_tokens < 1:
-        raise ShadowError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(prompts):
+        raise ShadowError(f"{len(limits)} token limits for {len(prompts)} prompts")
+    for limit in limits:
+        if limit < 1:
+            raise ShadowError(f"--max-new-tokens must be >= 1, got {limit}")
+    max_new_tokens = max(limits)
     if eos_ids is None:
         eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (list(eos_ids) or [0])[0]
@@ -118,17 +126,16 @@ def generate(backend: Backend, tokenizer, prompts: str | Sequence[str], max_new_
             text, hit = streams[i].text(out[i].token_ids)
             if hit:
                 out[i].finish_reason, done[i] = "stop", True
+            elif not done[i] and len(out[i].token_ids) >= limits[i]:
+                done[i] = True  # finish_reason stays "length"
             out[i].text = text
             delta = streams[i].delta(text, final=bool(done[i]))
             if on_text and delta:
                 on_text(i, delta)
+            if done[i] and on_done:
+                on_done(i, out[i])
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=1)
         logits, state = backend.forward(next_ids[:, None], attention_mask, state)
-    for i in range(B):
-        if not done[i]:
-            delta = streams[i].delta(out[i].text, final=True)
-            if on_text and delta:
-                on_text(i, delta)
     return out

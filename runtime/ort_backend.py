@@ -38,6 +38,22 @@ def check_export_folder(folder: Path) -> dict:
     return manifest
 
 
+def sparsity_value(manifest: dict, sparsity, flag: str = "--sparsity") -> np.ndarray:
+    """The graph's `sparsity` input (fp32 scalar) for a requested sparsity; one clear line naming `flag`
+    when the export cannot take it (outside [0, 1), or off a threshold table's grid)."""
+    try:
+        value = float(sparsity)
+    except (TypeError, ValueError):
+        raise ShadowError(f"{flag} must be a number in [0, 1), got {sparsity!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise ShadowError(f"{flag} must lie in [0, 1), got {sparsity}")
+    if manifest.get("thresholds"):  # the graph picks a row of its threshold table: only grid values
+        from shadowllm.predictor.thresholds import check_grid_sparsity
+
+        check_grid_sparsity(value, flag)
+    return np.array(value, dtype=np.float32)
+
+
 class OrtBackend:
     name = "ort"
 
@@ -50,17 +66,11 @@ class OrtBackend:
 
         folder = Path(folder)
         self.manifest = check_export_folder(folder)
-        if not 0.0 <= float(sparsity) < 1.0:
-            raise ShadowError(f"--sparsity must lie in [0, 1), got {sparsity}")
-        if self.manifest.get("thresholds"):  # the graph picks a row of its threshold table: only grid values
-            from shadowllm.predictor.thresholds import check_grid_sparsity
-
-            check_grid_sparsity(sparsity)
+        self.sparsity = sparsity_value(self.manifest, sparsity)
         a = self.manifest["arch"]
         self.layers, self.heads, self.kv_heads = a["layers"], a["heads"], a["kv_heads"]
         self.head_dim, self.neurons = a["head_dim"], a["neurons"]
         self.vocab_size, self.max_positions = a["vocab"], a["max_positions"]
-        self.sparsity = np.array(float(sparsity), dtype=np.float32)
         from .native import session_options
 
         # The C++ kernels run on this session's intra-op pool (KernelContext::ParallelFor).

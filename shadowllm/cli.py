@@ -343,12 +343,14 @@ def cmd_build(args):
 
     from shadowllm.compiler.build import build
 
-    out = build(args.folder, args.target, args.fp16, args.instances, args.max_batch, args.sparsity)
+    out = build(args.folder, args.target, args.fp16, args.instances, args.max_batch, args.sparsity, args.step,
+                args.op_library)
     info = json.loads((out / "shadowllm.json").read_text())["build"]
     if args.target == "triton":
         print(f"built Triton model repository {out} (model `{info['model']}` on the Python backend, runtime "
               f"{info['runtime']}, {info['instances']} instance(s), batches up to {info['max_batch']}); "
-              f"serve it with: shadowllm serve {out}")
+              + ("serve it with: shadowllm serve " + str(out) if info["step"] == "python" else
+                 "its step model needs Triton's onnxruntime backend (the NGC container; see the README)"))
     elif args.target == "tensorrt":
         print(f"built TensorRT engine {out / 'model.engine'} ({'fp16' if args.fp16 else 'fp32'}; "
               f"{', '.join(info['passes'])})")
@@ -537,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=1, help="triton: model instances (each its own process)")
     p.add_argument("--max-batch", type=int, default=8, help="triton: requests batched together at most")
     p.add_argument("--sparsity", type=float, default=0.0, help="triton: the sparsity of requests that give none")
+    p.add_argument("--step", choices=["python", "onnxruntime"], default="python",
+                   help="triton: where a forward step runs: in the Python model (default), or as a model on "
+                        "Triton's onnxruntime backend (the NGC container) driven by it")
+    p.add_argument("--op-library", help="triton --step onnxruntime: the custom-op library's path on the serving "
+                                        "machine (default: this build's)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("serve", help="serve DIR/triton (from `build --target triton`) with the bundled Triton "

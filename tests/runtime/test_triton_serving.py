@@ -152,3 +152,104 @@ def test_serve_without_the_bundled_server_says_how_to_install_it(tmp_path, monke
     assert run.returncode != 0 and "scripts/setup.sh installs it" in run.stderr and "Traceback" not in run.stderr
     run = subprocess.run([sys.executable, "-m", "shadowllm", "serve", str(folder)], capture_output=True, text=True)
     assert run.returncode != 0 and "not a model repository" in run.stderr
+
+
+class FakeStepServer:
+    """The parts of Triton's triton_python_backend_utils that TritonStepBackend uses, answered by an
+    onnxruntime session made as Triton's onnxruntime backend would make it from the step model's
+    config.pbtxt (its model file, its op library) — and checking each request against that config
+    (names, data types, ranks and fixed dims, [1] -> [] reshapes), which the bundled server cannot do:
+    it has no onnxruntime backend."""
+
+    TYPES = {"TYPE_FP32": "float32", "TYPE_INT64": "int64", "TYPE_BOOL": "bool"}
+
+    def __init__(self, repository):
+        import onnxruntime as ort
+
+        from shadowllm.compiler.triton import STEP_MODEL, model_config_pb2, read_config
+
+        self.config = read_config(repository / STEP_MODEL / "config.pbtxt")
+        pb = model_config_pb2()
+        self.kinds = {i.name: (self.TYPES[pb.DataType.Name(i.data_type)], list(i.dims), i.HasField("reshape"))
+                      for i in self.config.input}
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(self.config.model_operations.op_library_filename[0])
+        model = repository / STEP_MODEL / "1" / self.config.default_model_filename
+        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        self.calls = 0
+        fake = self
+
+        class Tensor:
+            def __init__(self, name, array):
+                self.name, self.array = name, array
+
+            def as_numpy(self):
+                return self.array
+
+        class Response:
+            def __init__(self, outputs):
+                self.outputs = outputs
+
+            def has_error(self):
+                return False
+
+        class InferenceRequest:
+            def __init__(self, model_name, requested_output_names, inputs):
+                assert model_name == fake.config.name
+                self.outputs, self.inputs = requested_output_names, inputs
+
+            def exec(self):
+                feeds = {}
+                for t in self.inputs:
+                    dtype, dims, reshaped = fake.kinds[t.name]
+                    assert str(t.array.dtype) == dtype and t.array.ndim == len(dims), t.name
+                    assert all(d in (-1, n) for d, n in zip(dims, t.array.shape)), (t.name, dims, t.array.shape)
+                    feeds[t.name] = t.array.reshape(()) if reshaped else t.array
+                fake.calls += 1
+                return Response(dict(zip(self.outputs, fake.session.run(self.outputs, feeds))))
+
+        self.Tensor, self.InferenceRequest = Tensor, InferenceRequest
+
+    @staticmethod
+    def get_output_tensor_by_name(response, name):
+        class Out:
+            def as_numpy(self):
+                return response.outputs[name]
+        return Out()
+
+
+def test_the_onnxruntime_step_model_drives_generation_like_the_export(tmp_path):
+    """--step onnxruntime: the step model's config names every graph input and output with its type
+    and dims, loads the custom-op library, links the export's files; the Python model's step backend
+    over it generates what OrtBackend generates on the export."""
+    import onnx
+
+    from shadowllm.compiler.build import build
+    from shadowllm.compiler.triton import STEP_MODEL, read_config
+    from shadowllm.export.exporter import export
+    from shadowllm.runtime.generate import generate
+    from shadowllm.runtime.ort_backend import OrtBackend
+    from shadowllm.runtime.triton_model import TritonStepBackend
+
+    folder = export(build_model("llama", seed=7), byte_tokenizer(), tmp_path / "e")
+    repository = build(folder, "triton", step="onnxruntime")
+    config = read_config(repository / "shadowllm" / "config.pbtxt")
+    assert config.parameters["runtime"].string_value == "triton-step"
+    assert config.parameters["step_model"].string_value == STEP_MODEL
+    step = read_config(repository / STEP_MODEL / "config.pbtxt")
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    assert step.backend == "onnxruntime" and step.max_batch_size == 0
+    assert [i.name for i in step.input] == [i.name for i in graph.input]
+    assert [o.name for o in step.output] == [o.name for o in graph.output]
+    assert [i.name for i in step.input if i.optional] == ["logits_to_keep"]
+    assert (repository / STEP_MODEL / "1" / "model.onnx").resolve() == (folder / "model.onnx").resolve()
+
+    fake = FakeStepServer(repository)
+    stepped = TritonStepBackend(folder, STEP_MODEL, fake)
+    tokenizer = byte_tokenizer()
+    prompts = ["hello", "a longer prompt"]
+    ours = generate(stepped, tokenizer, prompts, 12)
+    expect = generate(OrtBackend(folder), tokenizer, prompts, 12)
+    assert [o.token_ids for o in ours] == [e.token_ids for e in expect] and fake.calls >= 12
+    with pytest.raises(ShadowError, match="--op-library applies"):
+        build(folder, "triton", op_library="/x.so")

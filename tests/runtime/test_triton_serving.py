@@ -253,3 +253,46 @@ def test_the_onnxruntime_step_model_drives_generation_like_the_export(tmp_path):
     assert [o.token_ids for o in ours] == [e.token_ids for e in expect] and fake.calls >= 12
     with pytest.raises(ShadowError, match="--op-library applies"):
         build(folder, "triton", op_library="/x.so")
+
+
+@pytest.mark.slow
+def test_serve_prints_its_endpoints_and_stops_on_ctrl_c(tmp_path):
+    """`shadowllm serve` as a user runs it: ready, endpoints printed, Ctrl-C (SIGINT) stops the server
+    and exits 0, leaving no tritonserver behind."""
+    import signal
+    import time
+
+    from shadowllm.compiler.build import build
+    from shadowllm.export.exporter import export
+
+    folder = export(build_model("llama", seed=8), byte_tokenizer(), tmp_path / "e")
+    repository = build(folder, "triton")
+    http, grpc, metrics = free_ports(3)
+    serve = subprocess.Popen([sys.executable, "-m", "shadowllm", "serve", str(repository), "--http-port", str(http),
+                              "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (lines and lines[-1].startswith("Ctrl-C")):
+            line = serve.stdout.readline()
+            assert line, serve.stderr.read()[-2000:]
+            lines.append(line.strip())
+        assert any(f"127.0.0.1:{http}" in line for line in lines), lines
+        status, answer = post(f"http://127.0.0.1:{http}/v2/models/shadowllm/generate", {"text_input": "ab", "max_tokens": 3})
+        assert status == 200 and "text_output" in answer
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(60) == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    from pathlib import Path
+
+    def ours(cmdline: Path) -> bool:  # a tritonserver process listening on this test's port
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return any(a.endswith(b"tritonserver") for a in args[:1]) and str(http).encode() in args
+
+    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if ours(p)]

@@ -4,14 +4,23 @@ Each block's attention and MLP are the SparseHeadAttention / SparseNeuronMLP ker
 cuda_kernels.py: device pointers, torch's stream); embeddings, norms, the LM head and sampling stay
 in torch on the same stream. The weights live on the GPU in the ops' layouts (bf16, fp16 or fp32);
 the KV cache is preallocated per request (`capacity` positions, doubled when a request outgrows it)
-and written in place (DESIGN §4: nothing is copied per step). Policies: dense, fixed head / neuron masks (static, random) and activation thresholds
-([L, 4], THRESHOLD_INPUTS order; decode only, the prefill runs dense as the exports do, with the
-MLP's gate / up weights channel-major so that kept x channels are all it reads).
+and written in place (DESIGN §4: nothing is copied per step). Policies: dense, fixed head / neuron
+masks (static, random), activation thresholds ([L, 4], THRESHOLD_INPUTS order; decode only, the
+prefill runs dense as the exports do, with the MLP's gate / up weights channel-major so that kept x
+channels are all it reads), and the predictors, on the GPU beside the kernels: ShadowLLM per sequence
+(masks predicted at prefill from the last prompt token's layer-0 attention output, carried through
+decode, kv_policy=active), per token (dense prefill; each decode step predicts its own masks after
+layer 0) and DejaVu (dense prefill; layer l's residual input predicts layer l+1's masks), with the
+per-layer allocation of predictor/allocation.py, per row of the batch. `from_export` reads all of it
+from an export folder (runtime/policy.py), so an export runs here as it runs on onnxruntime.
 
 Decode steps (one new token per row) are captured once as a CUDA graph per batch size and replayed
 (gpt-fast's way to take Python and launch latency off the critical path): every input of the step
 lives in a static device buffer — the token ids, positions, an attention mask as long as the cache,
 and the past length, which the attention kernel reads on the device. Prefill runs uncaptured.
+
+`device="cpu"` swaps the CUDA kernels for their torch reference (runtime/reference_kernels.py, no
+graphs): the backend's own logic runs and is tested where no GPU is.
 """
 
 from __future__ import annotations
@@ -23,7 +32,6 @@ import torch
 from shadowllm.models import ShadowError, adapter_for
 from shadowllm.models.adapters import AttentionWeights, MLPWeights
 
-from . import cuda_kernels as kernels
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -41,6 +49,7 @@ class CudaState:
     past: int  # positions already in the cache
     keys: list  # per layer [B, G, capacity, E]
     values: list
+    masks: tuple | None = None  # per-sequence predictor: (heads [L, B, H], neurons [L, B, F]) from prefill
 
 
 class CudaBackend:
@@ -48,12 +57,31 @@ class CudaBackend:
 
     def __init__(self, model, head_mask: torch.Tensor | None = None, neuron_mask: torch.Tensor | None = None, *,
                  thresholds: torch.Tensor | None = None, kv_policy: str = "all", dtype: str = "bf16",
-                 capacity: int = 1024, graphs: bool = True):
-        kernels.require_cuda()
+                 capacity: int = 1024, graphs: bool = True, predictor=None, head_sparsity: float = 0.0,
+                 neuron_sparsity: float = 0.0, allocation: str = "per_layer", device: str = "cuda"):
+        from shadowllm.predictor.allocation import check_sparsity
+
+        if device == "cuda":
+            from . import cuda_kernels as kernels
+
+            kernels.require_cuda()
+        elif device == "cpu":
+            from . import reference_kernels as kernels
+
+            graphs = False
+        else:
+            raise ShadowError(f"device {device!r}: expected cuda (the plugins' kernels) or cpu (their torch reference)")
         if dtype not in DTYPES:
             raise ShadowError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-        self.device = torch.device("cuda")
+        self.kernels = kernels
+        self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
+        self.predictor, self.allocation = predictor, allocation
+        self.head_sparsity = check_sparsity(head_sparsity, "head sparsity")
+        self.neuron_sparsity = check_sparsity(neuron_sparsity, "neuron sparsity")
+        if predictor is not None:
+            predictor.net.to(self.device).float().eval()  # scores in fp32 whatever the weights' dtype
+            kv_policy = "active" if predictor.granularity == "sequence" else "all"
         self.adapter = adapter_for(model)
         arch = self.arch = self.adapter.arch
         if not arch.pre_norm:
@@ -80,6 +108,38 @@ class CudaBackend:
         self.workspaces = {}
         self._graphs = {}
 
+    @classmethod
+    def from_export(cls, folder, sparsity: float = 0.0, dtype: str = "bf16", device: str = "cuda", model=None,
+                    **kwargs) -> "CudaBackend":
+        """An export folder run by the kernels: the model the manifest names (or `model`, checked by
+        fingerprint) with the export's policy at `sparsity` — masks, thresholds, predictor
+        (runtime/policy.py). The graph itself is not used: the weights are the model's."""
+        from pathlib import Path
+
+        from shadowllm.models import fingerprint, load
+
+        from .ort_backend import check_export_folder, sparsity_value
+        from .policy import export_policy
+
+        if device == "cuda":
+            from .cuda_kernels import require_cuda
+
+            require_cuda()  # before loading anything
+        folder = Path(folder)
+        manifest = check_export_folder(folder)
+        sparsity_value(manifest, sparsity)
+        if model is None:
+            if not manifest.get("model"):
+                raise ShadowError(f"{folder}: the manifest names no model folder (exported from a model built in "
+                                  "code); pass the model")
+            model, _ = load(manifest["model"])
+        if fingerprint(model) != manifest.get("model_fingerprint"):
+            raise ShadowError(f"{folder}: the model {manifest.get('model')} is not the one exported (fingerprint differs)")
+        config = export_policy(folder, manifest, model, sparsity)
+        backend = cls(model, **config, kv_policy=manifest.get("kv_policy", "all"), dtype=dtype, device=device, **kwargs)
+        backend.manifest = manifest
+        return backend
+
     def _layer(self, i: int, channel_major: bool) -> _Layer:
         a, m = self.adapter.attention(i), self.adapter.mlp(i)
         own = lambda t: None if t is None else t.detach().contiguous()  # noqa: E731  (w_o_t / w_out_t: copies)
@@ -97,9 +157,9 @@ class CudaBackend:
         if have is not None and have[1] >= tokens:
             return have[0]
         a = self.arch
-        ws = (kernels.attention_workspace(tokens, a.hidden, a.num_heads, a.num_kv_heads, a.head_dim, self.device)
+        ws = (self.kernels.attention_workspace(tokens, a.hidden, a.num_heads, a.num_kv_heads, a.head_dim, self.device)
               if kind == "attention" else
-              kernels.mlp_workspace(tokens, a.hidden, a.ffn, self.thresholds is not None, self.device))
+              self.kernels.mlp_workspace(tokens, a.hidden, a.ffn, self.thresholds is not None, self.device))
         self.workspaces[kind] = (ws, tokens)
         return ws
 
@@ -109,24 +169,66 @@ class CudaBackend:
         B, S, _ = x.shape
         # clean: decode steps (the prefill before them, with more tokens, left a larger zeroed region)
         attn_ws, mlp_ws = self._workspace("attention", B * S), self._workspace("mlp", B * S)
-        heads = self.head_mask[:, None].expand(-1, B, -1).contiguous() if B > 1 else self.head_mask[:, None]
-        neurons = self.neuron_mask[:, None].expand(-1, B, -1).contiguous() if B > 1 else self.neuron_mask[:, None]
+        heads, neurons = self._masks(state, B, decode)
         thr = self.thresholds if decode else None
         y = torch.empty_like(x)
         for i, layer in enumerate(self.layers):
-            kernels.sparse_head_attention(
+            if self._dejavu(decode) and i + 1 < a.num_layers:  # lookahead: this input picks the next layer's masks
+                self._fill(heads, neurons, i + 1, self.predictor.net.layer(i + 1, x[:, -1].float()), dense_layers=())
+            self.kernels.sparse_head_attention(
                 layer.attn_norm(x), layer.attention, state.keys[i], state.values[i], attention_mask, position_ids,
                 self.cos, self.sin, heads[i], y, attn_ws, past=past, heads=a.num_heads, kv_heads=a.num_kv_heads,
                 head_dim=a.head_dim, scale=a.scale, kv_active=self.kv_active,
                 t_x=None if thr is None else thr[i, 0], t_o=None if thr is None else thr[i, 1],
                 past_length=past_length, clean=clean)
+            if i == 0 and self._after_layer0(decode):  # layer 0 is dense; its output picks layers 1..
+                self._fill(heads, neurons, slice(None), self.predictor.net(y[:, -1].float()))
+                if not decode:
+                    state.masks = (heads, neurons)  # per sequence: carried through decode
             x = x + y
-            kernels.sparse_neuron_mlp(
+            self.kernels.sparse_neuron_mlp(
                 layer.mlp_norm(x), layer.mlp, neurons[i], y, mlp_ws, activation=a.activation,
                 t_x=None if thr is None else thr[i, 2], t_h=None if thr is None else thr[i, 3],
                 channel_major=self.thresholds is not None, clean=clean)
             x = x + y
         return self.adapter.logits(x[:, -1:] if last_only else x).float()
+
+    # ---------------------------------------------------------------- masks and predictors
+    def _masks(self, state: CudaState, batch: int, decode: bool):
+        """(heads [L, B, H], neurons [L, B, F]) bool for this call: the fixed masks, or all kept for a
+        predictor to fill (dense at a token / DejaVu predictor's prefill), or a sequence's carried ones."""
+        if state.masks is not None and decode:
+            return state.masks
+        if self.predictor is None:
+            return (self.head_mask[:, None].expand(-1, batch, -1).contiguous(),
+                    self.neuron_mask[:, None].expand(-1, batch, -1).contiguous())
+        a = self.arch
+        return (torch.ones(a.num_layers, batch, a.num_heads, dtype=torch.bool, device=self.device),
+                torch.ones(a.num_layers, batch, a.ffn, dtype=torch.bool, device=self.device))
+
+    def _after_layer0(self, decode: bool) -> bool:
+        """A ShadowLLM predictor runs after layer 0: at prefill per sequence, at decode per token."""
+        p = self.predictor
+        return p is not None and p.kind == "shadow" and (decode == (p.granularity == "token"))
+
+    def _dejavu(self, decode: bool) -> bool:
+        return self.predictor is not None and self.predictor.kind == "dejavu" and decode
+
+    def _fill(self, heads, neurons, layers, scores, dense_layers=(0,)):
+        """Write the kept units of predictor scores into the masks: `layers` = all (scores [B, L-1, H+F]
+        for layers 1..) or one layer l (scores [B, H+F]), the per-layer allocation of the reference."""
+        from shadowllm.predictor.allocation import keep_mask
+        from shadowllm.predictor.predictors import split_scores
+
+        H = self.arch.num_heads
+        if isinstance(layers, slice):
+            h, n = split_scores(scores, H)  # [B, L, H], [B, L, F] with layer 0 = +inf
+        else:
+            h, n = scores[:, None, :H], scores[:, None, H:]  # one layer: [B, 1, X]
+        for mask, part, sparsity in ((heads, h, self.head_sparsity), (neurons, n, self.neuron_sparsity)):
+            if sparsity:
+                kept = keep_mask(part, sparsity, self.allocation, dense_layers=dense_layers).transpose(0, 1)
+                mask[layers].copy_(kept if isinstance(layers, slice) else kept[0])
 
     def _new_state(self, batch: int, tokens: int) -> CudaState:
         if tokens > self.arch.max_positions:
@@ -143,7 +245,7 @@ class CudaBackend:
         grown = self._new_state(state.keys[0].shape[0], max(2 * state.keys[0].shape[2], needed))
         for old, new in zip(state.keys + state.values, grown.keys + grown.values):
             new[:, :, :state.past].copy_(old[:, :, :state.past])
-        grown.past = state.past
+        grown.past, grown.masks = state.past, state.masks
         return grown
 
     def forward(self, input_ids, attention_mask, state, last_only: bool = False):
@@ -174,7 +276,8 @@ class CudaBackend:
     # ---------------------------------------------------------------- CUDA graphs for decode
     def _replay(self, ids, mask, positions, state: CudaState):
         B = ids.shape[0]
-        key = (B, state.keys[0].shape[2], state.keys[0].data_ptr())
+        # the graph holds the addresses of every cache (and carried masks) it was captured with
+        key = (B, *(t.data_ptr() for t in state.keys + state.values + list(state.masks or ())))
         graph = self._graphs.get(key)
         if graph is None:
             self._graphs.clear()  # one request's cache at a time

@@ -37,6 +37,7 @@ import torch
 from shadowllm.models import ShadowError, fingerprint
 
 from .native import session_options
+from .policy import export_policy
 from .ort_backend import OrtBackend, check_export_folder
 from .torch_backend import TorchBackend
 
@@ -98,6 +99,7 @@ class ParityReport:
     threshold_ops_match: bool = True
     threshold_ties: int = 0  # entries of h / the context that fp32 and float64 kept differently at a tie
     tie_steps: int = 0  # decode steps whose logits a near-tie (NEAR_TIE) moved beyond tolerance
+    token_mismatch_steps: list = field(default_factory=list)  # CUDA backend: decode steps whose token differed
 
     @property
     def passed(self) -> bool:
@@ -105,6 +107,8 @@ class ParityReport:
                 and self.polygraphy_passed and self.threshold_ops_match)
 
     def table(self) -> str:
+        if self.against.startswith("cuda"):
+            return self._cuda_table()
         kernels = "native kernels" if self.native else "function bodies"
         versus = "TensorRT engine vs onnxruntime" if self.against == "tensorrt" else "vs PyTorch reference"
         lines = [f"parity of {self.folder} (policy {self.policy}, sparsity {self.sparsity}, onnxruntime with "
@@ -133,6 +137,22 @@ class ParityReport:
         return "\n".join(lines)
 
 
+    def _cuda_table(self) -> str:
+        dtype = self.against.split("-", 1)[1]
+        lines = [f"parity of {self.folder} (policy {self.policy}, sparsity {self.sparsity}) on the CUDA backend "
+                 f"({dtype}) vs PyTorch reference", f"{'output':<28}{'max abs':>12}{'max rel':>12}  result"]
+        lines += [f"{o.name:<28}{o.max_abs:>12.3e}{o.max_rel:>12.3e}  {'pass' if o.passed else 'FAIL'}"
+                  for o in self.outputs]
+        differ = (f"; differ at steps {self.token_mismatch_steps}" if self.token_mismatch_steps else "; identical")
+        verdict = ("pass" if self.tokens_identical else "FAIL") if dtype == "fp32" else "reported"
+        lines.append(f"{f'greedy tokens ({self.greedy_tokens}{differ})':<52}  {verdict}")
+        lines.append(f"golden: float64 reference; PyTorch fp32 is {self.fp32_reference_error:.1e} from it; tolerance "
+                     f"{self.tolerance:.1e} (prefill logits: {self.logits_tolerance[0]:.1e} to "
+                     f"{self.logits_tolerance[1]:.1e} by position{'' if dtype == 'fp32' else ', scaled to ' + dtype})")
+        lines.append("PASSED" if self.passed else "FAILED")
+        return "\n".join(lines)
+
+
 def _logit_tolerance(model64, ids, mask, logits32, logits64) -> torch.Tensor:
     """[B, S]: each position's prefill-logit tolerance (module docstring). The magnitude comes from a
     dense float64 pass (masks change it by a small factor, not its order)."""
@@ -154,55 +174,9 @@ def _logit_tolerance(model64, ids, mask, logits32, logits64) -> torch.Tensor:
 
 
 def reference_backend(folder: Path, manifest: dict, model, sparsity: float) -> TorchBackend:
-    """The PyTorch reference of an export: the sparse reference forward driven like the graph."""
-    from shadowllm.predictor.allocation import keep_mask
-
-    a = manifest["arch"]
-    target = manifest.get("target", "both")
-    hs = sparsity if target in ("heads", "both") else 0.0
-    ns = sparsity if target in ("neurons", "both") else 0.0
-    policy = manifest["policy"]
-    thresholds = export_thresholds(folder, manifest, sparsity)
-    if policy == "threshold":
-        return TorchBackend(model, thresholds=thresholds)
-    if policy == "dense":  # the graph applies whatever masks it is fed: feed random ones
-        g = torch.Generator().manual_seed(1234)
-        heads = torch.rand(a["layers"], a["heads"], generator=g) >= hs
-        neurons = torch.rand(a["layers"], a["neurons"], generator=g) >= ns
-        heads[0], neurons[0] = True, True
-        return TorchBackend(model, heads, neurons)
-    if policy == "static":
-        from safetensors.torch import load_file
-
-        scores = load_file(str(folder / "static_scores.safetensors"))
-        return TorchBackend(model, keep_mask(scores["heads"], hs) if hs else None,
-                            keep_mask(scores["neurons"], ns) if ns else None)
-    from shadowllm.export.exporter import predictor_fingerprint
-    from shadowllm.predictor.predictors import load_predictor
-
-    if not manifest.get("predictor"):
-        raise ShadowError(f"{folder}: the manifest names no predictor folder to check the {policy} policy against")
-    predictor = load_predictor(manifest["predictor"], model)
-    if predictor_fingerprint(predictor) != manifest.get("predictor_fingerprint"):
-        raise ShadowError(f"predictor {manifest['predictor']} changed since the export (fingerprint differs)")
-    if policy == "shadow+threshold":
-        hs, ns = manifest["head_sparsity"], 0.0
-    return TorchBackend(model, predictor=predictor, head_sparsity=hs, neuron_sparsity=ns, thresholds=thresholds)
-
-
-def export_thresholds(folder: Path, manifest: dict, sparsity: float):
-    """The [L, 4] thresholds an export applies at `sparsity` (its table's row), or None."""
-    if not manifest.get("thresholds"):
-        return None
-    from safetensors.torch import load_file
-
-    from shadowllm.predictor.thresholds import check_grid_sparsity
-
-    row = check_grid_sparsity(sparsity)
-    path = folder / "thresholds.safetensors"
-    if not path.is_file():
-        raise ShadowError(f"{folder}: partial export folder, missing thresholds.safetensors (the threshold table)")
-    return load_file(str(path))["table"][row]
+    """The PyTorch reference of an export: the sparse reference forward driven like the graph (a dense
+    export is fed random masks, the same on both sides)."""
+    return TorchBackend(model, **export_policy(folder, manifest, model, sparsity, dense_masks="random"))
 
 
 def _float64(model):

@@ -11,13 +11,18 @@ from shadowllm.runtime.ort_backend import OrtBackend, check_export_folder
 
 
 class Deployed:
-    """An export folder loaded with its tokenizer on ONNX Runtime, or on TensorRT when the folder holds
-    an engine built by `shadowllm build DIR --target tensorrt` and backend="tensorrt"."""
+    """An export folder loaded with its tokenizer on ONNX Runtime; on TensorRT when the folder holds
+    an engine built by `shadowllm build DIR --target tensorrt` and backend="tensorrt"; on the GPU's
+    CUDA kernels with backend="cuda" (the model the manifest names, the export's policy, `dtype`)."""
 
-    def __init__(self, folder: str | os.PathLike, sparsity: float = 0.0, backend: str = "ort"):
+    def __init__(self, folder: str | os.PathLike, sparsity: float = 0.0, backend: str = "ort", dtype: str = "bf16"):
         from transformers import AutoTokenizer
 
         self.folder = Path(folder)
+        if backend == "cuda":
+            from shadowllm.runtime.cuda_kernels import require_cuda
+
+            require_cuda()  # one line, before anything loads
         self.manifest = check_export_folder(self.folder)
         if backend == "tensorrt":
             from shadowllm.runtime.trt_backend import TrtBackend
@@ -25,8 +30,12 @@ class Deployed:
             self.backend = TrtBackend(self.folder, sparsity)
         elif backend == "ort":
             self.backend = OrtBackend(self.folder, sparsity)
+        elif backend == "cuda":
+            from shadowllm.runtime.cuda_backend import CudaBackend
+
+            self.backend = CudaBackend.from_export(self.folder, sparsity, dtype)
         else:
-            raise ShadowError(f"--backend {backend!r}: expected ort or tensorrt for an export folder")
+            raise ShadowError(f"--backend {backend!r}: expected ort, tensorrt or cuda for an export folder")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         except (OSError, ValueError) as e:
@@ -40,8 +49,30 @@ class Deployed:
         return out[0] if isinstance(prompts, str) else out
 
 
-def load(folder: str | os.PathLike, sparsity: float = 0.0, backend: str = "ort") -> Deployed:
-    return Deployed(folder, sparsity, backend)
+class LoadedModel(Deployed):
+    """A model (name or local HF folder) run dense by the CUDA kernels: `load(name, backend="cuda")`."""
+
+    def __init__(self, name, backend: str, dtype: str):
+        if backend != "cuda":
+            raise ShadowError(f"{name}: not an export folder (shadowllm export writes one); a model name or HF "
+                              "folder loads with backend='cuda' only (or use shadowllm.models.load for PyTorch)")
+        from shadowllm.models import load as load_model
+        from shadowllm.runtime.cuda_backend import CudaBackend
+        from shadowllm.runtime.cuda_kernels import require_cuda
+
+        require_cuda()
+        model, self.tokenizer = load_model(name)
+        self.folder, self.manifest = None, None
+        self.backend = CudaBackend(model, dtype=dtype)
+
+
+def load(folder_or_model: str | os.PathLike, sparsity: float = 0.0, backend: str = "ort",
+         dtype: str = "bf16") -> Deployed:
+    """An export folder on `backend` (ort, tensorrt, cuda), or a model name / HF folder on the CUDA
+    kernels (backend="cuda", dense); `dtype` is the CUDA backend's weight type."""
+    if is_export_folder(folder_or_model):
+        return Deployed(folder_or_model, sparsity, backend, dtype)
+    return LoadedModel(folder_or_model, backend, dtype)
 
 
 def is_export_folder(path) -> bool:

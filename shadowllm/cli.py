@@ -64,12 +64,13 @@ def cmd_generate(args):
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # validate before loading
     from .api import is_export_folder
 
-    if args.backend in ("ort", "tensorrt") or (args.backend is None and is_export_folder(args.model)):
+    if args.backend in ("ort", "tensorrt") or is_export_folder(args.model):
         from .api import Deployed
 
-        deployed = Deployed(args.model or "", args.sparsity, args.backend or "ort")
+        deployed = Deployed(args.model or "", args.sparsity, args.backend or "ort", args.dtype)
         tokenizer, backend = deployed.tokenizer, deployed.backend
-        where = "tensorrt" if backend.name == "tensorrt" else f"onnxruntime ({backend.device})"
+        where = {"tensorrt": "tensorrt", "cuda": f"CUDA kernels ({args.dtype})"}.get(
+            backend.name, f"onnxruntime ({getattr(backend, 'device', 'cpu')})")
         print(f"[shadowllm] {where}, policy {deployed.manifest['policy']}, sparsity {args.sparsity}", file=sys.stderr)
     else:
         tokenizer, backend = _torch_backend(args)
@@ -83,20 +84,22 @@ def _torch_backend(args):
     from shadowllm.runtime import TorchBackend
 
     if args.backend == "cuda":
-        from shadowllm.models import ShadowError
         from shadowllm.runtime.cuda_kernels import require_cuda
 
         require_cuda()  # before loading anything
-        if args.predictor:
-            raise ShadowError("--backend cuda runs dense, fixed masks (--masks) and thresholds; predictor policies "
-                              "(--predictor) run on --backend torch or an export")
     model, tokenizer = load(args.model)
     if args.predictor:
         from shadowllm.predictor.predictors import load_predictor
 
         predictor = load_predictor(args.predictor, model)
-        backend = TorchBackend(model, predictor=predictor, head_sparsity=args.head_sparsity,
-                               neuron_sparsity=args.neuron_sparsity)
+        if args.backend == "cuda":
+            from shadowllm.runtime.cuda_backend import CudaBackend
+
+            backend = CudaBackend(model, predictor=predictor, head_sparsity=args.head_sparsity,
+                                  neuron_sparsity=args.neuron_sparsity, dtype=args.dtype)
+        else:
+            backend = TorchBackend(model, predictor=predictor, head_sparsity=args.head_sparsity,
+                                   neuron_sparsity=args.neuron_sparsity)
         print(f"[shadowllm] {predictor.kind}/{predictor.granularity} predictor masks: heads "
               f"{args.head_sparsity:.0%} off, neurons {args.neuron_sparsity:.0%} off (layer 0 dense)", file=sys.stderr)
     else:
@@ -324,8 +327,16 @@ def cmd_parity(args):
         from shadowllm.predictor.thresholds import check_grid_sparsity
 
         check_grid_sparsity(args.sparsity)
+    if args.backend == "cuda":
+        from shadowllm.runtime.cuda_kernels import require_cuda
+
+        require_cuda()  # before loading anything
     model, tokenizer = load(args.model or manifest.get("model"))
-    if args.against == "tensorrt":
+    if args.backend == "cuda":
+        from shadowllm.runtime.parity_cuda import check_cuda
+
+        report = check_cuda(args.folder, model, tokenizer, args.sparsity, args.steps, args.dtype)
+    elif args.against == "tensorrt":
         from shadowllm.runtime.parity import check_tensorrt
 
         report = check_tensorrt(args.folder, tokenizer, args.sparsity, args.steps)
@@ -530,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", choices=["pytorch", "tensorrt"], default="pytorch",
                    help="pytorch: onnxruntime vs the float64 PyTorch reference; tensorrt: the built engine vs "
                         "onnxruntime (needs `build --target tensorrt` first)")
+    p.add_argument("--backend", choices=["ort", "cuda"], default="ort",
+                   help="cuda: the export's model and policy run by the CUDA kernels vs the PyTorch reference")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights on --backend cuda")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("build", help="compile an export folder for a target (ort-cpu; tensorrt where present)")

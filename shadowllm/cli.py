@@ -384,6 +384,11 @@ def cmd_bench(args):
     from shadowllm.runtime.bench import REAL, SYNTHETIC, Plan, run
     from shadowllm.runtime.bench_report import markdown, write
 
+    if args.backend == "cuda":  # the GPU decode rows (runtime/bench_cuda.py): its own shapes and report
+        from shadowllm.runtime.bench_cuda import main as bench_cuda
+
+        return bench_cuda(["--out", args.out or "docs/results/bench-gpu"]
+                          + (["--models", ",".join(args.models)] if args.models else []))
     plan = Plan.quick() if args.quick else Plan()
     if args.models:
         unknown = [m for m in args.models if m not in REAL + SYNTHETIC]
@@ -575,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=lambda v: [m for m in v.split(",") if m], default=None,
                    help="comma-separated: smollm2-135m (real weights), tinyllama-1.1b, opt-1.3b (synthetic, random "
                         "weights); default all three")
+    p.add_argument("--backend", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: decode on the GPU (hf-eager-cuda, cuda-dense, cuda-native rows; Llama shapes, bf16)")
     p.add_argument("--quick", action="store_true", help="SmolLM2 only, fewer cells and tokens (under 3 minutes)")
     p.add_argument("--tokens", type=positive_int, default=None, help="new tokens per run (default 64; quick 16)")
     p.add_argument("--repeats", type=positive_int, default=None, help="runs per cell (default 3; quick 2)")

@@ -10,7 +10,8 @@ the first / their wall time (median of 3 rounds); bound_tok_s = copy bandwidth (
 measured in the same run) / bytes one decode step must read (the kept block weights, the LM head,
 the embedding row, the KV cache read at the middle of the run).
 
-    python3 scripts/gpu_decode_bench.py --out docs/results     # writes bench-gpu.json and bench-gpu.md
+    shadowllm bench --backend cuda --out docs/results/bench-gpu   # writes bench-gpu.json and bench-gpu.md
+    (on a GPU machine without the package installed: python3 -m shadowllm.runtime.bench_cuda --out DIR)
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000),
@@ -125,13 +125,14 @@ def median_thresholds(model, prompt_ids) -> torch.Tensor:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    ap.add_argument("--out", type=Path, default=Path("docs/results/bench-gpu"),
+                    help="report prefix: writes PREFIX.json and PREFIX.md")
     ap.add_argument("--models", default=",".join(SHAPES))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_decode_bench: no CUDA device visible to torch", file=sys.stderr)
-        return 2
     from shadowllm.runtime.cuda_backend import CudaBackend
+    from shadowllm.runtime.cuda_kernels import require_cuda
+
+    require_cuda("bench --backend cuda")
 
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     dense = {r["model"]: r["decode_tok_s"] for r in rows if r["backend"] == "cuda-dense"}
     md = [f"# Decode on {torch.cuda.get_device_name()} (bf16, batch 1, {PROMPT}-token prompt, {NEW} new tokens)", "",
-          f"`python3 scripts/gpu_decode_bench.py --out docs/results`; copy bandwidth {bw / 1e12:.2f} TB/s (read + "
+          f"`shadowllm bench --backend cuda --out docs/results/bench-gpu`; copy bandwidth {bw / 1e12:.2f} TB/s (read + "
           "written); random-weight Llama shapes.", "",
           "| model | backend | policy | heads off | neurons off | threshold sparsity | tok/s | bound tok/s | of bound "
           "| x cuda-dense |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -177,9 +178,9 @@ def main(argv=None) -> int:
                   f"{r['neuron_sparsity']:.0%} | {r['sparsity']:.0%} | {r['decode_tok_s']:.1f} | "
                   f"{r['bound_tok_s']:.1f} | {r['fraction_of_bound']:.2f} | "
                   f"{r['decode_tok_s'] / dense[r['model']]:.2f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench-gpu.json").write_text(json.dumps({"rows": rows, "copy_tb_s": bw / 1e12}, indent=1) + "\n")
-    (args.out / "bench-gpu.md").write_text("\n".join(md) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.json").write_text(json.dumps({"rows": rows, "copy_tb_s": bw / 1e12}, indent=1) + "\n")
+    Path(f"{args.out}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -36,6 +36,18 @@ from shadowllm.models.adapters import AttentionWeights, MLPWeights
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def own_copy(model):
+    """A copy of `model` for the backend to take to its device and dtype, so that the caller's (a
+    PyTorch reference beside it) keeps its own; the caches a model object carries are not copied."""
+    import copy
+
+    saved = {k: model.__dict__.pop(k) for k in ("_shadowllm_float64", "_shadowllm_adapter") if k in model.__dict__}
+    try:
+        return copy.deepcopy(model)
+    finally:
+        model.__dict__.update(saved)
+
+
 @dataclass
 class _Layer:
     attention: AttentionWeights

@@ -33,7 +33,7 @@ ROUNDOFF = {"fp32": 1.0, "bf16": 2.0 ** -8 / 2.0 ** -24, "fp16": 2.0 ** -11 / 2.
 
 def check_cuda(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, steps: int = 32,
                dtype: str = "fp32", seed: int = 0, device: str = "cuda") -> ParityReport:
-    from .cuda_backend import CudaBackend
+    from .cuda_backend import CudaBackend, own_copy
     from .generate import encode_batch
 
     folder = Path(folder)
@@ -48,7 +48,7 @@ def check_cuda(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.
     config = export_policy(folder, manifest, model, sparsity, dense_masks="random")
     reference = TorchBackend(model, **config)
     exact = TorchBackend(golden_model, **export_policy(folder, manifest, golden_model, sparsity, dense_masks="random"))
-    ours = CudaBackend(_copy(model), **config, kv_policy=manifest.get("kv_policy", "all"), dtype=dtype, device=device)
+    ours = CudaBackend(own_copy(model), **config, kv_policy=manifest.get("kv_policy", "all"), dtype=dtype, device=device)
     scale = ROUNDOFF[dtype]
 
     # prefill: two rows, the second left-padded
@@ -95,13 +95,3 @@ def check_cuda(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.
     report.polygraphy_passed = True  # no ONNX graph runs here: the comparisons above are the verdict
     return report
 
-
-def _copy(model):
-    """The backend moves its model to the device and dtype: a copy, so the references keep theirs."""
-    import copy
-
-    saved = {k: model.__dict__.pop(k) for k in ("_shadowllm_float64", "_shadowllm_adapter") if k in model.__dict__}
-    try:
-        return copy.deepcopy(model)
-    finally:
-        model.__dict__.update(saved)

@@ -408,7 +408,7 @@ def cmd_bench(args):
 def cmd_demo(args):
     from .demo import run_demo
 
-    run_demo(args.model, quick=args.quick)
+    run_demo(args.model, quick=args.quick, backend=args.backend)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -593,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end-to-end demo on the embedded default model")
     p.add_argument("--model", default=None, help="model name or folder (default: smollm2-135m)")
     p.add_argument("--quick", action="store_true", help="fewer windows and tokens")
+    p.add_argument("--backend", choices=["ort", "cuda"], default="ort",
+                   help="where the exports answer and are checked: ONNX Runtime (CPU) or the CUDA kernels (GPU)")
     p.set_defaults(func=cmd_demo)
     return parser
 

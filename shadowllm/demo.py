@@ -10,6 +10,9 @@
 4. export the recommended policy (activation thresholds, greedy allocation; cached) and the per-token
    ShadowLLM predictor, and answer a question on ONNX Runtime with each, next to the dense answer;
 5. the parity report of the threshold export against the PyTorch reference.
+
+`--backend cuda` answers and checks the same exports on the GPU's CUDA kernels (bf16 answers, the
+fp32 parity of `parity --backend cuda`) instead of ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -38,8 +41,12 @@ def _heading(text: str):
     print(f"\n== {text}", flush=True)
 
 
-def run_demo(model_name: str | None = None, quick: bool = False):
+def run_demo(model_name: str | None = None, quick: bool = False, backend: str = "ort"):
     t0 = time.perf_counter()
+    if backend == "cuda":
+        from shadowllm.runtime.cuda_kernels import require_cuda
+
+        require_cuda("demo --backend cuda")  # before the minutes of training and calibration
     _heading("model")
     model, tokenizer = load(model_name)
     print(architecture_table(model))
@@ -76,20 +83,36 @@ def run_demo(model_name: str | None = None, quick: bool = False):
     shadow = _exported(model, tokenizer, root, "shadow", predictor=p_tok)
     prompt = chat_prompt(tokenizer, PROMPT) if getattr(tokenizer, "chat_template", None) else PROMPT
     max_new = 24 if quick else 40
+    if backend == "cuda":
+        from shadowllm.runtime.cuda_backend import CudaBackend, own_copy
+
+        def run(folder, sparsity):
+            return CudaBackend.from_export(folder, sparsity, dtype="bf16", model=own_copy(model))
+        where = "the GPU's CUDA kernels (bf16)"
+    else:
+        def run(folder, sparsity):
+            return OrtBackend(folder, sparsity=sparsity)
+        where = "ONNX Runtime"
     backends = [("dense, PyTorch", TorchBackend(model)),
-                (f"activation thresholds on ONNX Runtime, sparsity {THRESHOLD_SPARSITY}",
-                 OrtBackend(deployed, sparsity=THRESHOLD_SPARSITY)),
-                ("ShadowLLM per token on ONNX Runtime, 50% of neurons off", OrtBackend(shadow, sparsity=0.5))]
+                (f"activation thresholds on {where}, sparsity {THRESHOLD_SPARSITY}", run(deployed, THRESHOLD_SPARSITY)),
+                (f"ShadowLLM per token on {where}, 50% of neurons off", run(shadow, 0.5))]
     for name, backend in backends:
         _heading(f"answer ({name}; greedy, {max_new} tokens): {PROMPT}")
         start = time.perf_counter()
         out = generate(backend, tokenizer, prompt, max_new, on_text=lambda _, d: print(d, end="", flush=True))[0]
         print(f"\n   [{len(out.token_ids)} tokens in {time.perf_counter() - start:.1f} s, finish: {out.finish_reason}]")
 
-    _heading(f"parity of {deployed} (ONNX Runtime) vs the PyTorch reference at sparsity {THRESHOLD_SPARSITY}")
-    report = check(deployed, model, tokenizer, sparsity=THRESHOLD_SPARSITY, steps=8 if quick else 16)
+    _heading(f"parity of {deployed} ({where if backend == 'cuda' else 'ONNX Runtime'}) vs the PyTorch reference at "
+             f"sparsity {THRESHOLD_SPARSITY}")
+    if backend == "cuda":
+        from shadowllm.runtime.parity_cuda import check_cuda
+
+        report = check_cuda(deployed, model, tokenizer, sparsity=THRESHOLD_SPARSITY, steps=8 if quick else 16)
+    else:
+        report = check(deployed, model, tokenizer, sparsity=THRESHOLD_SPARSITY, steps=8 if quick else 16)
     print("\n".join(line for line in report.table().splitlines() if not line.startswith("present.")))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads")
+
 
 
 def _exported(model, tokenizer, root, policy, predictor=None, thresholds=None):

@@ -1,9 +1,11 @@
 // Host-side checks of the plugin objects that need neither TensorRT's runtime nor a GPU, exported
 // as C so that tests can call them through ctypes: the creators getCreators returns, attribute
-// round trips through getFieldsToSerialize, the format combinations offered, and a bad attribute
-// reaching the logger TensorRT would have installed.
+// round trips through getFieldsToSerialize, the format combinations offered, a bad attribute
+// reaching the logger TensorRT would have installed, and the runtime shape checks (onShapeChange).
 #include <cstdio>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "sparse_head_attention/plugin.h"
@@ -157,4 +159,90 @@ SHADOWLLM_EXPORT int32_t shadowllm_trt_self_check(char* buffer, int32_t size) {
   setLoggerFinder(nullptr);
   Write(report, buffer, size);
   return 0;
+}
+
+namespace {
+
+nvinfer1::PluginTensorDesc Desc(std::initializer_list<int64_t> dims) {
+  nvinfer1::PluginTensorDesc d{};
+  d.dims.nbDims = static_cast<int32_t>(dims.size());
+  int32_t i = 0;
+  for (int64_t v : dims) d.dims.d[i++] = v;
+  d.type = DataType::kFLOAT;
+  d.format = nvinfer1::TensorFormat::kLINEAR;
+  return d;
+}
+
+}  // namespace
+
+// onShapeChange on consistent shapes (accepted) and on each kind of mismatch (refused, with the
+// reason on TensorRT's logger): one line per case, "ok <case>" or "FAIL <case>: <why>"; 0 when all hold.
+SHADOWLLM_EXPORT int32_t shadowllm_trt_shape_check(char* buffer, int32_t size) {
+  StubFinder finder;
+  setLoggerFinder(&finder);
+  const int32_t optional_mlp = 0b010;  // x, w_in, w_gate, w_out_t, mask
+  std::vector<PluginField> mlp_fields{PluginField("activation", "silu", PluginFieldType::kCHAR, 5),
+                                      PluginField("optional_inputs", &optional_mlp, PluginFieldType::kINT32, 1)};
+  const int64_t heads = 9, kv = 3, dim = 64, rope = 1;
+  const float scale = 0.125f;
+  const int32_t optional_attn = 0b110000;  // cos, sin; no biases
+  std::vector<PluginField> attn_fields{PluginField("num_heads", &heads, PluginFieldType::kINT64, 1),
+                                       PluginField("num_kv_heads", &kv, PluginFieldType::kINT64, 1),
+                                       PluginField("head_dim", &dim, PluginFieldType::kINT64, 1),
+                                       PluginField("scale", &scale, PluginFieldType::kFLOAT32, 1),
+                                       PluginField("rope", &rope, PluginFieldType::kINT64, 1),
+                                       PluginField("optional_inputs", &optional_attn, PluginFieldType::kINT32, 1)};
+  using Shapes = std::vector<nvinfer1::PluginTensorDesc>;
+  // x, w_in, w_gate, w_out_t, mask
+  const Shapes mlp_ok{Desc({2, 3, 64}), Desc({128, 64}), Desc({128, 64}), Desc({128, 64}), Desc({2, 128})};
+  // x, w_q, w_k, w_v, w_o_t, past_key, past_value, attention_mask, position_ids, cos, sin, head_mask
+  const Shapes attn_ok{Desc({2, 1, 128}), Desc({576, 128}), Desc({192, 128}), Desc({192, 128}), Desc({576, 128}),
+                       Desc({2, 3, 10, 64}), Desc({2, 3, 10, 64}), Desc({2, 11}), Desc({2, 1}), Desc({100, 32}),
+                       Desc({100, 32}), Desc({2, 9})};
+  struct Case {
+    const char* name;
+    int32_t op;  // 0 MLP, 1 attention
+    std::vector<std::pair<int32_t, nvinfer1::PluginTensorDesc>> changed;  // (input position, its shape)
+    const char* reason;  // what the log must say; null: accepted
+  };
+  const std::vector<Case> cases{
+      {"mlp consistent", 0, {}, nullptr},
+      {"mlp mask of another width", 0, {{4, Desc({2, 100})}}, "mask is [2,100], expected [2,128]"},
+      {"mlp w_in of another hidden size", 0, {{1, Desc({128, 32})}}, "w_in is [128,32], expected [128,64]"},
+      {"attention consistent (present = past + new)", 1, {}, nullptr},
+      {"attention preallocated cache (capacity 64 >= past 10 + 1)", 1,
+       {{5, Desc({2, 3, 64, 64})}, {6, Desc({2, 3, 64, 64})}}, nullptr},
+      {"attention key and value caches of different lengths", 1, {{5, Desc({2, 3, 64, 64})}}, "hold 64 and 10 positions: they must match"},
+      {"attention caches shorter than the past", 1, {{5, Desc({2, 3, 5, 64})}, {6, Desc({2, 3, 5, 64})}},
+       "past_key holds 5 positions; the attention mask says the past is 10"},
+      {"attention cache of another kv-head count", 1, {{5, Desc({2, 4, 10, 64})}}, "past_key is [2,4,10,64]"},
+      {"attention mask shorter than the new tokens", 1, {{7, Desc({2, 0})}}, "fewer than the 1 new tokens"},
+      {"attention head mask of another head count", 1, {{11, Desc({2, 8})}}, "head_mask is [2,8], expected [2,9]"},
+      {"attention w_k of another width", 1, {{2, Desc({256, 128})}}, "w_k is [256,128]"},
+  };
+  std::string report;
+  int32_t failures = 0;
+  for (const Case& c : cases) {
+    std::vector<PluginField>& fields = c.op == 0 ? mlp_fields : attn_fields;
+    const PluginFieldCollection fc{static_cast<int32_t>(fields.size()), fields.data()};
+    nvinfer1::IPluginV3* plugin = Creator(c.op)->createPlugin("shapes", &fc, nvinfer1::TensorRTPhase::kRUNTIME);
+    if (plugin == nullptr) {
+      report += std::string("FAIL ") + c.name + ": createPlugin failed\n";
+      ++failures;
+      continue;
+    }
+    auto* runtime = static_cast<nvinfer1::IPluginV3OneRuntime*>(plugin->getCapabilityInterface(nvinfer1::PluginCapabilityType::kRUNTIME));
+    Shapes in = c.op == 0 ? mlp_ok : attn_ok;
+    for (const auto& [position, desc] : c.changed) in[static_cast<size_t>(position)] = desc;
+    const nvinfer1::PluginTensorDesc out[3] = {in[0], in[0], in[0]};
+    finder.logger.last.clear();
+    const int32_t rc = runtime->onShapeChange(in.data(), static_cast<int32_t>(in.size()), out, c.op == 0 ? 1 : 3);
+    const bool ok = c.reason == nullptr ? rc == 0 : rc != 0 && finder.logger.last.find(c.reason) != std::string::npos;
+    report += std::string(ok ? "ok " : "FAIL ") + c.name + (finder.logger.last.empty() ? "" : ": " + finder.logger.last) + "\n";
+    failures += ok ? 0 : 1;
+    delete plugin;
+  }
+  setLoggerFinder(nullptr);
+  Write(report, buffer, size);
+  return failures;
 }

@@ -73,3 +73,15 @@ def test_plugin_library_is_loaded_into_a_registry_once():
     load_trt_plugins(FakeTensorRT, Path("libshadowllm_trt_plugins.so"))
     load_trt_plugins(FakeTensorRT, Path("libshadowllm_trt_plugins.so"))
     assert Registry.loads == 1
+
+
+def test_plugins_refuse_inconsistent_runtime_shapes():
+    """onShapeChange (called by TensorRT before an enqueue with new shapes) accepts consistent shapes,
+    including a preallocated cache longer than past + new (the op contract), and refuses every kind of
+    mismatch with the reason on TensorRT's logger, so no kernel runs on buffers of the wrong size."""
+    lib = load()
+    buf = ctypes.create_string_buffer(8192)
+    failures = lib.shadowllm_trt_shape_check(buf, len(buf))
+    report = buf.value.decode()
+    assert failures == 0, report
+    assert [line.split(" ", 1)[0] for line in report.splitlines()] == ["ok"] * 11

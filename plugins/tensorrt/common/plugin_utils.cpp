@@ -124,3 +124,36 @@ bool SparsePluginBase::SupportsSlot(SlotKind kind, const nvinfer1::DynamicPlugin
 
 }  // namespace trt
 }  // namespace shadowllm
+
+namespace shadowllm {
+namespace trt {
+
+std::string DimsText(const nvinfer1::Dims& dims) {
+  std::string out = "[";
+  for (int32_t i = 0; i < dims.nbDims; ++i) out += (i ? "," : "") + std::to_string(dims.d[i]);
+  return out + "]";
+}
+
+std::string ExpectDims(const nvinfer1::Dims& dims, const std::vector<int64_t>& want, const char* name) {
+  bool ok = dims.nbDims == static_cast<int32_t>(want.size());
+  for (int32_t i = 0; ok && i < dims.nbDims; ++i) ok = want[i] < 0 || dims.d[i] == want[i];
+  if (ok) return "";
+  std::string expected = "[";
+  for (size_t i = 0; i < want.size(); ++i) expected += (i ? "," : "") + (want[i] < 0 ? std::string("*") : std::to_string(want[i]));
+  return std::string(name) + " is " + DimsText(dims) + ", expected " + expected + "]";
+}
+
+int32_t SparsePluginBase::onShapeChange(const nvinfer1::PluginTensorDesc* in, int32_t nb_inputs,
+                                        const nvinfer1::PluginTensorDesc*, int32_t) noexcept {
+  try {
+    const std::string why = ShapeError(in, nb_inputs);
+    if (why.empty()) return 0;
+    Log(nvinfer1::ILogger::Severity::kERROR, std::string(getPluginName()) + ": " + why);
+  } catch (...) {
+    Log(nvinfer1::ILogger::Severity::kERROR, std::string(getPluginName()) + ": shape check failed");
+  }
+  return -1;
+}
+
+}  // namespace trt
+}  // namespace shadowllm

@@ -74,6 +74,11 @@ class InputMap {
   int64_t bits_;
 };
 
+// Checks runtime dims against an expected shape (-1: any extent, recorded into `bound` when given):
+// Expect(d, {B, S, D}, "x") etc. Returns "" or "x is [2,3], expected [2,3,64]".
+std::string ExpectDims(const nvinfer1::Dims& dims, const std::vector<int64_t>& want, const char* name);
+std::string DimsText(const nvinfer1::Dims& dims);
+
 // IPluginV3 with its three capability interfaces on one object, as TensorRT's own plugins do.
 class SparsePluginBase : public nvinfer1::IPluginV3,
                          public nvinfer1::IPluginV3OneCore,
@@ -89,15 +94,18 @@ class SparsePluginBase : public nvinfer1::IPluginV3,
                           int32_t) noexcept override {
     return 0;
   }
-  int32_t onShapeChange(const nvinfer1::PluginTensorDesc*, int32_t, const nvinfer1::PluginTensorDesc*,
-                        int32_t) noexcept override {
-    return 0;
-  }
+  // The runtime shapes, checked before any enqueue with them: a mismatch (a cache of another kv-head
+  // count, a mask shorter than the new tokens, weights of another width) is one error on TensorRT's
+  // logger and a failed call, never a kernel reading past a buffer.
+  int32_t onShapeChange(const nvinfer1::PluginTensorDesc* in, int32_t nb_inputs, const nvinfer1::PluginTensorDesc*,
+                        int32_t) noexcept override;
   nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext*) noexcept override { return clone(); }
 
  protected:
   // Format check shared by both ops: linear layout; float slots all of x's type (fp32, fp16 or bf16).
   enum class SlotKind { kFloat, kMask, kInt64 };
+  // What is wrong with these runtime input shapes ("" when they hold), per op.
+  virtual std::string ShapeError(const nvinfer1::PluginTensorDesc* in, int32_t nb_inputs) const = 0;
   bool SupportsSlot(SlotKind kind, const nvinfer1::DynamicPluginTensorDesc* in_out, int32_t pos) const;
   // The kernels' storage type: x's (every float tensor of a node has the same type).
   static cuda::DType StorageType(const nvinfer1::PluginTensorDesc* input_desc) {

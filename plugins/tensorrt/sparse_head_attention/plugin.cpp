@@ -1,5 +1,8 @@
 #include "plugin.h"
 
+#include <tuple>
+#include <utility>
+
 namespace shadowllm {
 namespace trt {
 
@@ -44,6 +47,43 @@ int32_t SparseHeadAttentionPlugin::getOutputShapes(const nvinfer1::DimsExprs* in
   outputs[1] = present;
   outputs[2] = present;
   return 0;
+}
+
+std::string SparseHeadAttentionPlugin::ShapeError(const nvinfer1::PluginTensorDesc* in, int32_t nb_inputs) const {
+  if (nb_inputs != inputs_.Count()) return "expected " + std::to_string(inputs_.Count()) + " inputs";
+  auto dims = [&](Slot s) -> const nvinfer1::Dims& { return in[inputs_.Index(s)].dims; };
+  const nvinfer1::Dims& x = dims(kX);
+  if (x.nbDims != 3) return "x is " + DimsText(x) + ", expected [B,S,D]";
+  const int64_t B = x.d[0], S = x.d[1], D = x.d[2];
+  const int64_t H = config_.num_heads, G = config_.num_kv_heads, E = config_.head_dim;
+  const nvinfer1::Dims& mask = dims(kAttentionMask);
+  std::string why = ExpectDims(mask, {B, -1}, "attention_mask");
+  if (!why.empty()) return why;
+  const int64_t T = mask.d[1];
+  if (T < S) return "attention_mask covers " + std::to_string(T) + " positions, fewer than the " + std::to_string(S) +
+                    " new tokens";
+  for (auto [slot, name, rows] : {std::tuple{kWQ, "w_q", H * E}, std::tuple{kWK, "w_k", G * E},
+                                  std::tuple{kWV, "w_v", G * E}, std::tuple{kWOT, "w_o_t", H * E}})
+    if (why.empty()) why = ExpectDims(dims(slot), {rows, D}, name);
+  for (auto [slot, name, rows] : {std::tuple{kBQ, "b_q", H * E}, std::tuple{kBK, "b_k", G * E},
+                                  std::tuple{kBV, "b_v", G * E}, std::tuple{kBO, "b_o", D}})
+    if (why.empty() && inputs_.Index(slot) >= 0) why = ExpectDims(dims(slot), {rows}, name);
+  for (auto [slot, name] : {std::pair{kPastKey, "past_key"}, std::pair{kPastValue, "past_value"}})
+    if (why.empty()) why = ExpectDims(dims(slot), {B, G, -1, E}, name);
+  if (!why.empty()) return why;
+  // The past is past_key's first T - S positions (the op contract): it must hold them.
+  const int64_t C = dims(kPastKey).d[2];
+  if (dims(kPastValue).d[2] != C)
+    return "past_key and past_value hold " + std::to_string(C) + " and " + std::to_string(dims(kPastValue).d[2]) +
+           " positions: they must match";
+  if (C < T - S)
+    return "past_key holds " + std::to_string(C) + " positions; the attention mask says the past is " +
+           std::to_string(T - S);
+  why = ExpectDims(dims(kPositionIds), {B, S}, "position_ids");
+  if (why.empty()) why = ExpectDims(dims(kHeadMask), {B, H}, "head_mask");
+  for (auto [slot, name] : {std::pair{kCos, "cos"}, std::pair{kSin, "sin"}})
+    if (why.empty() && inputs_.Index(slot) >= 0) why = ExpectDims(dims(slot), {-1, E / 2}, name);
+  return why;
 }
 
 bool SparseHeadAttentionPlugin::supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* in_out,

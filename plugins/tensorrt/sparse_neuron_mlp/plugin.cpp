@@ -29,6 +29,23 @@ int32_t SparseNeuronMLPPlugin::getOutputShapes(const nvinfer1::DimsExprs* inputs
   return 0;
 }
 
+std::string SparseNeuronMLPPlugin::ShapeError(const nvinfer1::PluginTensorDesc* in, int32_t nb_inputs) const {
+  if (nb_inputs != inputs_.Count()) return "expected " + std::to_string(inputs_.Count()) + " inputs";
+  const nvinfer1::Dims& x = in[inputs_.Index(kX)].dims;
+  if (x.nbDims != 3) return "x is " + DimsText(x) + ", expected [B,S,D]";
+  const int64_t B = x.d[0], D = x.d[2];
+  const nvinfer1::Dims& w_out = in[inputs_.Index(kWOutT)].dims;
+  if (w_out.nbDims != 2) return "w_out_t is " + DimsText(w_out) + ", expected [F,D]";
+  const int64_t F = w_out.d[0];
+  std::string why = ExpectDims(w_out, {F, D}, "w_out_t");
+  if (why.empty()) why = ExpectDims(in[inputs_.Index(kWIn)].dims, {F, D}, "w_in");
+  if (why.empty() && inputs_.Index(kWGate) >= 0) why = ExpectDims(in[inputs_.Index(kWGate)].dims, {F, D}, "w_gate");
+  if (why.empty() && inputs_.Index(kBIn) >= 0) why = ExpectDims(in[inputs_.Index(kBIn)].dims, {F}, "b_in");
+  if (why.empty() && inputs_.Index(kBOut) >= 0) why = ExpectDims(in[inputs_.Index(kBOut)].dims, {D}, "b_out");
+  if (why.empty()) why = ExpectDims(in[inputs_.Index(kMask)].dims, {B, F}, "mask");
+  return why;
+}
+
 bool SparseNeuronMLPPlugin::supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPluginTensorDesc* in_out,
                                                       int32_t nb_inputs, int32_t) noexcept {
   if (pos >= nb_inputs) return SupportsSlot(SlotKind::kFloat, in_out, pos);

@@ -26,6 +26,9 @@ class SparseNeuronMLPPlugin : public SparsePluginBase {
                   const void* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
   const nvinfer1::PluginFieldCollection* getFieldsToSerialize() noexcept override;
 
+ protected:
+  std::string ShapeError(const nvinfer1::PluginTensorDesc* in, int32_t nb_inputs) const override;
+
  private:
   Activation activation_;
   InputMap inputs_;

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .step_backend import StepBackend
+
 # The generate extension's names: input -> (Triton data type, whether a request may leave it out).
 INPUTS = {"text_input": ("TYPE_STRING", False), "max_tokens": ("TYPE_INT32", True),
           "temperature": ("TYPE_FP32", True), "top_p": ("TYPE_FP32", True), "seed": ("TYPE_UINT64", True),
@@ -94,50 +96,28 @@ class TritonPythonModel:
                     flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
-class TritonStepBackend:
+class TritonStepBackend(StepBackend):
     """The Backend of runtime/backend.py over a Triton model that runs one step of the export (the
-    onnxruntime backend with the custom-op library): each forward is one BLS request whose inputs
-    and outputs are the export's (DESIGN §4); the state holds the caches and masks as NumPy arrays."""
+    onnxruntime backend with the custom-op library): each forward is one BLS request with the
+    export's inputs (scalars as [1], reshaped by the step model's config) and outputs."""
 
     name = "triton-step"
 
     def __init__(self, folder: Path, step_model: str, pb_utils):
         from .ort_backend import check_export_folder, sparsity_value
 
-        self.manifest = check_export_folder(Path(folder))
-        a = self.manifest["arch"]
-        self.layers, self.heads, self.kv_heads = a["layers"], a["heads"], a["kv_heads"]
-        self.head_dim, self.neurons = a["head_dim"], a["neurons"]
-        self.vocab_size, self.max_positions = a["vocab"], a["max_positions"]
+        self._arch(check_export_folder(Path(folder)))
         self.step_model, self.pb = step_model, pb_utils
         self.sparsity = sparsity_value(self.manifest, 0.0)
-        self.outputs = ["logits", *(f"present.{i // 2}.{('key', 'value')[i % 2]}" for i in range(2 * self.layers)),
-                        "shadow_head_mask_out", "shadow_neuron_mask_out"]
 
-    def forward(self, input_ids, attention_mask, state, last_only: bool = False):
-        import torch
-
+    def _run(self, feeds: dict, last_only: bool) -> dict:
         from shadowllm.models import ShadowError
 
-        ids, mask = input_ids.numpy().astype(np.int64), attention_mask.numpy().astype(np.int64)
-        B, S = ids.shape
-        if state is None:
-            empty = np.zeros((B, self.kv_heads, 0, self.head_dim), np.float32)
-            state = {"past": [empty] * (2 * self.layers), "heads": np.ones((B, self.layers, self.heads), bool),
-                     "neurons": np.ones((B, self.layers, self.neurons), bool)}
-        P = mask.shape[1] - S
-        feeds = {"input_ids": ids, "attention_mask": mask,
-                 "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, P:].astype(np.int64),
-                 "shadow_head_mask": state["heads"], "shadow_neuron_mask": state["neurons"],
-                 "sparsity": self.sparsity.reshape(1), "logits_to_keep": np.array([1 if last_only else 0], np.int64)}
-        for i, past in enumerate(state["past"]):
-            feeds[f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}"] = past
+        feeds = {**feeds, "sparsity": np.asarray(feeds["sparsity"]).reshape(1),
+                 "logits_to_keep": np.array([1 if last_only else 0], np.int64)}
         request = self.pb.InferenceRequest(model_name=self.step_model, requested_output_names=self.outputs,
                                            inputs=[self.pb.Tensor(k, np.ascontiguousarray(v)) for k, v in feeds.items()])
         response = request.exec()
         if response.has_error():
             raise ShadowError(f"step model {self.step_model}: {response.error().message()}")
-        out = {name: self.pb.get_output_tensor_by_name(response, name).as_numpy() for name in self.outputs}
-        state = {"past": [out[name] for name in self.outputs[1:-2]], "heads": out["shadow_head_mask_out"],
-                 "neurons": out["shadow_neuron_mask_out"]}
-        return torch.from_numpy(np.array(out["logits"], dtype=np.float32)), state
+        return {name: self.pb.get_output_tensor_by_name(response, name).as_numpy() for name in self.outputs}

@@ -12,13 +12,11 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from shadowllm.models import ShadowError
 
 from .native import load_trt_plugins
 from .ort_backend import sparsity_value
+from .step_backend import StepBackend
 
 
 def engine_folder(folder: str | os.PathLike) -> Path:
@@ -30,7 +28,7 @@ def engine_folder(folder: str | os.PathLike) -> Path:
                       f"--target tensorrt`)")
 
 
-class TrtBackend:
+class TrtBackend(StepBackend):
     name = "tensorrt"
 
     def __init__(self, folder: str | os.PathLike, sparsity: float = 0.0):
@@ -38,11 +36,7 @@ class TrtBackend:
 
         trt, library = requirements()
         folder = engine_folder(folder)
-        self.manifest = json.loads((folder / "shadowllm.json").read_text())
-        a = self.manifest["arch"]
-        self.layers, self.heads, self.kv_heads = a["layers"], a["heads"], a["kv_heads"]
-        self.head_dim, self.neurons = a["head_dim"], a["neurons"]
-        self.vocab_size, self.max_positions = a["vocab"], a["max_positions"]
+        self._arch(json.loads((folder / "shadowllm.json").read_text()))
         self.sparsity = sparsity_value(self.manifest, sparsity)
         load_trt_plugins(trt, library)
         self.engine_bytes = (folder / "model.engine").read_bytes()
@@ -55,30 +49,7 @@ class TrtBackend:
 
         return TrtRunner(EngineFromBytes(self.engine_bytes), name="tensorrt")
 
-    def initial_state(self, batch: int, head_mask=None, neuron_mask=None):
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
-        heads = np.ones((batch, self.layers, self.heads), bool) if head_mask is None else np.asarray(head_mask)
-        neurons = np.ones((batch, self.layers, self.neurons), bool) if neuron_mask is None else np.asarray(neuron_mask)
-        return {"past": [empty] * (2 * self.layers), "heads": heads, "neurons": neurons}
-
-    def forward(self, input_ids, attention_mask, state, last_only: bool = False):
-        """last_only: the last position's logits (the engine keeps `logits_to_keep` at its default, every
-        position: TensorRT folds an initializer-backed input into a constant)."""
-        ids = input_ids.numpy().astype(np.int64)
-        mask = attention_mask.numpy().astype(np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ShadowError(f"token ids must lie in [0, {self.vocab_size}); got {ids.min()}..{ids.max()}")
-        if state is None:
-            state = self.initial_state(ids.shape[0])
-        P = mask.shape[1] - ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": mask,
-                 "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, P:].astype(np.int64),
-                 "shadow_head_mask": state["heads"], "shadow_neuron_mask": state["neurons"], "sparsity": self.sparsity}
-        for i, past in enumerate(state["past"]):
-            feeds[f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}"] = past
-        outs = self.runner.infer(feeds)
-        past = [np.asarray(outs[f"present.{i // 2}.{('key', 'value')[i % 2]}"]) for i in range(2 * self.layers)]
-        state = {"past": past, "heads": np.asarray(outs["shadow_head_mask_out"]),
-                 "neurons": np.asarray(outs["shadow_neuron_mask_out"])}
-        logits = torch.from_numpy(np.asarray(outs["logits"], dtype=np.float32))
-        return (logits[:, -1:] if last_only else logits), state
+    def _run(self, feeds: dict, last_only: bool) -> dict:
+        """(the engine keeps `logits_to_keep` at its default, every position: TensorRT folds an
+        initializer-backed input into a constant; forward slices the last)"""
+        return self.runner.infer(feeds)

@@ -66,7 +66,15 @@ def fingerprint(model) -> str:
 
 
 def _locate_gguf(spec: Embedded) -> Path:
+    """The embedded model's GGUF: inside its wheel, or the file $SHADOWLLM_GGUF names (a machine
+    without the wheel, e.g. a GPU machine the file was carried to)."""
     from importlib import metadata
+
+    override = os.environ.get("SHADOWLLM_GGUF")
+    if override:
+        if not Path(override).is_file() or Path(override).name != spec.gguf:
+            raise ShadowError(f"SHADOWLLM_GGUF={override}: expected the file {spec.gguf}")
+        return Path(override)
 
     try:
         files = metadata.files(spec.dist) or []

@@ -138,7 +138,7 @@ class CudaBackend:
 
             require_cuda()  # before loading anything
         folder = Path(folder)
-        manifest = check_export_folder(folder)
+        manifest = check_export_folder(folder, graph=False)
         sparsity_value(manifest, sparsity)
         if model is None:
             if not manifest.get("model"):

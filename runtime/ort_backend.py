@@ -21,11 +21,13 @@ from shadowllm.models import ShadowError
 REQUIRED = ("model.onnx", "config.json", "shadowllm.json")
 
 
-def check_export_folder(folder: Path) -> dict:
-    """The manifest of an export folder; one clear line if the folder is missing or partial."""
+def check_export_folder(folder: Path, graph: bool = True) -> dict:
+    """The manifest of an export folder; one clear line if the folder is missing or partial. graph=False:
+    a backend that runs the export's policy with the model's own weights (CUDA) needs the manifest and
+    its side files only, not model.onnx and its data."""
     if not folder.is_dir():
         raise ShadowError(f"{folder}: no such export folder (expected the output of `shadowllm export`)")
-    missing = [f for f in REQUIRED if not (folder / f).is_file()]
+    missing = [f for f in (REQUIRED if graph else REQUIRED[1:]) if not (folder / f).is_file()]
     if missing:
         raise ShadowError(f"{folder}: partial export folder, missing {', '.join(missing)}")
     try:
@@ -33,7 +35,7 @@ def check_export_folder(folder: Path) -> dict:
     except json.JSONDecodeError as e:
         raise ShadowError(f"{folder / 'shadowllm.json'}: not valid JSON ({e})") from None
     data = folder / "model.onnx.data"
-    if not data.is_file():
+    if graph and not data.is_file():
         raise ShadowError(f"{folder}: partial export folder, missing model.onnx.data (the weights)")
     return manifest
 

@@ -37,7 +37,7 @@ def check_cuda(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.
     from .generate import encode_batch
 
     folder = Path(folder)
-    manifest = check_export_folder(folder)
+    manifest = check_export_folder(folder, graph=False)
     if manifest["model_fingerprint"] != fingerprint(model):
         raise ShadowError(f"{folder} was exported from another model; pass the right one with --model")
     if dtype not in ROUNDOFF:

@@ -5,6 +5,8 @@
 # sm_80 + sm_90); if it does not load there it is rebuilt from the carried headers. Writes into
 # $OUT (default /tmp/gpu-check): gpu-kernels.*, bench-gpu.*, and a log per step.
 #   bash scripts/gpu_check.sh [gpu_bench.py flags]
+# SMOLLM2_PARITY=1 (with build/gpu-bundle/ carried, scripts/gpu_bundle.py): only `parity --backend cuda`
+# of the real model's export skeletons, fp32 and bf16.
 set -u
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
@@ -24,6 +26,22 @@ ln -s "$PWD"/shadowllm/*.py "$SHIM/shadowllm/"
 for stage in models predictor export compiler runtime; do ln -s "$PWD/$stage" "$SHIM/shadowllm/$stage"; done
 export PYTHONPATH=$SHIM:$PWD
 PYTEST="python3 -P -m pytest --noconftest -p no:cacheprovider --import-mode=append -q"
+if [ -n "${SMOLLM2_PARITY:-}" ]; then
+  B=$PWD/build/gpu-bundle
+  W=$(mktemp -d)
+  cat "$B/part-1" "$B/part-2" > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
+  tar -xzf "$B/extra.tar.gz" -C "$W"
+  sed -i "s#@BUNDLE@#$W#g" "$W"/exports/*/shadowllm.json
+  export SHADOWLLM_GGUF=$W/SmolLM2-135M-Instruct.Q4_1.gguf SHADOWLLM_CACHE=$W/cache PYTHONPATH=$PYTHONPATH:$W/python
+  for d in "$W"/exports/*/; do
+    for dtype in fp32 bf16; do
+      echo "== $(basename "$d") $dtype" | tee -a "$OUT/smollm2-parity.log"
+      timeout 240 python3 -P -m shadowllm parity "$d" --backend cuda --dtype "$dtype" --sparsity 0.5 --steps 32 \
+        --json "$OUT/parity-$(basename "$d")-$dtype.json" 2>&1 | tee -a "$OUT/smollm2-parity.log"
+    done
+  done
+  exit 0
+fi
 KERNELS=tests/parity/test_cuda_kernels.py
 timeout 90 $PYTEST $KERNELS -k "batches or decode or in_place or refuses" 2>&1 | tee "$OUT/tests-decode.log"
 timeout 120 $PYTEST tests/runtime/test_cuda_backend.py 2>&1 | tee "$OUT/tests-backend.log"

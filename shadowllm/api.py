@@ -23,7 +23,7 @@ class Deployed:
             from shadowllm.runtime.cuda_kernels import require_cuda
 
             require_cuda()  # one line, before anything loads
-        self.manifest = check_export_folder(self.folder)
+        self.manifest = check_export_folder(self.folder, graph=backend != "cuda")
         if backend == "tensorrt":
             from shadowllm.runtime.trt_backend import TrtBackend
 
@@ -70,7 +70,7 @@ def load(folder_or_model: str | os.PathLike, sparsity: float = 0.0, backend: str
          dtype: str = "bf16") -> Deployed:
     """An export folder on `backend` (ort, tensorrt, cuda), or a model name / HF folder on the CUDA
     kernels (backend="cuda", dense); `dtype` is the CUDA backend's weight type."""
-    if is_export_folder(folder_or_model):
+    if is_export_folder(folder_or_model) or (backend == "cuda" and (Path(folder_or_model) / "shadowllm.json").is_file()):
         return Deployed(folder_or_model, sparsity, backend, dtype)
     return LoadedModel(folder_or_model, backend, dtype)
 

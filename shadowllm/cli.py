@@ -322,7 +322,7 @@ def cmd_parity(args):
     from shadowllm.runtime.ort_backend import check_export_folder
     from shadowllm.runtime.parity import check, write_report
 
-    manifest = check_export_folder(Path(args.folder))
+    manifest = check_export_folder(Path(args.folder), graph=args.backend != "cuda")
     if manifest.get("thresholds"):  # before loading anything: the runtime sparsity picks a row of the table
         from shadowllm.predictor.thresholds import check_grid_sparsity
 

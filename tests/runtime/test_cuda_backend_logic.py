@@ -5,6 +5,7 @@ kernels' torch reference (`device="cpu"`, in CI) and, where a GPU is, with the C
 (`device="cuda"`, CUDA graphs on)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -160,3 +161,32 @@ def test_parity_of_an_export_on_the_backend(predictors, tmp_path, policy, device
         assert not check_cuda(folder, model, byte_tokenizer(), 0.5, steps=4, device="cpu").passed
     finally:
         reference_kernels.sparse_neuron_mlp = original
+
+
+def test_an_export_skeleton_without_its_graph_runs_on_the_backend(tmp_path, monkeypatch):
+    """What scripts/gpu_bundle.py carries to a GPU machine: an export folder without model.onnx and its
+    data runs on the CUDA backend (which reads the model's own weights), while onnxruntime still
+    refuses it in one line; SHADOWLLM_GGUF must name the embedded model's file."""
+    from shadowllm.export.exporter import export
+    from shadowllm.models.loading import EMBEDDED, _locate_gguf
+    from shadowllm.runtime.ort_backend import OrtBackend
+    from shadowllm.runtime.policy import export_policy
+
+    model = build_model("llama", seed=9)
+    g = torch.Generator().manual_seed(9)
+    scores = (torch.rand(model.config.num_hidden_layers, model.config.num_attention_heads, generator=g),
+              torch.rand(model.config.num_hidden_layers, model.config.intermediate_size, generator=g))
+    folder = export(model, byte_tokenizer(), tmp_path / "static", "static", static_scores=scores)
+    manifest = json.loads((folder / "shadowllm.json").read_text())
+    expect = generate(TorchBackend(model, **export_policy(folder, manifest, model, 0.5)), byte_tokenizer(), "hello",
+                      8)[0]
+    (folder / "model.onnx").unlink()
+    (folder / "model.onnx.data").unlink()
+    with pytest.raises(ShadowError, match="missing model.onnx"):
+        OrtBackend(folder, 0.5)
+    got = generate(CudaBackend.from_export(folder, 0.5, dtype="fp32", device="cpu", model=copy.deepcopy(model)),
+                   byte_tokenizer(), "hello", 8)[0]
+    assert got.token_ids == expect.token_ids
+    monkeypatch.setenv("SHADOWLLM_GGUF", str(tmp_path / "other.gguf"))
+    with pytest.raises(ShadowError, match="SHADOWLLM_GGUF"):
+        _locate_gguf(EMBEDDED["smollm2-135m"])

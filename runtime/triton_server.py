@@ -108,8 +108,10 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                reason = self.load_error()
                 raise ShadowError(f"tritonserver exited with status {self.process.returncode} while loading "
-                                  f"{self.repository}:\n{self.log_tail()}")
+                                  f"{self.repository}: " + (reason + f" (log: {self.log_path})" if reason
+                                                            else f"\n{self.log_tail()}"))
             if self._ready():
                 return self
             time.sleep(0.5)
@@ -126,6 +128,18 @@ class TritonServer:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def load_error(self) -> str | None:
+        """Why the model did not load, from Triton's log line `failed to load '<model>' ...: <reason>`
+        (the reason without the Python traceback that follows it), or None."""
+        import re
+
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return None
+        found = re.search(r"failed to load '[^']*' version \d+: (.*?)(?:\\n|\"$)", text, re.MULTILINE)
+        return found.group(1) if found else None
 
     def log_tail(self, lines: int = 15) -> str:
         try:

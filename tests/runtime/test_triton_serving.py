@@ -296,3 +296,24 @@ def test_serve_prints_its_endpoints_and_stops_on_ctrl_c(tmp_path):
         return any(a.endswith(b"tritonserver") for a in args[:1]) and str(http).encode() in args
 
     assert not [p for p in Path("/proc").glob("[0-9]*/cmdline") if ours(p)]
+
+
+@pytest.mark.slow
+def test_serve_says_why_the_model_did_not_load(tmp_path):
+    """A repository moved away from its export: the server cannot load the model; `serve` exits
+    non-zero with Triton's reason in one line (not a screen of server log)."""
+    import shutil
+
+    from shadowllm.compiler.build import build
+    from shadowllm.export.exporter import export
+
+    folder = export(build_model("opt", seed=10), byte_tokenizer(), tmp_path / "e")
+    repository = build(folder, "triton")
+    moved = shutil.move(str(repository), str(tmp_path / "elsewhere"))
+    http, grpc = free_ports(2)
+    run = subprocess.run([sys.executable, "-m", "shadowllm", "serve", moved, "--http-port", str(http), "--grpc-port",
+                          str(grpc), "--metrics-port", str(free_ports(1)[0])], capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    error = [line for line in run.stderr.splitlines() if line.startswith("shadowllm: error:")]
+    assert len(error) == 1 and "partial export folder" in error[0], run.stderr[-2000:]

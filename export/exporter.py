@@ -21,6 +21,7 @@ import torch
 from shadowllm.models import ShadowError, adapter_for, fingerprint
 
 from .graph import POLICIES, THRESHOLDED, ExportModule
+from .names import cache_names
 from .onnx_ops import (DOMAIN, OPSET, PLUGIN_ATTRS, AttentionVariant, MLPVariant, attention_function, layout_attrs,
                        mlp_function, register_schemas)
 
@@ -50,8 +51,7 @@ LOGITS_TO_KEEP = "logits_to_keep"  # optional input (default 0 = every position)
 
 
 def io_names(num_layers: int):
-    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    past, present = cache_names(num_layers)
     inputs = ["input_ids", "attention_mask", "position_ids", *past, "shadow_head_mask", "shadow_neuron_mask",
               "sparsity", LOGITS_TO_KEEP]
     outputs = ["logits", *present, "shadow_head_mask_out", "shadow_neuron_mask_out"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shadowllm.export.names import cache_names
 from shadowllm.models import ShadowError
 
 REQUIRED = ("model.onnx", "config.json", "shadowllm.json")
@@ -73,6 +74,7 @@ class OrtBackend:
         self.layers, self.heads, self.kv_heads = a["layers"], a["heads"], a["kv_heads"]
         self.head_dim, self.neurons = a["head_dim"], a["neurons"]
         self.vocab_size, self.max_positions = a["vocab"], a["max_positions"]
+        self.past_names, self.present_names = cache_names(self.layers)
         from .native import session_options
 
         # The C++ kernels run on this session's intra-op pool (KernelContext::ParallelFor).
@@ -137,8 +139,8 @@ class OrtBackend:
         else:
             caches, buffers = self._cache_buffers(state, ids.shape[0], mask.shape[1])
             pasts = state["past"]
-        for i, past in enumerate(pasts):
-            binding.bind_ortvalue_input(f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}", past)
+        for name, past in zip(self.past_names, pasts):
+            binding.bind_ortvalue_input(name, past)
         binding.bind_ortvalue_input("shadow_head_mask", state["heads"])
         binding.bind_ortvalue_input("shadow_neuron_mask", state["neurons"])
         binding.bind_ortvalue_input("sparsity", value(self.sparsity))
@@ -154,11 +156,10 @@ class OrtBackend:
         logits = torch.from_numpy(outs["logits"].numpy())
         if last_only and logits.shape[1] > 1:
             logits = logits[:, -1:].clone()
-        past = [outs[f"present.{i // 2}.{('key', 'value')[i % 2]}"] for i in range(2 * self.layers)]
+        past = [outs[name] for name in self.present_names]
         probe = {n[len(PROBE):]: outs[n].numpy() for n in outs if n.startswith(PROBE)}
         return logits, {"past": past, "heads": outs["shadow_head_mask_out"], "neurons": outs["shadow_neuron_mask_out"],
-                        **({"probe": probe} if probe else {}), **buffers, "flip": state.get("flip", 0) ^ 1,
-                        "length": mask.shape[1]}
+                        **({"probe": probe} if probe else {}), **buffers, "length": mask.shape[1]}
 
     @staticmethod
     def past_arrays(state) -> list[np.ndarray]:
@@ -185,8 +186,7 @@ class OrtBackend:
                     new[:, :, :past] = old[:, :, :past]
             buffers = {"positions": positions, "arrays": arrays,
                        "values": [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]}
-        return {f"present.{i // 2}.{('key', 'value')[i % 2]}": v for i, v in enumerate(buffers["values"])}, \
-            {"shared": buffers}
+        return dict(zip(self.present_names, buffers["values"])), {"shared": buffers}
 
     def _cache_buffers(self, state, batch: int, length: int):
         """Where this call's `present` caches go when the function bodies run (stock onnxruntime, CPU):
@@ -210,9 +210,8 @@ class OrtBackend:
                                 for _ in range(2 * self.layers)]}
         flip = state.get("flip", 0)
         shape = (batch, self.kv_heads, length, self.head_dim)
-        return {f"present.{i // 2}.{('key', 'value')[i % 2]}":
-                ort.OrtValue.ortvalue_from_numpy(buffers["flat"][i][flip][:length * per_position].reshape(shape))
-                for i in range(2 * self.layers)}, {"buffers": buffers}
+        return {name: ort.OrtValue.ortvalue_from_numpy(buffers["flat"][i][flip][:length * per_position].reshape(shape))
+                for i, name in enumerate(self.present_names)}, {"buffers": buffers, "flip": flip ^ 1}
 
 
 PROBE = "probe/"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from shadowllm.export.names import cache_names
 from shadowllm.models import ShadowError
 
 
@@ -18,7 +19,7 @@ class StepBackend:
         self.layers, self.heads, self.kv_heads = a["layers"], a["heads"], a["kv_heads"]
         self.head_dim, self.neurons = a["head_dim"], a["neurons"]
         self.vocab_size, self.max_positions = a["vocab"], a["max_positions"]
-        self.present = [f"present.{i // 2}.{('key', 'value')[i % 2]}" for i in range(2 * self.layers)]
+        self.past, self.present = cache_names(self.layers)
         self.outputs = ["logits", *self.present, "shadow_head_mask_out", "shadow_neuron_mask_out"]
 
     def _run(self, feeds: dict, last_only: bool) -> dict:
@@ -42,8 +43,7 @@ class StepBackend:
         feeds = {"input_ids": ids, "attention_mask": mask,
                  "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, P:].astype(np.int64),
                  "shadow_head_mask": state["heads"], "shadow_neuron_mask": state["neurons"], "sparsity": self.sparsity}
-        for i, past in enumerate(state["past"]):
-            feeds[f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}"] = past
+        feeds.update(zip(self.past, state["past"]))
         outs = self._run(feeds, last_only)
         state = {"past": [np.asarray(outs[name]) for name in self.present],
                  "heads": np.asarray(outs["shadow_head_mask_out"]), "neurons": np.asarray(outs["shadow_neuron_mask_out"])}

@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", action="append", choices=CRITERIA + ("activations",),
                    help="repeatable (default: plainact); activations: histograms of every projection input and "
                         "the greedy allocation's costs, for the threshold policies (alone)")
-    p.add_argument("--greedy-windows", type=positive_int, default=8,
+    p.add_argument("--greedy-windows", type=positive_int, default=32,
                    help="activations: windows the greedy allocation's costs are measured on")
     _corpus_args(p)
     p.add_argument("--split", default="train", choices=["train", "validation", "test"])

@@ -17,6 +17,7 @@ fp32 parity of `parity --backend cuda`) instead of ONNX Runtime.
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import torch
@@ -117,8 +118,11 @@ def run_demo(model_name: str | None = None, quick: bool = False, backend: str = 
 
 def _exported(model, tokenizer, root, policy, predictor=None, thresholds=None):
     """The demo's export of `policy` (shadow: the per-token predictor, neurons targeted; threshold: the
-    greedy table), made once and cached."""
+    greedy table), made once and cached; a threshold export is keyed by its table too, so a new
+    calibration (or allocation) is exported anew instead of the old table being reused."""
     folder = root / f"export-{policy}-v{REVISION}"
+    if thresholds is not None:
+        folder = folder.with_name(folder.name + "-" + hashlib.sha256(thresholds[1].numpy().tobytes()).hexdigest()[:12])
     if not (folder / "shadowllm.json").is_file():
         _heading(f"exporting model{' + predictor' if predictor else ''} to ONNX (policy {policy})")
         export(model, tokenizer, folder, policy, target="neurons", predictor=predictor,

@@ -40,3 +40,34 @@ def test_hybrid_keeps_a_minimum_per_layer():
 def test_sparsity_out_of_range(bad):
     with pytest.raises(ShadowError, match=r"sparsity must lie in \[0, 1\)"):
         keep_mask(torch.rand(2, 4), bad)
+
+
+def test_greedy_threshold_schedule_is_optimal_for_its_cost_model():
+    """Each allocation the greedy threshold schedule passes through has the least total cost of all
+    allocations that skip at least as many bytes (brute force over a small model), also when the
+    cost curves are not convex (a level dearer than the line to the next one is jumped over)."""
+    import itertools
+    from types import SimpleNamespace
+
+    from shadowllm.predictor.thresholds import greedy_schedule, input_sizes, input_weights
+
+    arch = SimpleNamespace(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, hidden=8, ffn=12, gated=True,
+                           block_parameters=1000)
+    levels = (0.0, 0.2, 0.4, 0.6, 0.8)
+    g = torch.Generator().manual_seed(1)
+    per_level = torch.tensor(input_weights(arch), dtype=torch.float64) * torch.tensor(input_sizes(arch), dtype=torch.float64)
+    lv = torch.tensor(levels, dtype=torch.float64)
+    for _ in range(5):
+        steps = torch.rand(1, 4, len(levels) - 1, generator=g, dtype=torch.float64) ** 3  # rising, often not convex
+        costs = torch.cat([torch.zeros(1, 4, 1, dtype=torch.float64), steps.cumsum(-1)], -1)
+        everything = [(float((per_level * lv[list(a)]).sum()), float(sum(costs[0, k, a[k]] for k in range(4))))
+                      for a in itertools.product(range(len(levels)), repeat=4)]
+        seen = 0
+        for fraction, level in greedy_schedule(costs, arch, levels):
+            saved = float((per_level * lv[level[0]]).sum())
+            assert fraction == pytest.approx(saved / arch.block_parameters)
+            cost = float(sum(costs[0, k, level[0, k]] for k in range(4)))
+            best = min(c for s, c in everything if s >= saved - 1e-9)
+            assert cost <= best + 1e-12
+            seen += 1
+        assert seen > 4 and level[0].eq(len(levels) - 1).all()  # it ends with every input at the top level

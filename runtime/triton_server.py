@@ -149,13 +149,14 @@ class TritonServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGINT (Triton's own graceful shutdown: in-flight requests finish, models unload), then kill."""
+        """SIGINT (Triton's own graceful shutdown: in-flight requests finish, models unload), then kill
+        (after `timeout`, or at once on a second Ctrl-C)."""
         if not self.alive():
             return
         self.process.send_signal(signal.SIGINT)
         try:
             self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # too slow, or a second Ctrl-C: kill it
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
@@ -167,22 +168,38 @@ class TritonServer:
         return False
 
 
+def _stop_on(*signums):
+    """Turn each of `signums` into KeyboardInterrupt while the server runs; returns the handlers to put
+    back. Set explicitly because a process started in the background by a non-interactive shell
+    inherits SIGINT ignored (Python then installs no handler of its own), and `docker stop`, systemd
+    and Kubernetes ask with SIGTERM, not Ctrl-C."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return {s: signal.signal(s, interrupt) for s in signums}
+
+
 def serve(repository: str | Path, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
           metrics_port: int | None = 8002, timeout: float = 300.0) -> int:
     server = TritonServer(repository, host, http_port, grpc_port, metrics_port)
     print(f"[shadowllm] starting tritonserver on {host} (log: {server.log_path})", file=sys.stderr)
-    with server:
-        print(f"serving {server.repository} — model `{MODEL}`\n"
-              f"  HTTP     {server.http_url}  (POST /v2/models/{MODEL}/generate, /generate_stream)\n"
-              f"  gRPC     {server.http_url.split('//')[1].rsplit(':', 1)[0]}:{grpc_port}\n"
-              + (f"  metrics  http://{server.http_url.split('//')[1].rsplit(':', 1)[0]}:{metrics_port}/metrics\n"
-                 if metrics_port is not None else "")
-              + "Ctrl-C stops the server.", flush=True)
-        try:
-            while server.alive():
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            print("\n[shadowllm] stopping tritonserver", file=sys.stderr)
-            return 0
+    previous = _stop_on(signal.SIGINT, signal.SIGTERM)
+    try:
+        with server:
+            print(f"serving {server.repository} — model `{MODEL}`\n"
+                  f"  HTTP     {server.http_url}  (POST /v2/models/{MODEL}/generate, /generate_stream)\n"
+                  f"  gRPC     {server.http_url.split('//')[1].rsplit(':', 1)[0]}:{grpc_port}\n"
+                  + (f"  metrics  http://{server.http_url.split('//')[1].rsplit(':', 1)[0]}:{metrics_port}/metrics\n"
+                     if metrics_port is not None else "")
+                  + "Ctrl-C (or SIGTERM) stops the server.", flush=True)
+            try:
+                while server.alive():
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                print("\n[shadowllm] stopping tritonserver", file=sys.stderr)
+                return 0
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     print(f"tritonserver exited with status {server.process.returncode}:\n{server.log_tail()}", file=sys.stderr)
     return 1

@@ -120,9 +120,8 @@ def _exported(model, tokenizer, root, policy, predictor=None, thresholds=None):
     """The demo's export of `policy` (shadow: the per-token predictor, neurons targeted; threshold: the
     greedy table), made once and cached; a threshold export is keyed by its table too, so a new
     calibration (or allocation) is exported anew instead of the old table being reused."""
-    folder = root / f"export-{policy}-v{REVISION}"
-    if thresholds is not None:
-        folder = folder.with_name(folder.name + "-" + hashlib.sha256(thresholds[1].numpy().tobytes()).hexdigest()[:12])
+    table = "" if thresholds is None else "-" + hashlib.sha256(thresholds[1].numpy().tobytes()).hexdigest()[:12]
+    folder = root / f"export-{policy}-v{REVISION}{table}"
     if not (folder / "shadowllm.json").is_file():
         _heading(f"exporting model{' + predictor' if predictor else ''} to ONNX (policy {policy})")
         export(model, tokenizer, folder, policy, target="neurons", predictor=predictor,

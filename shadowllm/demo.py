@@ -97,14 +97,13 @@ def run_demo(model_name: str | None = None, quick: bool = False, backend: str = 
     backends = [("dense, PyTorch", TorchBackend(model)),
                 (f"activation thresholds on {where}, sparsity {THRESHOLD_SPARSITY}", run(deployed, THRESHOLD_SPARSITY)),
                 (f"ShadowLLM per token on {where}, 50% of neurons off", run(shadow, 0.5))]
-    for name, backend in backends:
+    for name, runner in backends:  # not `backend`: that names the demo's --backend, read below
         _heading(f"answer ({name}; greedy, {max_new} tokens): {PROMPT}")
         start = time.perf_counter()
-        out = generate(backend, tokenizer, prompt, max_new, on_text=lambda _, d: print(d, end="", flush=True))[0]
+        out = generate(runner, tokenizer, prompt, max_new, on_text=lambda _, d: print(d, end="", flush=True))[0]
         print(f"\n   [{len(out.token_ids)} tokens in {time.perf_counter() - start:.1f} s, finish: {out.finish_reason}]")
 
-    _heading(f"parity of {deployed} ({where if backend == 'cuda' else 'ONNX Runtime'}) vs the PyTorch reference at "
-             f"sparsity {THRESHOLD_SPARSITY}")
+    _heading(f"parity of {deployed} ({where}) vs the PyTorch reference at sparsity {THRESHOLD_SPARSITY}")
     if backend == "cuda":
         from shadowllm.runtime.parity_cuda import check_cuda
 

@@ -19,6 +19,7 @@ import onnxscript
 import torch
 
 from shadowllm.models import ShadowError, adapter_for, fingerprint
+from shadowllm.models.rotation import rotation_tensors, same_rotation
 
 from .graph import POLICIES, THRESHOLDED, ExportModule
 from .names import cache_names
@@ -281,6 +282,15 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
         raise ShadowError(f"--target {target!r}: expected heads, neurons or both")
     if policy == "shadow+threshold":
         target = "heads"  # the predictor picks heads; the runtime sparsity picks the threshold row
+    # a rotated model (models/rotation.py: the calibration's bases folded into the weights) is exported as
+    # itself; its manifest names the model it was rotated from, and the rotation rides with the table
+    rotation = getattr(model, "_shadowllm_rotation", None)
+    if rotation is not None and policy not in THRESHOLDED:
+        raise ShadowError(f"--policy {policy}: a rotated model is exported only with a threshold policy")
+    if policy in THRESHOLDED and not same_rotation(getattr(thresholds, "rotation", rotation), rotation):
+        raise ShadowError("the threshold table was calibrated on the model " +
+                          ("rotated into PCA bases; export Calibration.model_for(model), the rotated model"
+                           if rotation is None else "in other bases than this rotated model's"))
     traced = trace(model, policy, static_scores, target, predictor, thresholds, head_sparsity)
     from shadowllm.models.paths import atomic_folder
 
@@ -296,8 +306,8 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
                       str(tmp / "static_scores.safetensors"))
         if policy in THRESHOLDED:  # kept beside the graph so parity can derive the thresholds independently
             from safetensors.torch import save_file
-            save_file({"grid": thresholds[0].float().contiguous(), "table": thresholds[1].float().contiguous()},
-                      str(tmp / "thresholds.safetensors"))
+            save_file({"grid": thresholds[0].float().contiguous(), "table": thresholds[1].float().contiguous(),
+                       **rotation_tensors(rotation)}, str(tmp / "thresholds.safetensors"))
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(model, arch), indent=2) + "\n")
         inputs, outputs = io_names(arch.num_layers)
         manifest = {
@@ -305,17 +315,19 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
             "granularity": predictor.granularity if predictor else None,
             "criterion": predictor.manifest["criterion"] if predictor else (static_source or {}).get("criterion"),
             "kv_policy": "active" if predictor is not None and predictor.granularity == "sequence" else "all",
-            "allocation": "per_layer", "target": target, "model_fingerprint": fingerprint(model),
+            "allocation": "per_layer", "target": target,
+            "model_fingerprint": getattr(model, "_shadowllm_source_fingerprint", None) or fingerprint(model),
             "model": getattr(model, "_shadowllm_source", None),
             "predictor": predictor_dir, "predictor_fingerprint": predictor_fingerprint(predictor),
             "static_source": static_source,
             "thresholds": None if policy not in THRESHOLDED else {
                 **(threshold_source or {}), "grid": [round(float(v), 4) for v in thresholds[0]],
                 "weight_layout": "channel_major", "inputs": ["attn_x", "attn_o", "mlp_x", "mlp_h"],
-                "prefill": "dense (thresholds 0)"},
+                "prefill": "dense (thresholds 0)",
+                "rotation": None if rotation is None else [k for k, q in rotation.items() if q is not None]},
             "head_sparsity": head_sparsity if policy == "shadow+threshold" else None,
             "ops": {f"{DOMAIN}::SparseHeadAttention": 1, f"{DOMAIN}::SparseNeuronMLP": 1},
-            "arch": {"family": arch.family, "layers": arch.num_layers, "heads": arch.num_heads,
+            "arch": {"family": arch.family, "layers": arch.num_layers, "hidden": arch.hidden, "heads": arch.num_heads,
                      "kv_heads": arch.num_kv_heads, "head_dim": arch.head_dim, "neurons": arch.ffn,
                      "vocab": arch.vocab, "max_positions": arch.max_positions},
             "inputs": inputs, "outputs": outputs, "parity": None,

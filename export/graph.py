@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from shadowllm.models import adapter_for
+from shadowllm.models.rotation import predictor_net_for
 
 from . import ops  # noqa: F401  (registers torch.ops.shadowllm.*)
 
@@ -69,7 +70,8 @@ class ExportModule(nn.Module):
                  thresholds=None, head_sparsity: float = 0.0):
         super().__init__()
         self.target = "heads" if policy == "shadow+threshold" else target
-        self.predictor = predictor.net if predictor is not None else None
+        # a rotated model (models/rotation.py) feeds the predictor the basis it was trained on
+        self.predictor = predictor_net_for(model, predictor.net) if predictor is not None else None
         self.granularity = predictor.granularity if predictor is not None else None
         adapter = adapter_for(model)
         self.adapter, self.arch, self.policy = adapter, adapter.arch, policy

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from shadowllm.models import ShadowError, adapter_for, corpus, sparse_forward
 from shadowllm.models.adapters import activation_fn
+from shadowllm.models.rotation import predictor_net_for
 
 from .allocation import check_sparsity, keep_mask
 from .criteria import importance
@@ -391,13 +392,14 @@ def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=
              max_windows: int = 16, window: int = 256, prompt: int = 128, static_scores=None,
              oracle_criteria=("l2_norm",), allocation: str = "per_layer", lastword: int = 32, seed: int = 0,
              methods=None, progress: bool = True, threshold_tables: dict | None = None,
-             hybrid_head_sparsity=(0.25,), text_corpus="wiki") -> list[Row]:
+             hybrid_head_sparsity=(0.25,), text_corpus="wiki", threshold_model=None) -> list[Row]:
     """Every method x target x sparsity, through the sparse reference, on `text_corpus` (a name, a
     path or a Corpus: models/corpus.py). Returns the rows.
 
     threshold_tables: {"uniform" | "greedy": thresholds [R, L, 4] of predictor.thresholds.GRID}: rows of
     method `threshold` per table and sparsity, and `shadow+threshold` per token-granularity shadow
-    predictor, table and head sparsity of `hybrid_head_sparsity`."""
+    predictor, table and head sparsity of `hybrid_head_sparsity`. threshold_model: the model those rows
+    run on when their calibration rotated it (predictor.thresholds.Calibration.model_for); default `model`."""
     for s in sparsities:
         check_sparsity(s)
     for t in targets:
@@ -444,13 +446,17 @@ def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=
                 yield Threshold(*args)
                 for p in predictors:
                     if p.kind == "shadow" and p.granularity == "token":
+                        # fed the rotated model's layer-0 output in the basis it was trained on
+                        p = Predictor(predictor_net_for(thresholded_model, p.net), p.manifest, p.source)
                         for hs in hybrid_head_sparsity:
                             yield ShadowThreshold(p, hs, *args)
 
+    thresholded_model = model if threshold_model is None else threshold_model
     todo = [m for m in plan() if methods is None or m.name in methods]
     rows = []
     for m in tqdm(todo, desc="eval", unit="row", disable=not progress):
-        ppl, frac, acc = evaluate_method(model, m, windows, prompt, items)
+        ppl, frac, acc = evaluate_method(thresholded_model if isinstance(m, Threshold) else model, m, windows,
+                                         prompt, items)
         predictor = getattr(m, "predictor", None)
         source = predictor.source if predictor is not None else None
         rows.append(Row(m.name, m.granularity, m.target if m.name != "dense" else "-", m.sparsity, m.criterion,

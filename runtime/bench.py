@@ -221,7 +221,10 @@ def _uniform_thresholds(model, tokenizer, root: Path):
     from shadowllm.models import adapter_for
     from shadowllm.predictor.thresholds import cached_calibration, threshold_table
 
-    calib = cached_calibration(root / "thresholds-8x128", model, tokenizer, samples=8, window=128, greedy_windows=0)
+    # no PCA rotation: a speed benchmark's kernels and kept counts do not depend on it (the rotation is
+    # folded into the weights), and a random-weight model has no principal axes worth fitting
+    calib = cached_calibration(root / "thresholds-8x128", model, tokenizer, samples=8, window=128, greedy_windows=0,
+                               rotate="none")
     return threshold_table(calib, adapter_for(model).arch, "uniform")
 
 

@@ -131,7 +131,7 @@ class CudaBackend:
         from shadowllm.models import fingerprint, load
 
         from .ort_backend import check_export_folder, sparsity_value
-        from .policy import export_policy
+        from .policy import export_model, export_policy
 
         if device == "cuda":
             from .cuda_kernels import require_cuda
@@ -147,6 +147,7 @@ class CudaBackend:
             model, _ = load(manifest["model"])
         if fingerprint(model) != manifest.get("model_fingerprint"):
             raise ShadowError(f"{folder}: the model {manifest.get('model')} is not the one exported (fingerprint differs)")
+        model = export_model(folder, manifest, model)  # rotated when the export's thresholds are
         config = export_policy(folder, manifest, model, sparsity)
         backend = cls(model, **config, kv_policy=manifest.get("kv_policy", "all"), dtype=dtype, device=device, **kwargs)
         backend.manifest = manifest

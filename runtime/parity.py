@@ -37,7 +37,7 @@ import torch
 from shadowllm.models import ShadowError, fingerprint
 
 from .native import session_options
-from .policy import export_policy
+from .policy import export_model, export_policy
 from .ort_backend import OrtBackend, check_export_folder
 from .torch_backend import TorchBackend
 
@@ -173,6 +173,21 @@ def _logit_tolerance(model64, ids, mask, logits32, logits64) -> torch.Tensor:
     return (FP32_FACTOR * ratio * scale).clamp(min=ATOL)
 
 
+def _rotation_check(source, rotated, ids, mask, tolerance) -> OutputCheck:
+    """The rotated model (models/rotation.py) computes its source's function: dense float64 logits of
+    both, each position within its logit tolerance."""
+    from shadowllm.models import sparse_forward
+
+    with torch.inference_mode():
+        want, _ = sparse_forward(_float64(source), ids, attention_mask=mask)
+        got, _ = sparse_forward(_float64(rotated), ids, attention_mask=mask)
+    valid = mask.bool()
+    per_position = (got - want).abs().amax(-1)[valid]
+    max_abs = float(per_position.max())
+    return OutputCheck("logits: rotated vs source", max_abs, max_abs / float(want[valid].abs().max()),
+                       bool((per_position <= tolerance[valid]).all()))
+
+
 def reference_backend(folder: Path, manifest: dict, model, sparsity: float) -> TorchBackend:
     """The PyTorch reference of an export: the sparse reference forward driven like the graph (a dense
     export is fed random masks, the same on both sides)."""
@@ -221,6 +236,7 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
                           f"this model {fingerprint(model)}); pass the right one with --model")
     a = manifest["arch"]
     report = ParityReport(str(folder), manifest["policy"], sparsity)
+    source, model = model, export_model(folder, manifest, model)  # the model the graph computes (rotated?)
     reference = reference_backend(folder, manifest, model, sparsity)  # fp32: its own error sets the tolerance
     exact = reference_backend(folder, manifest, _float64(model), sparsity)  # the golden
 
@@ -259,6 +275,8 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
     report.tolerance = max(ATOL, FP32_FACTOR * report.fp32_reference_error)
     logit_tolerance = _logit_tolerance(_float64(model), ids, mask, logits32, logits)  # [B, S]
     report.logits_tolerance = (float(logit_tolerance[mask.bool()].min()), float(logit_tolerance[mask.bool()].max()))
+    if model is not source:
+        report.outputs.append(_rotation_check(source, model, ids, mask, logit_tolerance))
     for name, expect, scores in (("shadow_head_mask_out", mask_heads, reference.last_scores[0]),
                                  ("shadow_neuron_mask_out", mask_neurons, reference.last_scores[1])):
         same, flips = mask_agreement(ours[name], expect, scores)
@@ -372,6 +390,7 @@ def _graph_kept(probe: dict, thresholds: torch.Tensor, layers: int) -> dict:
             for l in range(layers) for name, op in (("attn_in", "attention"), ("mlp_in", "mlp"))}
 
 
+@torch.no_grad()
 def _check_thresholded_ops(report: ParityReport, model64, manifest: dict, thresholds, before: dict, after: dict,
                            mask: torch.Tensor):
     """Every sparse op of one decode step against the float64 reference of DESIGN §3, fed the graph's own

@@ -25,7 +25,7 @@ from shadowllm.models import ShadowError, fingerprint
 
 from .ort_backend import check_export_folder
 from .parity import ATOL, FP32_FACTOR, OutputCheck, ParityReport, _float64, _logit_tolerance
-from .policy import export_policy
+from .policy import export_model, export_policy
 from .torch_backend import TorchBackend
 
 ROUNDOFF = {"fp32": 1.0, "bf16": 2.0 ** -8 / 2.0 ** -24, "fp16": 2.0 ** -11 / 2.0 ** -24}
@@ -44,6 +44,7 @@ def check_cuda(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.
         raise ShadowError(f"--dtype {dtype!r}: expected one of {', '.join(ROUNDOFF)}")
     report = ParityReport(str(folder), manifest["policy"], sparsity, against=f"cuda-{dtype}")
     a = manifest["arch"]
+    model = export_model(folder, manifest, model)  # the model the export computes (rotated?)
     golden_model = _float64(model)
     config = export_policy(folder, manifest, model, sparsity, dense_masks="random")
     reference = TorchBackend(model, **config)

@@ -12,24 +12,43 @@ import torch
 from shadowllm.models import ShadowError
 
 
+def _threshold_file(folder: Path) -> dict:
+    """The tensors of an export's thresholds.safetensors: table, grid, and its rotation if any."""
+    from safetensors.torch import load_file
+
+    path = folder / "thresholds.safetensors"
+    if not path.is_file():
+        raise ShadowError(f"{folder}: partial export folder, missing thresholds.safetensors (the threshold table)")
+    return load_file(str(path))
+
+
 def export_thresholds(folder: Path, manifest: dict, sparsity: float):
     """The [L, 4] thresholds an export applies at `sparsity` (its table's row), or None."""
     if not manifest.get("thresholds"):
         return None
-    from safetensors.torch import load_file
-
     from shadowllm.predictor.thresholds import check_grid_sparsity
 
     row = check_grid_sparsity(sparsity)
-    path = folder / "thresholds.safetensors"
-    if not path.is_file():
-        raise ShadowError(f"{folder}: partial export folder, missing thresholds.safetensors (the threshold table)")
-    return load_file(str(path))["table"][row]
+    return _threshold_file(folder)["table"][row]
+
+
+def export_model(folder: Path, manifest: dict, model):
+    """The model an export folder's graph computes: `model` (the one it was exported from, checked by
+    the caller), or its copy rotated as the export's threshold calibration asks (models/rotation.py;
+    the rotation is stored beside the table)."""
+    if not (manifest.get("thresholds") or {}).get("rotation"):
+        return model
+    from shadowllm.models.rotation import check_rotation, rotated, rotation_from_tensors
+
+    where = folder / "thresholds.safetensors"
+    rotation = rotation_from_tensors(_threshold_file(folder), where)
+    check_rotation(rotation, manifest["arch"], str(where))
+    return rotated(model, rotation)
 
 
 def export_policy(folder: Path, manifest: dict, model, sparsity: float, dense_masks: str = "none") -> dict:
     """Keyword arguments for TorchBackend / CudaBackend that make them apply the export's policy at
-    `sparsity`. dense_masks: what a `dense` export (which applies whatever masks it is fed) gets:
+    `sparsity` to `model` (export_model's). dense_masks: what a `dense` export (which applies whatever masks it is fed) gets:
     "none" (all kept, as generation feeds it) or "random" (per-layer random masks at `sparsity`,
     layer 0 kept: what parity feeds both sides)."""
     from shadowllm.predictor.allocation import keep_mask
@@ -61,9 +80,16 @@ def export_policy(folder: Path, manifest: dict, model, sparsity: float, dense_ma
 
     if not manifest.get("predictor"):
         raise ShadowError(f"{folder}: the manifest names no predictor folder for its {policy} policy")
-    predictor = load_predictor(manifest["predictor"], model)
+    # a rotated model's own fingerprint is not its source's; the predictor's fingerprint, recorded when the
+    # export checked it against the source, is checked below
+    rotated = getattr(model, "_shadowllm_rotation", None) is not None
+    predictor = load_predictor(manifest["predictor"], None if rotated else model)
     if predictor_fingerprint(predictor) != manifest.get("predictor_fingerprint"):
         raise ShadowError(f"predictor {manifest['predictor']} changed since the export (fingerprint differs)")
     if policy == "shadow+threshold":
+        from shadowllm.models.rotation import predictor_net_for
+        from shadowllm.predictor.predictors import Predictor
+
         hs, ns = manifest["head_sparsity"], 0.0
+        predictor = Predictor(predictor_net_for(model, predictor.net), predictor.manifest, predictor.source)
     return {"predictor": predictor, "head_sparsity": hs, "neuron_sparsity": ns, "thresholds": thresholds}

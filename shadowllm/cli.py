@@ -161,9 +161,12 @@ def cmd_calibrate(args):
         model, tokenizer = load(args.model)
         start = time.perf_counter()
         calib = calibrate_thresholds(model, tokenizer, args.out, text, args.split, args.samples, args.window,
-                                     args.greedy_windows, args.batch_size)
+                                     args.greedy_windows, args.batch_size, rotate=args.rotate)
+        rotation = calib.manifest["rotation"]
         print(f"activation thresholds of {calib.manifest['samples']} windows (greedy costs on "
-              f"{calib.manifest['greedy_windows']}) in {args.out} [{time.perf_counter() - start:.0f} s, peak RSS "
+              f"{calib.manifest['greedy_windows']}"
+              + (f"; PCA bases of the {' and '.join(rotation['spaces'])} from {rotation['windows']}" if rotation else "")
+              + f") in {args.out} [{time.perf_counter() - start:.0f} s, peak RSS "
               f"{_peak_rss_mb():.0f} MB]")
         return
     model, tokenizer = load(args.model)
@@ -209,7 +212,7 @@ def _threshold_calibration(model, tokenizer, folder):
 
     if folder:
         return load_calibration(folder, model), str(folder)
-    return default_calibration(model, tokenizer), "built-in (wiki train, 128 windows of 256 tokens)"
+    return default_calibration(model, tokenizer), "built-in (wiki train, 128 windows of 256 tokens, PCA bases)"
 
 
 def cmd_eval(args):
@@ -244,11 +247,12 @@ def cmd_eval(args):
         merged += [r for r in old_rows if r.method != "dense"]
     model, tokenizer = load(args.model)
     predictors = [load_predictor(p, model) for p in args.predictor]
-    tables, threshold_source = None, None
+    tables, threshold_source, threshold_model = None, None, None
     if thresholded:
         calib, threshold_source = _threshold_calibration(model, tokenizer, args.thresholds)
         arch = adapter_for(model).arch
         tables = {a: threshold_table(calib, arch, a)[1] for a in threshold_allocations}
+        threshold_model = calib.model_for(model)
     static = None
     traces = args.traces or next((p.manifest["training"]["traces"] for p in predictors), None)
     if traces:
@@ -258,7 +262,7 @@ def cmd_eval(args):
                     args.split, args.max_windows,
                     args.window, args.prompt, static, oracle, mask_allocation, args.lastword, args.seed,
                     args.method, threshold_tables=tables, hybrid_head_sparsity=args.hybrid_head_sparsity,
-                    text_corpus=text)
+                    text_corpus=text, threshold_model=threshold_model)
     rows += merged
     command = "shadowllm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     meta = {"model": args.model or "smollm2-135m", **text.describe(), "split": args.split, "window": args.window,
@@ -311,6 +315,7 @@ def cmd_export(args):
         threshold_source = {"calibration": where, "allocation": args.allocation,
                             **{k: calib.manifest.get(k) for k in ("corpus", "split", "samples", "window",
                                                                    "greedy_windows")}}
+        model = calib.model_for(model)  # rotated when the calibration was: the export carries the rotation
     out = export(model, tokenizer, args.out, args.policy, static, source, args.target, predictor, args.predictor,
                  thresholds, threshold_source, args.head_sparsity)
     sizes = sum(f.stat().st_size for f in out.iterdir())
@@ -453,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the greedy allocation's costs, for the threshold policies (alone)")
     p.add_argument("--greedy-windows", type=positive_int, default=32,
                    help="activations: windows the greedy allocation's costs are measured on")
+    p.add_argument("--rotate", choices=["pca", "none"], default="pca",
+                   help="activations: threshold the inputs in their PCA bases (folded into the weights: the same "
+                        "model, fewer bytes for the error; the residual stream needs RMSNorm) or as they are")
     _corpus_args(p)
     p.add_argument("--split", default="train", choices=["train", "validation", "test"])
     p.add_argument("--samples", type=int, default=256, help="number of windows")

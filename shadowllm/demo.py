@@ -64,8 +64,8 @@ def run_demo(model_name: str | None = None, quick: bool = False, backend: str = 
              "train windows; cached after the first run)")
     calib = default_calibration(model, tokenizer)
     thresholds = threshold_table(calib, adapter_for(model).arch, "greedy")
-    print(f"calibrated on {calib.manifest['samples']} windows of {calib.manifest['window']} tokens "
-          f"({calib.manifest['seconds']:.0f} s when made)")
+    print(f"calibrated on {calib.manifest['samples']} windows of {calib.manifest['window']} tokens, inputs in "
+          f"their PCA bases ({calib.manifest['seconds']:.0f} s when made)")
 
     windows = 4 if quick else 8
     _heading(f"accuracy per byte: perplexity of the continuation on {windows} held-out wiki test windows "
@@ -75,12 +75,12 @@ def run_demo(model_name: str | None = None, quick: bool = False, backend: str = 
                     methods=["dense", "static", "shadow", "gate"], progress=False)
     rows += evaluate(model, tokenizer, [], [0.25, THRESHOLD_SPARSITY], ["both"], max_windows=windows, window=256,
                      prompt=128, lastword=0, methods=["threshold"], progress=False,
-                     threshold_tables={"greedy": thresholds[1]})
+                     threshold_tables={"greedy": thresholds[1]}, threshold_model=calib.model_for(model))
     print("\n".join(rows_table(rows)))
     print("Activation thresholds (training-free) give the lowest perplexity for the bytes read: the policy to "
           "deploy (`shadowllm export --policy threshold`).")
 
-    deployed = _exported(model, tokenizer, root, "threshold", thresholds=thresholds)
+    deployed = _exported(calib.model_for(model), tokenizer, root, "threshold", thresholds=thresholds)
     shadow = _exported(model, tokenizer, root, "shadow", predictor=p_tok)
     prompt = chat_prompt(tokenizer, PROMPT) if getattr(tokenizer, "chat_template", None) else PROMPT
     max_new = 24 if quick else 40

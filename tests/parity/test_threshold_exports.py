@@ -12,6 +12,7 @@ import torch
 
 from shadowllm.export.exporter import export
 from shadowllm.models import ShadowError, adapter_for, sparse_forward
+from shadowllm.models.rotation import same_rotation
 from shadowllm.models.tiny import build_model, byte_tokenizer, save_tiny
 from shadowllm.predictor.predictors import load_predictor
 from shadowllm.predictor.thresholds import (GRID, calibrate_thresholds, check_grid_sparsity, load_calibration,
@@ -34,10 +35,12 @@ def threshold_exports(request, tmp_path_factory):
               progress=False)
     train(str(root / "traces"), "shadow", "token", criterion="l2_norm", epochs=4, progress=False).save(root / "p")
     predictor = load_predictor(root / "p", model)
-    out = {"threshold": export(model, tok, root / "threshold", "threshold", thresholds=table),
-           "shadow+threshold": export(model, tok, root / "hybrid", "shadow+threshold", predictor=predictor,
+    rotated = calib.model_for(model)  # the thresholds are of the inputs in their PCA bases (the default)
+    assert rotated is not model
+    out = {"threshold": export(rotated, tok, root / "threshold", "threshold", thresholds=table),
+           "shadow+threshold": export(rotated, tok, root / "hybrid", "shadow+threshold", predictor=predictor,
                                       predictor_dir=str(root / "p"), thresholds=table, head_sparsity=0.34)}
-    return model, tok, table, out, root
+    return model, tok, table, out, root, rotated
 
 
 @pytest.mark.parametrize("policy", ["threshold", "shadow+threshold"])
@@ -46,7 +49,7 @@ def threshold_exports(request, tmp_path_factory):
 def test_threshold_policies_parity(threshold_exports, policy, sparsity, native):
     """Logits at prefill (dense) and over 32 greedy decode steps, the kept entries of every op's input x
     and the predicted head masks agree with the PyTorch reference."""
-    model, tok, _, out, _ = threshold_exports
+    model, tok, _, out, *_ = threshold_exports
     report = check(out[policy], model, tok, sparsity=sparsity, steps=32, native=native)
     assert report.passed, report.table()
     assert report.threshold_ops_checked > 0 and report.greedy_tokens == 32
@@ -56,7 +59,7 @@ def test_threshold_policies_parity(threshold_exports, policy, sparsity, native):
 def test_threshold_decode_applies_the_row_of_the_runtime_sparsity(threshold_exports, native):
     """A decode step equals sparse_forward with the table's row (and differs from dense: the
     thresholds act); the prefill is dense."""
-    model, _, (grid, table), out, _ = threshold_exports
+    model, _, (grid, table), out, _, rotated = threshold_exports
     g = torch.Generator().manual_seed(int.from_bytes(np.random.bytes(4), "little"))
     ids = torch.randint(0, 256, (2, 7), generator=g)
     mask = torch.ones(2, 7, dtype=torch.long)
@@ -66,12 +69,13 @@ def test_threshold_decode_applies_the_row_of_the_runtime_sparsity(threshold_expo
     backend = OrtBackend(out["threshold"], 0.5, native=native)
     logits, state = backend.forward(ids, mask, None)
     with torch.no_grad():
-        dense, past = sparse_forward(model, ids, attention_mask=mask)
+        dense, _ = sparse_forward(model, ids, attention_mask=mask)  # the source model: the rotation is exact
         assert (logits - dense)[mask.bool()].abs().max() <= 1e-4
+        _, past = sparse_forward(rotated, ids, attention_mask=mask)
         logits, _ = backend.forward(step, mask2, state)
         row = table[check_grid_sparsity(0.5)]
-        ref, _ = sparse_forward(model, step, attention_mask=mask2, past=past, thresholds=row)
-        plain, _ = sparse_forward(model, step, attention_mask=mask2, past=past)
+        ref, _ = sparse_forward(rotated, step, attention_mask=mask2, past=past, thresholds=row)
+        plain, _ = sparse_forward(rotated, step, attention_mask=mask2, past=past)
     assert (logits - ref).abs().max() <= 1e-4
     assert (ref - plain).abs().max() > 1e-3
 
@@ -79,7 +83,7 @@ def test_threshold_decode_applies_the_row_of_the_runtime_sparsity(threshold_expo
 def test_threshold_export_layout_and_manifest(threshold_exports):
     import onnx
 
-    _, _, _, out, _ = threshold_exports
+    _, _, _, out, *_ = threshold_exports
     proto = onnx.load(str(out["threshold"] / "model.onnx"), load_external_data=False)
     nodes = [n for n in proto.graph.node if n.domain == "ai.shadowllm"]
     assert nodes and all(len(n.input) >= (9 if n.op_type == "SparseNeuronMLP" else 18) for n in nodes)
@@ -93,8 +97,9 @@ def test_threshold_export_layout_and_manifest(threshold_exports):
 def test_threshold_tables_grow_with_sparsity(threshold_exports):
     """Row 0 keeps everything (thresholds 0) and no threshold falls as the sparsity of the row rises,
     for both allocations; an unknown allocation is one clear line."""
-    model, _, (grid, table), _, root = threshold_exports
+    model, _, (grid, table), _, root, rotated = threshold_exports
     calib = load_calibration(root / "calibration", model)
+    assert same_rotation(calib.rotation, rotated._shadowllm_rotation)  # saved and read back whole
     arch = adapter_for(model).arch
     _, uniform = threshold_table(calib, arch, "uniform")
     for t in (table, uniform):
@@ -114,7 +119,7 @@ def _one_line(result, expected):
 
 
 def test_bad_threshold_input_is_one_clear_line_and_writes_nothing(threshold_exports, tmp_path):
-    model, _, _, out, root = threshold_exports
+    model, _, _, out, root, rotated = threshold_exports
     # a sparsity off the table's grid, wherever the runtime sparsity is given
     _one_line(run_cli("generate", str(out["threshold"]), "--prompt", "ab", "--sparsity", "0.555"),
               "--sparsity 0.555: the threshold table holds rows for sparsities 0.00, 0.01, ..., 0.90")
@@ -137,10 +142,16 @@ def test_bad_threshold_input_is_one_clear_line_and_writes_nothing(threshold_expo
     save_file(tensors, str(broken / "thresholds.safetensors"))
     with pytest.raises(ShadowError, match=r"expected histograms \["):
         load_calibration(broken, model)
-    grid, table = threshold_table(load_calibration(root / "calibration", model), adapter_for(model).arch)
+    calib, arch = load_calibration(root / "calibration", model), adapter_for(model).arch
+    grid, table = threshold_table(calib, arch)
+    assert calib.rotation is not None and calib.rotation["values"] is not None
     with pytest.raises(ShadowError, match="calibrated on another model"):
-        export(model, byte_tokenizer(), tmp_path / "y", "threshold", thresholds=(grid, table[:, :1]))
+        export(rotated, byte_tokenizer(), tmp_path / "y", "threshold", thresholds=(grid, table[:, :1]))
     assert not (tmp_path / "y").exists()
+    # a table of inputs in PCA bases with the model they are not the bases of
+    with pytest.raises(ShadowError, match="rotated into PCA bases; export Calibration.model_for"):
+        export(model, byte_tokenizer(), tmp_path / "z", "threshold", thresholds=threshold_table(calib, arch))
+    assert not (tmp_path / "z").exists()
 
 
 def test_ort_cpu_build_of_a_threshold_export_runs_the_same(threshold_exports):
@@ -150,7 +161,7 @@ def test_ort_cpu_build_of_a_threshold_export_runs_the_same(threshold_exports):
     from shadowllm.compiler.build import build
     from shadowllm.runtime import generate
 
-    _, tok, _, out, _ = threshold_exports
+    _, tok, _, out, *_ = threshold_exports
     built = build(out["threshold"], "ort-cpu")
     assert (built / "thresholds.safetensors").is_file()
     a = generate(OrtBackend(out["threshold"], 0.5), tok, ["The history of", "A note"], 16, eos_ids=[])
@@ -158,3 +169,20 @@ def test_ort_cpu_build_of_a_threshold_export_runs_the_same(threshold_exports):
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
     with pytest.raises(ShadowError, match="--sparsity 0.333"):
         OrtBackend(built, 0.333)
+
+
+def test_unrotated_calibration_applies_to_the_model_itself(threshold_exports, tmp_path):
+    """--rotate none: no rotation is fitted or stored, the thresholds apply to the model as it is, and a
+    rotated model is refused with its table (the bases differ)."""
+    model, tok, _, _, _, rotated = threshold_exports
+    calib = calibrate_thresholds(model, tok, tmp_path / "plain", samples=2, window=40, greedy_windows=0,
+                                 progress=False, rotate="none")
+    assert calib.rotation is None and calib.model_for(model) is model
+    loaded = load_calibration(tmp_path / "plain", model)
+    assert loaded.rotation is None and loaded.manifest["rotation"] is None
+    table = threshold_table(loaded, adapter_for(model).arch, "uniform")
+    with pytest.raises(ShadowError, match="in other bases than this rotated model's"):
+        export(rotated, tok, tmp_path / "x", "threshold", thresholds=table)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ShadowError, match="--rotate 'svd'"):
+        calibrate_thresholds(model, tok, None, samples=2, window=40, rotate="svd")

@@ -53,7 +53,6 @@ from tqdm import tqdm
 
 from shadowllm.models import ShadowError, adapter_for, corpus, fingerprint, sparse_forward
 from shadowllm.models.reference import THRESHOLD_INPUTS, attention_block, keep_large, mlp_block
-
 from shadowllm.models.rotation import (ROTATIONS, check_rotation, fit_rotation, rotated, rotation_from_tensors,
                                       rotation_tensors)
 

@@ -47,8 +47,8 @@ def fit_rotation(model, windows: torch.Tensor, batch_size: int = 4, progress=Non
     heads that read them), from the dense forward over `windows`. Memory: the second moments only."""
     from .reference import sparse_forward
 
-    arch = adapter_for(model).arch
     adapter = adapter_for(model)
+    arch = adapter.arch
     L, G, E, D = arch.num_layers, arch.num_kv_heads, arch.head_dim, arch.hidden
     group = arch.num_heads // G
     residual = torch.zeros(D, D, dtype=torch.float64) if can_rotate_residual(model) else None
@@ -130,6 +130,7 @@ def rotated(model, rotation: dict):
     (`_shadowllm_rotation`: what the export stores); its own fingerprint is of its new weights."""
     from .loading import fingerprint
 
+    check_rotation(rotation, adapter_for(model).arch, "rotation")  # before copying anything
     source = fingerprint(model)
     caches = {k: model.__dict__.pop(k) for k in CACHED if k in model.__dict__}  # not copied: rebuilt on demand
     try:
@@ -140,7 +141,6 @@ def rotated(model, rotation: dict):
     out._shadowllm_rotation = rotation
     adapter = adapter_for(out)
     arch = adapter.arch
-    check_rotation(rotation, arch, "rotation")
     if rotation.get("values") is not None:
         _rotate_values(adapter, arch, rotation["values"].double())
     if rotation.get("residual") is not None:

@@ -416,6 +416,10 @@ def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=
     items = lastword_items(tokenizer, split, lastword, text_corpus=text) if lastword else []
     static = static_scores
     oracle_cache: dict = {}
+    thresholded_model = model if threshold_model is None else threshold_model
+    # the hybrid's predictors, fed the (rotated) model's layer-0 output in the basis they were trained on
+    hybrid = [Predictor(predictor_net_for(thresholded_model, p.net), p.manifest, p.source)
+              for p in predictors if p.kind == "shadow" and p.granularity == "token"]
 
     def random_scores(seed_offset):
         g = torch.Generator().manual_seed(seed + seed_offset)  # a fresh random mask for every window
@@ -444,14 +448,10 @@ def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=
             for s in sparsities:
                 args = (table, name, "both", s, allocation)
                 yield Threshold(*args)
-                for p in predictors:
-                    if p.kind == "shadow" and p.granularity == "token":
-                        # fed the rotated model's layer-0 output in the basis it was trained on
-                        p = Predictor(predictor_net_for(thresholded_model, p.net), p.manifest, p.source)
-                        for hs in hybrid_head_sparsity:
-                            yield ShadowThreshold(p, hs, *args)
+                for p in hybrid:
+                    for hs in hybrid_head_sparsity:
+                        yield ShadowThreshold(p, hs, *args)
 
-    thresholded_model = model if threshold_model is None else threshold_model
     todo = [m for m in plan() if methods is None or m.name in methods]
     rows = []
     for m in tqdm(todo, desc="eval", unit="row", disable=not progress):

@@ -146,6 +146,20 @@ def test_thresholds_calibrate_eval_export_from_the_command_line(tiny_folder, tmp
     rows = json.loads(report.with_suffix(".json").read_text())["rows"]
     fractions = [r["bytes_fraction"] for r in rows if r["method"] == "threshold"]
     assert all(0.2 < f < 0.95 for f in fractions), fractions
+    # the rows ran on the model the thresholds were calibrated on: its rotated copy (the default, PCA bases)
+    from shadowllm.models import adapter_for, corpus, load
+    from shadowllm.predictor.evaluation import Threshold, evaluate_method
+    from shadowllm.predictor.thresholds import load_calibration, threshold_table
+
+    model, tok = load(str(tiny_folder))
+    calibration = load_calibration(calib, model)
+    assert calibration.rotation is not None
+    table = threshold_table(calibration, adapter_for(model).arch, "greedy")[1]
+    row = next(r for r in rows if r["method"] == "threshold" and r["allocation"] == "greedy"
+               and r["sparsity"] == 0.5)
+    ppl, frac, _ = evaluate_method(calibration.model_for(model), Threshold(table, "greedy", "both", 0.5, "per_layer"),
+                                   corpus("wiki").windows(tok, "test", 32, limit=2), 16)
+    assert (round(ppl, 4), round(frac, 4)) == (row["ppl"], row["bytes_fraction"])
     assert main(["export", str(tiny_folder), "--policy", "threshold", "--thresholds", str(calib), "--out",
                  str(out)]) == 0
     assert main(["parity", str(out), "--model", str(tiny_folder), "--sparsity", "0.25", "--steps", "8",

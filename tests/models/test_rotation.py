@@ -74,6 +74,13 @@ def test_predictor_reads_the_unrotated_residual():
     assert predictor_net_for(model, net) is net
     wrapped = predictor_net_for(out, net)
     torch.testing.assert_close(wrapped(x @ rotation["residual"]), net(x), rtol=1e-5, atol=1e-5)
+    # what ShadowLLM reads (the layer-0 attention output) is the rotated model's, in the rotated basis
+    from shadowllm.predictor.evaluation import layer0_attention
+
+    ids = _fresh_ids(model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(layer0_attention(out, ids)), net(layer0_attention(model, ids)),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_bad_rotations_are_refused():

@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from shadowllm.models import adapter_for
-from shadowllm.models.rotation import predictor_net_for
 
 from . import ops  # noqa: F401  (registers torch.ops.shadowllm.*)
 
@@ -71,7 +70,7 @@ class ExportModule(nn.Module):
         super().__init__()
         self.target = "heads" if policy == "shadow+threshold" else target
         # a rotated model (models/rotation.py) feeds the predictor the basis it was trained on
-        self.predictor = predictor_net_for(model, predictor.net) if predictor is not None else None
+        self.predictor = predictor.fed_by(model).net if predictor is not None else None
         self.granularity = predictor.granularity if predictor is not None else None
         adapter = adapter_for(model)
         self.adapter, self.arch, self.policy = adapter, adapter.arch, policy

@@ -82,7 +82,7 @@ def _principal_axes(moment: torch.Tensor) -> torch.Tensor:
 
 def _shapes(arch) -> dict:
     """The rotation tensors' shapes for an Arch or a manifest's "arch" dict."""
-    get = (lambda k, a: arch.get(k)) if isinstance(arch, dict) else (lambda k, a: getattr(arch, a))
+    get = (lambda k, a: arch[k]) if isinstance(arch, dict) else (lambda k, a: getattr(arch, a))
     E = get("head_dim", "head_dim")
     return {"residual": (get("hidden", "hidden"),) * 2,
             "values": (get("layers", "num_layers"), get("kv_heads", "num_kv_heads"), E, E)}
@@ -94,8 +94,6 @@ def check_rotation(rotation: dict, arch, where: str):
         q = rotation.get(name)
         if q is None:
             continue
-        if None in shape:  # an export folder of an older version names no hidden size
-            raise ShadowError(f"{where}: the manifest does not give the model's shape the rotation needs; export again")
         if tuple(q.shape) != shape:
             raise ShadowError(f"{where}: rotation {name} has shape {list(q.shape)}, expected {list(shape)}")
         eye = torch.eye(shape[-1], dtype=torch.float64)
@@ -123,14 +121,15 @@ def rotation_from_tensors(tensors: dict, where) -> dict:
 
 
 @torch.no_grad()
-def rotated(model, rotation: dict):
+def rotated(model, rotation: dict, where: str = "rotation"):
     """A copy of `model` with the rotation folded into its weights: the same function (to fp32
     rounding), its activation inputs in the rotated bases. The copy records the source's fingerprint
     (`_shadowllm_source_fingerprint`: what an export of it names as its model) and the rotation
-    (`_shadowllm_rotation`: what the export stores); its own fingerprint is of its new weights."""
+    (`_shadowllm_rotation`: what the export stores); its own fingerprint is of its new weights. A rotation
+    that does not fit the model is one line naming `where` (the file it came from)."""
     from .loading import fingerprint
 
-    check_rotation(rotation, adapter_for(model).arch, "rotation")  # before copying anything
+    check_rotation(rotation, adapter_for(model).arch, where)  # before copying anything
     source = fingerprint(model)
     caches = {k: model.__dict__.pop(k) for k in CACHED if k in model.__dict__}  # not copied: rebuilt on demand
     try:

@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from shadowllm.models import ShadowError, adapter_for, corpus, sparse_forward
 from shadowllm.models.adapters import activation_fn
-from shadowllm.models.rotation import predictor_net_for
 
 from .allocation import check_sparsity, keep_mask
 from .criteria import importance
@@ -418,8 +417,7 @@ def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=
     oracle_cache: dict = {}
     thresholded_model = model if threshold_model is None else threshold_model
     # the hybrid's predictors, fed the (rotated) model's layer-0 output in the basis they were trained on
-    hybrid = [Predictor(predictor_net_for(thresholded_model, p.net), p.manifest, p.source)
-              for p in predictors if p.kind == "shadow" and p.granularity == "token"]
+    hybrid = [p.fed_by(thresholded_model) for p in predictors if p.kind == "shadow" and p.granularity == "token"]
 
     def random_scores(seed_offset):
         g = torch.Generator().manual_seed(seed + seed_offset)  # a fresh random mask for every window

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shadowllm.models import ShadowError
+from shadowllm.models.rotation import predictor_net_for
 
 from .artifacts import check_model, read_manifest
 
@@ -109,6 +110,12 @@ class Predictor:
     @property
     def granularity(self) -> str:
         return self.manifest["granularity"]
+
+    def fed_by(self, model) -> "Predictor":
+        """This predictor as `model` must feed it: itself, or, when `model` is a rotated copy
+        (models/rotation.py), one that turns the rotated residual back into the basis it was trained on."""
+        net = predictor_net_for(model, self.net)
+        return self if net is self.net else Predictor(net, self.manifest, self.source)
 
     def save(self, folder: str | os.PathLike):
         """Write predictor.safetensors + predictor.json into `folder` atomically (temp folder + rename)."""

@@ -38,12 +38,10 @@ def export_model(folder: Path, manifest: dict, model):
     the rotation is stored beside the table)."""
     if not (manifest.get("thresholds") or {}).get("rotation"):
         return model
-    from shadowllm.models.rotation import check_rotation, rotated, rotation_from_tensors
+    from shadowllm.models.rotation import rotated, rotation_from_tensors
 
     where = folder / "thresholds.safetensors"
-    rotation = rotation_from_tensors(_threshold_file(folder), where)
-    check_rotation(rotation, manifest["arch"], str(where))
-    return rotated(model, rotation)
+    return rotated(model, rotation_from_tensors(_threshold_file(folder), where), str(where))
 
 
 def export_policy(folder: Path, manifest: dict, model, sparsity: float, dense_masks: str = "none") -> dict:
@@ -87,9 +85,6 @@ def export_policy(folder: Path, manifest: dict, model, sparsity: float, dense_ma
     if predictor_fingerprint(predictor) != manifest.get("predictor_fingerprint"):
         raise ShadowError(f"predictor {manifest['predictor']} changed since the export (fingerprint differs)")
     if policy == "shadow+threshold":
-        from shadowllm.models.rotation import predictor_net_for
-        from shadowllm.predictor.predictors import Predictor
-
         hs, ns = manifest["head_sparsity"], 0.0
-        predictor = Predictor(predictor_net_for(model, predictor.net), predictor.manifest, predictor.source)
+        predictor = predictor.fed_by(model)
     return {"predictor": predictor, "head_sparsity": hs, "neuron_sparsity": ns, "thresholds": thresholds}

@@ -120,6 +120,16 @@ def rotation_from_tensors(tensors: dict, where) -> dict:
     return rotation
 
 
+def fresh_copy(model):
+    """A deep copy of `model` without what shadowllm cached on it (CACHED: rebuilt on demand), so weights
+    changed on the copy do not answer with the source's fingerprint, adapter or float64 copy."""
+    caches = {k: model.__dict__.pop(k) for k in CACHED if k in model.__dict__}
+    try:
+        return copy.deepcopy(model)
+    finally:
+        model.__dict__.update(caches)
+
+
 @torch.no_grad()
 def rotated(model, rotation: dict, where: str = "rotation"):
     """A copy of `model` with the rotation folded into its weights: the same function (to fp32
@@ -131,11 +141,7 @@ def rotated(model, rotation: dict, where: str = "rotation"):
 
     check_rotation(rotation, adapter_for(model).arch, where)  # before copying anything
     source = fingerprint(model)
-    caches = {k: model.__dict__.pop(k) for k in CACHED if k in model.__dict__}  # not copied: rebuilt on demand
-    try:
-        out = copy.deepcopy(model)
-    finally:
-        model.__dict__.update(caches)
+    out = fresh_copy(model)
     out._shadowllm_source_fingerprint = source
     out._shadowllm_rotation = rotation
     adapter = adapter_for(out)

@@ -12,7 +12,6 @@ greedy costs on 16) and greedy rows at six sparsities; alpha 0 is the shipped PC
 
 ~6 min per alpha on 2 cores (+4 min with 64 windows). Results: README, "Tried and dropped".
 """
-import copy
 import json
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 
 from shadowllm.models import adapter_for, corpus, sparse_forward
 from shadowllm.models.loading import load
-from shadowllm.models.rotation import CACHED, fit_rotation, rotated
+from shadowllm.models.rotation import fit_rotation, fresh_copy, rotated
 from shadowllm.predictor.evaluation import Threshold, evaluate_method
 from shadowllm.predictor.thresholds import calibrate_thresholds, threshold_table
 
@@ -60,11 +59,7 @@ def fisher_diag(model, windows, samples=4, batch=4):
 
 @torch.no_grad()
 def scaled(model, F, alpha):
-    caches = {k: model.__dict__.pop(k) for k in CACHED if k in model.__dict__}
-    try:
-        out = copy.deepcopy(model)
-    finally:
-        model.__dict__.update(caches)
+    out = fresh_copy(model)
     ad = adapter_for(out)
     arch = ad.arch
     G, E = arch.num_kv_heads, arch.head_dim
@@ -123,4 +118,5 @@ def main():
         print(f"alpha {alpha}: done {time.time() - t1:.0f}s", flush=True)
 
 
-main()
+if __name__ == "__main__":
+    main()

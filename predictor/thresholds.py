@@ -231,26 +231,27 @@ def calibrate_thresholds(model, tokenizer, out: str | os.PathLike | None, corpus
 FISHER_SAMPLES = 4  # labels drawn from the model's own distribution per token
 
 
-def _fisher_gradients(model, ids):
-    """(the dense forward's observed tensors, {block output: [d -log p(y) / d output for FISHER_SAMPLES
-    labels y drawn from the model's own next-token distribution]}) on windows ids. With sampled (not
-    true) labels, E[(g . dy)^2] is the Fisher quadratic form: twice the KL a change dy of that block's
-    output causes at the model's output, to second order."""
+def fisher_gradients(model, ids, at=("attn_out", "mlp_out"), generator: torch.Generator | None = None):
+    """(the dense forward's observed tensors, {(layer, name) of `at`: [d -log p(y) / d that tensor for
+    FISHER_SAMPLES labels y drawn from the model's own next-token distribution]}) on windows ids. With
+    sampled (not true) labels, E[(g . dy)^2] is the Fisher quadratic form: twice the KL a change dy of
+    that tensor causes at the model's output, to second order. The labels are drawn with `generator`
+    (default: a fresh one seeded 0 per call)."""
     seen = {}
 
     def observe(layer, name, t):
-        if name in ("attn_out", "mlp_out"):
+        if name in at:
             seen[(layer, name)] = t
-        elif name in ("residual", "attn_in", "head_context", "mlp_in", "neuron_act"):
+        elif name in ("residual", "attn_in", "head_context", "mlp_in", "neuron_act", "attn_out", "mlp_out"):
             seen[(layer, name)] = t.detach()
         return None
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0) if generator is None else generator
     with torch.enable_grad():
         logits, _ = sparse_forward(model, ids, observer=observe)
         flat = logits.flatten(0, 1).float()
         probs = flat.detach().softmax(-1)
-        outs = [k for k in seen if k[1] in ("attn_out", "mlp_out")]
+        outs = [k for k in seen if k[1] in at]
         sampled = []
         for i in range(FISHER_SAMPLES):
             labels = torch.multinomial(probs, 1, generator=g)[:, 0]
@@ -265,7 +266,7 @@ def _fisher_gradients(model, ids):
 def _greedy_costs(model, calib: Calibration, windows: torch.Tensor, batch_size: int, progress: bool) -> torch.Tensor:
     """costs[l, k, i]: the Fisher estimate of the loss increase (KL) that thresholding input k of layer
     l alone at LEVELS[i] causes: sum over tokens and sampled labels of (g . dy)^2 / FISHER_SAMPLES, dy
-    the change of its block's output, g the gradient there (see _fisher_gradients). Measured this way
+    the change of its block's output, g the gradient there (see fisher_gradients). Measured this way
     (the effect at the output, not the size of dy), a layer whose errors the rest of the network
     amplifies costs more than one whose errors it absorbs.
 
@@ -281,7 +282,7 @@ def _greedy_costs(model, calib: Calibration, windows: torch.Tensor, batch_size: 
     bar = tqdm(total=windows.shape[0] * L, desc="threshold costs", unit="layer", disable=not progress)
     for b in range(0, windows.shape[0], batch_size):
         ids = windows[b:b + batch_size]
-        seen, grads = _fisher_gradients(model, ids)
+        seen, grads = fisher_gradients(model, ids)
         B, S = ids.shape
         P = S // 2  # the dense prompt
         rope = adapter.rope(torch.arange(S).expand(B, S)) if arch.rope else None

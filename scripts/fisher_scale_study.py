@@ -22,7 +22,7 @@ from shadowllm.models import adapter_for, corpus, sparse_forward
 from shadowllm.models.loading import load
 from shadowllm.models.rotation import fit_rotation, fresh_copy, rotated
 from shadowllm.predictor.evaluation import Threshold, evaluate_method
-from shadowllm.predictor.thresholds import calibrate_thresholds, threshold_table
+from shadowllm.predictor.thresholds import calibrate_thresholds, fisher_gradients, threshold_table
 
 torch.manual_seed(0)
 ALPHAS = [float(a) for a in sys.argv[1].split(",")] if len(sys.argv) > 1 else [0.0, 1.0, 0.5]
@@ -31,29 +31,15 @@ EVAL_WINDOWS = int(sys.argv[2]) if len(sys.argv) > 2 else 16
 NAMES = ("attn_in", "head_context", "mlp_in", "neuron_act")
 
 
-def fisher_diag(model, windows, samples=4, batch=4):
+def fisher_diag(model, windows, batch=4):
+    """{(layer, input name): the Fisher diagonal of that input, summed over tokens and sampled labels}."""
     F = {}
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # one stream of labels over every batch
     for b in range(0, windows.shape[0], batch):
-        seen = {}
-
-        def observe(layer, name, t):
-            if name in NAMES:
-                seen[(layer, name)] = t
-            return None
-
-        with torch.enable_grad():
-            logits, _ = sparse_forward(model, windows[b:b + batch], observer=observe)
-            flat = logits.flatten(0, 1).float()
-            probs = flat.detach().softmax(-1)
-            keys = list(seen)
-            for i in range(samples):
-                labels = torch.multinomial(probs, 1, generator=g)[:, 0]
-                loss = torch.nn.functional.cross_entropy(flat, labels, reduction="sum")
-                grads = torch.autograd.grad(loss, [seen[k] for k in keys], retain_graph=i + 1 < samples)
-                for k, gr in zip(keys, grads):
-                    v = gr.detach().double().pow(2).flatten(0, 1).sum(0)  # [D] | [H, E] | [F]
-                    F[k] = F.get(k, 0) + v
+        _, grads = fisher_gradients(model, windows[b:b + batch], at=NAMES, generator=g)
+        for k, gs in grads.items():
+            for gr in gs:
+                F[k] = F.get(k, 0) + gr.double().pow(2).flatten(0, 1).sum(0)  # [D] | [H, E] | [F]
     return F
 
 

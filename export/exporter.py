@@ -289,7 +289,7 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
         raise ShadowError(f"--policy {policy}: a rotated model is exported only with a threshold policy")
     if policy in THRESHOLDED and not same_rotation(getattr(thresholds, "rotation", rotation), rotation):
         raise ShadowError("the threshold table was calibrated on the model " +
-                          ("rotated into PCA bases; export Calibration.model_for(model), the rotated model"
+                          ("rotated into other bases; export Calibration.model_for(model), the rotated model"
                            if rotation is None else "in other bases than this rotated model's"))
     traced = trace(model, policy, static_scores, target, predictor, thresholds, head_sparsity)
     from shadowllm.models.paths import atomic_folder

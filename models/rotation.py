@@ -19,6 +19,15 @@ into the weights; the graph and its ops are unchanged):
   values. Any family.
 
 The MLP hidden h (before down) is the output of a nonlinearity and cannot be rotated for free.
+
+`kind="sparse"` (the default) then refines the residual basis for what a threshold does: PCA keeps
+the most energy in a *fixed* set of coordinates, but a threshold keeps a different set per token, so
+the best basis is the one in which each token's vector is sparsest. Alternating (each step lowers
+the thresholded-away energy on the fitting windows): threshold every layer's inputs at the
+SPARSIFY_LEVELS quantiles (the entries a threshold keeps), then take the orthogonal basis that best
+maps the inputs onto what was kept (orthogonal Procrustes: the polar factor of sum X^T Z). On
+SmolLM2 it drops ~8% less energy than PCA on held-out windows at sparsities 0.2-0.5 (README,
+"Accuracy per byte", for what that does to perplexity).
 """
 
 from __future__ import annotations
@@ -30,7 +39,10 @@ import torch
 from .adapters import adapter_for
 from .errors import ShadowError
 
-ROTATIONS = ("pca", "none")
+ROTATIONS = ("sparse", "pca", "none")  # what calibrate --rotate takes; "none": no rotation
+SPARSIFY_LEVELS = (0.25, 0.40)  # per-input sparsities the residual basis is refined at (the greedy's 0.60-0.75 bytes)
+SPARSIFY_STEPS = 25  # alternations; most of the gain comes in the first 20 (SmolLM2)
+SPARSIFY_MLP_WEIGHT = 2.0  # the MLP input carries about half the greedy's cost (it feeds gate and up)
 SPACES = ("residual", "values")
 # what shadowllm caches on a model object (its fingerprint, adapter, float64 copy): of the source, not the copy
 CACHED = ("_shadowllm_fingerprint", "_shadowllm_adapter", "_shadowllm_float64")
@@ -41,10 +53,15 @@ def can_rotate_residual(model) -> bool:
 
 
 @torch.no_grad()
-def fit_rotation(model, windows: torch.Tensor, batch_size: int = 4, progress=None) -> dict:
+def fit_rotation(model, windows: torch.Tensor, batch_size: int = 4, progress=None, kind: str = "sparse") -> dict:
     """PCA bases of the residual stream (pooled over every layer's attention and MLP input, each
     normalised and without its norm's scale) and of each layer's value heads (the context of the query
-    heads that read them), from the dense forward over `windows`. Memory: the second moments only."""
+    heads that read them), from the dense forward over `windows`; kind="sparse" then refines the
+    residual basis (`sparsified`). Memory: the second moments, and for "sparse" the normalised inputs
+    themselves (fp32: 2 x layers x tokens x hidden). `progress` is called with each batch's windows and,
+    for "sparse", with 1 after each refinement step (fit_steps() in all)."""
+    if kind not in ("sparse", "pca"):
+        raise ShadowError(f"rotation kind {kind!r}: expected sparse or pca")
     from .reference import sparse_forward
 
     adapter = adapter_for(model)
@@ -53,6 +70,7 @@ def fit_rotation(model, windows: torch.Tensor, batch_size: int = 4, progress=Non
     group = arch.num_heads // G
     residual = torch.zeros(D, D, dtype=torch.float64) if can_rotate_residual(model) else None
     values = torch.zeros(L, G, E, E, dtype=torch.float64)
+    inputs = {}  # (layer, name): [normalised inputs [N, D]], kept for the sparse refinement
 
     def observe(layer, name, t):
         if name in ("attn_in", "mlp_in") and residual is not None:
@@ -60,6 +78,8 @@ def fit_rotation(model, windows: torch.Tensor, batch_size: int = 4, progress=Non
             scale = norm.weight.double()
             v = torch.where(scale != 0, t.detach().double() / scale, 0.0).flatten(0, 1)  # the normalised vector
             residual.add_(v.T @ v)
+            if kind == "sparse":
+                inputs.setdefault((layer, name), []).append(v.float())
         elif name == "head_context":
             v = t.detach().double().reshape(-1, G, group, E).transpose(0, 1).reshape(G, -1, E)
             values[layer].add_(v.transpose(1, 2) @ v)
@@ -69,8 +89,54 @@ def fit_rotation(model, windows: torch.Tensor, batch_size: int = 4, progress=Non
         sparse_forward(model, windows[b:b + batch_size], observer=observe)
         if progress is not None:
             progress(min(batch_size, windows.shape[0] - b))
-    return {"residual": None if residual is None else _principal_axes(residual),
-            "values": _principal_axes(values)}
+    axes = None if residual is None else _principal_axes(residual)
+    if axes is not None and kind == "sparse":
+        groups = [(SPARSIFY_MLP_WEIGHT if name == "mlp_in" else 1.0, torch.cat(inputs.pop((layer, name))))
+                  for layer, name in sorted(inputs)]
+        axes = sparsified(axes, groups, progress=progress)
+    return {"residual": axes, "values": _principal_axes(values)}
+
+
+def _level_thresholds(y: torch.Tensor, levels) -> list:
+    """The levels' quantiles of |y|, read off a sorted strided sample of its entries (one sort for all
+    levels; a full sort of every group at every step would dominate the refinement's time)."""
+    sample = y.abs().flatten()[::16].sort().values
+    return [sample[min(sample.numel() - 1, int(s * sample.numel()))] for s in levels]
+
+
+def fit_steps(model, windows: int, kind: str = "sparse") -> int:
+    """How many units fit_rotation reports to `progress`: the windows, then the refinement's steps."""
+    return windows + (SPARSIFY_STEPS if kind == "sparse" and can_rotate_residual(model) else 0)
+
+
+def thresholded_away(x: torch.Tensor, q: torch.Tensor, levels=SPARSIFY_LEVELS) -> list[float]:
+    """For each level, the fraction of the energy of x Q [N, D] in entries below that level's quantile of
+    |x Q|: what a threshold at that sparsity drops in basis q."""
+    y = x @ q
+    total = float(y.pow(2).sum())
+    return [float(torch.where(y.abs() >= t, 0.0, y).pow(2).sum()) / total for t in _level_thresholds(y, levels)]
+
+
+def sparsified(q: torch.Tensor, groups: list, levels=SPARSIFY_LEVELS, steps: int = SPARSIFY_STEPS,
+               progress=None) -> torch.Tensor:
+    """Refine the orthogonal basis q [D, D] (columns) so that thresholding drops less: minimise, over
+    (weight, inputs x [N, D]) groups and levels, the sum of weight x thresholded_away. Each step
+    thresholds every group in the current basis (z: the entries kept), then takes the orthogonal Q
+    closest to mapping x onto z (Procrustes: Q = U V^T for U S V^T = sum of weight x^T z / energy), so
+    the objective never rises (up to the sampled quantiles)."""
+    q = q.float()
+    energy = [float(x.double().pow(2).sum()) for _, x in groups]
+    for _ in range(steps):
+        m = torch.zeros(q.shape, dtype=torch.float64)
+        for (weight, x), e in zip(groups, energy):
+            y = x @ q
+            times_kept = sum((y.abs() >= t).float() for t in _level_thresholds(y, levels))
+            m += (weight / e) * (x.T @ (y * times_kept)).double()
+        u, _, vh = torch.linalg.svd(m)
+        q = (u @ vh).float()
+        if progress is not None:
+            progress(1)
+    return q
 
 
 def _principal_axes(moment: torch.Tensor) -> torch.Tensor:

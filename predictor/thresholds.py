@@ -7,8 +7,9 @@ s-quantile of |v| on calibration text, so a sparsity s on one input skips about 
 that input feeds.
 
 Calibration (`calibrate_thresholds`, `shadowllm calibrate --criterion activations`):
-- first (rotate="pca", the default) the PCA bases of the residual stream and of each kv head's value
-  space (models/rotation.py), folded into a copy of the model: the same function, but each input's
+- first (rotate="sparse", the default) the PCA bases of the residual stream and of each kv head's value
+  space, the residual's then refined so that each token's vector is sparsest (models/rotation.py;
+  rotate="pca": PCA only), folded into a copy of the model: the same function, but each input's
   energy sits in a few coordinates that are large for every token, so a threshold at the same bytes
   drops less (SmolLM2: greedy rows the same at 0.75 of the bytes, 0.2 / 0.3 ppl better at 0.60 /
   0.50 on 64 held-out windows; uniform rows 0.3 / 1.4 better at 0.59 / 0.49 on the eval protocol).
@@ -53,8 +54,8 @@ from tqdm import tqdm
 
 from shadowllm.models import ShadowError, adapter_for, corpus, fingerprint, sparse_forward
 from shadowllm.models.reference import THRESHOLD_INPUTS, attention_block, keep_large, mlp_block
-from shadowllm.models.rotation import (ROTATIONS, check_rotation, fit_rotation, rotated, rotation_from_tensors,
-                                      rotation_tensors)
+from shadowllm.models.rotation import (ROTATIONS, check_rotation, fit_rotation, fit_steps, rotated,
+                                      rotation_from_tensors, rotation_tensors)
 
 from .artifacts import check_model, read_manifest
 
@@ -64,7 +65,7 @@ FORMAT = "shadowllm-thresholds/1"
 ALLOCATIONS = ("uniform", "greedy")
 GRID = tuple(round(0.01 * i, 2) for i in range(91))  # sparsities a table holds a row for: 0.00 .. 0.90
 LEVELS = tuple(round(0.025 * i, 3) for i in range(39))  # greedy steps per input: 0.000 .. 0.950
-ROTATION_WINDOWS = 32  # calibration windows the PCA rotations are fitted on (second moments: flat memory)
+ROTATION_WINDOWS = 32  # calibration windows the rotations are fitted on (fixed: memory flat in --samples)
 LOG_LO, LOG_HI, BINS = -8.0, 4.0, 4096  # log10|v| histogram range: 1e-8 .. 1e4, ~0.7% per bin
 # what each input is observed as in the reference forward (models/reference.py observer names)
 OBSERVED = {"attn_in": 0, "head_context": 1, "mlp_in": 2, "neuron_act": 3}
@@ -160,11 +161,12 @@ class Calibration:
 @torch.no_grad()
 def calibrate_thresholds(model, tokenizer, out: str | os.PathLike | None, corpus_name="wiki",
                          split: str = "train", samples: int = 128, window: int = 256, greedy_windows: int = 16,
-                         batch_size: int = 4, progress: bool = True, rotate: str = "pca") -> Calibration:
+                         batch_size: int = 4, progress: bool = True, rotate: str = "sparse") -> Calibration:
     """Histograms over `samples` windows and greedy costs on the first `greedy_windows` of them (0: none,
-    uniform allocation only); written atomically to folder `out` (when given). rotate="pca": first the
-    PCA rotations of models/rotation.py, fitted on the first ROTATION_WINDOWS windows; histograms and
-    costs are then those of the rotated model (`Calibration.model_for`)."""
+    uniform allocation only); written atomically to folder `out` (when given). rotate="sparse" or "pca":
+    first the rotations of models/rotation.py (PCA, the residual basis then refined for sparsity or
+    not), fitted on the first ROTATION_WINDOWS windows; histograms and costs are then those of the
+    rotated model (`Calibration.model_for`)."""
     if rotate not in ROTATIONS:
         raise ShadowError(f"--rotate {rotate!r}: expected one of {', '.join(ROTATIONS)}")
     if samples < 1 or greedy_windows < 0:
@@ -187,10 +189,10 @@ def calibrate_thresholds(model, tokenizer, out: str | os.PathLike | None, corpus
                           f"windows of {window} tokens")
     L = arch.num_layers
     rotation = None
-    if rotate == "pca":
+    if rotate != "none":
         fit = windows[:ROTATION_WINDOWS]
-        bar = tqdm(total=fit.shape[0], desc="fit rotations", unit="window", disable=not progress)
-        rotation = fit_rotation(model, fit, batch_size, progress=bar.update)
+        bar = tqdm(total=fit_steps(model, fit.shape[0], rotate), desc="fit rotations", disable=not progress)
+        rotation = fit_rotation(model, fit, batch_size, progress=bar.update, kind=rotate)
         bar.close()
     calib = Calibration({}, torch.zeros(L, 4, BINS, dtype=torch.float64), None, rotation=rotation)
     work = calib.model_for(model)
@@ -426,5 +428,5 @@ def default_calibration(model, tokenizer, progress: bool = True) -> Calibration:
     """The cached calibration of this model on the wiki train split (made once, with a progress bar)."""
     from shadowllm.models.loading import cache_root
 
-    folder = cache_root() / "thresholds" / f"{fingerprint(model).split(':')[1][:16]}-wiki-128x256-v4"
+    folder = cache_root() / "thresholds" / f"{fingerprint(model).split(':')[1][:16]}-wiki-128x256-v5"
     return cached_calibration(folder, model, tokenizer, progress=progress)

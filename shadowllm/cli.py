@@ -165,7 +165,8 @@ def cmd_calibrate(args):
         rotation = calib.manifest["rotation"]
         print(f"activation thresholds of {calib.manifest['samples']} windows (greedy costs on "
               f"{calib.manifest['greedy_windows']}"
-              + (f"; PCA bases of the {' and '.join(rotation['spaces'])} from {rotation['windows']}" if rotation else "")
+              + (f"; {rotation['kind']} bases of the {' and '.join(rotation['spaces'])} from {rotation['windows']}"
+                 if rotation else "")
               + f") in {args.out} [{time.perf_counter() - start:.0f} s, peak RSS "
               f"{_peak_rss_mb():.0f} MB]")
         return
@@ -212,7 +213,7 @@ def _threshold_calibration(model, tokenizer, folder):
 
     if folder:
         return load_calibration(folder, model), str(folder)
-    return default_calibration(model, tokenizer), "built-in (wiki train, 128 windows of 256 tokens, PCA bases)"
+    return default_calibration(model, tokenizer), "built-in (wiki train, 128 windows of 256 tokens, sparse bases)"
 
 
 def cmd_eval(args):
@@ -458,9 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the greedy allocation's costs, for the threshold policies (alone)")
     p.add_argument("--greedy-windows", type=positive_int, default=32,
                    help="activations: windows the greedy allocation's costs are measured on")
-    p.add_argument("--rotate", choices=["pca", "none"], default="pca",
-                   help="activations: threshold the inputs in their PCA bases (folded into the weights: the same "
-                        "model, fewer bytes for the error; the residual stream needs RMSNorm) or as they are")
+    p.add_argument("--rotate", choices=["sparse", "pca", "none"], default="sparse",
+                   help="activations: threshold the inputs in rotated bases folded into the weights (the same model, "
+                        "less error for the bytes; the residual stream needs RMSNorm): sparse = PCA with the residual "
+                        "basis refined so that each token's input is sparsest, pca = PCA only; or none")
     _corpus_args(p)
     p.add_argument("--split", default="train", choices=["train", "validation", "test"])
     p.add_argument("--samples", type=int, default=256, help="number of windows")

@@ -65,7 +65,8 @@ def run_demo(model_name: str | None = None, quick: bool = False, backend: str = 
     calib = default_calibration(model, tokenizer)
     thresholds = threshold_table(calib, adapter_for(model).arch, "greedy")
     print(f"calibrated on {calib.manifest['samples']} windows of {calib.manifest['window']} tokens, inputs in "
-          f"their PCA bases ({calib.manifest['seconds']:.0f} s when made)")
+          f"their {calib.manifest['rotation']['kind'] if calib.manifest.get('rotation') else 'own'} bases "
+          f"({calib.manifest['seconds']:.0f} s when made)")
 
     windows = 4 if quick else 8
     _heading(f"accuracy per byte: perplexity of the continuation on {windows} held-out wiki test windows "

@@ -146,7 +146,7 @@ def test_thresholds_calibrate_eval_export_from_the_command_line(tiny_folder, tmp
     rows = json.loads(report.with_suffix(".json").read_text())["rows"]
     fractions = [r["bytes_fraction"] for r in rows if r["method"] == "threshold"]
     assert all(0.2 < f < 0.95 for f in fractions), fractions
-    # the rows ran on the model the thresholds were calibrated on: its rotated copy (the default, PCA bases)
+    # the rows ran on the model the thresholds were calibrated on: its rotated copy (the default, sparse bases)
     from shadowllm.models import adapter_for, corpus, load
     from shadowllm.predictor.evaluation import Threshold, evaluate_method
     from shadowllm.predictor.thresholds import load_calibration, threshold_table

@@ -35,7 +35,7 @@ def threshold_exports(request, tmp_path_factory):
               progress=False)
     train(str(root / "traces"), "shadow", "token", criterion="l2_norm", epochs=4, progress=False).save(root / "p")
     predictor = load_predictor(root / "p", model)
-    rotated = calib.model_for(model)  # the thresholds are of the inputs in their PCA bases (the default)
+    rotated = calib.model_for(model)  # the thresholds are of the inputs in rotated bases (the default, sparse)
     assert rotated is not model
     out = {"threshold": export(rotated, tok, root / "threshold", "threshold", thresholds=table),
            "shadow+threshold": export(rotated, tok, root / "hybrid", "shadow+threshold", predictor=predictor,
@@ -149,7 +149,7 @@ def test_bad_threshold_input_is_one_clear_line_and_writes_nothing(threshold_expo
         export(rotated, byte_tokenizer(), tmp_path / "y", "threshold", thresholds=(grid, table[:, :1]))
     assert not (tmp_path / "y").exists()
     # a table of inputs in PCA bases with the model they are not the bases of
-    with pytest.raises(ShadowError, match="rotated into PCA bases; export Calibration.model_for"):
+    with pytest.raises(ShadowError, match="rotated into other bases; export Calibration.model_for"):
         export(model, byte_tokenizer(), tmp_path / "z", "threshold", thresholds=threshold_table(calib, arch))
     assert not (tmp_path / "z").exists()
 

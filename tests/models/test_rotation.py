@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from shadowllm.models import ShadowError, adapter_for, sparse_forward
-from shadowllm.models.rotation import (SPARSIFY_LEVELS, check_rotation, fit_rotation, fit_steps, predictor_net_for,
-                                      rotated, same_rotation, sparsified, thresholded_away)
+from shadowllm.models.rotation import (SPARSIFY_LEVELS, SPARSIFY_MLP_WEIGHT, check_rotation, fit_rotation, fit_steps,
+                                      predictor_net_for, rotated, same_rotation, sparsified, thresholded_away)
 from shadowllm.models.tiny import build_model
 
 
@@ -99,7 +99,8 @@ def test_sparse_residual_drops_no_more_than_pca():
     def observe(layer, name, t):
         if name in ("attn_in", "mlp_in"):
             norm = adapter_for(model).attn_norm(layer) if name == "attn_in" else adapter_for(model).mlp_norm(layer)
-            inputs.append((2.0 if name == "mlp_in" else 1.0, (t.double() / norm.weight.double()).flatten(0, 1).float()))
+            weight = SPARSIFY_MLP_WEIGHT if name == "mlp_in" else 1.0
+            inputs.append((weight, (t.double() / norm.weight.double()).flatten(0, 1).float()))
         return None
 
     with torch.no_grad():

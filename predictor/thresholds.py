@@ -381,6 +381,19 @@ def greedy_schedule(costs: torch.Tensor, arch, levels=LEVELS):
         yield float((per_level * lv[level]).sum()) / total, level.clone()
 
 
+def greedy_levels(calib: Calibration, arch, sparsities) -> list[torch.Tensor]:
+    """The greedy's level indices [L, 4] (into calib.levels) at each of `sparsities` (increasing): the
+    first step of the schedule that skips at least that fraction of the block weight bytes."""
+    schedule = greedy_schedule(calib.costs, arch, calib.levels)
+    fraction, level = next(schedule)
+    out = []
+    for s in sparsities:
+        while fraction < s - 1e-9:  # the schedule reaches the top level (> GRID[-1]) of every input
+            fraction, level = next(schedule)
+        out.append(level)
+    return out
+
+
 class ThresholdTable(tuple):
     """(grid [R], thresholds [R, L, 4]) with `.rotation`, the bases its calibration measured the inputs in
     (None: the model's own): the table applies to `Calibration.model_for(model)`, and the exporter
@@ -396,20 +409,14 @@ def threshold_table(calib: Calibration, arch, allocation: str = "greedy") -> Thr
     """(grid [R], thresholds [R, L, 4]): the row of sparsity s skips about s of the block weight bytes."""
     if allocation not in ALLOCATIONS:
         raise ShadowError(f"--allocation {allocation!r}: expected one of {', '.join(ALLOCATIONS)}")
-    rows = []
     if allocation == "uniform":
         rows = [calib.thresholds(uniform_sparsities(arch, s)) for s in GRID]
     else:
         if calib.costs is None:
             raise ShadowError("--allocation greedy: this calibration has no greedy costs (made with --greedy-windows 0); "
                               "use --allocation uniform or calibrate again")
-        schedule = greedy_schedule(calib.costs, arch, calib.levels)
-        fraction, level = next(schedule)
         levels = torch.tensor(calib.levels, dtype=torch.float64)
-        for s in GRID:
-            while fraction < s - 1e-9:  # the schedule reaches the top level (> GRID[-1]) of every input
-                fraction, level = next(schedule)
-            rows.append(calib.thresholds(levels[level]))
+        rows = [calib.thresholds(levels[level]) for level in greedy_levels(calib, arch, GRID)]
     return ThresholdTable(torch.tensor(GRID, dtype=torch.float32), torch.stack(rows), calib.rotation)
 
 

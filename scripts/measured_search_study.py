@@ -22,7 +22,7 @@ import torch
 from shadowllm.models import adapter_for, corpus
 from shadowllm.models.loading import load
 from shadowllm.predictor.evaluation import Threshold, evaluate_method
-from shadowllm.predictor.thresholds import greedy_schedule, load_calibration, threshold_table
+from shadowllm.predictor.thresholds import greedy_levels, load_calibration, threshold_table
 
 
 def main(folder: str, sparsity: float, seconds: float):
@@ -31,10 +31,7 @@ def main(folder: str, sparsity: float, seconds: float):
     work = calib.model_for(model)
     arch = adapter_for(work).arch
     levels = torch.tensor(calib.levels, dtype=torch.float64)
-    schedule = greedy_schedule(calib.costs, arch, calib.levels)
-    fraction, greedy = next(schedule)
-    while fraction < sparsity - 1e-9:
-        fraction, greedy = next(schedule)
+    greedy = greedy_levels(calib, arch, [sparsity])[0]
     search = corpus("wiki").windows(tok, "train", 256, limit=136)[128:136]
     test = corpus("wiki").windows(tok, "test", 256, limit=80)
     method = Threshold(threshold_table(calib, arch, "greedy")[1], "greedy", "both", sparsity, "per_layer")

@@ -61,12 +61,7 @@ def main(shipped: str, out: str):
     if not Path(shipped).exists():
         thresholds.calibrate_thresholds(model, tok, shipped, samples=128, greedy_windows=16)
     calib = thresholds.load_calibration(shipped, model)
-    schedule = thresholds.greedy_schedule(calib.costs, arch, calib.levels)
-    levels_at, (fraction, level) = [], next(schedule)
-    for s in ROWS:
-        while fraction < s - 1e-9:
-            fraction, level = next(schedule)
-        levels_at.append(level.clone())
+    levels_at = thresholds.greedy_levels(calib, arch, ROWS)
 
     seen = {}  # the normalised residual inputs and the attention context of the dense model
 

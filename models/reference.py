@@ -46,6 +46,14 @@ def keep_large(t: torch.Tensor, threshold) -> torch.Tensor:
     return torch.where(t.abs() >= thr, t, torch.zeros((), dtype=t.dtype))
 
 
+def _per_matrix(x, threshold, n: int) -> tuple:
+    """x thresholded for each of the n matrices it feeds (q, k, v or gate, up): `threshold` one value
+    (tensor or None) for all of them, or a tuple of n, one per matrix (a study of per-matrix thresholds)."""
+    if isinstance(threshold, tuple):
+        return tuple(keep_large(x, t) for t in threshold)
+    return (keep_large(x, threshold),) * n
+
+
 def _rows(w: torch.Tensor | None, idx: torch.Tensor | None, size: int) -> torch.Tensor | None:
     """Rows of blocks `idx` (each `size` rows) of a [N*size, ...] tensor; all of it when idx is None."""
     if w is None or idx is None:
@@ -115,11 +123,10 @@ def _attention(arch, w: AttentionWeights, x, past, allowed, rope, heads, token_m
         groups = None
     n_heads = H if heads is None else heads.numel()
     n_groups = G if groups is None else groups.numel()
-    x = keep_large(x, t_x)
-
-    q = _linear(x, _rows(w.w_q, heads, E), _rows(w.b_q, heads, E)).view(b, S, n_heads, E).transpose(1, 2)
-    k = _linear(x, _rows(w.w_k, groups, E), _rows(w.b_k, groups, E)).view(b, S, n_groups, E).transpose(1, 2)
-    v = _linear(x, _rows(w.w_v, groups, E), _rows(w.b_v, groups, E)).view(b, S, n_groups, E).transpose(1, 2)
+    xq, xk, xv = _per_matrix(x, t_x, 3)
+    q = _linear(xq, _rows(w.w_q, heads, E), _rows(w.b_q, heads, E)).view(b, S, n_heads, E).transpose(1, 2)
+    k = _linear(xk, _rows(w.w_k, groups, E), _rows(w.b_k, groups, E)).view(b, S, n_groups, E).transpose(1, 2)
+    v = _linear(xv, _rows(w.w_v, groups, E), _rows(w.b_v, groups, E)).view(b, S, n_groups, E).transpose(1, 2)
     if rope is not None:
         q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
     if groups is not None:
@@ -149,12 +156,12 @@ def _attention(arch, w: AttentionWeights, x, past, allowed, rope, heads, token_m
 
 def _mlp(activation: str, w: MLPWeights, x, neurons, token_mask, observer, layer, t_x=None, t_h=None):
     act = activation_fn(activation)
-    x = keep_large(x, t_x)
+    x_gate, x_in = _per_matrix(x, t_x, 2)
     w_in, b_in = _rows(w.w_in, neurons, 1), _rows(w.b_in, neurons, 1)
     if w.w_gate is not None:
-        hidden = act(x @ _rows(w.w_gate, neurons, 1).t()) * _linear(x, w_in, b_in)
+        hidden = act(x_gate @ _rows(w.w_gate, neurons, 1).t()) * _linear(x_in, w_in, b_in)
     else:
-        hidden = act(_linear(x, w_in, b_in))
+        hidden = act(_linear(x_in, w_in, b_in))
     if neurons is None:
         hidden = _observe(observer, layer, "neuron_act", hidden)
     if token_mask is not None:

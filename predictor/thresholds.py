@@ -47,6 +47,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -265,23 +266,21 @@ def fisher_gradients(model, ids, at=("attn_out", "mlp_out"), generator: torch.Ge
 
 
 @torch.no_grad()
-def _greedy_costs(model, calib: Calibration, windows: torch.Tensor, batch_size: int, progress: bool) -> torch.Tensor:
-    """costs[l, k, i]: the Fisher estimate of the loss increase (KL) that thresholding input k of layer
-    l alone at LEVELS[i] causes: sum over tokens and sampled labels of (g . dy)^2 / FISHER_SAMPLES, dy
-    the change of its block's output, g the gradient there (see fisher_gradients). Measured this way
-    (the effect at the output, not the size of dy), a layer whose errors the rest of the network
-    amplifies costs more than one whose errors it absorbs.
+def decode_probes(model, windows: torch.Tensor, batch_size: int, progress: bool, desc: str = "threshold costs"):
+    """Per batch of `windows` and layer: (layer, probe), the probe measuring what a change of one of the
+    layer's inputs does where the policy runs it. As in generation, the first half of each window is a
+    dense prompt and only the second half is thresholded: its tokens' block outputs change, and so do
+    the keys and values later tokens read, while the prompt's do not (causal), so each block is
+    recomputed for the second half only, on the prompt's dense keys and values.
 
-    As in generation, the first half of each window is a dense prompt and only the second half is
-    thresholded: its tokens' block outputs change, and so do the keys and values later tokens read,
-    while the prompt's do not (causal), so each block is recomputed for the second half only, on the
-    prompt's dense keys and values."""
+    probe.attention(t_x) / probe.mlp(t_x): the block output's change [B, S/2, D] with x thresholded
+    (t_x as attention_block / mlp_block take it); probe.context(t) / probe.hidden(t): the change with
+    the context / h thresholded; probe.fisher(block, dy): sum over tokens and sampled labels of
+    (g . dy)^2 / FISHER_SAMPLES at the block's output ("attn_out" / "mlp_out"; see fisher_gradients)."""
     adapter = adapter_for(model)
     arch = adapter.arch
     L = arch.num_layers
-    costs = torch.zeros(L, 4, len(LEVELS), dtype=torch.float64)
-    thresholds = [calib.thresholds(torch.full((L, 4), s)) for s in LEVELS]
-    bar = tqdm(total=windows.shape[0] * L, desc="threshold costs", unit="layer", disable=not progress)
+    bar = tqdm(total=windows.shape[0] * L, desc=desc, unit="layer", disable=not progress)
     for b in range(0, windows.shape[0], batch_size):
         ids = windows[b:b + batch_size]
         seen, grads = fisher_gradients(model, ids)
@@ -301,21 +300,38 @@ def _greedy_costs(model, calib: Calibration, windows: torch.Tensor, batch_size: 
             def attention(t_x=None):
                 return attention_block(arch, wa, x_attn[:, P:], past, allowed[:, P:], decode_rope, t_x=t_x)[0]
 
-            def fisher(block, dy):
+            def fisher(block, dy, layer=layer):
                 gs = grads[(layer, block)]
                 return float(sum((g[:, P:] * dy).sum(-1).pow(2).sum() for g in gs)) / len(gs)
 
             y_attn, y_mlp = attention(), mlp_block(arch.activation, wm, x_mlp)
-            for i, thr in enumerate(thresholds):
-                if i == 0:
-                    continue
-                t = thr[layer]
-                costs[layer, 0, i] += fisher("attn_out", attention(t[0]) - y_attn)
-                costs[layer, 1, i] += fisher("attn_out", (keep_large(ctx, t[1]) - ctx) @ wa.w_o_t)
-                costs[layer, 2, i] += fisher("mlp_out", mlp_block(arch.activation, wm, x_mlp, t_x=t[2]) - y_mlp)
-                costs[layer, 3, i] += fisher("mlp_out", (keep_large(hidden, t[3]) - hidden) @ wm.w_out_t)
+            yield layer, SimpleNamespace(
+                attention=lambda t_x: attention(t_x) - y_attn,
+                context=lambda t: (keep_large(ctx, t) - ctx) @ wa.w_o_t,
+                mlp=lambda t_x: mlp_block(arch.activation, wm, x_mlp, t_x=t_x) - y_mlp,
+                hidden=lambda t: (keep_large(hidden, t) - hidden) @ wm.w_out_t,
+                fisher=fisher)
             bar.update(ids.shape[0])
     bar.close()
+
+
+def _greedy_costs(model, calib: Calibration, windows: torch.Tensor, batch_size: int, progress: bool) -> torch.Tensor:
+    """costs[l, k, i]: the Fisher estimate of the loss increase (KL) that thresholding input k of layer
+    l alone at LEVELS[i] causes, on the decode half of each window (decode_probes). Measured this way
+    (the effect at the output, not the size of dy), a layer whose errors the rest of the network
+    amplifies costs more than one whose errors it absorbs."""
+    L = adapter_for(model).arch.num_layers
+    costs = torch.zeros(L, 4, len(LEVELS), dtype=torch.float64)
+    thresholds = [calib.thresholds(torch.full((L, 4), s)) for s in LEVELS]
+    for layer, p in decode_probes(model, windows, batch_size, progress):
+        for i, thr in enumerate(thresholds):
+            if i == 0:
+                continue
+            t = thr[layer]
+            costs[layer, 0, i] += p.fisher("attn_out", p.attention(t[0]))
+            costs[layer, 1, i] += p.fisher("attn_out", p.context(t[1]))
+            costs[layer, 2, i] += p.fisher("mlp_out", p.mlp(t[2]))
+            costs[layer, 3, i] += p.fisher("mlp_out", p.hidden(t[3]))
     return costs
 
 

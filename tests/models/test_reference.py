@@ -189,3 +189,40 @@ def test_smollm2_matches_hf(smollm2, rng):
         ours, _ = sparse_forward(model64, step, heads, neurons, mask, past)
         ref, _ = hf_logits(model64, step, mask, cache)
         assert (ours - ref).abs().max().item() <= 1e-9
+
+
+@torch.no_grad()
+def test_per_matrix_thresholds(rng):
+    """Thresholds given per matrix (a study's tuple: q, k, v / gate, up): the MLP against its float64
+    formula with each matrix reading its own thresholded copy of x; attention's k/v cache follows
+    only the k/v thresholds; a tuple of equal values is the single threshold."""
+    from shadowllm.models.reference import attention_block, mlp_block
+    from shadowllm.models.tiny import build_model
+
+    model = build_model("llama", seed=5)
+    adapter = adapter_for(model)
+    arch = adapter.arch
+    x = torch.randn(2, 4, arch.hidden, generator=rng)
+    t_gate, t_up = [torch.tensor(float(v)) for v in x.abs().flatten().quantile(torch.tensor([0.3, 0.6]))]
+    m = adapter.mlp(1)
+    y = mlp_block(arch.activation, m, x, t_x=(t_gate, t_up))
+    xd = x.double()
+    keep = lambda t: torch.where(xd.abs() >= float(t), xd, torch.zeros((), dtype=torch.float64))  # noqa: E731
+    h = torch.nn.functional.silu(keep(t_gate) @ m.w_gate.double().t()) * (keep(t_up) @ m.w_in.double().t())
+    assert arch.activation == "silu" and (y.double() - h @ m.w_out_t.double()).abs().max().item() <= 1e-5
+    assert torch.equal(mlp_block(arch.activation, m, x, t_x=(t_gate, t_gate)), mlp_block(arch.activation, m, x, t_x=t_gate))
+
+    a = adapter.attention(1)
+    rope = adapter.rope(torch.arange(4).expand(2, 4))
+    allowed = torch.ones(4, 4, dtype=torch.bool).tril()[None].expand(2, 4, 4)
+    empty = torch.zeros(2, arch.num_kv_heads, 0, arch.head_dim)
+
+    def run(t_x):
+        return attention_block(arch, a, x, (empty, empty), allowed, rope, t_x=t_x)
+
+    dense, scalar = run(None), run(t_up)
+    q_only, kv_only = run((t_up, None, None)), run((None, t_up, t_up))
+    assert torch.equal(q_only[1], dense[1]) and torch.equal(q_only[2], dense[2])
+    assert torch.equal(kv_only[1], scalar[1]) and torch.equal(kv_only[2], scalar[2])
+    assert not torch.equal(q_only[0], dense[0]) and not torch.equal(kv_only[0], scalar[0])
+    assert torch.equal(run((t_up, t_up, t_up))[0], scalar[0])

@@ -141,10 +141,10 @@ class Calibration:
             self._rotated = (model, rotated(model, self.rotation))
         return self._rotated[1]
 
-    def thresholds(self, sparsities: torch.Tensor) -> torch.Tensor:
-        """[L, 4] thresholds for per-input sparsities [L, 4]."""
+    def thresholds(self, sparsities: torch.Tensor, inputs=(0, 1, 2, 3)) -> torch.Tensor:
+        """[L, K] thresholds for sparsities [L, K], column k read from the histogram of input inputs[k]."""
         L = self.histograms.shape[0]
-        return torch.tensor([[_quantile(self.histograms[l, k], float(sparsities[l, k])) for k in range(4)]
+        return torch.tensor([[_quantile(self.histograms[l, i], float(sparsities[l, k])) for k, i in enumerate(inputs)]
                              for l in range(L)], dtype=torch.float32)
 
     def save(self, out: Path):
@@ -380,27 +380,29 @@ def _hull_steps(costs: torch.Tensor, saved: torch.Tensor) -> list[tuple[float, i
     return [(float((costs[j] - costs[i]) / (saved[j] - saved[i])), j) for i, j in zip(hull, hull[1:])]
 
 
-def greedy_schedule(costs: torch.Tensor, arch, levels=LEVELS):
-    """Greedy steps from dense: yields (fraction of block weight bytes skipped, levels [L, 4] int). Each
-    step raises one input along its cost curve's lower convex hull, cheapest cost per byte first."""
-    L = arch.num_layers
-    per_level = torch.tensor(input_weights(arch), dtype=torch.float64) * torch.tensor(input_sizes(arch),
-                                                                                          dtype=torch.float64)
+def greedy_schedule(costs: torch.Tensor, arch, levels=LEVELS, per_level: torch.Tensor | None = None):
+    """Greedy steps from dense: yields (fraction of block weight bytes skipped, levels [L, K] int). Each
+    step raises one of the K inputs of costs [L, K, levels] along its cost curve's lower convex hull,
+    cheapest cost per byte first. per_level [K]: the bytes a whole level of each input skips per layer
+    (default: the four THRESHOLD_INPUTS', input_weights x input_sizes)."""
+    L, K = costs.shape[:2]
+    if per_level is None:
+        per_level = torch.tensor(input_weights(arch), dtype=torch.float64) * torch.tensor(input_sizes(arch),
+                                                                                              dtype=torch.float64)
     total = float(arch.block_parameters)
     lv = torch.tensor(levels, dtype=torch.float64)
-    steps = sorted((slope, l, k, j) for l in range(L) for k in range(4)
+    steps = sorted((slope, l, k, j) for l in range(L) for k in range(K)
                    for slope, j in _hull_steps(costs[l, k], per_level[k] * lv))
-    level = torch.zeros(L, 4, dtype=torch.long)
+    level = torch.zeros(L, K, dtype=torch.long)
     yield 0.0, level.clone()
     for _, l, k, j in steps:  # an input's own steps come in order: its hull's slopes increase
         level[l, k] = j
         yield float((per_level * lv[level]).sum()) / total, level.clone()
 
 
-def greedy_levels(calib: Calibration, arch, sparsities) -> list[torch.Tensor]:
-    """The greedy's level indices [L, 4] (into calib.levels) at each of `sparsities` (increasing): the
-    first step of the schedule that skips at least that fraction of the block weight bytes."""
-    schedule = greedy_schedule(calib.costs, arch, calib.levels)
+def levels_at(schedule, sparsities) -> list[torch.Tensor]:
+    """The level indices of a greedy_schedule at each of `sparsities` (increasing): the first step of the
+    schedule that skips at least that fraction of the block weight bytes."""
     fraction, level = next(schedule)
     out = []
     for s in sparsities:
@@ -408,6 +410,11 @@ def greedy_levels(calib: Calibration, arch, sparsities) -> list[torch.Tensor]:
             fraction, level = next(schedule)
         out.append(level)
     return out
+
+
+def greedy_levels(calib: Calibration, arch, sparsities) -> list[torch.Tensor]:
+    """The greedy's level indices [L, 4] (into calib.levels) of a calibration at each of `sparsities`."""
+    return levels_at(greedy_schedule(calib.costs, arch, calib.levels), sparsities)
 
 
 class ThresholdTable(tuple):

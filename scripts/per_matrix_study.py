@@ -21,7 +21,7 @@ from shadowllm.models import adapter_for, corpus
 from shadowllm.models import reference
 from shadowllm.models.loading import load
 from shadowllm.predictor.evaluation import Threshold, evaluate_method
-from shadowllm.predictor.thresholds import (_hull_steps, _quantile, decode_probes, load_calibration,
+from shadowllm.predictor.thresholds import (decode_probes, greedy_schedule, levels_at, load_calibration,
                                             threshold_table)
 
 SPARSITIES = [0.25, 0.26, 0.4, 0.41, 0.5, 0.51]
@@ -41,9 +41,7 @@ def matrix_sizes(arch):
 
 def thresholds7(calib, levels7):
     """[L, 7] thresholds for per-matrix sparsities [L, 7]."""
-    L = levels7.shape[0]
-    return torch.tensor([[_quantile(calib.histograms[l, INPUT_OF[m]], float(levels7[l, m])) for m in range(7)]
-                         for l in range(L)], dtype=torch.float32)
+    return calib.thresholds(levels7, INPUT_OF)
 
 
 @torch.no_grad()
@@ -65,24 +63,14 @@ def costs7(model, calib, windows, batch_size=4):
 
 
 def greedy7(costs, arch, levels, sparsities):
-    """Per-matrix levels [L, 7] at each of `sparsities` (increasing): the greedy over the hulls, as
-    greedy_schedule."""
-    L = arch.num_layers
+    """Per-matrix levels [L, 7] at each of `sparsities` (increasing): the shipped greedy over seven
+    inputs, each level of a matrix skipping its own bytes."""
     per_level = torch.tensor(matrix_weights(arch), dtype=torch.float64) * torch.tensor(matrix_sizes(arch),
                                                                                        dtype=torch.float64)
     total = float(arch.block_parameters)
-    assert abs(float(per_level.sum()) * L - total) < 1e-6 * total, "bytes per matrix do not add up"
-    lv = torch.tensor(levels, dtype=torch.float64)
-    steps = sorted((slope, l, m, j) for l in range(L) for m in range(7)
-                   for slope, j in _hull_steps(costs[l, m], per_level[m] * lv))
-    level = torch.zeros(L, 7, dtype=torch.long)
-    out, it = [], iter(steps)
-    for s in sparsities:
-        while float((per_level * lv[level]).sum()) / total < s - 1e-9:
-            _, l, m, j = next(it)
-            level[l, m] = j
-        out.append(lv[level].float())
-    return out
+    assert abs(float(per_level.sum()) * arch.num_layers - total) < 1e-6 * total, "bytes per matrix do not add up"
+    lv = torch.tensor(levels, dtype=torch.float32)
+    return [lv[level] for level in levels_at(greedy_schedule(costs, arch, levels, per_level), sparsities)]
 
 
 ROW7 = {}  # the per-matrix row the patched kernels apply: {"t": [L, 7]}

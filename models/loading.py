@@ -122,6 +122,9 @@ def ensure_embedded(name: str) -> Path:
             "fingerprint": fingerprint(model), "format": "safetensors fp32 (dequantised Q4_1)",
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if (dest / MANIFEST).is_file():  # another process finished the same conversion meanwhile: keep
+            shutil.rmtree(tmp)                # its folder (it may be reading it), drop ours
+            return dest
         if dest.exists():  # a partial folder from an interrupted run (no manifest): replace it
             shutil.rmtree(dest)
         os.replace(tmp, dest)

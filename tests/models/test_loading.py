@@ -94,3 +94,32 @@ def test_embedded_default_model(smollm2):
     cfg = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in cfg  # the cached folder reloads without GGUF
     assert tokenizer.decode(tokenizer("Paris is")["input_ids"]) == "Paris is"
+
+
+def test_conversion_finished_by_another_process_is_kept(tmp_path, monkeypatch, tiny_folder):
+    """Two processes converting the embedded model at once (e.g. parallel test workers): the one that
+    finishes second keeps the first one's folder — which that process may already be reading — and
+    removes its own copy, instead of deleting the finished folder to put its own in place."""
+    import transformers
+
+    from shadowllm.models import loading
+
+    spec = loading.EMBEDDED["smollm2-135m"]
+    gguf = tmp_path / spec.gguf
+    gguf.write_bytes(b"not read: the loaders below are stand-ins")
+    monkeypatch.setenv("SHADOWLLM_GGUF", str(gguf))
+    monkeypatch.setenv("SHADOWLLM_CACHE", str(tmp_path / "cache"))
+    dest = tmp_path / "cache" / "models" / "smollm2-135m"
+    model, tokenizer = load(tiny_folder)
+
+    def tokenizer_while_the_other_finishes(*args, **kwargs):
+        dest.mkdir(parents=True)
+        (dest / loading.MANIFEST).write_text('{"name": "smollm2-135m"}\n')
+        (dest / "written-by-the-other-process").write_text("")
+        return tokenizer
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer_while_the_other_finishes)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
+    assert loading.ensure_embedded("smollm2-135m") == dest
+    assert (dest / "written-by-the-other-process").is_file()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["smollm2-135m"]  # no temporary folder left

@@ -33,6 +33,9 @@ def atomic_folder(out: Path):
         yield tmp
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
+            if not out.is_dir() or any(out.iterdir()):  # another process wrote it while this one worked
+                raise ShadowError(f"{out}: was written by another process meanwhile; this run's result "
+                                  "is discarded")
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:

@@ -450,7 +450,12 @@ def cached_calibration(folder: Path, model, tokenizer, **params) -> Calibration:
         return load_calibration(folder, model)
     except ShadowError:
         shutil.rmtree(folder, ignore_errors=True)
-    calibrate_thresholds(model, tokenizer, folder, **params)
+    try:
+        calibrate_thresholds(model, tokenizer, folder, **params)
+    except ShadowError:
+        if folder.is_dir() and any(folder.iterdir()):  # another process made the same calibration meanwhile
+            return load_calibration(folder, model)
+        raise
     return load_calibration(folder, model)
 
 

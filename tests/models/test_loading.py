@@ -123,3 +123,23 @@ def test_conversion_finished_by_another_process_is_kept(tmp_path, monkeypatch, t
     assert loading.ensure_embedded("smollm2-135m") == dest
     assert (dest / "written-by-the-other-process").is_file()
     assert sorted(p.name for p in dest.parent.iterdir()) == ["smollm2-135m"]  # no temporary folder left
+
+
+def test_atomic_folder_never_replaces_what_another_process_wrote(tmp_path):
+    """The folder a run writes appears whole or not at all; when another process filled it meanwhile,
+    this run fails with one line naming it, leaves the other's files alone and no temporary folder."""
+    from shadowllm.models.paths import atomic_folder
+
+    out = tmp_path / "result"
+    with atomic_folder(out) as tmp:
+        (tmp / "a").write_text("first")
+    assert (out / "a").read_text() == "first"
+    with pytest.raises(ShadowError, match=f"{out}: was written by another process meanwhile"):
+        with atomic_folder(out) as tmp:
+            (tmp / "a").write_text("second")
+    assert (out / "a").read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(tmp_path / "failed") as tmp:
+            (tmp / "a").write_text("half")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]

@@ -186,3 +186,21 @@ def test_unrotated_calibration_applies_to_the_model_itself(threshold_exports, tm
     assert not (tmp_path / "x").exists()
     with pytest.raises(ShadowError, match="--rotate 'svd'"):
         calibrate_thresholds(model, tok, None, samples=2, window=40, rotate="svd")
+
+
+def test_a_calibration_another_process_made_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two processes filling the same calibration cache (e.g. two first exports at once): the one that
+    finishes second uses the first one's calibration instead of failing on a folder it did not expect."""
+    from shadowllm.predictor import thresholds
+
+    model, tok = build_model("llama", seed=7), byte_tokenizer()
+    real = thresholds.calibrate_thresholds
+
+    def racing(model, tok, folder, **params):
+        real(model, tok, folder, **params)  # the other process finishes first ...
+        return real(model, tok, folder, **params)  # ... and this one then finds the folder written
+
+    monkeypatch.setattr(thresholds, "calibrate_thresholds", racing)
+    calib = thresholds.cached_calibration(tmp_path / "cache", model, tok, samples=2, window=40, greedy_windows=0,
+                                          progress=False, rotate="none")
+    assert calib.manifest["samples"] == 2 and calib.rotation is None

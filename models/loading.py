@@ -25,6 +25,7 @@ import torch
 
 from .adapters import adapter_for
 from .errors import ShadowError
+from .paths import atomic_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 MANIFEST = "shadowllm-model.json"
@@ -111,27 +112,22 @@ def ensure_embedded(name: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if (dest / MANIFEST).is_file():  # another process finished the same conversion meanwhile
+        return dest
+    if dest.exists():  # a partial folder (no manifest), not written by this code: replace it
+        shutil.rmtree(dest)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        manifest = {
-            "name": name, "source": f"{spec.dist}=={spec.version}/{spec.gguf}",
-            "fingerprint": fingerprint(model), "format": "safetensors fp32 (dequantised Q4_1)",
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if (dest / MANIFEST).is_file():  # another process finished the same conversion meanwhile: keep
-            shutil.rmtree(tmp)                # its folder (it may be reading it), drop ours
-            return dest
-        if dest.exists():  # a partial folder from an interrupted run (no manifest): replace it
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if (dest / MANIFEST).is_file():  # another process finished the same conversion first
-            return dest
+        with atomic_folder(dest) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            manifest = {
+                "name": name, "source": f"{spec.dist}=={spec.version}/{spec.gguf}",
+                "fingerprint": fingerprint(model), "format": "safetensors fp32 (dequantised Q4_1)",
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    except ShadowError:
+        if (dest / MANIFEST).is_file():  # another process finished the same conversion meanwhile: its
+            return dest                  # folder stays (that process may be reading it)
         raise
     return dest
 

@@ -111,14 +111,16 @@ def test_conversion_finished_by_another_process_is_kept(tmp_path, monkeypatch, t
     monkeypatch.setenv("SHADOWLLM_CACHE", str(tmp_path / "cache"))
     dest = tmp_path / "cache" / "models" / "smollm2-135m"
     model, tokenizer = load(tiny_folder)
+    save = model.save_pretrained
 
-    def tokenizer_while_the_other_finishes(*args, **kwargs):
+    def save_while_the_other_finishes(folder, **kwargs):
         dest.mkdir(parents=True)
         (dest / loading.MANIFEST).write_text('{"name": "smollm2-135m"}\n')
         (dest / "written-by-the-other-process").write_text("")
-        return tokenizer
+        save(folder, **kwargs)
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer_while_the_other_finishes)
+    monkeypatch.setattr(model, "save_pretrained", save_while_the_other_finishes)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
     assert loading.ensure_embedded("smollm2-135m") == dest
     assert (dest / "written-by-the-other-process").is_file()

@@ -122,16 +122,26 @@ def threshold_for_input(v: np.ndarray, mode: str, seed: int) -> np.float32:
 
 
 def threshold_for_computed(values, mode: str) -> np.float32:
+    """A threshold on values the op computes itself (h, the attention context). fp32 and float64 round
+    those differently, so "gap" must sit clear of every value: the midpoint of the widest gap in the
+    middle half of the sorted magnitudes (else anywhere), a gap counting only when it is wider than
+    1e-3 of the largest magnitude; when the values are all equal within that (every x thresholded
+    away leaves act(b_in) in every token), half the smallest one, which keeps them all."""
     mags = np.sort(np.abs(np.asarray(values, dtype=np.float64)).ravel())
     if mode == "zero" or mags.size == 0:
         return np.float32(0.0)
     if mode == "above":
         return np.float32(mags[-1] * 2 + 1)
+    gaps = np.diff(mags)
+    wide = gaps > 1e-3 * mags[-1]
     lo, hi = mags.size // 4, max(mags.size // 4 + 1, 3 * mags.size // 4)
-    gaps = mags[lo + 1:hi + 1] - mags[lo:hi]
-    i = lo + int(np.argmax(gaps)) if gaps.size else lo
-    upper = mags[i + 1] if i + 1 < mags.size else mags[i] * 2 + 1
-    return np.float32((mags[i] + upper) / 2)
+    middle = np.zeros_like(wide)
+    middle[lo:hi] = True
+    for allowed in (wide & middle, wide):
+        if allowed.any():
+            i = int(np.argmax(np.where(allowed, gaps, -1.0)))
+            return np.float32((mags[i] + mags[i + 1]) / 2)
+    return np.float32(mags[0] / 2)
 
 
 def mlp_threshold_case(case, x_mode: str, h_mode: str):

@@ -100,6 +100,9 @@ LAYOUTS = st.sampled_from(["row_major", "channel_major"])
 
 
 @given(mlp_case(), st.sampled_from(INPUT_MODES), st.sampled_from(COMPUTED_MODES), LAYOUTS)
+# every x thresholded away: h is act(b_in) in every token, all equal, and "gap" once sat on them (a tie)
+@example((1, 2, 2, 2, MLPVariant('gelu', False, True, False), 0, 0.3), "above", "gap", "row_major")
+@example((1, 2, 2, 1, MLPVariant('gelu', False, True, False), 0, 0.7), "above", "gap", "row_major")
 @SETTINGS
 def test_sparse_neuron_mlp_with_thresholds(case, x_mode, h_mode, layout):
     """Thresholds on x and h (an entry counts when |v| >= t: exact ties kept, all kept, none kept), on

@@ -3,7 +3,7 @@
 ort-cpu runs the passes for CPU and writes DIR/ort-cpu/ (a complete export folder):
   1. validate: onnx.checker with full_check (the ai.shadowllm schemas registered);
   2. shape inference: strict, through the custom nodes' schemas;
-  3. weight layout: checks that every custom node's weights are initializers in the DESIGN §3
+  3. weight layout: checks that every custom node's weights are initializers in the docs/export-format.md
      layouts (output projections [rows, D], one row per head / neuron), as the exporter writes them;
   4. optimise: ONNX Runtime's extended graph optimisations (constant folding, Cast/Transpose/Shape
      elimination, fusions) with the native library registered, so the custom nodes stay custom
@@ -23,8 +23,8 @@ import onnx
 
 from shadowllm.export.onnx_ops import DOMAIN, register_schemas
 from shadowllm.models import ShadowError
-from shadowllm.runtime.native import QUIET, ort_ops_library
-from shadowllm.runtime.ort_backend import check_export_folder
+from shadowllm.compiler.native import QUIET, ort_ops_library
+from shadowllm.export.folder import check_export_folder
 
 from .folders import target_folder, write_manifest
 

@@ -4,7 +4,7 @@ Two passes, the first of which runs anywhere (and is tested here):
   1. prepare: a copy of the model for TensorRT's ONNX parser. TensorRT hands a plugin only the
      inputs a node has, so empty optional inputs (absent biases, w_gate, cos/sin) are dropped and
      the node records which optional slots remain in the attribute `optional_inputs` (bit i = i-th
-     optional slot of DESIGN §3's input list; the plugins read it). The model-local function bodies
+     optional slot of docs/export-format.md's input list; the plugins read it). The model-local function bodies
      are removed, so the parser cannot inline the dense body in place of the plugin. The bool masks
      reach the plugins through a Cast to int32 (TensorRT documents bool as unsupported for plugin
      I/O). The result is a TensorRT-only model: onnxruntime's schema for the op has no
@@ -28,7 +28,7 @@ from onnx import helper
 from shadowllm.export.exporter import LOGITS_TO_KEEP
 from shadowllm.export.onnx_ops import ATTENTION_INPUTS, DOMAIN, MLP_INPUTS, THRESHOLDS
 from shadowllm.models import ShadowError
-from shadowllm.runtime.native import TRT_LIBRARY, load_trt_plugins, trt_plugins_library
+from shadowllm.compiler.native import TRT_LIBRARY, load_trt_plugins, trt_plugins_library
 
 from .folders import target_folder, write_manifest
 

@@ -2,7 +2,7 @@
 DIR/triton/, a Triton Inference Server model repository that serves the export.
 
     DIR/triton/shadowllm/config.pbtxt     Python backend, decoupled, dynamic batching
-    DIR/triton/shadowllm/1/model.py       imports shadowllm's model (runtime/triton_model.py)
+    DIR/triton/shadowllm/1/model.py       imports shadowllm's model (serving/triton_model.py)
 
 The model runs the export where it is (`export: ../..`, relative to the model's directory), with
 onnxruntime and the native library, or the TensorRT engine when `build --target tensorrt` made one.
@@ -22,7 +22,6 @@ import importlib.util
 from pathlib import Path
 
 from shadowllm.models import ShadowError
-from shadowllm.runtime.triton_model import INPUTS, OUTPUTS
 
 from .folders import target_folder, write_manifest
 
@@ -34,12 +33,17 @@ TRITON_TYPES = {1: "TYPE_FP32", 7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16"
 # How long the dynamic batcher holds the first request for others to join it: small against a
 # generation (tens of milliseconds per token), enough for clients that send together.
 BATCH_DELAY_US = 20_000
+# The generate extension's names: input -> (Triton data type, whether a request may leave it out).
+INPUTS = {"text_input": ("TYPE_STRING", False), "max_tokens": ("TYPE_INT32", True),
+          "temperature": ("TYPE_FP32", True), "top_p": ("TYPE_FP32", True), "seed": ("TYPE_UINT64", True),
+          "stream": ("TYPE_BOOL", True), "sparsity": ("TYPE_FP32", True)}
+OUTPUTS = {"text_output": "TYPE_STRING", "finish_reason": "TYPE_STRING"}
 
 MODEL_PY = '''\
 # Written by `shadowllm build --target triton`. Triton's Python backend loads this file; the model is
-# shadowllm's own (shadowllm/runtime/triton_model.py), so the backend's Python must import shadowllm:
+# shadowllm's own (shadowllm/serving/triton_model.py), so the backend's Python must import shadowllm:
 # `shadowllm serve` arranges that, in the NGC Triton container `pip install` the project first.
-from shadowllm.runtime.triton_model import TritonPythonModel  # noqa: F401
+from shadowllm.serving.triton_model import TritonPythonModel  # noqa: F401
 '''
 
 
@@ -110,7 +114,7 @@ def build_repository(folder: Path, manifest: dict, instances: int = 1, max_batch
     """step: python (the Python model runs the export itself) | onnxruntime (a step model on Triton's
     onnxruntime backend; op_library: the custom-op library's path on the serving machine, by default
     this build's)."""
-    from shadowllm.runtime.ort_backend import sparsity_value
+    from shadowllm.export.folder import sparsity_value
 
     if step not in STEPS:
         raise ShadowError(f"--step {step!r}: expected one of {', '.join(STEPS)}")
@@ -125,7 +129,7 @@ def build_repository(folder: Path, manifest: dict, instances: int = 1, max_batch
     if step == "onnxruntime":
         import onnx
 
-        from shadowllm.runtime.native import ort_ops_library
+        from shadowllm.compiler.native import ort_ops_library
 
         op_library = op_library or (str(ort_ops_library()) if ort_ops_library() else None)
         if op_library is None:

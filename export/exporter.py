@@ -3,7 +3,7 @@
 The dynamo exporter traces `ExportModule`; a custom translation table turns the two torch ops into
 `ai.shadowllm` nodes (with plugin_namespace / plugin_version for TensorRT's parser); then each node is
 named after its layer (`layers.3.attention`, `layers.3.mlp`), the model-local function bodies of this
-model's variant are attached (so stock onnxruntime runs it), and the folder of DESIGN §4 is written:
+model's variant are attached (so stock onnxruntime runs it), and the folder of docs/design.md §4 is written:
 model.onnx + model.onnx.data, config.json, tokenizer files, genai_config.json, shadowllm.json. It is
 written to a temporary folder and renamed, so a failed export leaves nothing behind.
 """

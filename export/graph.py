@@ -1,7 +1,7 @@
 """The module the exporter traces: a HF causal LM rebuilt on the sparse custom ops, with the KV cache
-and the carried mask state as explicit inputs and outputs (DESIGN §4).
+and the carried mask state as explicit inputs and outputs (docs/design.md §4).
 
-Weights are copied once into the layouts of DESIGN §3 (output projections transposed and made
+Weights are copied once into the layouts of docs/export-format.md (output projections transposed and made
 contiguous, so each head / neuron owns contiguous rows in the ONNX initializers). Masks:
 - `dense`: the graph applies the masks it is given (`shadow_head_mask` / `shadow_neuron_mask`), so
   the runtime feeds all-True masks for dense decoding, and parity tests can feed any masks;

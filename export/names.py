@@ -1,4 +1,4 @@
-"""The KV-cache names of an export (DESIGN §4), in the order every backend keeps its caches: layer by
+"""The KV-cache names of an export (docs/design.md §4), in the order every backend keeps its caches: layer by
 layer, key then value. Kept apart from the exporter so that runtimes name them without importing it."""
 
 from __future__ import annotations

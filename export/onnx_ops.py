@@ -135,7 +135,7 @@ def _rope(b: _Body, t, cos, sin, E):
 
 
 def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
-    """Dense attention for every head, then head outputs x head_mask; see DESIGN §3."""
+    """Dense attention for every head, then head outputs x head_mask; see docs/export-format.md."""
     b = _Body()
     H, G, E = v.num_heads, v.num_kv_heads, v.head_dim
     cm = v.weight_layout == "channel_major"
@@ -270,10 +270,10 @@ def register_schemas() -> None:
               _attr("plugin_version", A.STRING, False)]
     onnx.defs.register_schema(_schema(
         "SparseNeuronMLP", MLP_INPUTS, ["y"], [_attr("activation", A.STRING)] + plugin,
-        "FFN that computes only the neurons kept by mask[B,F] (DESIGN §3).", _infer_mlp))
+        "FFN that computes only the neurons kept by mask[B,F] (docs/export-format.md).", _infer_mlp))
     onnx.defs.register_schema(_schema(
         "SparseHeadAttention", ATTENTION_INPUTS, ATTENTION_OUTPUTS,
         [_attr("num_heads", A.INT), _attr("num_kv_heads", A.INT), _attr("head_dim", A.INT), _attr("scale", A.FLOAT),
          _attr("rope", A.INT), _attr("kv_policy", A.STRING)] + plugin,
-        "Attention that computes only the heads kept by head_mask[B,H], with KV cache (DESIGN §3).",
+        "Attention that computes only the heads kept by head_mask[B,H], with KV cache (docs/export-format.md).",
         _infer_attention))

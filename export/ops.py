@@ -1,4 +1,4 @@
-"""The two sparse ops of DESIGN §3 as `torch.library` custom ops (eager kernel + fake kernel).
+"""The two sparse ops of docs/export-format.md as `torch.library` custom ops (eager kernel + fake kernel).
 
 The eager kernels are the sparse reference's own blocks (`models.reference.attention_block` /
 `mlp_block`): for each distinct mask row they gather only the active heads' and neurons' rows, so the

@@ -1,7 +1,7 @@
 """Architecture adapters: one small interface over the HF model families we deploy.
 
 An adapter reads a plain Hugging Face causal LM and hands out its shape (`Arch`) and, per layer, its
-weights in the layouts of DESIGN §3: projections keep PyTorch's [out, in] layout except the output
+weights in the layouts of docs/export-format.md: projections keep PyTorch's [out, in] layout except the output
 projections (`o_proj`/`out_proj`, `down_proj`/`fc2`), which are handed out transposed so that every
 head and every neuron owns contiguous rows. Tensors are views of the model's own parameters (no
 copies), so gradients flow back into the model when a criterion needs them.
@@ -15,6 +15,7 @@ Two families cover the models we support:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from .errors import ShadowError
 
-# HF activation names -> the op attribute values of DESIGN §3.
+# HF activation names -> the op attribute values of docs/export-format.md.
 _ACTIVATIONS = {
     "relu": "relu",
     "gelu": "gelu",
@@ -52,7 +53,7 @@ def activation_fn(name: str):
 
 @dataclass(frozen=True)
 class Arch:
-    """The shape of a model, in the letters of DESIGN §3."""
+    """The shape of a model, in the letters of docs/export-format.md."""
 
     family: str  # "opt" | "llama"
     model_type: str  # the HF model_type (opt, llama, mistral, qwen2)
@@ -137,9 +138,35 @@ class Adapter:
     """Interface every family implements. `arch` is the shape; the rest hands out weights."""
 
     arch: Arch
+    dtype: torch.dtype | None = None  # None: the parameters themselves; else copies in this dtype
 
     def __init__(self, model):
         self.model = model
+
+    def in_dtype(self, dtype: torch.dtype) -> "Adapter":
+        """A view of the same model whose weights are handed out converted to `dtype`, one layer at a
+        time as they are read (parity's float64 golden computes in float64 without a float64 copy of
+        the whole model in memory: the fp32 weights convert exactly)."""
+        view = copy.copy(self)
+        view.dtype, view._head_cache = dtype, None
+        return view
+
+    def _t(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or self.dtype is None else t.to(self.dtype)
+
+    def _rows(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Embedding rows: looked up first, then converted (exact, and only the rows read are)."""
+        return self._t(F.embedding(ids, table))
+
+    def _head(self) -> torch.Tensor:
+        """The LM head's weight in this view's dtype, converted once per view (it is read whole by every
+        forward, and is the largest single matrix)."""
+        weight = self.model.lm_head.weight
+        if self.dtype is None:
+            return weight
+        if getattr(self, "_head_cache", None) is None:
+            self._head_cache = weight.detach().to(self.dtype)
+        return self._head_cache
 
     def attention(self, layer: int) -> AttentionWeights:
         raise NotImplementedError
@@ -196,20 +223,22 @@ class OptAdapter(Adapter):
 
     def attention(self, layer):
         a = self._layer(layer).self_attn
+        t = self._t
         return AttentionWeights(
-            w_q=a.q_proj.weight, b_q=_bias(a.q_proj),
-            w_k=a.k_proj.weight, b_k=_bias(a.k_proj),
-            w_v=a.v_proj.weight, b_v=_bias(a.v_proj),
-            w_o_t=a.out_proj.weight.t(), b_o=_bias(a.out_proj),
+            w_q=t(a.q_proj.weight), b_q=t(_bias(a.q_proj)),
+            w_k=t(a.k_proj.weight), b_k=t(_bias(a.k_proj)),
+            w_v=t(a.v_proj.weight), b_v=t(_bias(a.v_proj)),
+            w_o_t=t(a.out_proj.weight).t(), b_o=t(_bias(a.out_proj)),
         )
 
     def mlp(self, layer):
         m = self._layer(layer)
-        return MLPWeights(w_in=m.fc1.weight, b_in=_bias(m.fc1), w_out_t=m.fc2.weight.t(), b_out=_bias(m.fc2))
+        t = self._t
+        return MLPWeights(w_in=t(m.fc1.weight), b_in=t(_bias(m.fc1)), w_out_t=t(m.fc2.weight).t(),
+                          b_out=t(_bias(m.fc2)))
 
-    @staticmethod
-    def _norm(ln) -> Norm:
-        return Norm("layernorm", ln.weight, ln.bias, ln.eps)
+    def _norm(self, ln) -> Norm:
+        return Norm("layernorm", self._t(ln.weight), self._t(ln.bias), ln.eps)
 
     def attn_norm(self, layer):
         return self._norm(self._layer(layer).self_attn_layer_norm)
@@ -218,20 +247,20 @@ class OptAdapter(Adapter):
         return self._norm(self._layer(layer).final_layer_norm)
 
     def embed(self, input_ids, position_ids):
-        d = self.decoder
-        x = d.embed_tokens(input_ids)
+        d, t = self.decoder, self._t
+        x = self._rows(input_ids, d.embed_tokens.weight)
         if d.project_in is not None:
-            x = d.project_in(x)
+            x = F.linear(x, t(d.project_in.weight), t(_bias(d.project_in)))
         # OPT's learned positions are offset by 2 (a fairseq legacy).
-        return x + F.embedding(position_ids + d.embed_positions.offset, d.embed_positions.weight)
+        return x + self._rows(position_ids + d.embed_positions.offset, d.embed_positions.weight)
 
     def logits(self, hidden):
-        d = self.decoder
+        d, t = self.decoder, self._t
         if d.final_layer_norm is not None:
             hidden = self._norm(d.final_layer_norm)(hidden)
         if d.project_out is not None:
-            hidden = d.project_out(hidden)
-        return F.linear(hidden, self.model.lm_head.weight)
+            hidden = F.linear(hidden, t(d.project_out.weight), t(_bias(d.project_out)))
+        return F.linear(hidden, self._head())
 
 
 class LlamaAdapter(Adapter):
@@ -280,20 +309,21 @@ class LlamaAdapter(Adapter):
 
     def attention(self, layer):
         a = self._layer(layer).self_attn
+        t = self._t
         return AttentionWeights(
-            w_q=a.q_proj.weight, b_q=_bias(a.q_proj),
-            w_k=a.k_proj.weight, b_k=_bias(a.k_proj),
-            w_v=a.v_proj.weight, b_v=_bias(a.v_proj),
-            w_o_t=a.o_proj.weight.t(), b_o=_bias(a.o_proj),
+            w_q=t(a.q_proj.weight), b_q=t(_bias(a.q_proj)),
+            w_k=t(a.k_proj.weight), b_k=t(_bias(a.k_proj)),
+            w_v=t(a.v_proj.weight), b_v=t(_bias(a.v_proj)),
+            w_o_t=t(a.o_proj.weight).t(), b_o=t(_bias(a.o_proj)),
         )
 
     def mlp(self, layer):
-        m = self._layer(layer).mlp
-        return MLPWeights(w_in=m.up_proj.weight, w_gate=m.gate_proj.weight, w_out_t=m.down_proj.weight.t())
+        m, t = self._layer(layer).mlp, self._t
+        return MLPWeights(w_in=t(m.up_proj.weight), w_gate=t(m.gate_proj.weight), w_out_t=t(m.down_proj.weight).t())
 
     def _norm(self, rms) -> Norm:
         eps = getattr(rms, "variance_epsilon", None) or getattr(rms, "eps", self.arch.norm_eps)
-        return Norm("rmsnorm", rms.weight, None, eps)
+        return Norm("rmsnorm", self._t(rms.weight), None, eps)
 
     def attn_norm(self, layer):
         return self._norm(self._layer(layer).input_layernorm)
@@ -302,10 +332,10 @@ class LlamaAdapter(Adapter):
         return self._norm(self._layer(layer).post_attention_layernorm)
 
     def embed(self, input_ids, position_ids):
-        return self.inner.embed_tokens(input_ids)
+        return self._rows(input_ids, self.inner.embed_tokens.weight)
 
     def logits(self, hidden):
-        return F.linear(self._norm(self.inner.norm)(hidden), self.model.lm_head.weight)
+        return F.linear(self._norm(self.inner.norm)(hidden), self._head())
 
     def rope(self, position_ids):
         rotary = self.inner.rotary_emb

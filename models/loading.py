@@ -18,7 +18,9 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -66,7 +68,7 @@ def fingerprint(model) -> str:
     return model._shadowllm_fingerprint
 
 
-def _locate_gguf(spec: Embedded) -> Path:
+def locate_gguf(spec: Embedded) -> Path:
     """The embedded model's GGUF: inside its wheel, or the file $SHADOWLLM_GGUF names (a machine
     without the wheel, e.g. a GPU machine the file was carried to)."""
     from importlib import metadata
@@ -95,18 +97,43 @@ def _progress(msg: str):
     print(f"[shadowllm] {msg}", file=sys.stderr, flush=True)
 
 
+@contextmanager
+def _gguf_parsed_once():
+    """transformers reads a GGUF three times (config, tokenizer, weights), each a full parse of its
+    ~100k vocabulary and merge strings in pure Python, and rebuilds gguf's tensor-name map once per
+    module (~400 times for SmolLM2): both pure functions of their arguments, memoised for the length
+    of the conversion (the converted folder is bit-identical; the conversion ~2x faster)."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers = {}
+
+    def parsed_once(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = parsed_once, lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def ensure_embedded(name: str) -> Path:
     """The cached HF folder of an embedded model, converting it from its GGUF the first time."""
     spec = EMBEDDED[name]
     dest = cache_root() / "models" / name
     if (dest / MANIFEST).is_file():
         return dest
-    gguf = _locate_gguf(spec)
+    gguf = locate_gguf(spec)
     _progress(f"converting {spec.gguf} to a Hugging Face folder (once) in {dest}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The folder must reload without GGUF: drop the quantisation record transformers leaves behind.
     # The weights are already dequantised to fp32; only the bookkeeping says otherwise.
     if hasattr(model.config, "quantization_config"):

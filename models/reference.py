@@ -3,7 +3,7 @@
 `sparse_forward` runs a HF causal LM from its own weights (through an adapter) with per-sequence
 head and neuron masks, and *skips* what the masks switch off: for each distinct mask in the batch
 it gathers only the active rows of q/k/v/o and of the MLP projections, so the work done shrinks
-with the kept fraction, exactly as the custom ops of DESIGN §3 promise. Per-token masks
+with the kept fraction, exactly as the custom ops of docs/export-format.md promise. Per-token masks
 (`[B, S, L, ·]`, the DejaVu baseline) change every position, so they are applied by zeroing the
 masked heads' context and neurons' activations instead.
 
@@ -28,7 +28,7 @@ from .errors import ShadowError
 # A returned tensor replaces the observed one, which is how importance criteria attach gradients.
 Observer = Callable[[int, str, torch.Tensor], "torch.Tensor | None"]
 
-# Activation thresholds (DESIGN §3), one per layer and projection input, in this order: the attention
+# Activation thresholds (docs/export-format.md), one per layer and projection input, in this order: the attention
 # input x (before q/k/v), the attention context (before o), the MLP input x (before gate/up or fc1)
 # and the MLP hidden h (before down/fc2). An entry v of that input counts only when |v| >= t.
 THRESHOLD_INPUTS = ("attn_x", "attn_o", "mlp_x", "mlp_h")
@@ -105,8 +105,8 @@ def _row_groups(mask: torch.Tensor | None, batch: int):
         yield (None if rows.numel() == batch else rows), (None if active.numel() == mask.shape[1] else active)
 
 
-def _attention(arch, w: AttentionWeights, x, past, allowed, rope, heads, token_mask, kv_policy,
-               observer, layer, t_x=None, t_o=None):
+def attention_rows(arch, w: AttentionWeights, x, past, allowed, rope, heads, token_mask, kv_policy,
+                   observer, layer, t_x=None, t_o=None):
     """Attention for rows sharing `heads` (None = all). Returns (y, key, value) for those rows.
 
     `arch` needs only head_dim, num_heads, num_kv_heads, heads_per_group and scale (an Arch or the
@@ -154,7 +154,7 @@ def _attention(arch, w: AttentionWeights, x, past, allowed, rope, heads, token_m
     return _project_out(context.reshape(b, S, n_heads * E), _rows(w.w_o_t, heads, E), w.b_o), key, value
 
 
-def _mlp(activation: str, w: MLPWeights, x, neurons, token_mask, observer, layer, t_x=None, t_h=None):
+def mlp_rows(activation: str, w: MLPWeights, x, neurons, token_mask, observer, layer, t_x=None, t_h=None):
     act = activation_fn(activation)
     x_gate, x_in = _per_matrix(x, t_x, 2)
     w_in, b_in = _rows(w.w_in, neurons, 1), _rows(w.b_in, neurons, 1)
@@ -222,7 +222,7 @@ def attention_block(arch, w: AttentionWeights, x, past, allowed, rope, head_mask
     ys, keys, values = [], [], []
     for rows, heads in _row_groups(head_mask, B):
         sel = _selector(rows)
-        y, k, v = _attention(arch, w, sel(x), (sel(past[0]), sel(past[1])), sel(allowed),
+        y, k, v = attention_rows(arch, w, sel(x), (sel(past[0]), sel(past[1])), sel(allowed),
                              None if rope is None else (sel(rope[0]), sel(rope[1])), heads,
                              sel(token_mask), kv_policy, observer, layer, sel(t_x), sel(t_o))
         ys.append((rows, y)), keys.append((rows, k)), values.append((rows, v))
@@ -238,7 +238,7 @@ def mlp_block(activation: str, w: MLPWeights, x, neuron_mask=None, token_mask=No
     ys = []
     for rows, neurons in _row_groups(neuron_mask, B):
         sel = _selector(rows)
-        ys.append((rows, _mlp(activation, w, sel(x), neurons, sel(token_mask), observer, layer, sel(t_x), sel(t_h))))
+        ys.append((rows, mlp_rows(activation, w, sel(x), neurons, sel(token_mask), observer, layer, sel(t_x), sel(t_h))))
     return _by_rows(ys, B, x)
 
 

@@ -25,9 +25,8 @@ the most energy in a *fixed* set of coordinates, but a threshold keeps a differe
 the best basis is the one in which each token's vector is sparsest. Alternating (each step lowers
 the thresholded-away energy on the fitting windows): threshold every layer's inputs at the
 SPARSIFY_LEVELS quantiles (the entries a threshold keeps), then take the orthogonal basis that best
-maps the inputs onto what was kept (orthogonal Procrustes: the polar factor of sum X^T Z). On
-SmolLM2 it drops ~8% less energy than PCA on held-out windows at sparsities 0.2-0.5 (README,
-"Accuracy per byte", for what that does to perplexity).
+maps the inputs onto what was kept (orthogonal Procrustes: the polar factor of sum X^T Z). What it
+drops against PCA on held-out windows, and what that does to perplexity: docs/research/thresholds.md.
 """
 
 from __future__ import annotations
@@ -97,7 +96,7 @@ def fit_rotation(model, windows: torch.Tensor, batch_size: int = 4, progress=Non
     return {"residual": axes, "values": _principal_axes(values)}
 
 
-def _level_thresholds(y: torch.Tensor, levels) -> list:
+def level_thresholds(y: torch.Tensor, levels) -> list:
     """The levels' quantiles of |y|, read off a sorted strided sample of its entries (one sort for all
     levels; a full sort of every group at every step would dominate the refinement's time)."""
     sample = y.abs().flatten()[::16].sort().values
@@ -114,7 +113,7 @@ def thresholded_away(x: torch.Tensor, q: torch.Tensor, levels=SPARSIFY_LEVELS) -
     |x Q|: what a threshold at that sparsity drops in basis q."""
     y = x @ q
     total = float(y.pow(2).sum())
-    return [float(torch.where(y.abs() >= t, 0.0, y).pow(2).sum()) / total for t in _level_thresholds(y, levels)]
+    return [float(torch.where(y.abs() >= t, 0.0, y).pow(2).sum()) / total for t in level_thresholds(y, levels)]
 
 
 def sparsified(q: torch.Tensor, groups: list, levels=SPARSIFY_LEVELS, steps: int = SPARSIFY_STEPS,
@@ -130,7 +129,7 @@ def sparsified(q: torch.Tensor, groups: list, levels=SPARSIFY_LEVELS, steps: int
         m = torch.zeros(q.shape, dtype=torch.float64)
         for (weight, x), e in zip(groups, energy):
             y = x @ q
-            times_kept = sum((y.abs() >= t).float() for t in _level_thresholds(y, levels))
+            times_kept = sum((y.abs() >= t).float() for t in level_thresholds(y, levels))
             m += (weight / e) * (x.T @ (y * times_kept)).double()
         u, _, vh = torch.linalg.svd(m)
         q = (u @ vh).float()

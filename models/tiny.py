@@ -93,9 +93,10 @@ def byte_tokenizer():
                                    pad_token="<pad>", unk_token="<unk>")
 
 
-def save_tiny(model_type: str, folder, seed: int = 0):
-    """Save a tiny random model + byte tokenizer as a local HF folder (safetensors)."""
-    model = build_model(model_type, seed)
+def save_tiny(model_type: str, folder, seed: int = 0, **overrides):
+    """Save a tiny random model + byte tokenizer as a local HF folder (safetensors); `overrides`
+    change its config (e.g. max_position_embeddings)."""
+    model = build_model(model_type, seed, **overrides)
     model.save_pretrained(folder, safe_serialization=True)
     byte_tokenizer().save_pretrained(folder)
     return model

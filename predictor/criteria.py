@@ -1,4 +1,4 @@
-"""Importance criteria for attention heads and FFN neurons (DESIGN §1).
+"""Importance criteria for attention heads and FFN neurons (docs/design.md §1).
 
 For a unit u (head h: its slice a of the attention context before o_proj/out_proj, [S, E];
 neuron n: its MLP intermediate activation a, [S]) with g = dL/da, L the next-token cross-entropy

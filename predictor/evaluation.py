@@ -387,6 +387,42 @@ def lastword_items(tokenizer, split: str = "test", n: int = 64, max_context: int
     return items
 
 
+WINDOW, PROMPT = 256, 128  # the protocol's defaults: 128-token prompt + 128 scored
+MIN_WINDOW = 16  # fewer tokens than this leave no prompt and continuation worth scoring
+
+
+def scoring_window(tokenizer, text_corpus, split: str = "test", window: int | None = None,
+                   prompt: int | None = None, max_windows: int = 16,
+                   max_positions: int | None = None) -> tuple[int, int, str]:
+    """(window, prompt, one line saying what will be scored). The split's documents are one token
+    stream (joined with a blank line, BOS at each window's start) cut into windows, as llama.cpp's
+    perplexity tool and lm-eval's rolling scores treat a text. Unset window / prompt adapt to what is
+    there: the protocol's 256 / 128 (fewer when the model has fewer positions), or for a split shorter
+    than one window the whole split as one window with its first half as the prompt; a split of fewer
+    than MIN_WINDOW tokens is refused."""
+    text = corpus(text_corpus)
+    tokens = text.tokens(tokenizer, split).numel() + (tokenizer.bos_token_id is not None)
+    documents = len(text.articles(split))
+    if window is None:
+        if tokens < MIN_WINDOW:
+            raise ShadowError(f"corpus {text}: the {split} split has {documents} documents and {tokens} tokens; "
+                              f"eval needs at least {MIN_WINDOW} (a prompt and a continuation): give more text")
+        window = min(WINDOW, tokens, max_positions or WINDOW)
+    if prompt is None:
+        prompt = min(PROMPT, window // 2)
+    if not 0 < prompt < window:
+        raise ShadowError(f"--prompt {prompt} must lie between 0 and --window {window}")
+    per_window = window - (tokenizer.bos_token_id is not None)
+    n = min(max_windows, (tokens - (tokenizer.bos_token_id is not None)) // per_window)
+    if n == 0:
+        raise ShadowError(f"corpus {text}: the {split} split ({documents} documents, {tokens} tokens) has no window "
+                          f"of {window} tokens; give more text or a shorter --window")
+    line = (f"scoring corpus {text}, {split} split: {documents} documents, {tokens} tokens as one stream; "
+            f"{n} window{'s' if n > 1 else ''} of {window} tokens, the first {prompt} the prompt, "
+            f"{window - prompt} scored")
+    return window, prompt, line
+
+
 def evaluate(model, tokenizer, predictors: list[Predictor], sparsities, targets=TARGETS, split: str = "test",
              max_windows: int = 16, window: int = 256, prompt: int = 128, static_scores=None,
              oracle_criteria=("l2_norm",), allocation: str = "per_layer", lastword: int = 32, seed: int = 0,

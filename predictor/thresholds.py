@@ -11,8 +11,7 @@ Calibration (`calibrate_thresholds`, `shadowllm calibrate --criterion activation
   space, the residual's then refined so that each token's vector is sparsest (models/rotation.py;
   rotate="pca": PCA only), folded into a copy of the model: the same function, but each input's
   energy sits in a few coordinates that are large for every token, so a threshold at the same bytes
-  drops less (SmolLM2: greedy rows the same at 0.75 of the bytes, 0.2 / 0.3 ppl better at 0.60 /
-  0.50 on 64 held-out windows; uniform rows 0.3 / 1.4 better at 0.59 / 0.49 on the eval protocol).
+  drops less (by how much on SmolLM2: docs/research/thresholds.md).
   Everything below is measured on, and applies to, that rotated model (`Calibration.model_for`);
 - histograms of log10|v| per layer and input over every calibration token (fixed bins, so memory is
   flat in the number of samples), from which any quantile is read;
@@ -26,7 +25,7 @@ Calibration (`calibrate_thresholds`, `shadowllm calibrate --criterion activation
   rescaled by a directly measured output KL, and costs taken at the operating point (every other
   input already thresholded); this was the best or tied at every target. Against the previous version
   — every position thresholded, levels of 0.05, one-level greedy steps — its allocation scored lower
-  or equal perplexity at five of six budgets on 64 held-out windows (README, "Accuracy per byte").)
+  or equal perplexity at five of six budgets on 64 held-out windows (docs/research/thresholds.md).)
 
 Allocation (`threshold_table`): for every sparsity of `GRID` (the fraction of block weight bytes
 skipped), a table [L, 4] of thresholds:
@@ -459,9 +458,28 @@ def cached_calibration(folder: Path, model, tokenizer, **params) -> Calibration:
     return load_calibration(folder, model)
 
 
+# The built-in calibration's parameters (the defaults of calibrate_thresholds): part of its cache key.
+BUILTIN_VERSION = "v5"
+BUILTIN = Path(__file__).resolve().parent / "builtin"  # shipped calibrations, one folder per model
+
+
+def builtin_name(model) -> str:
+    """The folder name of `model`'s built-in calibration: its fingerprint, corpus, samples x window and
+    the method's version (a change to the method bumps it, so no stale calibration is ever read). The
+    window shrinks to the model's positions when they are fewer than 256."""
+    window = min(256, adapter_for(model).arch.max_positions)
+    return f"{fingerprint(model).split(':')[1][:16]}-wiki-128x{window}-{BUILTIN_VERSION}"
+
+
 def default_calibration(model, tokenizer, progress: bool = True) -> Calibration:
-    """The cached calibration of this model on the wiki train split (made once, with a progress bar)."""
+    """The built-in calibration of this model on the wiki train split: shipped with the package for the
+    embedded model (predictor/builtin/, made by scripts/builtin_calibration.py with this module's own
+    calibrate_thresholds; tests/predictor/test_builtin_calibration.py recomputes part of it), else made
+    once (with a progress bar) and cached."""
     from shadowllm.models.loading import cache_root
 
-    folder = cache_root() / "thresholds" / f"{fingerprint(model).split(':')[1][:16]}-wiki-128x256-v5"
-    return cached_calibration(folder, model, tokenizer, progress=progress)
+    name = builtin_name(model)
+    if (BUILTIN / name / MANIFEST).is_file():
+        return load_calibration(BUILTIN / name, model)
+    window = min(256, adapter_for(model).arch.max_positions)
+    return cached_calibration(cache_root() / "thresholds" / name, model, tokenizer, window=window, progress=progress)

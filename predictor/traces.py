@@ -59,10 +59,6 @@ def calibrate(model, tokenizer, out: str | os.PathLike, criteria, corpus_name="w
     arch = adapter_for(model).arch
     out = Path(out)
     text = corpus(corpus_name)
-    windows = text.windows(tokenizer, split, window, limit=samples)
-    if windows.shape[0] < samples:
-        raise ShadowError(f"--samples {samples}: the {text} {split} split has only {windows.shape[0]} "
-                          f"windows of {window} tokens")
     params = {
         "format": FORMAT, "model_fingerprint": fingerprint(model), "model": getattr(model, "_shadowllm_source", None),
         "arch": {"layers": arch.num_layers, "hidden": arch.hidden, "heads": arch.num_heads,
@@ -71,9 +67,22 @@ def calibrate(model, tokenizer, out: str | os.PathLike, criteria, corpus_name="w
         **text.describe(), "split": split, "samples": samples, "window": window, "criteria": criteria,
         "token_positions": min(token_positions, window - 2), "shard_size": shard_size, "seed": seed,
     }
+
+    def corpus_windows():
+        w = text.windows(tokenizer, split, window, limit=samples)
+        if w.shape[0] < samples:
+            raise ShadowError(f"--samples {samples}: the {text} {split} split has only {w.shape[0]} "
+                              f"windows of {window} tokens")
+        return w
+
+    # Tokenising the split is most of a finished run's resume: a run already there tokenises only when
+    # shards are missing; a new one checks the corpus first, before its folder is made.
+    windows = None if (out / MANIFEST).is_file() else corpus_windows()
     manifest = _resume(out, params)
     done = {s["first"] for s in manifest["shards"]}
     starts = [s for s in range(0, samples, shard_size) if s not in done]
+    if starts and windows is None:
+        windows = corpus_windows()
     bar = tqdm(total=samples, initial=samples - sum(min(shard_size, samples - s) for s in starts),
                desc="calibrate", unit="window", disable=not progress)
     for first in starts:

@@ -48,9 +48,9 @@ def scaled_targets(scores: torch.Tensor, scale: str, criterion: str) -> torch.Te
     Magnitude scores are heavy-tailed (a few units per layer are 10-100x the median), so linear
     min-max squeezes most units into a sliver near 0 and the MSE is spent on the outliers; the mask
     is a top-k of each layer, decided around the median. log spreads that region out and keeps the
-    order. Measured on SmolLM2-135M it ranks better (held-out recall up) but masks worse (per-token
-    perplexity up: the few large units it now weighs less are the costly ones to miss), so the
-    default stays linear; see README "What limits the per-token ShadowLLM predictor"."""
+    order. On SmolLM2-135M it ranks better (held-out recall up) but masks worse (per-token perplexity
+    up: the few large units it now weighs less are the costly ones to miss), so the default stays
+    linear (docs/research/predictors.md)."""
     if scale == "log":
         if bool((scores < 0).any()):
             raise ShadowError(f"--target-scale log needs non-negative scores; criterion {criterion!r} has negative ones")

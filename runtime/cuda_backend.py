@@ -4,7 +4,7 @@ Each block's attention and MLP are the SparseHeadAttention / SparseNeuronMLP ker
 cuda_kernels.py: device pointers, torch's stream); embeddings, norms, the LM head and sampling stay
 in torch on the same stream. The weights live on the GPU in the ops' layouts (bf16, fp16 or fp32);
 the KV cache is preallocated per request (`capacity` positions, doubled when a request outgrows it)
-and written in place (DESIGN §4: nothing is copied per step). Policies: dense, fixed head / neuron
+and written in place (docs/design.md §4: nothing is copied per step). Policies: dense, fixed head / neuron
 masks (static, random), activation thresholds ([L, 4], THRESHOLD_INPUTS order; decode only, the
 prefill runs dense as the exports do, with the MLP's gate / up weights channel-major so that kept x
 channels are all it reads), and the predictors, on the GPU beside the kernels: ShadowLLM per sequence
@@ -128,10 +128,9 @@ class CudaBackend:
         (runtime/policy.py). The graph itself is not used: the weights are the model's."""
         from pathlib import Path
 
-        from shadowllm.models import fingerprint, load
+        from shadowllm.export.folder import check_export_folder, sparsity_value
 
-        from .ort_backend import check_export_folder, sparsity_value
-        from .policy import export_model, export_policy
+        from .policy import export_policy, exported_model
 
         if device == "cuda":
             from .cuda_kernels import require_cuda
@@ -140,14 +139,7 @@ class CudaBackend:
         folder = Path(folder)
         manifest = check_export_folder(folder, graph=False)
         sparsity_value(manifest, sparsity)
-        if model is None:
-            if not manifest.get("model"):
-                raise ShadowError(f"{folder}: the manifest names no model folder (exported from a model built in "
-                                  "code); pass the model")
-            model, _ = load(manifest["model"])
-        if fingerprint(model) != manifest.get("model_fingerprint"):
-            raise ShadowError(f"{folder}: the model {manifest.get('model')} is not the one exported (fingerprint differs)")
-        model = export_model(folder, manifest, model)  # rotated when the export's thresholds are
+        model = exported_model(folder, manifest, model)  # rotated when the export's thresholds are
         config = export_policy(folder, manifest, model, sparsity)
         backend = cls(model, **config, kv_policy=manifest.get("kv_policy", "all"), dtype=dtype, device=device, **kwargs)
         backend.manifest = manifest

@@ -17,7 +17,7 @@ import torch
 
 from shadowllm.models import ShadowError
 
-from .native import trt_plugins_library
+from shadowllm.compiler.native import trt_plugins_library
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}

@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend over an export folder (DESIGN §4).
+"""The ONNX Runtime backend over an export folder (docs/design.md §4).
 
 One InferenceSession per folder (CPU by default, CUDA first when that provider exists). The KV cache
 and the carried masks stay ORT values between steps: `present.*` outputs are bound with I/O binding
@@ -16,46 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shadowllm.export.folder import check_export_folder, sparsity_value
 from shadowllm.export.names import cache_names
 from shadowllm.models import ShadowError
-
-REQUIRED = ("model.onnx", "config.json", "shadowllm.json")
-
-
-def check_export_folder(folder: Path, graph: bool = True) -> dict:
-    """The manifest of an export folder; one clear line if the folder is missing or partial. graph=False:
-    a backend that runs the export's policy with the model's own weights (CUDA) needs the manifest and
-    its side files only, not model.onnx and its data."""
-    if not folder.is_dir():
-        raise ShadowError(f"{folder}: no such export folder (expected the output of `shadowllm export`)")
-    missing = [f for f in (REQUIRED if graph else REQUIRED[1:]) if not (folder / f).is_file()]
-    if missing:
-        raise ShadowError(f"{folder}: partial export folder, missing {', '.join(missing)}")
-    try:
-        manifest = json.loads((folder / "shadowllm.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ShadowError(f"{folder / 'shadowllm.json'}: not valid JSON ({e})") from None
-    data = folder / "model.onnx.data"
-    if graph and not data.is_file():
-        raise ShadowError(f"{folder}: partial export folder, missing model.onnx.data (the weights)")
-    return manifest
-
-
-def sparsity_value(manifest: dict, sparsity, flag: str = "--sparsity") -> np.ndarray:
-    """The graph's `sparsity` input (fp32 scalar) for a requested sparsity; one clear line naming `flag`
-    when the export cannot take it (outside [0, 1), or off a threshold table's grid)."""
-    try:
-        value = float(sparsity)
-    except (TypeError, ValueError):
-        raise ShadowError(f"{flag} must be a number in [0, 1), got {sparsity!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise ShadowError(f"{flag} must lie in [0, 1), got {sparsity}")
-    if manifest.get("thresholds"):  # the graph picks a row of its threshold table: only grid values
-        from shadowllm.predictor.thresholds import check_grid_sparsity
-
-        check_grid_sparsity(value, flag)
-    return np.array(value, dtype=np.float32)
-
 
 class OrtBackend:
     name = "ort"
@@ -75,7 +38,7 @@ class OrtBackend:
         self.head_dim, self.neurons = a["head_dim"], a["neurons"]
         self.vocab_size, self.max_positions = a["vocab"], a["max_positions"]
         self.past_names, self.present_names = cache_names(self.layers)
-        from .native import session_options
+        from shadowllm.compiler.native import session_options
 
         # The C++ kernels run on this session's intra-op pool (KernelContext::ParallelFor).
         options, self.native = session_options(native)
@@ -172,8 +135,8 @@ class OrtBackend:
         both the past input and the present output, so each step writes only its new positions (the
         op's contract: present is past_key with positions P..T-1 written; the C++ kernel skips the
         copy when they are the same memory). Capacity doubles when full (the past copied once).
-        Before: present = past + new copied the whole cache every step (57 -> 31 tok/s over 4,000
-        tokens on SmolLM2). Returns ({present name: OrtValue}, {"shared": the buffers})."""
+        (Before, present = past + new copied the whole cache every step: docs/performance.md, "Long
+        contexts".) Returns ({present name: OrtValue}, {"shared": the buffers})."""
         import onnxruntime as ort
 
         buffers = state.get("shared")

@@ -32,6 +32,21 @@ def export_thresholds(folder: Path, manifest: dict, sparsity: float):
     return _threshold_file(folder)["table"][row]
 
 
+def exported_model(folder: Path, manifest: dict, model=None):
+    """export_model of the model the manifest names (loaded when `model` is None), refused in one line
+    when it is not the one exported (fingerprint)."""
+    from shadowllm.models import fingerprint, load
+
+    if model is None:
+        if not manifest.get("model"):
+            raise ShadowError(f"{folder}: the manifest names no model folder (exported from a model built in "
+                              "code); pass the model")
+        model, _ = load(manifest["model"])
+    if fingerprint(model) != manifest.get("model_fingerprint"):
+        raise ShadowError(f"{folder}: the model {manifest.get('model')} is not the one exported (fingerprint differs)")
+    return export_model(folder, manifest, model)
+
+
 def export_model(folder: Path, manifest: dict, model):
     """The model an export folder's graph computes: `model` (the one it was exported from, checked by
     the caller), or its copy rotated as the export's threshold calibration asks (models/rotation.py;

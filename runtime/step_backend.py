@@ -1,6 +1,6 @@
 """The base of backends that run an export's graph once per step with NumPy arrays in and out:
 TensorRT (runtime/trt_backend.py, through Polygraphy's runner) and Triton's step model
-(runtime/triton_model.py, through BLS). Inputs and outputs are named as DESIGN §4; the state holds the
+(serving/triton_model.py, through BLS). Inputs and outputs are named as docs/design.md §4; the state holds the
 KV caches and the carried masks as arrays. A subclass says how one step runs."""
 
 from __future__ import annotations

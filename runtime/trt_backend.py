@@ -14,8 +14,8 @@ from pathlib import Path
 
 from shadowllm.models import ShadowError
 
-from .native import load_trt_plugins
-from .ort_backend import sparsity_value
+from shadowllm.compiler.native import load_trt_plugins
+from shadowllm.export.folder import sparsity_value
 from .step_backend import StepBackend
 
 

@@ -32,9 +32,9 @@ def main() -> None:
     ap.add_argument("exports", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path("build/gpu-bundle"))
     args = ap.parse_args()
-    from shadowllm.models.loading import EMBEDDED, _locate_gguf
+    from shadowllm.models.loading import EMBEDDED, locate_gguf
 
-    gguf = _locate_gguf(EMBEDDED["smollm2-135m"])
+    gguf = locate_gguf(EMBEDDED["smollm2-135m"])
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     data = gguf.read_bytes()

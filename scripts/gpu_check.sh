@@ -49,5 +49,5 @@ timeout 120 $PYTEST tests/runtime/test_cuda_backend.py 2>&1 | tee "$OUT/tests-ba
 # in fp32 / bf16 / fp16 (their CPU halves run in CI); needs onnx + onnxscript for the tiny exports
 timeout 240 $PYTEST tests/runtime/test_cuda_backend_logic.py -k cuda 2>&1 | tee "$OUT/tests-backend-policies.log"
 [ -n "${SKIP_KERNEL_BENCH:-}" ] || timeout 150 python3 -P scripts/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
-[ -n "${SKIP_DECODE_BENCH:-}" ] || timeout 150 python3 -P -m shadowllm.runtime.bench_cuda --out "$OUT/bench-gpu" 2>&1 | tee "$OUT/decode.log"
+[ -n "${SKIP_DECODE_BENCH:-}" ] || timeout 150 python3 -P -m shadowllm.bench.cuda --out "$OUT/bench-gpu" 2>&1 | tee "$OUT/decode.log"
 timeout "${TEST_TIMEOUT:-120}" $PYTEST -x $KERNELS -k "not (batches or decode or in_place or refuses)" 2>&1 | tee "$OUT/tests.log"

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from shadowllm.runtime.triton_client import free_ports, post
+from shadowllm.serving.client import free_ports, post
 
 CONCURRENCY = (1, 4, 8)
 PROMPTS = ["The history of the printing press", "Write a short story about a lighthouse keeper",
@@ -88,7 +88,7 @@ def main() -> None:
 
     from shadowllm.compiler.build import build
     from shadowllm.runtime.ort_backend import OrtBackend
-    from shadowllm.runtime.triton_server import TritonServer
+    from shadowllm.serving.server import TritonServer
 
     folder = Path(args.export)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

@@ -65,9 +65,10 @@ def cmd_generate(args):
     from .api import is_export_folder
 
     if args.backend in ("ort", "tensorrt") or is_export_folder(args.model):
-        from .api import Deployed
+        from .api import load
 
-        deployed = Deployed(args.model or "", args.sparsity, args.backend or "ort", args.dtype)
+        deployed = load(args.model or "", args.backend or "ort", args.sparsity, dtype=args.dtype,
+                        sparsity_flag="--sparsity")
         tokenizer, backend = deployed.tokenizer, deployed.backend
         where = {"tensorrt": "tensorrt", "cuda": f"CUDA kernels ({args.dtype})"}.get(
             backend.name, f"onnxruntime ({getattr(backend, 'device', 'cpu')})")
@@ -221,7 +222,7 @@ def cmd_eval(args):
 
     from shadowllm.models import ShadowError, adapter_for, load
     from shadowllm.predictor.allocation import ALLOCATIONS
-    from shadowllm.predictor.evaluation import evaluate, markdown, rows_from_json, write_reports
+    from shadowllm.predictor.evaluation import evaluate, markdown, rows_from_json, scoring_window, write_reports
     from shadowllm.predictor.fixed_masks import static_from_traces
     from shadowllm.predictor.predictors import load_predictor
     from shadowllm.predictor.thresholds import ALLOCATIONS as THRESHOLD_ALLOCATIONS, check_grid_sparsity, threshold_table
@@ -237,16 +238,18 @@ def cmd_eval(args):
     from shadowllm.models import corpus
 
     text = corpus(args.corpus, args.text_field)  # before loading the model: a bad --corpus is one line
-    merged = []
-    for path in args.merge:
-        old_rows, old_meta = rows_from_json(path)
+    merged = [rows_from_json(path) for path in args.merge]
+    model, tokenizer = load(args.model)
+    args.window, args.prompt, scored = scoring_window(tokenizer, text, args.split, args.window, args.prompt,
+                                                      args.max_windows, adapter_for(model).arch.max_positions)
+    print(f"[shadowllm] {scored}", file=sys.stderr)
+    for path, (old_rows, old_meta) in zip(args.merge, merged):
         mine = {"split": args.split, "window": args.window, "prompt": args.prompt}
         if {k: old_meta.get(k) for k in mine} != mine or any(r.windows != args.max_windows for r in old_rows):
             raise ShadowError(f"--merge {path}: a report of another protocol (split/window/prompt/windows "
                               f"{[old_meta.get(k) for k in mine]}/{old_rows[0].windows if old_rows else None}); "
                               f"this run: {list(mine.values())}/{args.max_windows}")
-        merged += [r for r in old_rows if r.method != "dense"]
-    model, tokenizer = load(args.model)
+    merged = [r for old_rows, _ in merged for r in old_rows if r.method != "dense"]
     predictors = [load_predictor(p, model) for p in args.predictor]
     tables, threshold_source, threshold_model = None, None, None
     if thresholded:
@@ -325,8 +328,8 @@ def cmd_export(args):
 
 def cmd_parity(args):
     from shadowllm.models import load
-    from shadowllm.runtime.ort_backend import check_export_folder
-    from shadowllm.runtime.parity import check, write_report
+    from shadowllm.export.folder import check_export_folder
+    from shadowllm.parity.check import check, write_report
 
     manifest = check_export_folder(Path(args.folder), graph=args.backend != "cuda")
     if manifest.get("thresholds"):  # before loading anything: the runtime sparsity picks a row of the table
@@ -339,11 +342,11 @@ def cmd_parity(args):
         require_cuda()  # before loading anything
     model, tokenizer = load(args.model or manifest.get("model"))
     if args.backend == "cuda":
-        from shadowllm.runtime.parity_cuda import check_cuda
+        from shadowllm.parity.cuda import check_cuda
 
         report = check_cuda(args.folder, model, tokenizer, args.sparsity, args.steps, args.dtype)
     elif args.against == "tensorrt":
-        from shadowllm.runtime.parity import check_tensorrt
+        from shadowllm.parity.check import check_tensorrt
 
         report = check_tensorrt(args.folder, tokenizer, args.sparsity, args.steps)
     else:
@@ -367,7 +370,7 @@ def cmd_build(args):
         print(f"built Triton model repository {out} (model `{info['model']}` on the Python backend, runtime "
               f"{info['runtime']}, {info['instances']} instance(s), batches up to {info['max_batch']}); "
               + ("serve it with: shadowllm serve " + str(out) if info["step"] == "python" else
-                 "its step model needs Triton's onnxruntime backend (the NGC container; see the README)"))
+                 "its step model needs Triton's onnxruntime backend (the NGC container; see docs/serving.md)"))
     elif args.target == "tensorrt":
         print(f"built TensorRT engine {out / 'model.engine'} ({'fp16' if args.fp16 else 'fp32'}; "
               f"{', '.join(info['passes'])})")
@@ -377,7 +380,7 @@ def cmd_build(args):
 
 
 def cmd_serve(args):
-    from shadowllm.runtime.triton_server import serve
+    from shadowllm.serving.server import serve
 
     return serve(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                  metrics_port=args.metrics_port, timeout=args.timeout)
@@ -387,11 +390,11 @@ def cmd_bench(args):
     import shlex
 
     from shadowllm.models import ShadowError
-    from shadowllm.runtime.bench import REAL, SYNTHETIC, Plan, run
-    from shadowllm.runtime.bench_report import markdown, write
+    from shadowllm.bench.run import REAL, SYNTHETIC, Plan, run
+    from shadowllm.bench.report import markdown, write
 
-    if args.backend == "cuda":  # the GPU decode rows (runtime/bench_cuda.py): its own shapes and report
-        from shadowllm.runtime.bench_cuda import main as bench_cuda
+    if args.backend == "cuda":  # the GPU decode rows (bench/cuda.py): its own shapes and report
+        from shadowllm.bench.cuda import main as bench_cuda
 
         return bench_cuda(["--out", args.out or "docs/results/bench-gpu"]
                           + (["--models", ",".join(args.models)] if args.models else []))
@@ -514,8 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows of an earlier report (JSON) of the same protocol, shown beside this run's")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--max-windows", type=int, default=16)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per window; the rest is scored")
+    p.add_argument("--window", type=int, default=None,
+                   help="tokens per window (default 256, or the whole split when it is shorter)")
+    p.add_argument("--prompt", type=int, default=None,
+                   help="prompt tokens per window; the rest is scored (default 128, or half the window)")
     p.add_argument("--allocation", action="append", default=None,
                    choices=["per_layer", "global", "hybrid", "uniform", "greedy"],
                    help="masks: per_layer (default), global or hybrid; threshold methods: uniform and/or greedy "

@@ -52,9 +52,9 @@ class ShadowLLMHarness(LM):
         self.score = score
         self.sparsity = float(sparsity)
         if is_export_folder(path):
-            from .api import Deployed
+            from .api import load
 
-            deployed = Deployed(path, self.sparsity, backend)
+            deployed = load(path, backend, self.sparsity)
             self.backend, self.tokenizer = deployed.backend, deployed.tokenizer
         elif backend == "torch":
             from shadowllm.models import load

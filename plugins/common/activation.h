@@ -1,4 +1,4 @@
-// The activations SparseNeuronMLP accepts (DESIGN §3), shared by the CPU kernels and the TensorRT plugin.
+// The activations SparseNeuronMLP accepts (docs/export-format.md), shared by the CPU kernels and the TensorRT plugin.
 #pragma once
 
 #include <stdexcept>

@@ -106,3 +106,30 @@ def test_calibrate_on_a_user_file_records_it(tmp_path):
     assert main(["calibrate", str(tmp_path / "model"), "--corpus", str(tmp_path / "missing.txt"), "--out",
                  str(tmp_path / "t2")]) == 2
     assert not (tmp_path / "t2").exists()
+
+
+def test_eval_defaults_adapt_to_a_small_file(tmp_path, capsys):
+    """A small text of short paragraphs (8 KB: with a byte-level tokenizer that is what a ~35 KB licence
+    file is to SmolLM2's): with no --window / --prompt its test split, shorter than the protocol's
+    256-token window, is scored as one stream in one window, half of it the prompt, and a line says
+    what was scored; only a split with too few tokens to score is refused."""
+    save_tiny("llama", tmp_path / "model", seed=3, max_position_embeddings=512)
+    text = tmp_path / "small.txt"
+    text.write_text("\n\n".join(_documents(30, seed=10)))
+    test_tokens = corpus(str(text)).tokens(byte_tokenizer(), "test").numel() + 1  # + BOS
+    assert test_tokens < 256  # shorter than the protocol's window: the old defaults refused this file
+    assert main(["eval", str(tmp_path / "model"), "--corpus", str(text), "--method", "dense", "--lastword", "0",
+                 "--sparsity", "0.5", "--out", str(tmp_path / "eval")]) == 0
+    err = capsys.readouterr().err
+    assert f"{test_tokens} tokens as one stream; 1 window of {test_tokens} tokens, the first {test_tokens // 2} " \
+           "the prompt" in err
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert (report["window"], report["prompt"]) == (test_tokens, test_tokens // 2)
+    # the same file with a prompt as long as the adapted window: one line naming the flag
+    assert main(["eval", str(tmp_path / "model"), "--corpus", str(text), "--method", "dense", "--lastword", "0",
+                 "--prompt", str(test_tokens)]) == 2
+    assert "--prompt" in capsys.readouterr().err
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("\n\n".join(["a b c."] * 3))
+    assert main(["eval", str(tmp_path / "model"), "--corpus", str(tiny), "--method", "dense", "--lastword", "0"]) == 2
+    assert "eval needs at least 16" in capsys.readouterr().err

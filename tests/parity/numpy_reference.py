@@ -1,4 +1,4 @@
-"""Float64 NumPy implementations of the two ops, written from the DESIGN §3 contract alone, with
+"""Float64 NumPy implementations of the two ops, written from the docs/export-format.md contract alone, with
 explicit loops over batch rows, heads and neurons. The independent reference for op parity."""
 
 import math

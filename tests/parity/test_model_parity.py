@@ -17,7 +17,7 @@ from shadowllm.models.tiny import build_model, byte_tokenizer
 from shadowllm.predictor.allocation import keep_mask
 from shadowllm.runtime import generate
 from shadowllm.runtime.ort_backend import OrtBackend
-from shadowllm.runtime.parity import check
+from shadowllm.parity.check import check
 from tests.hf_oracle import hf_logits
 
 
@@ -204,7 +204,7 @@ def test_native_library_gives_the_same_greedy_tokens(exported, predictor_exports
 
 
 def test_mask_agreement_tolerates_only_score_ties():
-    from shadowllm.runtime.parity import mask_agreement
+    from shadowllm.parity.check import mask_agreement
 
     scores = torch.tensor([[[0.1, 0.5, 0.5000001, 0.9]]])  # [B=1, L=1, X=4]
     expect = np.array([[[False, True, False, True]]])
@@ -295,7 +295,7 @@ def test_tensorrt_engine_matches_onnxruntime(exported, fp16):
     if missing is not None:
         pytest.skip(f"TensorRT engines cannot be built here: {missing}")
     from shadowllm.compiler.build import build
-    from shadowllm.runtime.parity import check_tensorrt
+    from shadowllm.parity.check import check_tensorrt
 
     model, tok, _, static, _ = exported
     build(static, "tensorrt", fp16=fp16)
@@ -307,8 +307,8 @@ def test_bench_measures_every_cell(exported, tmp_path):
     """The benchmark end to end on a tiny model (speeds are measured and reported, never asserted)."""
     import json
 
-    from shadowllm.runtime.bench import Plan, bench_model
-    from shadowllm.runtime.bench_report import write
+    from shadowllm.bench.run import Plan, bench_model
+    from shadowllm.bench.report import write
 
     model, tok, _, _, _ = exported
     plan = Plan(models=("tiny",), tokens=4, repeats=2, prompt_tokens=8,
@@ -339,7 +339,7 @@ def test_bench_measures_every_cell(exported, tmp_path):
 
 
 def test_decode_bytes_counts_kept_rows():
-    from shadowllm.runtime.bench_bound import decode_bytes
+    from shadowllm.bench.bound import decode_bytes
 
     arch = dict(layers=2, heads=4, kv_heads=2, head_dim=8, neurons=10, hidden=32, vocab=50, gated=True)
     heads = np.array([[1, 0, 0, 0], [1, 1, 0, 0]], bool)  # both layers read kv head 0 only under "active"
@@ -357,7 +357,7 @@ def test_predictor_share_from_the_profiler(predictor_exports, name):
     per-sequence predictor costs nothing in decode (its If takes the carry branch)."""
     import onnx
 
-    from shadowllm.runtime.bench import profile
+    from shadowllm.bench.run import profile
 
     folder = predictor_exports[name]
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)

@@ -27,7 +27,7 @@ from tests.parity.cases import (COMPUTED_MODES, INPUT_MODES, REL, SETTINGS, SPAR
 
 
 def native_library():
-    from shadowllm.runtime.native import ort_ops_library
+    from shadowllm.compiler.native import ort_ops_library
 
     path = ort_ops_library()
     assert path is not None, "build/libshadowllm_ort_ops.so is not built: run scripts/setup.sh"

@@ -20,7 +20,7 @@ from shadowllm.predictor.thresholds import (GRID, calibrate_thresholds, check_gr
 from shadowllm.predictor.traces import calibrate
 from shadowllm.predictor.train import train
 from shadowllm.runtime.ort_backend import OrtBackend
-from shadowllm.runtime.parity import check
+from shadowllm.parity.check import check
 
 
 @pytest.fixture(scope="module", params=["opt", "llama"])

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from shadowllm.export.onnx_ops import PLUGIN_ATTRS
-from shadowllm.runtime.native import trt_plugins_library
+from shadowllm.compiler.native import trt_plugins_library
 from tests.parity.trt_library import load
 
 
@@ -55,7 +55,7 @@ def test_plugin_library_is_loaded_into_a_registry_once():
     registered both creators again)."""
     from pathlib import Path
 
-    from shadowllm.runtime.native import load_trt_plugins
+    from shadowllm.compiler.native import load_trt_plugins
 
     class Registry:
         loads = 0

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from shadowllm.runtime.native import trt_plugins_library
+from shadowllm.compiler.native import trt_plugins_library
 
 
 def load() -> ctypes.CDLL:

@@ -119,12 +119,12 @@ def test_train_records_the_target_scale(traces):
 
 
 def test_predictor_study_runs_every_variant(traces, tmp_path):
-    """scripts/predictor_study.py (the per-token predictor study in the README) on the tiny traces."""
+    """research/predictor_study.py (the per-token predictor study in docs/research/predictors.md) on the tiny traces."""
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "scripts" / "predictor_study.py"
+    script = Path(__file__).resolve().parents[2] / "research" / "predictor_study.py"
     out = tmp_path / "study"
     subprocess.run([sys.executable, str(script), "--traces", str(traces), "--out", str(out), "--epochs", "1",
                     "--mid-layer", "1"], check=True, capture_output=True)

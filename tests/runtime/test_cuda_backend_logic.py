@@ -128,7 +128,7 @@ def test_parity_of_an_export_on_the_backend(predictors, tmp_path, policy, device
     (random masks), a static one and a per-token predictor; with a broken kernel it fails."""
     from shadowllm.export.exporter import export
     from shadowllm.runtime import reference_kernels
-    from shadowllm.runtime.parity_cuda import check_cuda
+    from shadowllm.parity.cuda import check_cuda
 
     model, trained = predictors
     kwargs = {}
@@ -168,7 +168,7 @@ def test_an_export_skeleton_without_its_graph_runs_on_the_backend(tmp_path, monk
     data runs on the CUDA backend (which reads the model's own weights), while onnxruntime still
     refuses it in one line; SHADOWLLM_GGUF must name the embedded model's file."""
     from shadowllm.export.exporter import export
-    from shadowllm.models.loading import EMBEDDED, _locate_gguf
+    from shadowllm.models.loading import EMBEDDED, locate_gguf
     from shadowllm.runtime.ort_backend import OrtBackend
     from shadowllm.runtime.policy import export_policy
 
@@ -189,4 +189,4 @@ def test_an_export_skeleton_without_its_graph_runs_on_the_backend(tmp_path, monk
     assert got.token_ids == expect.token_ids
     monkeypatch.setenv("SHADOWLLM_GGUF", str(tmp_path / "other.gguf"))
     with pytest.raises(ShadowError, match="SHADOWLLM_GGUF"):
-        _locate_gguf(EMBEDDED["smollm2-135m"])
+        locate_gguf(EMBEDDED["smollm2-135m"])

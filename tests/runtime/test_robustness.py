@@ -17,7 +17,7 @@ from shadowllm.models.tiny import build_model, byte_tokenizer, save_tiny
 def test_native_library_refuses_an_older_onnxruntime_api_instead_of_crashing():
     """RegisterCustomOps given an onnxruntime whose GetApi(21) is null (1.20) returns an error status
     made with the runtime's own version-1 API, naming the onnxruntime it needs; no segfault."""
-    from shadowllm.runtime.native import ort_ops_library
+    from shadowllm.compiler.native import ort_ops_library
 
     lib = ctypes.CDLL(str(ort_ops_library()))
     messages = []
@@ -43,7 +43,7 @@ def test_native_library_refuses_an_older_onnxruntime_api_instead_of_crashing():
 def test_python_side_refuses_an_older_onnxruntime_in_one_line(monkeypatch):
     import onnxruntime
 
-    from shadowllm.runtime import native
+    from shadowllm.compiler import native
 
     monkeypatch.setattr(onnxruntime, "__version__", "1.20.1")
     with pytest.raises(ShadowError, match=r"needs onnxruntime >= 1\.21 .* this is onnxruntime 1\.20\.1"):
@@ -57,7 +57,7 @@ def test_native_attention_refuses_positions_past_the_rope_table(tmp_path):
     import onnxruntime as ort
 
     from shadowllm.export.exporter import export
-    from shadowllm.runtime.native import ort_ops_library
+    from shadowllm.compiler.native import ort_ops_library
 
     model = build_model("llama", seed=1)
     folder = export(model, byte_tokenizer(), tmp_path / "e")

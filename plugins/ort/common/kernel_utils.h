@@ -41,7 +41,7 @@ inline std::vector<int64_t> ActiveRows(const bool* mask, int64_t n) {
   return rows;
 }
 
-// Activation thresholds (DESIGN §3): an entry v counts only when |v| >= t (ties kept).
+// Activation thresholds (docs/export-format.md): an entry v counts only when |v| >= t (ties kept).
 inline bool Counts(float v, float t) { return std::fabs(v) >= t; }
 
 // The n entries of x as the op sees them: x itself without a threshold, else a copy in `scratch`

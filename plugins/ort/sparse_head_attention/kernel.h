@@ -1,4 +1,4 @@
-// SparseHeadAttention on the CPU (DESIGN §3): q/o rows of kept heads only; k/v rows of every kv head
+// SparseHeadAttention on the CPU (docs/export-format.md): q/o rows of kept heads only; k/v rows of every kv head
 // (kv_policy=all) or of the kv heads some kept query head reads (kv_policy=active, others zero).
 // With activation thresholds, only the weights of the entries of x (t_x) and of the context (t_o)
 // that count: channel-major q/k/v weights ([D, H*E], [D, G*E]) are read one kept channel at a time.

@@ -1,4 +1,4 @@
-// SparseNeuronMLP on the CPU (DESIGN §3): only the rows of kept neurons are read, in place; with
+// SparseNeuronMLP on the CPU (docs/export-format.md): only the rows of kept neurons are read, in place; with
 // activation thresholds, only the weights of the input entries that count.
 #pragma once
 

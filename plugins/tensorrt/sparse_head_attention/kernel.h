@@ -1,4 +1,4 @@
-// SparseHeadAttention on the GPU (DESIGN §3): q/o rows of kept heads only; k/v rows of every kv head
+// SparseHeadAttention on the GPU (docs/export-format.md): q/o rows of kept heads only; k/v rows of every kv head
 // (kv_policy=all) or of the kv heads some kept query head reads (kv_policy=active, others zero).
 #pragma once
 
@@ -11,7 +11,7 @@ struct AttentionLaunch {
   const void* x;                                  // [B, S, D] dtype
   const void *w_q, *b_q, *w_k, *b_k, *w_v, *b_v;  // [H*E, D] / [G*E, D] row-major, biases may be null
   const void *w_o_t, *b_o;                        // [H*E, D], [D] or null
-  // [B, G, past_rows, E], the past in its first P positions; or, in place (DESIGN §4), the present
+  // [B, G, past_rows, E], the past in its first P positions; or, in place (docs/design.md §4), the present
   // buffers themselves: the past is the first P positions of the cache and nothing is copied.
   const void *past_key, *past_value;
   const int64_t* attention_mask;  // [B, P+S]

@@ -17,7 +17,7 @@ struct AttentionConfig {
 
 class SparseHeadAttentionPlugin : public SparsePluginBase {
  public:
-  // Contract slots (DESIGN §3).
+  // Contract slots (docs/export-format.md).
   enum Slot { kX, kWQ, kBQ, kWK, kBK, kWV, kBV, kWOT, kBO, kPastKey, kPastValue, kAttentionMask, kPositionIds,
               kCos, kSin, kHeadMask, kSlots };
 

@@ -1,5 +1,5 @@
-// SparseNeuronMLP on the GPU (DESIGN §3): y = sum over kept n of h_n(x) * w_out_t[n] + b_out, with
-// the optional activation thresholds of the op contract (README "The ops: contract").
+// SparseNeuronMLP on the GPU (docs/export-format.md): y = sum over kept n of h_n(x) * w_out_t[n] + b_out, with
+// the optional activation thresholds of the op contract (docs/export-format.md).
 #pragma once
 
 #include "../../common/activation.h"

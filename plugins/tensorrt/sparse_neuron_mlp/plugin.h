@@ -9,7 +9,7 @@ namespace trt {
 
 class SparseNeuronMLPPlugin : public SparsePluginBase {
  public:
-  // Contract slots (DESIGN §3): x, w_in, b_in?, w_gate?, w_out_t, b_out?, mask.
+  // Contract slots (docs/export-format.md): x, w_in, b_in?, w_gate?, w_out_t, b_out?, mask.
   enum Slot { kX, kWIn, kBIn, kWGate, kWOutT, kBOut, kMask, kSlots };
 
   SparseNeuronMLPPlugin(Activation activation, int64_t optional_inputs);

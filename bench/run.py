@@ -19,7 +19,7 @@ timed run kept (counted afterwards on the same tokens by the PyTorch reference).
 Per cell: `repeats` rounds, each a greedy run of `tokens` new tokens after a `prompt_tokens` prompt
 (after a short warm-up); decode tok/s (median over rounds, spread = max - min), prefill and
 time-to-first-token (median), peak RSS of the group's process during the cell (VmHWM, reset before
-each group), and the bytes bound of runtime/bench_bound.py. A round runs every group of cells once,
+each group), and the bytes bound of bench/bound.py. A round runs every group of cells once,
 so the rounds of all cells interleave over the whole measurement of a model.
 """
 
@@ -37,8 +37,8 @@ import torch
 
 from shadowllm.models import ShadowError
 
-from .bench_bound import copy_bandwidth, decode_bytes, threshold_bytes
-from .ort_backend import OrtBackend
+from .bound import copy_bandwidth, decode_bytes, threshold_bytes
+from shadowllm.runtime.ort_backend import OrtBackend
 
 SYNTHETIC = ("tinyllama-1.1b", "opt-1.3b")
 REAL = ("smollm2-135m",)
@@ -264,7 +264,8 @@ def _predictors(model, tokenizer, root: Path):
     from shadowllm.predictor.predictors import load_predictor
     from shadowllm.predictor.train import train
 
-    sequence, _, _, demo_root = cached_predictors(model, tokenizer, quick=False)
+    predictors, _, demo_root = cached_predictors(model, tokenizer, granularities=("sequence",))
+    sequence = predictors["sequence"]
     folder = root / "dejavu-token"
     try:
         dejavu = load_predictor(folder, model)
@@ -364,7 +365,7 @@ def _group(name: str, kind: str, folder: str, plan: Plan, prompt, first_round: b
         if kind == "tensorrt":
             from shadowllm.compiler.tensorrt import build_engine
 
-            from .trt_backend import TrtBackend, engine_folder
+            from shadowllm.runtime.trt_backend import TrtBackend, engine_folder
 
             try:
                 engine_folder(folder)
@@ -455,7 +456,7 @@ def hold_to_peak(rows: list, peak: float):
 def run(plan: Plan) -> tuple[list, dict]:
     if plan.threads:
         torch.set_num_threads(plan.threads)
-    # Shared machines drift (readings here swing between ~45 and ~75 GB/s for minutes at a time), so
+    # Shared machines drift (readings swing between two levels for minutes at a time: docs/performance.md), so
     # bandwidth is read just before every group of every round and each round is held to its own.
     readings = []
 

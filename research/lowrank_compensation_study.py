@@ -5,14 +5,14 @@ the dropped (small) entries by the best rank-r approximation of its weights, W_r
 which costs r * (inputs + outputs) more weights per token. The same bytes could instead lower that
 input's threshold by dS = r * (inputs + outputs) / (inputs * outputs). This compares the two by the
 energy of the output error they leave, sum over tokens of |W x_dropped|^2 (relative to thresholding
-alone), for each input kind at the greedy allocation's mean level of row 0.40 (README: attention
+alone), for each input kind at the greedy allocation's mean level of row 0.40 (docs/research/thresholds.md: attention
 input 0.40, context 0.60, MLP input 0.31, h 0.51), over every layer of SmolLM2-135M (Llama family),
 on the second half of 8 wiki train windows (16..23), in the bases of `rotate` (none | pca | sparse,
 fitted on windows 0..15).
 
-    .venv/bin/python scripts/lowrank_compensation_study.py sparse     # ~3 min on 2 cores (none: ~1 min)
+    .venv/bin/python research/lowrank_compensation_study.py sparse     # ~3 min on 2 cores (none: ~1 min)
 
-Results: README, "Tried and dropped".
+Results: docs/research/thresholds.md, "Tried and dropped".
 """
 import sys
 

@@ -6,7 +6,7 @@ can be pinned on one of: the loss / target scaling, the network's shape and capa
 calibration data, or what the predictor reads. Every variant trains for the same epochs with the same
 seed; only the named difference changes.
 
-    .venv/bin/python scripts/predictor_study.py --traces DIR --out docs/results/predictor-study
+    .venv/bin/python research/predictor_study.py --traces DIR --out docs/results/predictor-study
 
 Metrics per variant, on the held-out windows (the last 10% of the traces, as `shadowllm train` holds out):
 - Spearman correlation of predicted vs true per-token L2 scores, mean over layers 1..L-1;
@@ -165,7 +165,7 @@ def main():
         print(f"{name:70s} neurons rho {r['neurons']['spearman']:.3f} mass {r['neurons']['mass']:.3f} "
               f"| heads rho {r['heads']['spearman']:.3f} mass {r['heads']['mass']:.3f}  ({time.time() - t0:.0f} s)",
               flush=True)
-    command = "python scripts/predictor_study.py " + " ".join(sys.argv[1:])
+    command = "python research/predictor_study.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps({"command": command, "traces": args.traces, "epochs": args.epochs,

@@ -3,13 +3,13 @@
 each of the seven projections its own sparsity; this measures whether the extra freedom moves our
 greedy rows. Same calibration (histograms, rotations), same Fisher cost, measured per matrix.
 
-    .venv/bin/python scripts/per_matrix_study.py CALIB [--windows 16] [--other | --only-other] [--shipped]
+    .venv/bin/python research/per_matrix_study.py CALIB [--windows 16] [--other | --only-other] [--shipped]
         [--sparsities 0.26,0.41] [--costs CALIB-costs7.pt]
 
 Prints the per-matrix (and, with --shipped, the shipped four-input) greedy rows at the six
-sparsities of scripts/threshold_rows.py on the eval protocol's 16 windows (and, with --other, 64
+sparsities of research/threshold_rows.py on the eval protocol's 16 windows (and, with --other, 64
 other windows). The costs (saved as CALIB-costs7.pt) took 31 min on 2 cores for 16 windows, each
-16-window row ~1.5 min, each 64-window row ~3.5 min. Result (README, "Tried and dropped"): better at
+16-window row ~1.5 min, each 64-window row ~3.5 min. Result (docs/research/thresholds.md, "Tried and dropped"): better at
 0.50 of the bytes, the same at 0.60 and 0.75.
 """
 import argparse
@@ -74,7 +74,7 @@ def greedy7(costs, arch, levels, sparsities):
 
 
 ROW7 = {}  # the per-matrix row the patched kernels apply: {"t": [L, 7]}
-_attention, _mlp = reference._attention, reference._mlp
+_attention, _mlp = reference.attention_rows, reference.mlp_rows
 
 
 def _attention7(arch, w, x, past, allowed, rope, heads, token_mask, kv_policy, observer, layer, t_x=None, t_o=None):
@@ -91,7 +91,7 @@ def _mlp7(activation, w, x, neurons, token_mask, observer, layer, t_x=None, t_h=
     return _mlp(activation, w, x, neurons, token_mask, observer, layer, t_x, t_h)
 
 
-reference._attention, reference._mlp = _attention7, _mlp7
+reference.attention_rows, reference.mlp_rows = _attention7, _mlp7
 
 
 class PerMatrix(Threshold):

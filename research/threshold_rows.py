@@ -3,9 +3,9 @@ SmolLM2, at six sparsities around 0.75 / 0.60 / 0.50 of the bytes, on the eval p
 windows and on 64 other test windows (16..79): the check that a difference between two calibrations
 is not the 16 windows' noise.
 
-    .venv/bin/python scripts/threshold_rows.py runs/thresholds [more calibration folders]
+    .venv/bin/python research/threshold_rows.py runs/thresholds [more calibration folders]
 
-~5 min per calibration on 2 cores. Results: README, "Accuracy per byte".
+~5 min per calibration on 2 cores. Results: docs/research/thresholds.md.
 """
 import json
 import sys

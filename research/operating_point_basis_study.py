@@ -10,11 +10,11 @@ refits, from the calibration's bases, the residual basis and each layer's value-
 context, per kv head, one threshold per layer) to minimise that cost model; then it calibrates again
 in the new bases.
 
-    .venv/bin/python scripts/operating_point_basis_study.py runs/op-shipped runs/op-refined
-    .venv/bin/python scripts/threshold_rows.py runs/op-shipped runs/op-refined
+    .venv/bin/python research/operating_point_basis_study.py runs/op-shipped runs/op-refined
+    .venv/bin/python research/threshold_rows.py runs/op-shipped runs/op-refined
 
 ~8 min for the first calibration (made when missing), ~3 min for the refit, ~5 min for the second,
-then ~5 min of rows each on 2 cores. Results: README, "Tried and dropped".
+then ~5 min of rows each on 2 cores. Results: docs/research/thresholds.md, "Tried and dropped".
 """
 import sys
 from pathlib import Path
@@ -24,7 +24,7 @@ import torch
 import shadowllm.predictor.thresholds as thresholds
 from shadowllm.models import adapter_for, corpus, sparse_forward
 from shadowllm.models.loading import load
-from shadowllm.models.rotation import _level_thresholds
+from shadowllm.models.rotation import level_thresholds
 
 ROWS = (0.25, 0.40, 0.50)  # table rows whose per-input levels the refit targets
 STEPS = 25
@@ -32,7 +32,7 @@ STEPS = 25
 
 def dropped(y: torch.Tensor, s: float) -> float:
     """Energy fraction of y below its s-quantile of |y|."""
-    t = _level_thresholds(y, [s])[0]
+    t = level_thresholds(y, [s])[0]
     return float(torch.where(y.abs() >= t, 0.0, y).pow(2).sum()) / float(y.pow(2).sum())
 
 
@@ -49,7 +49,7 @@ def targets(calib, y, layer, k, levels_at):
 
 def kept_weighted(y, terms):
     """y with each entry weighted by the sum of the weights of the levels that keep it."""
-    ts = _level_thresholds(y, [s for s, _ in terms])
+    ts = level_thresholds(y, [s for s, _ in terms])
     return y * sum(w * (y.abs() >= t).float() for (_, w), t in zip(terms, ts))
 
 

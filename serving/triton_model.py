@@ -3,7 +3,7 @@
 Triton's Python backend loads DIR/triton/shadowllm/1/model.py, which is this class. The model is
 decoupled: a request with `stream` true gets one response per text delta and a final one carrying
 `finish_reason`; any other request gets exactly one response (what `/generate` needs). Requests that
-the dynamic batcher hands over together run as left-padded batches (runtime/serving.py); a bad
+the dynamic batcher hands over together run as left-padded batches (serving/service.py); a bad
 request gets a Triton error response of one line naming the field, and the others go on.
 
 Parameters (config.pbtxt): `export` — the export folder, relative to this model's directory
@@ -21,20 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .step_backend import StepBackend
+from shadowllm.compiler.triton import INPUTS, OUTPUTS
+from shadowllm.runtime.step_backend import StepBackend
 
-# The generate extension's names: input -> (Triton data type, whether a request may leave it out).
-INPUTS = {"text_input": ("TYPE_STRING", False), "max_tokens": ("TYPE_INT32", True),
-          "temperature": ("TYPE_FP32", True), "top_p": ("TYPE_FP32", True), "seed": ("TYPE_UINT64", True),
-          "stream": ("TYPE_BOOL", True), "sparsity": ("TYPE_FP32", True)}
-OUTPUTS = {"text_output": "TYPE_STRING", "finish_reason": "TYPE_STRING"}
 
 
 class TritonPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
 
-        from .serving import GenerationService
+        from .service import GenerationService
 
         self.pb = pb_utils
         config = json.loads(args["model_config"])
@@ -48,7 +44,7 @@ class TritonPythonModel:
     def execute(self, requests):
         from shadowllm.models import ShadowError
 
-        from .serving import parse_request
+        from .service import parse_request
 
         senders, parsed = [], []
         for request in requests:
@@ -104,7 +100,7 @@ class TritonStepBackend(StepBackend):
     name = "triton-step"
 
     def __init__(self, folder: Path, step_model: str, pb_utils):
-        from .ort_backend import check_export_folder, sparsity_value
+        from shadowllm.export.folder import check_export_folder, sparsity_value
 
         self._arch(check_export_folder(Path(folder)))
         self.step_model, self.pb = step_model, pb_utils

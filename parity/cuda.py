@@ -3,7 +3,7 @@
 PyTorch reference of the same policy on the CPU — fp32 and the float64 golden, as `parity` checks
 onnxruntime.
 
-- fp32: prefill logits per position within runtime/parity.py's tolerance (twice the fp32 reference's
+- fp32: prefill logits per position within parity/check.py's tolerance (twice the fp32 reference's
   own distance from float64, scaled by each position's residual magnitude); then `steps` greedy
   decode steps, both sides fed the golden's tokens: the backend's tokens identical to the golden's
   and its last-position logits within the same tolerance. A dense export is fed random masks.
@@ -23,18 +23,18 @@ import torch
 
 from shadowllm.models import ShadowError, fingerprint
 
-from .ort_backend import check_export_folder
-from .parity import ATOL, FP32_FACTOR, OutputCheck, ParityReport, _float64, _logit_tolerance
-from .policy import export_model, export_policy
-from .torch_backend import TorchBackend
+from shadowllm.export.folder import check_export_folder
+from .check import ATOL, FP32_FACTOR, OutputCheck, ParityReport, _float64, _logit_tolerance
+from shadowllm.runtime.policy import export_model, export_policy
+from shadowllm.runtime.torch_backend import TorchBackend
 
 ROUNDOFF = {"fp32": 1.0, "bf16": 2.0 ** -8 / 2.0 ** -24, "fp16": 2.0 ** -11 / 2.0 ** -24}
 
 
 def check_cuda(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, steps: int = 32,
                dtype: str = "fp32", seed: int = 0, device: str = "cuda") -> ParityReport:
-    from .cuda_backend import CudaBackend, own_copy
-    from .generate import encode_batch
+    from shadowllm.runtime.cuda_backend import CudaBackend, own_copy
+    from shadowllm.runtime.generate import encode_batch
 
     folder = Path(folder)
     manifest = check_export_folder(folder, graph=False)

@@ -11,7 +11,7 @@ measured in the same run) / bytes one decode step must read (the kept block weig
 the embedding row, the KV cache read at the middle of the run).
 
     shadowllm bench --backend cuda --out docs/results/bench-gpu   # writes bench-gpu.json and bench-gpu.md
-    (on a GPU machine without the package installed: python3 -m shadowllm.runtime.bench_cuda --out DIR)
+    (on a GPU machine without the package installed: python3 -m shadowllm.bench.cuda --out DIR)
 """
 
 from __future__ import annotations

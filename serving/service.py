@@ -1,5 +1,5 @@
 """Generation for a server: requests that arrive together, validated one by one, run as left-padded
-batches, each row's text streamed and finished on its own (runtime/triton_model.py puts Triton's
+batches, each row's text streamed and finished on its own (serving/triton_model.py puts Triton's
 Python backend in front of it; nothing here knows Triton).
 
 A request carries the fields of Triton's generate extension: text_input, max_tokens, temperature,
@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 
 from shadowllm.models import ShadowError
 
-from .generate import Completion, generate
-from .sampling import Sampling
+from shadowllm.runtime.generate import Completion, generate
+from shadowllm.runtime.sampling import Sampling
 
 DEFAULT_MAX_TOKENS = 64
 
@@ -78,18 +78,18 @@ class GenerationService:
     """One loaded export (or TensorRT engine) serving batches of requests."""
 
     def __init__(self, folder: str | Path, runtime: str = "ort", threads: int | None = None, backend=None):
-        """backend: one already made (Triton's step model, runtime/triton_model.py), else runtime's."""
+        """backend: one already made (Triton's step model, serving/triton_model.py), else runtime's."""
         from transformers import AutoTokenizer
 
         folder = Path(folder)
         if backend is not None:
             self.backend = backend
         elif runtime == "tensorrt":
-            from .trt_backend import TrtBackend
+            from shadowllm.runtime.trt_backend import TrtBackend
 
             self.backend = TrtBackend(folder)
         elif runtime == "ort":
-            from .ort_backend import OrtBackend
+            from shadowllm.runtime.ort_backend import OrtBackend
 
             self.backend = OrtBackend(folder, threads=threads)
         else:
@@ -104,7 +104,7 @@ class GenerationService:
             on_done: Callable[[int, Completion | None, str | None], None]) -> None:
         """Generate every request. on_text(i, delta) streams request i's text; on_done(i, completion,
         error) ends it, once, with its completion or the one line that says why it failed."""
-        from .ort_backend import sparsity_value
+        from shadowllm.export.folder import sparsity_value
 
         groups: dict = {}
         for i, request in enumerate(requests):

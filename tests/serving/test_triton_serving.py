@@ -1,4 +1,4 @@
-"""Serving on Triton: `build --target triton` on the embedded model's static export, the real bundled
+"""Serving on Triton: `build --target triton` on the embedded model's threshold export, the real bundled
 tritonserver started on free loopback ports, and its answers compared with `shadowllm generate` on the
 same export (generate, generate_stream, 8 concurrent clients, bad requests)."""
 
@@ -12,7 +12,7 @@ import pytest
 
 from shadowllm.models import ShadowError
 from shadowllm.models.tiny import build_model, byte_tokenizer
-from shadowllm.runtime.triton_client import free_ports, post
+from shadowllm.serving.client import free_ports, post
 
 PROMPTS = ["The capital of France is", "Water boils at", "Once upon a time", "The largest planet is",
            "To bake bread, first", "In 1969, astronauts", "Photosynthesis turns", "A prime number is"]
@@ -28,9 +28,9 @@ def cli_generate(folder, prompt: str, max_tokens: int) -> str:
 @pytest.fixture(scope="module")
 def server(default_export):
     from shadowllm.compiler.build import build
-    from shadowllm.runtime.triton_server import TritonServer
+    from shadowllm.serving.server import TritonServer
 
-    folder = default_export("static")
+    folder = default_export("threshold")  # the policy to deploy; requests without a sparsity run row 0.00
     repository = build(folder, "triton", max_batch=8)
     http, grpc = free_ports(2)
     with TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=None) as running:
@@ -38,6 +38,7 @@ def server(default_export):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2-threshold-export")  # shares the export with tests/parity/test_default_exports.py
 def test_generate_and_generate_stream_match_the_cli(server):
     folder, running = server
     expect = cli_generate(folder, PROMPTS[0], 16)
@@ -50,6 +51,7 @@ def test_generate_and_generate_stream_match_the_cli(server):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2-threshold-export")  # shares the export with tests/parity/test_default_exports.py
 def test_concurrent_clients_each_get_their_own_answer(server):
     """8 clients at once (the dynamic batcher puts them in shared batches), different prompts and
     lengths: every answer is the one that prompt gets alone."""
@@ -77,6 +79,7 @@ def test_concurrent_clients_each_get_their_own_answer(server):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2-threshold-export")
 @pytest.mark.parametrize("body, words", [({"text_input": ""}, "text_input"),
                                          ({"text_input": "hi", "sparsity": 1.5}, "sparsity must lie in [0, 1)"),
                                          ({"text_input": "hi", "max_tokens": 0}, "max_tokens must lie in [1,"),
@@ -119,7 +122,7 @@ def test_the_service_batches_rows_with_their_own_limits(tmp_path):
     and give what each gets alone; a bad field is one line naming it."""
     from shadowllm.export.exporter import export
     from shadowllm.runtime.generate import generate
-    from shadowllm.runtime.serving import GenerationService, parse_request
+    from shadowllm.serving.service import GenerationService, parse_request
 
     model = build_model("opt", seed=5)
     folder = export(model, byte_tokenizer(), tmp_path / "e")
@@ -231,7 +234,7 @@ def test_the_onnxruntime_step_model_drives_generation_like_the_export(tmp_path):
     from shadowllm.export.exporter import export
     from shadowllm.runtime.generate import generate
     from shadowllm.runtime.ort_backend import OrtBackend
-    from shadowllm.runtime.triton_model import TritonStepBackend
+    from shadowllm.serving.triton_model import TritonStepBackend
 
     folder = export(build_model("llama", seed=7), byte_tokenizer(), tmp_path / "e")
     repository = build(folder, "triton", step="onnxruntime")

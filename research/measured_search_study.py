@@ -8,9 +8,9 @@ unchanged), keeping a move when the perplexity of 8 held-out train windows (128-
 128 thresholded tokens; windows 128..135, which no calibration of 128 windows reads) falls, then
 reports both rows on the eval protocol and on 64 other test windows.
 
-    .venv/bin/python scripts/measured_search_study.py runs/thresholds 0.41 720   # row, seconds of search
+    .venv/bin/python research/measured_search_study.py runs/thresholds 0.41 720   # row, seconds of search
 
-~20 s per candidate on 2 cores, then ~10 min of test rows. Results: README, "Tried and dropped".
+~20 s per candidate on 2 cores, then ~10 min of test rows. Results: docs/research/thresholds.md, "Tried and dropped".
 """
 import json
 import random

@@ -7,10 +7,10 @@ alpha = 1 the diagonal second-order loss of dropping entry i, the rule a Lagrang
 budget picks under that approximation. Each alpha gets its own calibration (128 wiki train windows,
 greedy costs on 16) and greedy rows at six sparsities; alpha 0 is the shipped PCA-only calibration.
 
-    .venv/bin/python scripts/fisher_scale_study.py 0,1.0,0.5        # the eval protocol (16 test windows)
-    .venv/bin/python scripts/fisher_scale_study.py 0,1.0 64         # 64 other test windows (16..79)
+    .venv/bin/python research/fisher_scale_study.py 0,1.0,0.5        # the eval protocol (16 test windows)
+    .venv/bin/python research/fisher_scale_study.py 0,1.0 64         # 64 other test windows (16..79)
 
-~6 min per alpha on 2 cores (+4 min with 64 windows). Results: README, "Tried and dropped".
+~6 min per alpha on 2 cores (+4 min with 64 windows). Results: docs/research/thresholds.md, "Tried and dropped".
 """
 import json
 import sys

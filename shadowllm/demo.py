@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 
 import torch
 
-from shadowllm.export.exporter import REVISION, export, predictor_fingerprint
-from shadowllm.models import adapter_for, fingerprint, load
+from shadowllm.export.exporter import REVISION, predictor_fingerprint
+from shadowllm.models import ShadowError, adapter_for, fingerprint, load
 from shadowllm.models.paths import atomic_folder
 from shadowllm.parity.check import check
 from shadowllm.predictor.cached import DEMO, QUICK, cached_predictors
@@ -118,9 +120,8 @@ def run_demo(model_name: str | None = None, quick: bool = False, backend: str = 
               "policy to deploy (`shadowllm export --policy threshold`).")
 
     with stage("export", "export of the threshold policy to ONNX with the sparse custom ops (cached)"):
-        deployed = _exported(calib, model, tokenizer, root, thresholds)
-        print(deployed)
-        calib = None  # and with it the rotated copy of the model (the export holds its weights now)
+        calib = None  # and with it the rotated copy of the model
+        deployed = _exported(model_name, root, thresholds)
 
     prompt = chat_prompt(tokenizer, PROMPT) if getattr(tokenizer, "chat_template", None) else PROMPT
     max_new = 24 if quick else 32
@@ -183,13 +184,20 @@ def _accuracy(model, tokenizer, predictor, static, thresholds, calib, windows: i
     return rows
 
 
-def _exported(calib, model, tokenizer, root, thresholds):
-    """The demo's threshold export (of the calibration's rotated copy of the model), made once and
-    cached, keyed by its table too, so a new calibration (or allocation) is exported anew instead of
-    the old table being reused."""
+def _exported(model_name, root, thresholds):
+    """The demo's threshold export, made once by the command a user runs (`shadowllm export --policy
+    threshold`: the built-in calibration, greedy allocation — the table the demo evaluated) and cached,
+    keyed by its table too, so a new calibration is exported anew instead of the old one reused. It
+    runs as its own process: the exporter keeps what it traced alive in the process that called it
+    (about 1 GB for SmolLM2, the rotated model's weights), which the parity check would stack on."""
     table = hashlib.sha256(thresholds[1].numpy().tobytes()).hexdigest()[:12]
     folder = root / f"export-threshold-v{REVISION}-{table}"
     if not (folder / "shadowllm.json").is_file():
-        export(calib.model_for(model), tokenizer, folder, "threshold", target="neurons", thresholds=thresholds,
-               threshold_source={"calibration": "built-in", "allocation": "greedy"})
+        command = ["shadowllm", "export", *([str(model_name)] if model_name else []), "--policy", "threshold",
+                   "--out", str(folder)]
+        print("$ " + " ".join(command), flush=True)
+        run = subprocess.run([sys.executable, "-m", *command])
+        if run.returncode != 0:
+            raise ShadowError(f"`{' '.join(command)}` failed (exit {run.returncode}); its error is above")
+    print(folder)
     return folder

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -58,9 +57,13 @@ def test_threshold_policies_parity(threshold_exports, policy, sparsity, native):
 @pytest.mark.parametrize("native", [False, True])
 def test_threshold_decode_applies_the_row_of_the_runtime_sparsity(threshold_exports, native):
     """A decode step equals sparse_forward with the table's row (and differs from dense: the
-    thresholds act); the prefill is dense."""
+    thresholds act); the prefill is dense. The draw is pinned: a fresh one can put an input entry
+    within fp32 rounding of its threshold, where the graph and the reference may each keep or drop it
+    and the logits then differ by up to ~1 (a CI run drew one: 0.65 on llama, native). `parity`
+    handles such ties by toggling the entry (tests above); this test only checks that the row of the
+    runtime sparsity is applied, on inputs clear of ties."""
     model, _, (grid, table), out, _, rotated = threshold_exports
-    g = torch.Generator().manual_seed(int.from_bytes(np.random.bytes(4), "little"))
+    g = torch.Generator().manual_seed(2024)
     ids = torch.randint(0, 256, (2, 7), generator=g)
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, :2] = 0

@@ -151,7 +151,7 @@ def run_demo(model_name: str | None = None, quick: bool = False, backend: str = 
             print(f"\n   [{len(out.token_ids)} tokens in {time.perf_counter() - start:.1f} s, finish: {out.finish_reason}]")
         answers = deployed_runner = shadow_runner = None  # parity opens its own session
 
-    steps = 8 if quick else 12
+    steps = 8  # a demonstration; `shadowllm parity DIR` checks 32 steps by default
     with stage("parity", f"parity of the threshold export ({where}) vs the PyTorch reference at sparsity "
                          f"{THRESHOLD_SPARSITY}, {steps} greedy steps"):
         if backend == "cuda":

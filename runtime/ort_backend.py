@@ -9,7 +9,6 @@ custom-op library is registered when it is built (`native=None`), required (`Tru
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

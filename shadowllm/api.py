@@ -93,12 +93,11 @@ def _check_sampling(max_new_tokens, temperature, top_p, top_k, seed):
 
 
 def load(path_or_model_name: str | os.PathLike | None = None, backend: str = "ort", sparsity: float = 0.0,
-         threads: int | None = None, dtype: str = "bf16", sparsity_flag: str = "sparsity") -> Model:
+         threads: int | None = None, dtype: str = "bf16") -> Model:
     """An export folder on `backend` (ort | torch | cuda | tensorrt), or a model (name or HF folder;
     None = the embedded default) run dense on torch or cuda. `sparsity`: the export's runtime sparsity
     (a threshold export takes its grid: 0.00, 0.01, ..., 0.90); `threads`: CPU threads (onnxruntime's
-    intra-op pool, torch's); `dtype`: the CUDA backend's weight type; `sparsity_flag`: how an error about
-    the sparsity names it (the CLI: --sparsity)."""
+    intra-op pool, torch's); `dtype`: the CUDA backend's weight type."""
     if backend not in BACKENDS:
         raise ShadowError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -114,16 +113,15 @@ def load(path_or_model_name: str | os.PathLike | None = None, backend: str = "or
 
         torch.set_num_threads(threads)
     if is_export_folder(path_or_model_name):
-        return _load_export(Path(path_or_model_name), backend, sparsity, threads, dtype, sparsity_flag)
+        return _load_export(Path(path_or_model_name), backend, sparsity, threads, dtype)
     return _load_model(path_or_model_name, backend, sparsity, dtype)
 
 
-def _load_export(folder: Path, backend: str, sparsity: float, threads: int | None, dtype: str,
-                 sparsity_flag: str = "sparsity") -> Model:
+def _load_export(folder: Path, backend: str, sparsity: float, threads: int | None, dtype: str) -> Model:
     from transformers import AutoTokenizer
 
     manifest = check_export_folder(folder, graph=backend in ("ort", "tensorrt"))
-    sparsity_value(manifest, sparsity, sparsity_flag)
+    sparsity_value(manifest, sparsity, "sparsity")
     if backend == "ort":
         from shadowllm.runtime.ort_backend import OrtBackend
 

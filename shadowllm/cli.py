@@ -65,10 +65,13 @@ def cmd_generate(args):
     from .api import is_export_folder
 
     if args.backend in ("ort", "tensorrt") or is_export_folder(args.model):
+        from shadowllm.export.folder import check_export_folder, sparsity_value
+
         from .api import load
 
-        deployed = load(args.model or "", args.backend or "ort", args.sparsity, dtype=args.dtype,
-                        sparsity_flag="--sparsity")
+        if is_export_folder(args.model):  # the error names the CLI's flag, before anything loads
+            sparsity_value(check_export_folder(Path(args.model), graph=False), args.sparsity)
+        deployed = load(args.model or "", args.backend or "ort", args.sparsity, dtype=args.dtype)
         tokenizer, backend = deployed.tokenizer, deployed.backend
         where = {"tensorrt": "tensorrt", "cuda": f"CUDA kernels ({args.dtype})"}.get(
             backend.name, f"onnxruntime ({getattr(backend, 'device', 'cpu')})")

@@ -1,7 +1,9 @@
 """The bound beside every benchmark figure: how many bytes one decode step must read, and how many
 tokens/s the machine's memory bandwidth (a large copy, measured in the same run) would then allow.
 
-Bytes per decode step (fp32): the weight rows the step reads (q and o rows of kept heads; k and v
+Bytes per decode step: the weight rows the step reads (at the export's weight format: fp32 4 bytes
+a weight, int8 1 + 2/32 with its block's fp16 scale, int4 0.5 + 4/32 with scale and minimum; a
+thresholded channel is counted at the same rate, its block's scales shared by the block) (q and o rows of kept heads; k and v
 rows of the kv heads computed; w_in / w_gate / w_out_t rows of kept neurons; the LM head; one
 embedding row) plus the KV cache the attention reads, at the run's mean context length. Backends
 that compute densely (HF eager, ORT's own GEMMs, the ops' function bodies) read every row whatever
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 FLOAT = 4
+WEIGHT_BYTES = {"fp32": 4.0, "int8": 1 + 2 / 32, "int4": 0.5 + 4 / 32}  # per projection weight, scales included
 
 
 def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -42,7 +45,7 @@ def threshold_bytes(arch: dict, kept, context: int = 0) -> int:
     per_entry = entry_weights(arch["heads"], G, E, D, arch["neurons"], arch["gated"])
     weights = sum(kept[k] * per_entry[k] for k in range(4))
     cache = 2 * L * G * context * E
-    return int(FLOAT * (weights + V * D + D + cache))
+    return int(WEIGHT_BYTES[arch.get("weights", "fp32")] * weights + FLOAT * (V * D + D + cache))
 
 
 def decode_bytes(arch: dict, head_mask=None, neuron_mask=None, context: int = 0, kv_policy: str = "all") -> int:
@@ -55,4 +58,4 @@ def decode_bytes(arch: dict, head_mask=None, neuron_mask=None, context: int = 0,
     groups = heads.reshape(L, G, H // G).any(-1) if kv_policy == "active" else np.ones((L, G), bool)
     rows = 2 * heads.sum() * E + 2 * groups.sum() * E + (3 if arch["gated"] else 2) * neurons.sum()
     cache = 2 * L * G * context * E
-    return int(FLOAT * (rows * D + V * D + D + cache))
+    return int(WEIGHT_BYTES[arch.get("weights", "fp32")] * rows * D + FLOAT * (V * D + D + cache))

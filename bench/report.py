@@ -24,10 +24,10 @@ def markdown(rows, meta: dict, command: str) -> str:
     lines += [f"Note: {n}" for n in meta.get("notes", [])]
     lines += ["Two bounds per cell: the round's (bandwidth read just before) and the peak (the run's highest "
               "reading, the strictest).", ""]
-    lines += ["", "| model | backend | policy | heads off | neurons off | decode tok/s | spread | vs ort-dense | "
+    lines += ["", "| model | backend | weights | policy | heads off | neurons off | decode tok/s | spread | vs ort-dense | "
               "bound tok/s (round / peak) | of bound (round / peak) | prefill ms | TTFT ms | peak RSS MB | "
               "predictor prefill / decode |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         base = _ort_dense(rows, r.model)
         ratio = f"{r.decode_tok_s / base:.2f}x" if base else ""
@@ -36,7 +36,7 @@ def markdown(rows, meta: dict, command: str) -> str:
         share = (f"{r.predictor_prefill_share:.1%} / {r.predictor_decode_share:.1%}"
                  if r.predictor_prefill_share is not None else "")
         policy = r.policy if getattr(r, "sparsity", None) is None else f"{r.policy} {r.sparsity:g}"
-        lines.append(f"| {r.model} | {r.backend} | {policy} | {r.head_sparsity:g} | {r.neuron_sparsity:g} | "
+        lines.append(f"| {r.model} | {r.backend} | {getattr(r, 'weights', 'fp32')} | {policy} | {r.head_sparsity:g} | {r.neuron_sparsity:g} | "
                      f"{r.decode_tok_s:.2f} | {r.decode_spread:.2f} | {ratio} | {r.bound_tok_s:.1f} / {peak_bound} | "
                      f"{r.achieved_of_bound:.0%} / {peak_frac} | {r.prefill_ms:.0f} | {r.ttft_ms:.0f} | "
                      f"{r.peak_rss_mb:.0f} | {share} |")
@@ -59,7 +59,12 @@ def plot(rows, path: Path):
     models = list(dict.fromkeys(r.model for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
-        mine = [r for r in rows if r.model == model and r.policy in ("dense", "random")]
+        everything = [r for r in rows if r.model == model and r.policy in ("dense", "random")]
+        mine = [r for r in everything if getattr(r, "weights", "fp32") == "fp32"]
+        four_bit = sorted((r.neuron_sparsity, r.decode_tok_s) for r in everything
+                          if r.weights == "int4" and r.backend == "ort-native" and r.head_sparsity == r.neuron_sparsity)
+        if four_bit:
+            ax.plot(*zip(*four_bit), "o-", color="C5", label="ort-native int4 (heads = neurons)")
         for backend, style in (("ort-native", "o-"), ("ort-function", "s--"), ("tensorrt", "^-")):
             diagonal = sorted((r.neuron_sparsity, r.decode_tok_s) for r in mine
                               if r.backend == backend and r.head_sparsity == r.neuron_sparsity)

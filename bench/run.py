@@ -68,6 +68,7 @@ class Row:
     repeats: int = 0
     prompt_tokens: int = 0
     sparsity: float | None = None  # threshold cells: the runtime sparsity (row of the threshold table)
+    weights: str = "fp32"  # the export's projection format (models/quant.py)
 
 
 @dataclass
@@ -202,17 +203,21 @@ def _bench_arch(folder: Path) -> dict:
     manifest = json.loads((folder / "shadowllm.json").read_text())
     config = json.loads((folder / "config.json").read_text())
     return dict(manifest["arch"], hidden=config["hidden_size"], gated=manifest["arch"]["family"] != "opt",
-                kv_policy=manifest.get("kv_policy", "all"))
+                kv_policy=manifest.get("kv_policy", "all"),
+                weights=(manifest.get("weights") or {}).get("format", "fp32"))
 
 
-def _cached_export(root: Path, model, tokenizer, policy: str, predictor=None, predictor_dir=None) -> Path:
+def _cached_export(root: Path, model, tokenizer, policy: str, predictor=None, predictor_dir=None,
+                   weights: str = "fp32") -> Path:
+    """An export of `model` (on the `weights` grid already, models/quant.py), made once."""
     from shadowllm.export.exporter import REVISION, export
 
-    folder = root / f"export-{policy}-v{REVISION}"
+    folder = root / f"export-{policy}{'' if weights == 'fp32' else '-' + weights}-v{REVISION}"
     if not (folder / "shadowllm.json").is_file():
         thresholds = _uniform_thresholds(model, tokenizer, root) if policy == "threshold" else None
         export(model, tokenizer, folder, policy, predictor=predictor, predictor_dir=predictor_dir,
-               thresholds=thresholds, threshold_source={"allocation": "uniform", "note": "bench calibration"})
+               thresholds=thresholds, threshold_source={"allocation": "uniform", "note": "bench calibration"},
+               weights=weights)
     return folder
 
 
@@ -235,6 +240,9 @@ def kept_entries(model, folder: Path, sparsity: float, ids: list, prompt_tokens:
 
     from shadowllm.predictor.evaluation import Threshold
 
+    from shadowllm.runtime.policy import export_model
+
+    model = export_model(folder, json.loads((folder / "shadowllm.json").read_text()), model)  # its weight grid
     table = load_file(str(folder / "thresholds.safetensors"))["table"]
     method = Threshold(table, "uniform", "both", sparsity, "per_layer")
     tokens = torch.tensor([ids])
@@ -291,12 +299,13 @@ def _sample(samples, model_name, backend_name, policy, hs, ns, backend, prompt, 
     else:  # predictor policies: the masks the predictor chose for the first decode step
         heads, neurons = decode_state["heads"].numpy()[0], decode_state["neurons"].numpy()[0]
     kv_policy = "all" if dense_bytes else arch["kv_policy"]
-    samples.append(dict(key=(model_name, backend_name, policy, hs, ns, sparsity), speed=speed, prefill=prefill,
+    samples.append(dict(key=(model_name, backend_name, policy, hs, ns, sparsity, arch["weights"]), speed=speed,
+                        prefill=prefill,
                         ttft=ttft, rss=_peak_rss_mb(), shares=shares, generated=generated,
                         bytes=None if sparsity is not None else decode_bytes(
                             arch, heads, neurons, plan.prompt_tokens + plan.tokens // 2, kv_policy)))
     what = f"sparsity {sparsity:<4}" if sparsity is not None else f"heads {hs:<4} neurons {ns:<4}"
-    print(f"[shadowllm] bench {model_name:<15} {backend_name:<12} {policy:<9} {what} "
+    print(f"[shadowllm] bench {model_name:<15} {backend_name:<12} {arch['weights']:<5} {policy:<9} {what} "
           f"{speed:7.2f} tok/s, prefill {prefill:.0f} ms", flush=True)
 
 
@@ -307,7 +316,7 @@ def _rows(samples: list, plan: Plan) -> list:
     for sample in samples:
         cells.setdefault(sample["key"], []).append(sample)
     rows = []
-    for (model, backend, policy, hs, ns, sparsity), runs in cells.items():
+    for (model, backend, policy, hs, ns, sparsity, weights), runs in cells.items():
         speeds = [r["speed"] for r in runs]
         bounds = [r["bandwidth"] / r["bytes"] for r in runs]
         shares = next((r["shares"] for r in runs if r["shares"]), None)
@@ -318,7 +327,7 @@ def _rows(samples: list, plan: Plan) -> list:
                   round(max(r["rss"] for r in runs), 0),
                   shares["predictor_prefill"] if shares else None, shares["predictor_decode"] if shares else None,
                   shares.get("decode_op_shares") if shares else None, tokens=plan.tokens, repeats=len(runs),
-                  prompt_tokens=plan.prompt_tokens, sparsity=sparsity)
+                  prompt_tokens=plan.prompt_tokens, sparsity=sparsity, weights=weights)
         rows.append(row)
     return rows
 
@@ -342,6 +351,12 @@ def _prepare(name: str, predictor_policies: bool) -> dict:
     if predictor_policies and name in REAL:
         for policy, (predictor, pdir) in _predictors(model, tokenizer, root).items():
             folders[policy] = _cached_export(root, model, tokenizer, policy, predictor, pdir)
+    if name in REAL:  # 4-bit cells: the embedded model's own Q4_1 grid (fake_quantize_ leaves its values as they are)
+        from shadowllm.models.quant import fake_quantize_
+
+        fake_quantize_(model, "int4")
+        for policy in ("dense", "threshold"):
+            folders[f"{policy}-int4"] = _cached_export(root, model, tokenizer, policy, weights="int4")
     return {k: str(v) for k, v in folders.items()}
 
 
@@ -426,6 +441,10 @@ def bench_model(name: str, plan: Plan, bandwidth, model=None, tokenizer=None, ro
     groups += [(policy, folders[policy]) for policy in ("shadow", "dejavu") if policy in folders]
     if plan.threshold_grid:
         groups.append(("threshold", folders["threshold"]))
+    if "dense-int4" in folders:  # the same native cells on 4-bit weights
+        groups += [("ort-native", folders["dense-int4"])]
+        if plan.threshold_grid:
+            groups.append(("threshold", folders["threshold-int4"]))
     samples = []
     for round_ in range(plan.repeats):
         for kind, folder in groups:

@@ -26,7 +26,7 @@ import onnx
 from onnx import helper
 
 from shadowllm.export.exporter import LOGITS_TO_KEEP
-from shadowllm.export.onnx_ops import ATTENTION_INPUTS, DOMAIN, MLP_INPUTS, THRESHOLDS
+from shadowllm.export.onnx_ops import ATTENTION_INPUTS, DOMAIN, MLP_INPUTS, SCALES, THRESHOLDS
 from shadowllm.models import ShadowError
 from shadowllm.compiler.native import TRT_LIBRARY, load_trt_plugins, trt_plugins_library
 
@@ -55,6 +55,9 @@ def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
         if any(names[slots.index(t)] for t in THRESHOLDS if t in slots) or layout != "row_major":
             raise ShadowError(f"--target tensorrt: node {node.name} takes activation thresholds (a threshold "
                               "policy); the TensorRT plugins do not implement them yet: use --target ort-cpu")
+        if any(names[slots.index(t)] for t in SCALES if t in slots):
+            raise ShadowError(f"--target tensorrt: node {node.name} has quantized weights (export --weights int8/int4); "
+                              "the TensorRT plugins read fp32/fp16 weights only so far: use --target ort-cpu")
         mask = slots.index(MASK_SLOT[node.op_type])
         if names[mask] not in cast:
             cast[names[mask]] = f"{names[mask]}/int32"

@@ -19,10 +19,12 @@ import onnxscript
 import torch
 
 from shadowllm.models import ShadowError, adapter_for, fingerprint
+from shadowllm.models.quant import BLOCK, HEAD_FORMAT, check_format
 from shadowllm.models.rotation import rotation_tensors, same_rotation
 
 from .graph import POLICIES, THRESHOLDED, ExportModule
 from .names import cache_names
+from .weights import quantize_graph
 from .onnx_ops import (DOMAIN, OPSET, PLUGIN_ATTRS, AttentionVariant, MLPVariant, attention_function, layout_attrs,
                        mlp_function, register_schemas)
 
@@ -30,7 +32,7 @@ MANIFEST = "shadowllm.json"
 FORMAT = "shadowllm-export/1"
 # Bumped whenever the exporter writes a different graph for the same model (4: `logits_to_keep`, the
 # KV cache written in place); folders cached under it (demo, bench) are made again.
-REVISION = 4
+REVISION = 5  # 5: quantized projections (--weights int8|int4: codes + `<weight>_scale` / `_min` inputs)
 _custom = onnxscript.values.Opset(domain=DOMAIN, version=1)
 
 
@@ -92,7 +94,7 @@ def check_threshold_table(thresholds, num_layers: int):
 
 
 def trace(model, policy: str = "dense", static_scores=None, target: str = "both", predictor=None,
-          thresholds=None, head_sparsity: float = 0.0):
+          thresholds=None, head_sparsity: float = 0.0, weights: str = "fp32"):
     """The ONNX model for `model` under `policy`, as an onnx_ir Model whose initializers still point at
     the traced module's tensors (written out by `export` one at a time: no in-memory proto holding
     every weight a second time)."""
@@ -126,15 +128,17 @@ def trace(model, policy: str = "dense", static_scores=None, target: str = "both"
     w0 = adapter_for(model).attention(0)
     m0 = adapter_for(model).mlp(0)
     thresholded = policy in THRESHOLDED
+    weight_bytes = quantize_graph(ir_model, weights)
     for body in (mlp_function(MLPVariant(arch.activation, m0.w_gate is not None, m0.b_in is not None,
-                                         m0.b_out is not None, thresholded, module.weight_layout)),
+                                         m0.b_out is not None, thresholded, module.weight_layout, weights)),
                  attention_function(AttentionVariant(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.scale,
                                                      arch.rope, w0.b_q is not None, w0.b_o is not None,
                                                      "active" if module.granularity == "sequence" else "all",
-                                                     thresholded, module.weight_layout))):
+                                                     thresholded, module.weight_layout, weights))):
         function = ir.serde.deserialize_function(body)
         ir_model.functions[function.identifier()] = function
     ir_model._shadowllm_module = module  # the initializers' tensors live as long as the model
+    ir_model._shadowllm_weight_bytes = weight_bytes
     return ir_model
 
 
@@ -261,11 +265,13 @@ def genai_config(model, arch) -> dict:
 def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", static_scores=None,
            static_source: dict | None = None, target: str = "both", predictor=None,
            predictor_dir: str | None = None, thresholds=None, threshold_source: dict | None = None,
-           head_sparsity: float = 0.0) -> Path:
+           head_sparsity: float = 0.0, weights: str = "fp32") -> Path:
     """Write the export folder `out` (atomically). Returns its path.
 
     thresholds: (grid [R], table [R, L, 4]) for the threshold policies; threshold_source describes
-    their calibration and allocation (recorded in the manifest)."""
+    their calibration and allocation (recorded in the manifest). weights: the projections' format
+    (models/quant.py); the model must already be on its grid (`fake_quantize_(model, weights)`, done
+    before any calibration so that the policy is measured on the weights it runs with)."""
     from shadowllm.models.paths import check_out
 
     out = check_out(out, "--out")
@@ -291,7 +297,12 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
         raise ShadowError("the threshold table was calibrated on the model " +
                           ("rotated into other bases; export Calibration.model_for(model), the rotated model"
                            if rotation is None else "in other bases than this rotated model's"))
-    traced = trace(model, policy, static_scores, target, predictor, thresholds, head_sparsity)
+    check_format(weights)
+    on_grid = getattr(model, "_shadowllm_weights", "fp32")
+    if weights != on_grid:
+        raise ShadowError(f"--weights {weights}: the model's projections are {on_grid}; put them on the grid first "
+                          f"(shadowllm.models.quant.fake_quantize_(model, {weights!r}))")
+    traced = trace(model, policy, static_scores, target, predictor, thresholds, head_sparsity, weights)
     from shadowllm.models.paths import atomic_folder
 
     with atomic_folder(out) as tmp:
@@ -326,6 +337,9 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
                 "prefill": "dense (thresholds 0)",
                 "rotation": None if rotation is None else [k for k, q in rotation.items() if q is not None]},
             "head_sparsity": head_sparsity if policy == "shadow+threshold" else None,
+            "weights": {"format": weights, "block": BLOCK if weights != "fp32" else None,
+                        "lm_head": HEAD_FORMAT if weights != "fp32" else "fp32",
+                        "quantized_bytes": traced._shadowllm_weight_bytes or None},
             "ops": {f"{DOMAIN}::SparseHeadAttention": 1, f"{DOMAIN}::SparseNeuronMLP": 1},
             "arch": {"family": arch.family, "layers": arch.num_layers, "hidden": arch.hidden, "heads": arch.num_heads,
                      "kv_heads": arch.num_kv_heads, "head_dim": arch.head_dim, "neurons": arch.ffn,

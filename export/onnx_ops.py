@@ -6,6 +6,11 @@ multiplies by the mask, so stock onnxruntime runs the model with no native code.
 library is registered, ORT runs its kernel for the node instead. Absent optional inputs are passed
 as "" by the node and never referenced by the body of that variant.
 
+Quantized weights (`export --weights int8|int4`, models/quant.py): a projection's input holds the
+codes (INT8 / UINT4, in the node's layout) and its trailing `<weight>_scale` (fp16, blocks of
+`block_size` along the input dimension) and, for UINT4, `<weight>_min` inputs are present; the bodies
+rebuild the fp32 weight with the standard blocked DequantizeLinear (opset 21) plus the minimum.
+
 Schemas are registered with `onnx.defs` so `onnx.checker.check_model(full_check=True)` and shape
 inference accept the nodes.
 """
@@ -18,15 +23,33 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from shadowllm.models.quant import BLOCK
+
 DOMAIN = "ai.shadowllm"
 VERSION = 1
 OPSET = 21  # standard opset of the bodies (Gelu needs >= 20)
 PLUGIN_ATTRS = {"plugin_namespace": "shadowllm", "plugin_version": "1"}
-MLP_INPUTS = ["x", "w_in", "b_in", "w_gate", "w_out_t", "b_out", "mask", "t_x", "t_h"]
-ATTENTION_INPUTS = ["x", "w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o_t", "b_o", "past_key", "past_value",
-                    "attention_mask", "position_ids", "cos", "sin", "head_mask", "t_x", "t_o"]
+MLP_WEIGHTS = ["w_in", "w_gate", "w_out_t"]
+ATTENTION_WEIGHTS = ["w_q", "w_k", "w_v", "w_o_t"]
+
+
+def _scales(weights):
+    """The optional inputs that make a projection quantized: its block scales, then minimums (int4)."""
+    return [f"{w}_{part}" for w in weights for part in ("scale", "min")]
+
+
+# Input order is the contract (the native kernels and TensorRT plugins index by position): scales
+# were appended in export revision 5, so older nodes, which end earlier, keep their meaning.
+# *_BASE_INPUTS: what the torch ops take (they hold weights as values).
+MLP_BASE_INPUTS = ["x", "w_in", "b_in", "w_gate", "w_out_t", "b_out", "mask", "t_x", "t_h"]
+ATTENTION_BASE_INPUTS = ["x", "w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o_t", "b_o", "past_key", "past_value",
+                         "attention_mask", "position_ids", "cos", "sin", "head_mask", "t_x", "t_o"]
+MLP_INPUTS = MLP_BASE_INPUTS + _scales(MLP_WEIGHTS)
+ATTENTION_INPUTS = ATTENTION_BASE_INPUTS + _scales(ATTENTION_WEIGHTS)
 THRESHOLDS = {"t_x", "t_h", "t_o"}  # optional fp32 scalars: an entry v of that input counts when |v| >= t
-OPTIONAL = {"b_in", "w_gate", "b_out", "b_q", "b_k", "b_v", "b_o", "cos", "sin"} | THRESHOLDS
+SCALES = set(_scales(MLP_WEIGHTS + ATTENTION_WEIGHTS))
+WEIGHTS = set(MLP_WEIGHTS + ATTENTION_WEIGHTS)
+OPTIONAL = {"b_in", "w_gate", "b_out", "b_q", "b_k", "b_v", "b_o", "cos", "sin"} | THRESHOLDS | SCALES
 ATTENTION_OUTPUTS = ["y", "present_key", "present_value"]
 MASKED = float(np.finfo(np.float32).min)  # score of a hidden key: a fully hidden row attends uniformly
 
@@ -54,7 +77,24 @@ class _Body:
         self.nodes.append(helper.make_node("Identity", [src], [dst]))
 
 
-def _linear(b: _Body, x, w, bias, channel_major=False):
+def _weight(b: _Body, w: str, weights: str, axis: int):
+    """The fp32 weight of input `w`: itself, or its codes dequantized in blocks along `axis` (the
+    projection's input dimension): DequantizeLinear(codes, scale) (+ each block's minimum, int4)."""
+    if weights == "fp32":
+        return w
+    scale = b("Cast", f"{w}_scale", to=TensorProto.FLOAT)
+    value = b("DequantizeLinear", w, scale, axis=axis, block_size=BLOCK)
+    if weights == "int4":  # w = d*q + m: the minimum repeated over its block, back in the weight's shape
+        minimum = b("Unsqueeze", b("Cast", f"{w}_min", to=TensorProto.FLOAT), b.const([axis + 1]))
+        repeated = b("Expand", minimum, b.const([1, BLOCK, 1] if axis == 0 else [1, 1, BLOCK]))
+        value = b("Add", value, b("Reshape", repeated, b("Shape", w)))
+    return b("CastLike", value, "x")
+
+
+def _linear(b: _Body, x, w, bias, channel_major=False, weights="fp32"):
+    """x @ w^T (+ bias) for an input projection: blocks run along its input, axis 1 of [out, in]
+    (row_major) or axis 0 of [in, out] (channel_major)."""
+    w = _weight(b, w, weights, 0 if channel_major else 1)
     y = b("MatMul", x, w if channel_major else b("Transpose", w, perm=[1, 0]))
     return b("Add", y, bias) if bias else y
 
@@ -84,6 +124,7 @@ class MLPVariant:
     bias_out: bool
     thresholds: bool = False  # t_x and t_h are inputs
     weight_layout: str = "row_major"  # of w_in / w_gate: row_major [F, D] | channel_major [D, F]
+    weights: str = "fp32"  # fp32 | int8 | int4 (models/quant.py): the projections' format
 
 
 @dataclass(frozen=True)
@@ -98,6 +139,7 @@ class AttentionVariant:
     kv_policy: str  # all | active
     thresholds: bool = False  # t_x and t_o are inputs
     weight_layout: str = "row_major"  # of w_q / w_k / w_v: row_major [out, D] | channel_major [D, out]
+    weights: str = "fp32"  # fp32 | int8 | int4 (models/quant.py): the projections' format
 
 
 def mlp_function(v: MLPVariant) -> onnx.FunctionProto:
@@ -106,18 +148,19 @@ def mlp_function(v: MLPVariant) -> onnx.FunctionProto:
     b = _Body()
     cm = v.weight_layout == "channel_major"
     x = _keep_large(b, "x", "t_x") if v.thresholds else "x"
-    up = _linear(b, x, "w_in", "b_in" if v.bias_in else None, cm)
-    h = b("Mul", _activation(b, v.activation, _linear(b, x, "w_gate", None, cm)), up) if v.gated \
+    up = _linear(b, x, "w_in", "b_in" if v.bias_in else None, cm, v.weights)
+    h = b("Mul", _activation(b, v.activation, _linear(b, x, "w_gate", None, cm, v.weights)), up) if v.gated \
         else _activation(b, v.activation, up)
     mask = b("Unsqueeze", b("CastLike", "mask", "x"), b.const([1]))  # [B, 1, F]
     h = b("Mul", h, mask)
     if v.thresholds:
         h = _keep_large(b, h, "t_h")
-    y = b("MatMul", h, "w_out_t")
+    y = b("MatMul", h, _weight(b, "w_out_t", v.weights, 0))
     b.rename(b("Add", y, "b_out") if v.bias_out else y, "y")
     return helper.make_function(DOMAIN, "SparseNeuronMLP", MLP_INPUTS, ["y"], b.nodes,
                                 [helper.make_opsetid("", OPSET)],
-                                attributes=["activation", "weight_layout", "plugin_namespace", "plugin_version"])
+                                attributes=["activation", "weight_layout", "block_size", "plugin_namespace",
+                                            "plugin_version"])
 
 
 def _heads(b: _Body, t, n, E):
@@ -140,9 +183,9 @@ def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
     H, G, E = v.num_heads, v.num_kv_heads, v.head_dim
     cm = v.weight_layout == "channel_major"
     x = _keep_large(b, "x", "t_x") if v.thresholds else "x"
-    q = _heads(b, _linear(b, x, "w_q", "b_q" if v.bias_qkv else None, cm), H, E)
-    k = _heads(b, _linear(b, x, "w_k", "b_k" if v.bias_qkv else None, cm), G, E)
-    val = _heads(b, _linear(b, x, "w_v", "b_v" if v.bias_qkv else None, cm), G, E)
+    q = _heads(b, _linear(b, x, "w_q", "b_q" if v.bias_qkv else None, cm, v.weights), H, E)
+    k = _heads(b, _linear(b, x, "w_k", "b_k" if v.bias_qkv else None, cm, v.weights), G, E)
+    val = _heads(b, _linear(b, x, "w_v", "b_v" if v.bias_qkv else None, cm, v.weights), G, E)
     if v.rope:
         cos = b("Unsqueeze", b("Gather", "cos", "position_ids", axis=0), b.const([1]))  # [B, 1, S, E/2]
         sin = b("Unsqueeze", b("Gather", "sin", "position_ids", axis=0), b.const([1]))
@@ -183,12 +226,12 @@ def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
     context = b("Reshape", b("Transpose", b("Mul", context, on), perm=[0, 2, 1, 3]), b.const([0, 0, H * E]))
     if v.thresholds:
         context = _keep_large(b, context, "t_o")
-    y = b("MatMul", context, "w_o_t")
+    y = b("MatMul", context, _weight(b, "w_o_t", v.weights, 0))
     b.rename(b("Add", y, "b_o") if v.bias_o else y, "y")
     return helper.make_function(DOMAIN, "SparseHeadAttention", ATTENTION_INPUTS, ATTENTION_OUTPUTS, b.nodes,
                                 [helper.make_opsetid("", OPSET)],
                                 attributes=["num_heads", "num_kv_heads", "head_dim", "scale", "rope", "kv_policy",
-                                            "weight_layout", "plugin_namespace", "plugin_version"])
+                                            "weight_layout", "block_size", "plugin_namespace", "plugin_version"])
 
 
 def _node_inputs(inputs: dict, formal: list[str]) -> list[str]:
@@ -221,13 +264,16 @@ def attention_node(inputs: dict, outputs: list[str], v: AttentionVariant, name: 
 def _schema(name, inputs, outputs, attrs, doc, infer):
     P, S = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption
     types = {"mask": "B", "head_mask": "B", "attention_mask": "I", "position_ids": "I", "t_x": "F", "t_h": "F",
-             "t_o": "F"}
+             "t_o": "F", **{w: "W" for w in WEIGHTS}, **{s: "H" for s in SCALES}}
     formal_in = [P(n, types.get(n, "T"), "", param_option=S.Optional if n in OPTIONAL else S.Single)
                  for n in inputs]
     formal_out = [P(n, "T", "") for n in outputs]
     constraints = [("T", ["tensor(float)", "tensor(float16)"], "activations and weights"),
                    ("B", ["tensor(bool)"], "masks"), ("I", ["tensor(int64)"], "positions and attention mask"),
-                   ("F", ["tensor(float)"], "activation thresholds (scalars)")]
+                   ("F", ["tensor(float)"], "activation thresholds (scalars)"),
+                   ("W", ["tensor(float)", "tensor(float16)", "tensor(int8)", "tensor(uint4)"],
+                    "projection weights: values, or block codes with their scales"),
+                   ("H", ["tensor(float16)"], "block scales and minimums of quantized weights")]
     schema = onnx.defs.OpSchema(name, DOMAIN, VERSION, doc, inputs=formal_in, outputs=formal_out,
                                 type_constraints=constraints, attributes=attrs)
     schema.set_type_and_shape_inference_function(infer)
@@ -266,8 +312,8 @@ def register_schemas() -> None:
     if onnx.defs.has("SparseNeuronMLP", DOMAIN):
         return
     A = onnx.defs.OpSchema.AttrType
-    plugin = [_attr("weight_layout", A.STRING, False), _attr("plugin_namespace", A.STRING, False),
-              _attr("plugin_version", A.STRING, False)]
+    plugin = [_attr("weight_layout", A.STRING, False), _attr("block_size", A.INT, False),
+              _attr("plugin_namespace", A.STRING, False), _attr("plugin_version", A.STRING, False)]
     onnx.defs.register_schema(_schema(
         "SparseNeuronMLP", MLP_INPUTS, ["y"], [_attr("activation", A.STRING)] + plugin,
         "FFN that computes only the neurons kept by mask[B,F] (docs/export-format.md).", _infer_mlp))

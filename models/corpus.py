@@ -96,7 +96,7 @@ class Corpus:
     def tokens(self, tokenizer, split: str) -> torch.Tensor:
         """The whole split as one 1-D tensor of token ids (no BOS)."""
         text = "\n\n".join(t for _, t in self.articles(split))
-        return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        return _tokenize(tokenizer, text)
 
     def windows(self, tokenizer, split: str, length: int = 512, limit: int | None = None) -> torch.Tensor:
         """[N, length] token windows of a split, BOS first where the tokenizer has one."""
@@ -135,6 +135,47 @@ class FileCorpus(Corpus):
 
     def _split_articles(self) -> dict:
         return self._splits
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    """tokenizer(text) as a 1-D tensor, through a cache on disk: a split of the wiki takes seconds to
+    tokenise and every command (calibrate, eval, train, export) starts with it. The key is the content
+    of both the text and the tokenizer (its serialized vocabulary, merges and rules), so a cached
+    array can only be the one this call would compute. Tokenizers with no serialized form (slow,
+    Python ones) are not cached."""
+    import os
+
+    import numpy as np
+
+    from .loading import cache_root
+
+    def compute() -> torch.Tensor:
+        return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return compute()
+    digest = hashlib.sha256()
+    for part in (backend.to_str(), text):
+        digest.update(hashlib.sha256(part.encode("utf-8")).digest())
+    key = digest.hexdigest()[:32]
+    if key in _TOKENS:
+        return _TOKENS[key]
+    path = cache_root() / "tokens" / f"{key}.npy"
+    try:
+        ids = torch.from_numpy(np.load(path).astype(np.int64))
+    except (OSError, ValueError):  # not cached yet (or a torn file from a killed writer): compute it
+        ids = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        small = ids.numel() == 0 or int(ids.max()) < 2**16
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, ids.numpy().astype(np.uint16 if small else np.int32))
+        os.replace(tmp, path)  # atomic: concurrent processes (test workers) each write a whole file
+    _TOKENS[key] = ids
+    return ids
+
+
+_TOKENS: dict[str, torch.Tensor] = {}  # this process's tokenised splits (a command often reads one twice)
 
 
 def _read_text(file: Path) -> str:

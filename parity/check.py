@@ -101,6 +101,9 @@ class ParityReport:
     threshold_ties: int = 0  # entries of h / the context that fp32 and float64 kept differently at a tie
     tie_steps: int = 0  # decode steps whose logits a near-tie (NEAR_TIE) moved beyond tolerance
     token_mismatch_steps: list = field(default_factory=list)  # CUDA backend: decode steps whose token differed
+    # quantized exports: (format, max |dense logits - the fp32 source's|, relative): what the weight
+    # format changes in the model, reported apart from parity (which compares like with like)
+    quantization: tuple | None = None
 
     @property
     def passed(self) -> bool:
@@ -127,6 +130,10 @@ class ParityReport:
                 lines.append(f"decode steps whose logits a tie moved past tolerance: {self.tie_steps} (reported, "
                              "not compared)")
         lines.append(f"{f'greedy tokens ({self.greedy_tokens})':<52}  {'pass' if self.tokens_identical else 'FAIL'}")
+        if self.quantization:
+            fmt, max_abs, max_rel = self.quantization
+            lines.append(f"weights {fmt}: dense float64 logits vs the fp32 source: max abs {max_abs:.3e}, max rel "
+                         f"{max_rel:.3e} (the format's own error: reported, not compared)")
         comparator = ("polygraphy comparator (atol %.1e)" % self.tolerance if self.against == "tensorrt"
                       else "polygraphy comparator (each output / its tolerance)")
         lines.append(f"{comparator:<52}  {'pass' if self.polygraphy_passed else 'FAIL'}")
@@ -183,9 +190,10 @@ def _dense_logits64(model, ids, mask) -> torch.Tensor:
     return logits
 
 
-def _rotation_check(want, rotated, ids, mask, tolerance) -> OutputCheck:
+def _source_check(want, rotated, ids, mask, tolerance) -> OutputCheck:
     """The rotated model (models/rotation.py) computes its source's function: dense float64 logits of
-    both (`want`: the source's), each position within its logit tolerance."""
+    both (`want`: the source's), each position within its logit tolerance. (For a quantized model the
+    same distance is the weight format's error, reported rather than compared.)"""
     from shadowllm.models import sparse_forward
 
     with torch.inference_mode():
@@ -256,7 +264,7 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
     ids = torch.randint(0, a["vocab"], (B, S), generator=g)
     mask = torch.ones(B, S, dtype=torch.long)
     mask[1, :3] = 0  # left padding on the second row
-    # the source's float64 logits, for the rotation check below
+    # the source's float64 logits, for the rotation / quantization check below
     source_logits = _dense_logits64(source, ids, mask) if model is not source else None
     reference = reference_backend(folder, manifest, model, sparsity)  # fp32: its own error sets the tolerance
     exact = reference_backend(folder, manifest, _float64(model), sparsity)  # the golden
@@ -291,8 +299,12 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
     report.tolerance = max(ATOL, FP32_FACTOR * report.fp32_reference_error)
     logit_tolerance = _logit_tolerance(_float64(model), ids, mask, logits32, logits)  # [B, S]
     report.logits_tolerance = (float(logit_tolerance[mask.bool()].min()), float(logit_tolerance[mask.bool()].max()))
-    if model is not source:
-        report.outputs.append(_rotation_check(source_logits, model, ids, mask, logit_tolerance))
+    weights = (manifest.get("weights") or {}).get("format", "fp32")
+    if weights != "fp32":
+        check = _source_check(source_logits, model, ids, mask, logit_tolerance)
+        report.quantization = (weights, check.max_abs, check.max_rel)
+    elif model is not source:
+        report.outputs.append(_source_check(source_logits, model, ids, mask, logit_tolerance))
     for name, expect, scores in (("shadow_head_mask_out", mask_heads, reference.last_scores[0]),
                                  ("shadow_neuron_mask_out", mask_neurons, reference.last_scores[1])):
         same, flips = mask_agreement(ours[name], expect, scores)

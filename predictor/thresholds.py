@@ -463,23 +463,26 @@ BUILTIN_VERSION = "v5"
 BUILTIN = Path(__file__).resolve().parent / "builtin"  # shipped calibrations, one folder per model
 
 
-def builtin_name(model) -> str:
+def builtin_name(model, rotate: str = "sparse") -> str:
     """The folder name of `model`'s built-in calibration: its fingerprint, corpus, samples x window and
-    the method's version (a change to the method bumps it, so no stale calibration is ever read). The
-    window shrinks to the model's positions when they are fewer than 256."""
+    the method's version (a change to the method bumps it, so no stale calibration is ever read), and
+    the rotation when it is not the default. The window shrinks to the model's positions when they are
+    fewer than 256."""
     window = min(256, adapter_for(model).arch.max_positions)
-    return f"{fingerprint(model).split(':')[1][:16]}-wiki-128x{window}-{BUILTIN_VERSION}"
+    suffix = "" if rotate == "sparse" else f"-rotate-{rotate}"
+    return f"{fingerprint(model).split(':')[1][:16]}-wiki-128x{window}-{BUILTIN_VERSION}{suffix}"
 
 
-def default_calibration(model, tokenizer, progress: bool = True) -> Calibration:
+def default_calibration(model, tokenizer, progress: bool = True, rotate: str = "sparse") -> Calibration:
     """The built-in calibration of this model on the wiki train split: shipped with the package for the
     embedded model (predictor/builtin/, made by scripts/builtin_calibration.py with this module's own
     calibrate_thresholds; tests/predictor/test_builtin_calibration.py recomputes part of it), else made
     once (with a progress bar) and cached."""
     from shadowllm.models.loading import cache_root
 
-    name = builtin_name(model)
+    name = builtin_name(model, rotate)
     if (BUILTIN / name / MANIFEST).is_file():
         return load_calibration(BUILTIN / name, model)
     window = min(256, adapter_for(model).arch.max_positions)
-    return cached_calibration(cache_root() / "thresholds" / name, model, tokenizer, window=window, progress=progress)
+    return cached_calibration(cache_root() / "thresholds" / name, model, tokenizer, window=window, progress=progress,
+                              rotate=rotate)

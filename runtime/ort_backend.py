@@ -19,6 +19,13 @@ from shadowllm.export.folder import check_export_folder, sparsity_value
 from shadowllm.export.names import cache_names
 from shadowllm.models import ShadowError
 
+def _threads_from_environment() -> int | None:
+    """OMP_NUM_THREADS, which PyTorch honours too, so one variable sizes both pools (e.g. a test
+    worker sharing the cores with others); None when unset: onnxruntime's default, every core."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 class OrtBackend:
     name = "ort"
 
@@ -41,6 +48,7 @@ class OrtBackend:
 
         # The C++ kernels run on this session's intra-op pool (KernelContext::ParallelFor).
         options, self.native = session_options(native)
+        threads = threads or _threads_from_environment()
         if threads:
             options.intra_op_num_threads = threads
         if profile_prefix:  # onnxruntime's per-node profiler (bench: the predictor's share of time)

@@ -50,7 +50,17 @@ def exported_model(folder: Path, manifest: dict, model=None):
 def export_model(folder: Path, manifest: dict, model):
     """The model an export folder's graph computes: `model` (the one it was exported from, checked by
     the caller), or its copy rotated as the export's threshold calibration asks (models/rotation.py;
-    the rotation is stored beside the table)."""
+    the rotation is stored beside the table), or its copy with the projections on the export's
+    weight grid (models/quant.py; a quantized export is never rotated)."""
+    weights = (manifest.get("weights") or {}).get("format", "fp32")  # before revision 5: fp32
+    if weights != "fp32":
+        import copy
+
+        from shadowllm.models.quant import fake_quantize_
+
+        quantized = copy.deepcopy(model)
+        fake_quantize_(quantized, weights)
+        return quantized
     if not (manifest.get("thresholds") or {}).get("rotation"):
         return model
     from shadowllm.models.rotation import rotated, rotation_from_tensors

@@ -2,7 +2,8 @@
 # The device check for a lent GPU (no TensorRT there): the CUDA kernel and CUDA backend tests, the
 # kernel benchmark (with its knob sweep and a correctness column) and the decode benchmark. Run from
 # the repository root on the GPU machine with the library built here (build/ carried: CUDA 13.0,
-# sm_80 + sm_90); if it does not load there it is rebuilt from the carried headers. Writes into
+# configured with -DCMAKE_CUDA_ARCHITECTURES="80;90": with no GPU here the default is sm_80 only); if
+# it does not load there it is rebuilt from the carried headers. Writes into
 # $OUT (default /tmp/gpu-check): gpu-kernels.*, bench-gpu.*, and a log per step.
 #   bash scripts/gpu_check.sh [gpu_bench.py flags]
 # SMOLLM2_PARITY=1 (with build/gpu-bundle/ carried, scripts/gpu_bundle.py): only `parity --backend cuda`

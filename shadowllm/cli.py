@@ -211,12 +211,22 @@ def cmd_train(args):
           f"runs {c['runs']}")
 
 
-def _threshold_calibration(model, tokenizer, folder):
-    """The calibration of --thresholds DIR, or the cached built-in one (made once, with a progress bar)."""
+def _threshold_calibration(model, tokenizer, folder, weights: str = "fp32"):
+    """The calibration of --thresholds DIR, or the cached built-in one (made once, with a progress bar).
+    Quantized weights take an unrotated calibration: a rotation folded into the weights moves them off
+    their grid, and rounding them again costs more than thresholds do (SmolLM2 at int4: +52% perplexity)."""
+    from shadowllm.models import ShadowError
     from shadowllm.predictor.thresholds import default_calibration, load_calibration
 
     if folder:
-        return load_calibration(folder, model), str(folder)
+        calib, where = load_calibration(folder, model), str(folder)
+        if weights != "fp32" and calib.rotation is not None:
+            raise ShadowError(f"--thresholds {folder}: a calibration in rotated bases; --weights {weights} keeps the "
+                              "weights on their grid, which a folded rotation leaves: calibrate with --rotate none")
+        return calib, where
+    if weights != "fp32":
+        return (default_calibration(model, tokenizer, rotate="none"),
+                "built-in (wiki train, 128 windows of 256 tokens, unrotated: quantized weights)")
     return default_calibration(model, tokenizer), "built-in (wiki train, 128 windows of 256 tokens, sparse bases)"
 
 
@@ -291,8 +301,11 @@ def _sparsities(text: str):
 def cmd_export(args):
     from shadowllm.export.exporter import export
     from shadowllm.models import load
+    from shadowllm.models.quant import check_format, fake_quantize_
 
+    check_format(args.weights)  # before loading: a bad --weights is one line
     model, tokenizer = load(args.model)
+    fake_quantize_(model, args.weights)  # first: scores, predictors and thresholds see the weights that run
     static, source = None, None
     if args.policy == "static":
         if args.traces:
@@ -317,14 +330,14 @@ def cmd_export(args):
         from shadowllm.models import adapter_for
         from shadowllm.predictor.thresholds import threshold_table
 
-        calib, where = _threshold_calibration(model, tokenizer, args.thresholds)
+        calib, where = _threshold_calibration(model, tokenizer, args.thresholds, args.weights)
         thresholds = threshold_table(calib, adapter_for(model).arch, args.allocation)
         threshold_source = {"calibration": where, "allocation": args.allocation,
                             **{k: calib.manifest.get(k) for k in ("corpus", "split", "samples", "window",
                                                                    "greedy_windows")}}
         model = calib.model_for(model)  # rotated when the calibration was: the export carries the rotation
     out = export(model, tokenizer, args.out, args.policy, static, source, args.target, predictor, args.predictor,
-                 thresholds, threshold_source, args.head_sparsity)
+                 thresholds, threshold_source, args.head_sparsity, args.weights)
     sizes = sum(f.stat().st_size for f in out.iterdir())
     print(f"exported {args.policy} model to {out} ({sizes / 2**20:.1f} MiB)")
 
@@ -549,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", default="l2_norm", help="static: which criterion of the traces")
     p.add_argument("--target", choices=["heads", "neurons", "both"], default="both",
                    help="static: what the runtime sparsity applies to")
+    p.add_argument("--weights", default="fp32",
+                   help="the projections' format: fp32 (default), int8 (symmetric, the Q8_0 grid) or int4 "
+                        "(asymmetric, the Q4_1 grid: the embedded model's own), in blocks of 32 along the input")
     p.add_argument("--out", required=True, help="export folder (must not exist or be empty)")
     p.set_defaults(func=cmd_export)
 

@@ -9,6 +9,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under `pytest -n N` the workers share the cores: each worker (and every process it starts, through
+# OMP_NUM_THREADS, which torch and our onnxruntime sessions both read) gets its share. Left at every
+# core each, their spinning thread pools oversubscribe the machine and the suite runs much slower.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 from shadowllm.models.tiny import build_model  # noqa: E402
 
 

@@ -134,7 +134,8 @@ def workdir(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("docs")
     for name in (".venv", "scripts", "research", "docs"):
         (cwd / name).symlink_to(ROOT / name)
-    save_tiny("llama", cwd / "tiny-llama", seed=5, max_position_embeddings=512)
+    # F = 96: whole blocks of 32, so `--weights int4` snippets run on it too
+    save_tiny("llama", cwd / "tiny-llama", seed=5, max_position_embeddings=512, intermediate_size=96)
     # ~40 KB of plain text in short paragraphs: this project's own docs, markup stripped
     text = "\n\n".join(re.sub(r"[`*#|<>\[\]]", "", p).strip() for f in ("docs/design.md", "docs/export-format.md")
                        for p in (ROOT / f).read_text().split("\n\n") if p.strip())

@@ -245,7 +245,7 @@ def test_tensorrt_preparation_feeds_the_plugins_what_they_expect(exported, predi
     import onnx
 
     from shadowllm.compiler.tensorrt import CONTRACT, MASK_SLOT, OPTIONAL, prepare_model
-    from shadowllm.export.onnx_ops import DOMAIN, THRESHOLDS
+    from shadowllm.export.onnx_ops import DOMAIN, SCALES, THRESHOLDS
 
     for folder in (exported[2], predictor_exports["shadow-token"]):
         original = onnx.load(str(folder / "model.onnx"), load_external_data=False)
@@ -272,8 +272,9 @@ def test_tensorrt_preparation_feeds_the_plugins_what_they_expect(exported, predi
             bits = next(x.i for x in after.attribute if x.name == "optional_inputs")
             assert list(after.input) == [named[s] for s in slots if named[s]]
             assert bits == sum(1 << i for i, s in enumerate(OPTIONAL[before.op_type]) if named[s])
-            # thresholds are optional too (absent here; the TensorRT preparation refuses nodes that have them)
-            required = [s for s in slots if s not in OPTIONAL[before.op_type] and s not in THRESHOLDS]
+            # thresholds and weight scales are optional too (absent here; the TensorRT preparation refuses
+            # nodes that have them)
+            required = [s for s in slots if s not in OPTIONAL[before.op_type] and s not in THRESHOLDS | SCALES]
             assert all(named[s] for s in required)
 
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from shadowllm.export import ops  # noqa: F401  (registers the torch ops)
-from shadowllm.export.onnx_ops import (ATTENTION_INPUTS, DOMAIN, MLP_INPUTS, OPSET, MLPVariant,
+from shadowllm.export.onnx_ops import (ATTENTION_BASE_INPUTS, DOMAIN, MLP_BASE_INPUTS, OPSET, MLPVariant,
                                        attention_function, attention_node, mlp_function, mlp_node,
                                        register_schemas)
 from tests.parity import numpy_reference as ref
@@ -83,7 +83,7 @@ def test_sparse_head_attention(case, spare):
     t = attention_tensors(case, spare)
     expect, magnitudes = attention_reference(t, v)
     tt = {k: torch.from_numpy(a) for k, a in t.items()}
-    eager = torch.ops.shadowllm.sparse_head_attention(*[tt.get(k) for k in ATTENTION_INPUTS], H, G, E, v.scale,
+    eager = torch.ops.shadowllm.sparse_head_attention(*[tt.get(k) for k in ATTENTION_BASE_INPUTS], H, G, E, v.scale,
                                                       int(v.rope), v.kv_policy, "row_major")
     names = ["y", "present_key", "present_value"]
     shapes = dict(zip(names, [(B, S, D), (B, G, T, E), (B, G, T, E)]))
@@ -133,7 +133,7 @@ def test_sparse_head_attention_with_thresholds(case, x_mode, o_mode, layout, spa
     T = max(P + spare, P + S)  # present's positions
     t = attention_tensors(case, spare)
     t_x = threshold_for_input(t["x"], x_mode, seed)
-    args = [t.get(k) for k in ATTENTION_INPUTS[:16]] + [H, G, E, v.scale, v.rope, v.kv_policy]
+    args = [t.get(k) for k in ATTENTION_BASE_INPUTS[:16]] + [H, G, E, v.scale, v.rope, v.kv_policy]
     seen = []
     ref.sparse_head_attention(*args, t_x=t_x, seen=seen)
     t_o = threshold_for_computed(seen, o_mode)
@@ -143,7 +143,7 @@ def test_sparse_head_attention_with_thresholds(case, x_mode, o_mode, layout, spa
         t = channel_major(t, ("w_q", "w_k", "w_v"))
     t.update(t_x=np.array(t_x), t_o=np.array(t_o))
     tt = {k: torch.from_numpy(np.asarray(a)) for k, a in t.items()}
-    eager = torch.ops.shadowllm.sparse_head_attention(*[tt.get(k) for k in ATTENTION_INPUTS], H, G, E, v.scale,
+    eager = torch.ops.shadowllm.sparse_head_attention(*[tt.get(k) for k in ATTENTION_BASE_INPUTS], H, G, E, v.scale,
                                                       int(v.rope), v.kv_policy, layout)
     names = ["y", "present_key", "present_value"]
     shapes = dict(zip(names, [(B, S, D), (B, G, T, E), (B, G, T, E)]))
@@ -189,7 +189,7 @@ def test_schemas_make_shape_inference_work():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 8])
     ins = [x] + [helper.make_tensor_value_info(k, TensorProto.FLOAT, [4, 8]) for k in ("w_in", "w_gate", "w_out_t")]
     ins.append(helper.make_tensor_value_info("mask", TensorProto.BOOL, ["B", 4]))
-    graph = helper.make_graph([mlp_node({k: k for k in MLP_INPUTS if k not in ("b_in", "b_out", "t_x", "t_h")}, "y", "silu", "m")],
+    graph = helper.make_graph([mlp_node({k: k for k in MLP_BASE_INPUTS if k not in ("b_in", "b_out", "t_x", "t_h")}, "y", "silu", "m")],
                               "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, functions=[mlp_function(v)],
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)])

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../../common/weight_format.h"
 #include "parallel.h"
 
 namespace shadowllm {
@@ -34,6 +35,50 @@ inline std::vector<int64_t> InputShape(const Ort::KernelContext& ctx, size_t i) 
   return ctx.GetInput(i).GetTensorTypeAndShapeInfo().GetShape();
 }
 
+// A projection input `i` in its weight format (plugins/common/weight_format.h): fp32 values, or INT8 /
+// UINT4 codes with the fp16 scale input `scale_i` (and, UINT4, minimum input `min_i`). Blocks run
+// along the rows (blocks_on_rows: output projections, channel-major input projections) or the
+// columns. Absent (optional) input: a Matrix with no data.
+inline Matrix WeightInput(const Ort::KernelContext& ctx, size_t i, size_t scale_i, size_t min_i, bool blocks_on_rows,
+                          const char* op, const char* name) {
+  Matrix m;
+  if (i >= ctx.GetInputCount() || ctx.GetInput(i) == nullptr) return m;
+  const auto info = ctx.GetInput(i).GetTensorTypeAndShapeInfo();
+  const std::vector<int64_t> shape = info.GetShape();
+  const std::string what = std::string(op) + ": input " + name;
+  if (shape.size() != 2) throw std::invalid_argument(what + " must be a matrix");
+  m.rows = shape[0];
+  m.cols = shape[1];
+  m.data = ctx.GetInput(i).GetTensorRawData();
+  m.block_axis = blocks_on_rows ? 0 : 1;
+  switch (info.GetElementType()) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: m.format = WeightFormat::kF32; break;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: m.format = WeightFormat::kInt8; break;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT4: m.format = WeightFormat::kInt4; break;
+    default: throw std::invalid_argument(what + " has an element type the native kernels do not read (expected "
+                                         "float, int8 or uint4 codes)");
+  }
+  auto optional = [&](size_t k) -> const uint16_t* {
+    if (k >= ctx.GetInputCount() || ctx.GetInput(k) == nullptr) return nullptr;
+    const auto scales = ctx.GetInput(k).GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> want = blocks_on_rows ? std::vector<int64_t>{m.rows / kBlock, m.cols}
+                                                     : std::vector<int64_t>{m.rows, m.cols / kBlock};
+    if (scales.GetShape() != want)
+      throw std::invalid_argument(what + ": its scales / minimums must be [" + std::to_string(want[0]) + ", " +
+                                  std::to_string(want[1]) + "] (blocks of 32 along the input)");
+    return static_cast<const uint16_t*>(ctx.GetInput(k).GetTensorRawData());
+  };
+  m.scale = optional(scale_i);
+  m.minimum = optional(min_i);
+  const bool quantized = m.format != WeightFormat::kF32;
+  if ((blocks_on_rows ? m.rows : m.cols) % kBlock != 0 && quantized)
+    throw std::invalid_argument(what + ": quantized, its input dimension must be a multiple of 32");
+  if (quantized != (m.scale != nullptr) || (m.format == WeightFormat::kInt4) != (m.minimum != nullptr))
+    throw std::invalid_argument(what + ": int8 codes need their scales, uint4 codes their scales and minimums, "
+                                "fp32 values neither");
+  return m;
+}
+
 template <typename T>
 T Attribute(const OrtKernelInfo* info, const char* name, T fallback) {
   try {
@@ -41,6 +86,13 @@ T Attribute(const OrtKernelInfo* info, const char* name, T fallback) {
   } catch (const Ort::Exception&) {
     return fallback;
   }
+}
+
+// The block_size attribute of a node with quantized weights: 32 (the only block the kernels read).
+inline void CheckBlockSize(const OrtKernelInfo* info, const char* op) {
+  const int64_t block = Attribute<int64_t>(info, "block_size", kBlock);
+  if (block != kBlock)
+    throw std::invalid_argument(std::string(op) + ": block_size " + std::to_string(block) + " (the kernels read 32)");
 }
 
 // The weight_layout attribute: false for row_major (the default), true for channel_major.

@@ -3,33 +3,10 @@
 #include <algorithm>
 #include <cstring>
 
+#include "simd.h"
+
 namespace shadowllm {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SHADOWLLM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SHADOWLLM_CLONES
-#endif
-#define SHADOWLLM_INLINE inline __attribute__((always_inline))
-
-// 16 floats: one AVX-512 register, two AVX2 registers, four SSE registers; GCC lowers it per clone.
-typedef float V16 __attribute__((vector_size(64)));
-
-SHADOWLLM_INLINE V16 Load(const float* p) {
-  V16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-SHADOWLLM_INLINE void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
-SHADOWLLM_INLINE V16 Splat(float f) { return V16{} + f; }
-SHADOWLLM_INLINE float Sum(V16 v) {
-  float s[16];
-  std::memcpy(s, &v, sizeof v);
-  float a = 0.f;
-  for (int i = 0; i < 8; ++i) a += s[i] + s[i + 8];
-  return a;
-}
 
 // A tile of R rows x T tokens: the R*T dot products over D, the rows and tokens each loaded once
 // per 16 columns. R=4 keeps four row streams in flight for the memory system.
@@ -163,18 +140,6 @@ void GatherProject(const std::vector<const float*>& rows, const float* coeff, in
   });
   for (int64_t i = 0; i < tasks; ++i)
     for (int64_t j = 0; j < S * D; ++j) y[j] += partial[i * S * D + j];
-}
-
-void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels, const float* w,
-                    int64_t ld, int64_t col, int64_t width, const float* bias, float* out, const Parallel& parallel) {
-  std::vector<const float*> rows;
-  rows.reserve(channels.size());
-  std::vector<float> coeff(channels.size() * static_cast<size_t>(S));
-  for (size_t c = 0; c < channels.size(); ++c) {
-    rows.push_back(w + channels[c] * ld + col);
-    for (int64_t s = 0; s < S; ++s) coeff[c * S + s] = x[s * D + channels[c]];
-  }
-  GatherProject(rows, coeff.data(), S, width, bias, out, parallel);
 }
 
 }  // namespace shadowllm

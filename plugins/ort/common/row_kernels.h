@@ -22,11 +22,4 @@ void ProjectRows(const float* x, int64_t S, int64_t D, const std::vector<const f
 void GatherProject(const std::vector<const float*>& rows, const float* coeff, int64_t S, int64_t D,
                    const float* bias, float* y, const Parallel& parallel);
 
-// Channel-major input projection (activation thresholds): columns [col, col + width) of a [D, ld]
-// weight stored one row per input channel, of which only the kept `channels` are read:
-// out[s, :] = bias + sum over kept d of x[s, d] * w[d, col : col + width]  (out row-major [S, width]).
-// x must already hold zeros where the threshold dropped an entry of a token.
-void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels, const float* w,
-                    int64_t ld, int64_t col, int64_t width, const float* bias, float* out, const Parallel& parallel);
-
 }  // namespace shadowllm

@@ -6,7 +6,7 @@
 #include <cstring>
 #include <vector>
 
-#include "../common/row_kernels.h"
+#include "../common/weight_kernels.h"
 
 namespace shadowllm {
 namespace {
@@ -52,32 +52,34 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
       // channel row at a time (KeptChannels: all D without a threshold).
       const std::vector<int64_t> channels = KeptChannels(a.x + b * S * D, S, D, a.t_x);
       std::vector<float> block;
-      auto project_runs = [&](const std::vector<int64_t>& units, const float* w, int64_t ld, int64_t first_row) {
+      auto project_runs = [&](const std::vector<int64_t>& units, const Matrix& w, int64_t first_row) {
         for (size_t i = 0; i < units.size();) {
           size_t j = i + 1;
           while (j < units.size() && units[j] == units[j - 1] + 1) ++j;
           const int64_t width = static_cast<int64_t>(j - i) * E;
           block.resize(static_cast<size_t>(S * width));
-          ChannelProject(x, S, D, channels, w, ld, units[i] * E, width, nullptr, block.data(), parallel);
+          ChannelProject(x, S, D, channels, w, units[i] * E, width, nullptr, block.data(), parallel);
           for (int64_t c = 0; c < width; ++c)
             for (int64_t s = 0; s < S; ++s) proj[(first_row + static_cast<int64_t>(i) * E + c) * S + s] = block[s * width + c];
           i = j;
         }
       };
-      project_runs(heads, a.w_q, H * E, 0);
-      project_runs(groups, a.w_k, G * E, K * E);
-      project_runs(groups, a.w_v, G * E, (K + NG) * E);
+      project_runs(heads, a.w_q, 0);
+      project_runs(groups, a.w_k, K * E);
+      project_runs(groups, a.w_v, (K + NG) * E);
     } else {
-      // One pass over every weight row this call needs: q rows of kept heads, k and v rows of the
-      // needed kv heads.
-      std::vector<const float*> rows;
-      rows.reserve(static_cast<size_t>((K + 2 * NG) * E));
-      for (int64_t h : heads)
-        for (int64_t e = 0; e < E; ++e) rows.push_back(a.w_q + (h * E + e) * D);
-      for (const float* w : {a.w_k, a.w_v})
-        for (int64_t g : groups)
-          for (int64_t e = 0; e < E; ++e) rows.push_back(w + (g * E + e) * D);
-      ProjectRows(x, S, D, rows, proj.data(), parallel);
+      // Every weight row this call needs: q rows of kept heads, k and v rows of the needed kv heads.
+      auto unit_rows = [&](const std::vector<int64_t>& units) {
+        std::vector<int64_t> rows;
+        rows.reserve(units.size() * static_cast<size_t>(E));
+        for (int64_t u : units)
+          for (int64_t e = 0; e < E; ++e) rows.push_back(u * E + e);
+        return rows;
+      };
+      const std::vector<int64_t> q_rows = unit_rows(heads), kv_rows = unit_rows(groups);
+      ProjectKeptRows(x, S, a.w_q, q_rows, proj.data(), parallel);
+      ProjectKeptRows(x, S, a.w_k, kv_rows, proj.data() + K * E * S, parallel);
+      ProjectKeptRows(x, S, a.w_v, kv_rows, proj.data() + (K + NG) * E * S, parallel);
     }
 
     // Present cache: the past's positions (nothing to copy in place), then the new K/V (RoPE on K)
@@ -183,7 +185,7 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
 
     // y = sum over kept heads of context_h @ w_o_t[hE:(h+1)E] + b_o: the E rows each kept head owns;
     // with t_o, only the rows of context entries that count for some token.
-    std::vector<const float*> out_rows;
+    std::vector<int64_t> out_rows;
     out_rows.reserve(static_cast<size_t>(K * E));
     size_t used = 0;
     for (int64_t k = 0; k < K; ++k)
@@ -198,9 +200,9 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
         if (!any) continue;
         if (used != static_cast<size_t>(k * E + e)) std::copy(c, c + S, context.data() + used * S);
         ++used;
-        out_rows.push_back(a.w_o_t + (heads[k] * E + e) * D);
+        out_rows.push_back(heads[k] * E + e);
       }
-    GatherProject(out_rows, context.data(), S, D, a.b_o, a.y + b * S * D, parallel);
+    GatherKeptRows(a.w_o_t, out_rows, context.data(), S, 0, D, a.b_o, a.y + b * S * D, parallel);
   }
 }
 

@@ -8,13 +8,16 @@
 
 #include "../common/kernel_utils.h"
 #include "../common/parallel.h"
+#include "../../common/weight_format.h"
 
 namespace shadowllm {
 
 struct AttentionArgs {
   const float* x;  // [B, S, D]
-  const float *w_q, *b_q, *w_k, *b_k, *w_v, *b_v;  // [H*E, D] / [G*E, D], biases may be null
-  const float *w_o_t, *b_o;                         // [H*E, D], [D] or null
+  Matrix w_q, w_k, w_v;                             // [H*E, D] / [G*E, D] (channel-major: transposed)
+  const float *b_q, *b_k, *b_v;                     // biases, may be null
+  Matrix w_o_t;                                     // [H*E, D], any weight format
+  const float* b_o;                                 // [D] or null
   const float *past_key, *past_value;               // [B, G, C, E], the past in the first P positions
   const int64_t* attention_mask;                    // [B, T]
   const int64_t* position_ids;                      // [B, S]

@@ -14,6 +14,7 @@ SparseHeadAttentionKernel::SparseHeadAttentionKernel(const OrtKernelInfo* info)
       rope(Attribute<int64_t>(info, "rope", 0) != 0),
       kv_active(Attribute<std::string>(info, "kv_policy", "all") == "active"),
       channel_major(ChannelMajor(info, "SparseHeadAttention")) {
+  CheckBlockSize(info, "SparseHeadAttention");
   if (num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || num_heads % num_kv_heads != 0)
     throw std::invalid_argument("SparseHeadAttention: num_heads, num_kv_heads, head_dim must be positive and "
                                 "num_heads a multiple of num_kv_heads");
@@ -39,13 +40,14 @@ void SparseHeadAttentionKernel::Compute(OrtKernelContext* context) {
   a.rope = rope;
   a.kv_active = kv_active;
   a.x = InputData<float>(ctx, 0);
-  a.w_q = InputData<float>(ctx, 1);
+  const char* op = "SparseHeadAttention";
+  a.w_q = WeightInput(ctx, 1, 18, 19, channel_major, op, "w_q");
   a.b_q = InputData<float>(ctx, 2);
-  a.w_k = InputData<float>(ctx, 3);
+  a.w_k = WeightInput(ctx, 3, 20, 21, channel_major, op, "w_k");
   a.b_k = InputData<float>(ctx, 4);
-  a.w_v = InputData<float>(ctx, 5);
+  a.w_v = WeightInput(ctx, 5, 22, 23, channel_major, op, "w_v");
   a.b_v = InputData<float>(ctx, 6);
-  a.w_o_t = InputData<float>(ctx, 7);
+  a.w_o_t = WeightInput(ctx, 7, 24, 25, true, op, "w_o_t");
   a.b_o = InputData<float>(ctx, 8);
   a.past_key = InputData<float>(ctx, 9);
   a.past_value = InputData<float>(ctx, 10);

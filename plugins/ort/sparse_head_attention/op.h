@@ -17,9 +17,12 @@ struct SparseHeadAttentionKernel {
 struct SparseHeadAttentionOp : Ort::CustomOpBase<SparseHeadAttentionOp, SparseHeadAttentionKernel> {
   void* CreateKernel(const OrtApi&, const OrtKernelInfo* info) const { return new SparseHeadAttentionKernel(info); }
   const char* GetName() const { return "SparseHeadAttention"; }
-  // x w_q b_q w_k b_k w_v b_v w_o_t b_o past_key past_value attention_mask position_ids cos sin head_mask t_x t_o
-  size_t GetInputTypeCount() const { return 18; }
+  // x w_q b_q w_k b_k w_v b_v w_o_t b_o past_key past_value attention_mask position_ids cos sin head_mask t_x t_o,
+  // then the scale and minimum of w_q, w_k, w_v, w_o_t
+  size_t GetInputTypeCount() const { return 26; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (i == 1 || i == 3 || i == 5 || i == 7) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // fp32, int8 or uint4
+    if (i >= 18) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     if (i == 11 || i == 12) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
     if (i == 15) return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;

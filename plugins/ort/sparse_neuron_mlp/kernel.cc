@@ -2,13 +2,13 @@
 
 #include <vector>
 
-#include "../common/row_kernels.h"
+#include "../common/weight_kernels.h"
 
 namespace shadowllm {
 
 void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel) {
   const int64_t D = a.D, S = a.S, F = a.F;
-  const bool gated = a.w_gate != nullptr;
+  const bool gated = a.w_gate.present();
   std::vector<float> kept_x;
   for (int64_t b = 0; b < a.B; ++b) {
     const float* x = KeepLarge(a.x + b * S * D, S * D, a.t_x, kept_x);  // below t_x: zero
@@ -21,24 +21,20 @@ void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel) {
       const std::vector<int64_t> channels = KeptChannels(a.x + b * S * D, S, D, a.t_x);
       std::vector<float> full(static_cast<size_t>(S * F));
       for (int pass = 0; pass < (gated ? 2 : 1); ++pass) {
-        ChannelProject(x, S, D, channels, pass ? a.w_gate : a.w_in, F, 0, F, nullptr, full.data(), parallel);
+        ChannelProject(x, S, D, channels, pass ? a.w_gate : a.w_in, 0, F, nullptr, full.data(), parallel);
         float* dst = pre.data() + pass * K * S;
         for (int64_t k = 0; k < K; ++k)
           for (int64_t s = 0; s < S; ++s) dst[k * S + s] = full[s * F + kept[k]];
       }
     } else {
-      // Input rows: the kept w_in rows, then (gated) the kept w_gate rows; one ProjectRows call.
-      std::vector<const float*> in_rows;
-      in_rows.reserve(static_cast<size_t>(gated ? 2 * K : K));
-      for (int64_t n : kept) in_rows.push_back(a.w_in + n * D);
-      if (gated)
-        for (int64_t n : kept) in_rows.push_back(a.w_gate + n * D);
-      ProjectRows(x, S, D, in_rows, pre.data(), parallel);
+      // Input rows: the kept w_in rows, then (gated) the kept w_gate rows.
+      ProjectKeptRows(x, S, a.w_in, kept, pre.data(), parallel);
+      if (gated) ProjectKeptRows(x, S, a.w_gate, kept, pre.data() + K * S, parallel);
     }
     const float* up = pre.data();
     const float* gate = pre.data() + K * S;
     // h of the kept neurons; with t_h, only neurons whose h counts for some token are read out.
-    std::vector<const float*> out_rows;
+    std::vector<int64_t> out_rows;
     out_rows.reserve(static_cast<size_t>(K));
     std::vector<float> h;
     h.reserve(static_cast<size_t>(K * S));
@@ -55,10 +51,10 @@ void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel) {
         }
         h.push_back(v);
       }
-      if (any) out_rows.push_back(a.w_out_t + kept[k] * D);
+      if (any) out_rows.push_back(kept[k]);
       else h.resize(first);
     }
-    GatherProject(out_rows, h.data(), S, D, a.b_out, a.y + b * S * D, parallel);
+    GatherKeptRows(a.w_out_t, out_rows, h.data(), S, 0, D, a.b_out, a.y + b * S * D, parallel);
   }
 }
 

@@ -6,15 +6,16 @@
 
 #include "../common/kernel_utils.h"
 #include "../common/parallel.h"
+#include "../../common/weight_format.h"
 
 namespace shadowllm {
 
 struct MLPArgs {
   const float* x;        // [B, S, D]
-  const float* w_in;     // [F, D] (row-major) or [D, F] (channel-major)
+  Matrix w_in;           // [F, D] (row-major) or [D, F] (channel-major), any weight format
   const float* b_in;     // [F] or null
-  const float* w_gate;   // like w_in, or null (ungated)
-  const float* w_out_t;  // [F, D]
+  Matrix w_gate;         // like w_in, or absent (ungated)
+  Matrix w_out_t;        // [F, D]
   const float* b_out;    // [D] or null
   const bool* mask;      // [B, F]
   const float* t_x;      // threshold on x (one value), or null
@@ -26,10 +27,11 @@ struct MLPArgs {
 };
 
 // y = sum over kept n of h_n(x) * w_out_t[n] + b_out, per batch row: the kept neurons are listed
-// once; h for all S tokens comes from their w_in (and w_gate) rows (ProjectRows), or, channel-major,
+// once; h for all S tokens comes from their w_in (and w_gate) rows (ProjectKeptRows), or, channel-major,
 // from the rows of the input channels some token keeps (ChannelProject: the whole [D, F] row of a
 // channel, the neuron mask applied after); the w_out_t rows of kept neurons whose |h| reaches t_h
-// for some token are summed into y (GatherProject).
+// for some token are summed into y (GatherKeptRows). Quantized weights are decoded as they are read
+// (weight_kernels.h).
 void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel);
 
 }  // namespace shadowllm

@@ -4,7 +4,9 @@ namespace shadowllm {
 
 SparseNeuronMLPKernel::SparseNeuronMLPKernel(const OrtKernelInfo* info)
     : activation(ParseActivation(Attribute<std::string>(info, "activation", "relu"))),
-      channel_major(ChannelMajor(info, "SparseNeuronMLP")) {}
+      channel_major(ChannelMajor(info, "SparseNeuronMLP")) {
+  CheckBlockSize(info, "SparseNeuronMLP");
+}
 
 void SparseNeuronMLPKernel::Compute(OrtKernelContext* context) {
   Ort::KernelContext ctx(context);
@@ -15,10 +17,11 @@ void SparseNeuronMLPKernel::Compute(OrtKernelContext* context) {
   a.D = x_shape[2];
   a.F = channel_major ? w_shape[1] : w_shape[0];
   a.x = InputData<float>(ctx, 0);
-  a.w_in = InputData<float>(ctx, 1);
+  const char* op = "SparseNeuronMLP";
+  a.w_in = WeightInput(ctx, 1, 9, 10, channel_major, op, "w_in");
   a.b_in = InputData<float>(ctx, 2);
-  a.w_gate = InputData<float>(ctx, 3);
-  a.w_out_t = InputData<float>(ctx, 4);
+  a.w_gate = WeightInput(ctx, 3, 11, 12, channel_major, op, "w_gate");
+  a.w_out_t = WeightInput(ctx, 4, 13, 14, true, op, "w_out_t");
   a.b_out = InputData<float>(ctx, 5);
   a.mask = InputData<bool>(ctx, 6);
   a.t_x = ScalarInput(ctx, 7, "SparseNeuronMLP", "t_x");

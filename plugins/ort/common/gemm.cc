@@ -1,0 +1,148 @@
+#include "gemm.h"
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SHADOWLLM_GEMM 1
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+#endif
+
+namespace shadowllm {
+namespace {
+
+constexpr int64_t kMR = 6, kNR = 16;  // the register tile: 6 rows x 16 columns = 12 accumulators
+constexpr int64_t kKC = 256;          // depth of a packed panel (A block + B panel stay in L1 / L2)
+constexpr int64_t kMC = 96;           // rows of A packed per task
+constexpr int64_t kNC = 256;          // columns per task
+
+
+// A[i0 : i0 + m, k0 : k0 + kc] into tiles of kMR rows: Ap[tile][k][kMR], zero rows past m.
+void PackA(const Operand& A, int64_t i0, int64_t m, int64_t k0, int64_t kc, float* Ap) {
+  for (int64_t t = 0; t < m; t += kMR) {
+    float* dst = Ap + t * kc;
+    const int64_t rows = std::min(kMR, m - t);
+    if (!A.by_column) {
+      for (int64_t r = 0; r < kMR; ++r) {
+        if (r >= rows) {
+          for (int64_t k = 0; k < kc; ++k) dst[k * kMR + r] = 0.f;
+          continue;
+        }
+        const float* src = A.ptr[i0 + t + r] + k0;
+        for (int64_t k = 0; k < kc; ++k) dst[k * kMR + r] = src[k];
+      }
+    } else {
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* src = A.ptr[k0 + k] + i0 + t;
+        for (int64_t r = 0; r < kMR; ++r) dst[k * kMR + r] = r < rows ? src[r] : 0.f;
+      }
+    }
+  }
+}
+
+// B[k0 : k0 + kc, j0 : j0 + n] into panels of kNR columns: Bp[panel][k][kNR], zero columns past n.
+void PackB(const Operand& B, int64_t k0, int64_t kc, int64_t j0, int64_t n, float* Bp) {
+  for (int64_t p = 0; p < n; p += kNR) {
+    float* dst = Bp + p * kc;
+    const int64_t cols = std::min(kNR, n - p);
+    if (!B.by_column) {
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* src = B.ptr[k0 + k] + j0 + p;
+        for (int64_t c = 0; c < kNR; ++c) dst[k * kNR + c] = c < cols ? src[c] : 0.f;
+      }
+    } else {
+      for (int64_t c = 0; c < kNR; ++c) {
+        if (c >= cols) {
+          for (int64_t k = 0; k < kc; ++k) dst[k * kNR + c] = 0.f;
+          continue;
+        }
+        const float* src = B.ptr[j0 + p + c] + k0;
+        for (int64_t k = 0; k < kc; ++k) dst[k * kNR + c] = src[k];
+      }
+    }
+  }
+}
+
+#ifdef SHADOWLLM_GEMM
+AVX2_TARGET
+void Tile(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc, int64_t m, int64_t n) {
+  __m256 c[kMR][2];
+  for (int i = 0; i < kMR; ++i) c[i][0] = c[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(Bp + k * kNR), b1 = _mm256_loadu_ps(Bp + k * kNR + 8);
+    for (int i = 0; i < kMR; ++i) {
+      const __m256 a = _mm256_broadcast_ss(Ap + k * kMR + i);
+      c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
+      c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
+    }
+  }
+  if (m == kMR && n == kNR) {
+    for (int i = 0; i < kMR; ++i) {
+      float* row = C + i * ldc;
+      _mm256_storeu_ps(row, _mm256_add_ps(_mm256_loadu_ps(row), c[i][0]));
+      _mm256_storeu_ps(row + 8, _mm256_add_ps(_mm256_loadu_ps(row + 8), c[i][1]));
+    }
+    return;
+  }
+  alignas(32) float tmp[kMR][kNR];
+  for (int i = 0; i < kMR; ++i) {
+    _mm256_store_ps(tmp[i], c[i][0]);
+    _mm256_store_ps(tmp[i] + 8, c[i][1]);
+  }
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) C[i * ldc + j] += tmp[i][j];
+}
+#endif
+
+}  // namespace
+
+bool GemmAvailable() {
+#ifdef SHADOWLLM_GEMM
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+void Gemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C, int64_t ldc,
+          const Parallel& parallel) {
+#ifdef SHADOWLLM_GEMM
+  if (M <= 0 || N <= 0 || K <= 0) return;
+  const int64_t n_padded = (N + kNR - 1) / kNR * kNR;
+  std::vector<float> Bp(static_cast<size_t>(kKC * n_padded));
+  const int64_t m_tasks = (M + kMC - 1) / kMC, n_tasks = (N + kNC - 1) / kNC;
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, K - k0);
+    // B's panel for this depth, packed once and shared by every task (split over its columns)
+    const int64_t panels = n_padded / kNR;
+    parallel.For(std::min<int64_t>(panels, 8), [&](int64_t t) {
+      const int64_t per = (panels + 7) / 8 * kNR, p0 = t * per, p1 = std::min(N, p0 + per);
+      if (p0 < p1) PackB(B, k0, kc, p0, p1 - p0, Bp.data() + p0 * kc);
+    });
+    parallel.For(m_tasks * n_tasks, [&](int64_t task) {
+      const int64_t i0 = (task / n_tasks) * kMC, m = std::min(kMC, M - i0);
+      const int64_t j0 = (task % n_tasks) * kNC, n = std::min(kNC, N - j0);
+      thread_local std::vector<float> Ap;
+      Ap.resize(static_cast<size_t>((kMC + kMR) * kKC));
+      PackA(A, i0, m, k0, kc, Ap.data());
+      for (int64_t j = 0; j < n; j += kNR)
+        for (int64_t i = 0; i < m; i += kMR)
+          Tile(kc, Ap.data() + i * kc, Bp.data() + (j0 + j) * kc, C + (i0 + i) * ldc + j0 + j, ldc,
+               std::min(kMR, m - i), std::min(kNR, n - j));
+    });
+  }
+#else
+  auto at = [](const Operand& o, int64_t i, int64_t j) { return o.by_column ? o.ptr[j][i] : o.ptr[i][j]; };
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += at(A, i, k) * at(B, k, j);
+      C[i * ldc + j] += s;
+    }
+  (void)parallel;
+#endif
+}
+
+}  // namespace shadowllm

@@ -1,0 +1,445 @@
+#include "weight_kernels.h"
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SHADOWLLM_AVX2 1
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#endif
+
+#include "gemm.h"
+#include "row_kernels.h"
+#include "simd.h"
+
+namespace shadowllm {
+namespace {
+
+typedef uint8_t U8x16 __attribute__((vector_size(16)));
+typedef int8_t I8x16 __attribute__((vector_size(16)));
+typedef _Float16 H16 __attribute__((vector_size(32)));
+
+constexpr int64_t kPrefillTokens = 4;  // from this many tokens on, dequantize once and run the fp32 products
+constexpr int kMaxDecode = kPrefillTokens - 1;
+
+SHADOWLLM_INLINE float Half(uint16_t bits) {
+  _Float16 h;
+  std::memcpy(&h, &bits, sizeof h);
+  return static_cast<float>(h);
+}
+
+SHADOWLLM_INLINE V16 Halves(const uint16_t* p) {  // 16 consecutive fp16 values as floats
+  H16 h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, V16);
+}
+
+// 32 int4 codes (16 bytes, low nibble first) as two vectors of 16 floats in element order.
+SHADOWLLM_INLINE void Nibbles(const uint8_t* p, V16& first, V16& second) {
+  U8x16 raw;
+  std::memcpy(&raw, p, sizeof raw);
+  const U8x16 lo = raw & 15, hi = raw >> 4;
+  const U8x16 a = __builtin_shufflevector(lo, hi, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const U8x16 b = __builtin_shufflevector(lo, hi, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  first = __builtin_convertvector(a, V16);
+  second = __builtin_convertvector(b, V16);
+}
+
+// 32 int8 codes as two vectors of 16 floats.
+SHADOWLLM_INLINE void Bytes(const int8_t* p, V16& first, V16& second) {
+  I8x16 a, b;
+  std::memcpy(&a, p, sizeof a);
+  std::memcpy(&b, p + 16, sizeof b);
+  first = __builtin_convertvector(a, V16);
+  second = __builtin_convertvector(b, V16);
+}
+
+// Codes [i, i + 32) of a matrix (flat element index i, a multiple of 2) as floats, before scaling.
+SHADOWLLM_INLINE void Codes(const Matrix& w, int64_t i, V16& first, V16& second) {
+  if (w.format == WeightFormat::kInt4)
+    Nibbles(w.bytes() + i / 2, first, second);
+  else
+    Bytes(static_cast<const int8_t*>(w.data) + i, first, second);
+}
+
+// Decode: dot products of S tokens with rows [i0, i1) of `rows`, blocks along each row. The block's
+// sum d * (q . x) + m * sum(x): the codes are scaled once per block, the minimum meets x's block sum.
+// (Portable version; DotQuantRowsAvx2 below is the one x86 machines with AVX2 run.)
+void DotQuantRows(const float* x, const float* xsum, int64_t S, const Matrix& w, const int64_t* rows, int64_t i0,
+                  int64_t i1, float* out) {
+  const int64_t D = w.cols, nb = D / kBlock;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t r = rows[i];
+    V16 acc[kMaxDecode] = {};
+    float lift[kMaxDecode] = {};
+    for (int64_t b = 0; b < nb; ++b) {
+      V16 q0, q1;
+      Codes(w, r * D + b * kBlock, q0, q1);
+      const V16 d = Splat(Half(w.scale[r * nb + b]));
+      for (int64_t s = 0; s < S; ++s) {
+        const float* xs = x + s * D + b * kBlock;
+        acc[s] += d * (q0 * Load(xs) + q1 * Load(xs + 16));
+      }
+      if (w.minimum) {
+        const float m = Half(w.minimum[r * nb + b]);
+        for (int64_t s = 0; s < S; ++s) lift[s] += m * xsum[s * nb + b];
+      }
+    }
+    for (int64_t s = 0; s < S; ++s) out[i * S + s] = Sum(acc[s]) + lift[s];
+  }
+}
+
+// Decode: y[s, c0:c1) += the kept rows' contributions, blocks across rows (block_axis 0). Per block
+// of kBlock rows with any kept row: the codes weighted by their coefficients are summed first, then
+// scaled by the block's scales (one read per block), plus the minimums times the coefficients' sum.
+// (Portable version; GatherQuantColumnsAvx2 below is the one x86 machines with AVX2 run.)
+void GatherQuantColumns(const Matrix& w, const std::vector<int64_t>& rows, const float* coeff, int64_t S,
+                        int64_t col, int64_t width, int64_t c0, int64_t c1, float* y) {
+  const int64_t C = w.cols, n = c1 - c0, n32 = n / kBlock * kBlock, n16 = n / 16 * 16;
+  std::vector<float> acc(static_cast<size_t>(S * n));
+  float csum[kMaxDecode];
+  const int64_t R = static_cast<int64_t>(rows.size());
+  for (int64_t i = 0; i < R;) {
+    const int64_t block = rows[i] / kBlock;
+    int64_t j = i;
+    while (j < R && rows[j] / kBlock == block) ++j;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t s = 0; s < S; ++s) csum[s] = 0.f;
+    for (int64_t k = i; k < j; ++k) {
+      const int64_t r = rows[k];
+      for (int64_t s = 0; s < S; ++s) csum[s] += coeff[k * S + s];
+      for (int64_t c = 0; c < n32; c += kBlock) {
+        V16 q0, q1;
+        Codes(w, r * C + col + c0 + c, q0, q1);
+        for (int64_t s = 0; s < S; ++s) {
+          const V16 cf = Splat(coeff[k * S + s]);
+          float* a = acc.data() + s * n + c;
+          Store(a, Load(a) + cf * q0);
+          Store(a + 16, Load(a + 16) + cf * q1);
+        }
+      }
+      for (int64_t c = n32; c < n; ++c) {  // a run narrower than a block (small head_dim): one code at a time
+        const int64_t e = r * C + col + c0 + c;
+        const uint8_t byte = w.format == WeightFormat::kInt4 ? w.bytes()[e / 2] : 0;
+        const float q = w.format == WeightFormat::kInt4 ? static_cast<float>((e & 1) ? byte >> 4 : byte & 15)
+                                                        : static_cast<float>(static_cast<const int8_t*>(w.data)[e]);
+        for (int64_t s = 0; s < S; ++s) acc[s * n + c] += coeff[k * S + s] * q;
+      }
+    }
+    const uint16_t* d = w.scale + block * C + col + c0;
+    const uint16_t* m = w.minimum ? w.minimum + block * C + col + c0 : nullptr;
+    for (int64_t c = 0; c < n16; c += 16) {
+      const V16 dv = Halves(d + c), mv = m ? Halves(m + c) : V16{};
+      for (int64_t s = 0; s < S; ++s) {
+        float* out = y + s * width + c0 + c;
+        Store(out, Load(out) + dv * Load(acc.data() + s * n + c) + mv * csum[s]);
+      }
+    }
+    for (int64_t c = n16; c < n; ++c)
+      for (int64_t s = 0; s < S; ++s)
+        y[s * width + c0 + c] += Half(d[c]) * acc[s * n + c] + (m ? Half(m[c]) * csum[s] : 0.f);
+    i = j;
+  }
+}
+
+#ifdef SHADOWLLM_AVX2
+// The same loops in AVX2 + FMA + F16C intrinsics: GCC's generic 16-float vectors lower the code
+// conversions through the stack, 8x slower than these. Codes become floats in registers: 16 bytes of
+// int4 (32 codes) -> unpacked nibbles in element order -> four vectors of 8 floats.
+AVX2_TARGET inline void Codes8(const Matrix& w, int64_t i, __m256 q[4]) {
+  if (w.format == WeightFormat::kInt4) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.bytes() + i / 2));
+    const __m128i low = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(raw, low), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+    const __m128i a = _mm_unpacklo_epi8(lo, hi), b = _mm_unpackhi_epi8(lo, hi);
+    q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a));
+    q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8)));
+    q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+  } else {
+    const int8_t* p = static_cast<const int8_t*>(w.data) + i;
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
+    q[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a));
+    q[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8)));
+    q[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    q[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+  }
+}
+
+AVX2_TARGET inline __m256 Halves8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+AVX2_TARGET inline float Sum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// kS > 0 fixes the number of inputs at compile time: a decode step (S = 1) then keeps its
+// accumulators in registers; indexed by a runtime S they live on the stack, and every block's FMA
+// waits on a store and a reload (3x slower at S = 1). kS = 0: any S up to kMaxDecode.
+template <int kS>
+AVX2_TARGET void DotQuantRowsAvx2S(const float* x, const float* xsum, int64_t S_, const Matrix& w,
+                                   const int64_t* rows, int64_t i0, int64_t i1, float* out) {
+  const int64_t S = kS > 0 ? kS : S_;
+  const int64_t D = w.cols, nb = D / kBlock;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t r = rows[i];
+    __m256 acc[kMaxDecode];
+    float lift[kMaxDecode] = {};
+    for (int64_t s = 0; s < S; ++s) acc[s] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256 q[4];
+      Codes8(w, r * D + b * kBlock, q);
+      const __m256 d = _mm256_set1_ps(_cvtsh_ss(w.scale[r * nb + b]));
+      for (int64_t s = 0; s < S; ++s) {
+        const float* xs = x + s * D + b * kBlock;
+        __m256 t = _mm256_mul_ps(q[0], _mm256_loadu_ps(xs));
+        t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xs + 8), t);
+        t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xs + 16), t);
+        t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xs + 24), t);
+        acc[s] = _mm256_fmadd_ps(d, t, acc[s]);
+      }
+      if (w.minimum) {
+        const float m = _cvtsh_ss(w.minimum[r * nb + b]);
+        for (int64_t s = 0; s < S; ++s) lift[s] += m * xsum[s * nb + b];
+      }
+    }
+    for (int64_t s = 0; s < S; ++s) out[i * S + s] = Sum8(acc[s]) + lift[s];
+  }
+}
+
+// Columns outer, rows inner: a 32-column strip of every kept row of a block accumulates in
+// registers, then meets the block's scales once.
+template <int kS>  // as DotQuantRowsAvx2S
+AVX2_TARGET void GatherQuantColumnsAvx2S(const Matrix& w, const std::vector<int64_t>& rows, const float* coeff,
+                                         int64_t S_, int64_t col, int64_t width, int64_t c0, int64_t c1, float* y) {
+  const int64_t S = kS > 0 ? kS : S_;
+  const int64_t C = w.cols, n = c1 - c0, n32 = n / kBlock * kBlock;
+  const int64_t R = static_cast<int64_t>(rows.size());
+  for (int64_t i = 0; i < R;) {
+    const int64_t block = rows[i] / kBlock;
+    int64_t j = i;
+    while (j < R && rows[j] / kBlock == block) ++j;
+    float csum[kMaxDecode] = {};
+    for (int64_t k = i; k < j; ++k)
+      for (int64_t s = 0; s < S; ++s) csum[s] += coeff[k * S + s];
+    const uint16_t* d = w.scale + block * C + col;
+    const uint16_t* m = w.minimum ? w.minimum + block * C + col : nullptr;
+    for (int64_t c = c0; c < c0 + n32; c += kBlock) {
+      __m256 acc[kMaxDecode][4];
+      for (int64_t s = 0; s < S; ++s)
+        for (int t = 0; t < 4; ++t) acc[s][t] = _mm256_setzero_ps();
+      for (int64_t k = i; k < j; ++k) {
+        __m256 q[4];
+        Codes8(w, rows[k] * C + col + c, q);
+        for (int64_t s = 0; s < S; ++s) {
+          const __m256 cf = _mm256_set1_ps(coeff[k * S + s]);
+          for (int t = 0; t < 4; ++t) acc[s][t] = _mm256_fmadd_ps(cf, q[t], acc[s][t]);
+        }
+      }
+      for (int t = 0; t < 4; ++t) {
+        const __m256 dv = Halves8(d + c + 8 * t);
+        const __m256 mv = m ? Halves8(m + c + 8 * t) : _mm256_setzero_ps();
+        for (int64_t s = 0; s < S; ++s) {
+          float* out = y + s * width + c + 8 * t;
+          __m256 v = _mm256_fmadd_ps(dv, acc[s][t], _mm256_loadu_ps(out));
+          _mm256_storeu_ps(out, _mm256_fmadd_ps(mv, _mm256_set1_ps(csum[s]), v));
+        }
+      }
+    }
+    for (int64_t c = c0 + n32; c < c1; ++c)  // a run narrower than a block (small head_dim)
+      for (int64_t s = 0; s < S; ++s) {
+        float a = 0.f;
+        for (int64_t k = i; k < j; ++k) a += coeff[k * S + s] * WeightAt(w, rows[k], col + c);
+        y[s * width + c] += a;
+      }
+    i = j;
+  }
+}
+
+AVX2_TARGET
+void DotQuantRowsAvx2(const float* x, const float* xsum, int64_t S, const Matrix& w, const int64_t* rows, int64_t i0,
+                      int64_t i1, float* out) {
+  if (S == 1) return DotQuantRowsAvx2S<1>(x, xsum, S, w, rows, i0, i1, out);
+  DotQuantRowsAvx2S<0>(x, xsum, S, w, rows, i0, i1, out);
+}
+
+AVX2_TARGET
+void GatherQuantColumnsAvx2(const Matrix& w, const std::vector<int64_t>& rows, const float* coeff, int64_t S,
+                            int64_t col, int64_t width, int64_t c0, int64_t c1, float* y) {
+  if (S == 1) return GatherQuantColumnsAvx2S<1>(w, rows, coeff, S, col, width, c0, c1, y);
+  GatherQuantColumnsAvx2S<0>(w, rows, coeff, S, col, width, c0, c1, y);
+}
+
+AVX2_TARGET
+void DequantizeRowAvx2(const Matrix& w, int64_t r, int64_t c0, int64_t c1, float* out) {
+  const int64_t C = w.cols;
+  int64_t c = c0;
+  for (; c + kBlock <= c1; c += kBlock) {
+    __m256 q[4];
+    Codes8(w, r * C + c, q);
+    for (int t = 0; t < 4; ++t) {
+      __m256 d, m = _mm256_setzero_ps();
+      if (w.block_axis == 1) {
+        const int64_t b = r * (C / kBlock) + c / kBlock;
+        d = _mm256_set1_ps(_cvtsh_ss(w.scale[b]));
+        if (w.minimum) m = _mm256_set1_ps(_cvtsh_ss(w.minimum[b]));
+      } else {
+        const int64_t b = (r / kBlock) * C + c + 8 * t;
+        d = Halves8(w.scale + b);
+        if (w.minimum) m = Halves8(w.minimum + b);
+      }
+      _mm256_storeu_ps(out + (c - c0) + 8 * t, _mm256_fmadd_ps(q[t], d, m));
+    }
+  }
+  for (; c < c1; ++c) out[c - c0] = WeightAt(w, r, c);
+}
+
+bool HasAvx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return yes;
+}
+#else
+bool HasAvx2() { return false; }
+#endif
+
+std::vector<const float*> RowPointers(const float* base, const std::vector<int64_t>& rows, int64_t ld, int64_t col) {
+  std::vector<const float*> out;
+  out.reserve(rows.size());
+  for (int64_t r : rows) out.push_back(base + r * ld + col);
+  return out;
+}
+
+// A prompt's products through the packed GEMM: out[i * S + s] = x[s] . rows[i] ...
+void PromptProjectRows(const float* x, int64_t S, int64_t D, const std::vector<const float*>& rows, float* out,
+                       const Parallel& parallel) {
+  const int64_t R = static_cast<int64_t>(rows.size());
+  std::vector<const float*> tokens(static_cast<size_t>(S));
+  for (int64_t s = 0; s < S; ++s) tokens[s] = x + s * D;
+  std::fill(out, out + R * S, 0.f);
+  Gemm(R, S, D, Operand{rows.data(), false}, Operand{tokens.data(), true}, out, S, parallel);
+}
+
+// ... and y[s, :] = bias + sum_i coeff[i * S + s] * rows[i][0 : width].
+void PromptGatherRows(const std::vector<const float*>& rows, const float* coeff, int64_t S, int64_t width,
+                      const float* bias, float* y, const Parallel& parallel) {
+  const int64_t R = static_cast<int64_t>(rows.size());
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t c = 0; c < width; ++c) y[s * width + c] = bias ? bias[c] : 0.f;
+  std::vector<const float*> coeffs(static_cast<size_t>(R));
+  for (int64_t i = 0; i < R; ++i) coeffs[i] = coeff + i * S;
+  Gemm(S, width, R, Operand{coeffs.data(), true}, Operand{rows.data(), false}, y, width, parallel);
+}
+
+}  // namespace
+
+void DequantizeRow(const Matrix& w, int64_t r, int64_t c0, int64_t c1, float* out) {
+  const int64_t C = w.cols;
+  if (w.format == WeightFormat::kF32) {
+    std::memcpy(out, w.f32() + r * C + c0, sizeof(float) * (c1 - c0));
+    return;
+  }
+#ifdef SHADOWLLM_AVX2
+  if (HasAvx2()) return DequantizeRowAvx2(w, r, c0, c1, out);
+#endif
+  int64_t c = c0;
+  for (; c + kBlock <= c1; c += kBlock) {
+    V16 q0, q1, d0, d1, m0 = V16{}, m1 = V16{};
+    Codes(w, r * C + c, q0, q1);
+    if (w.block_axis == 1) {
+      const int64_t b = r * (C / kBlock) + c / kBlock;
+      d0 = d1 = Splat(Half(w.scale[b]));
+      if (w.minimum) m0 = m1 = Splat(Half(w.minimum[b]));
+    } else {
+      const int64_t b = (r / kBlock) * C + c;
+      d0 = Halves(w.scale + b), d1 = Halves(w.scale + b + 16);
+      if (w.minimum) m0 = Halves(w.minimum + b), m1 = Halves(w.minimum + b + 16);
+    }
+    Store(out + (c - c0), q0 * d0 + m0);
+    Store(out + (c - c0) + 16, q1 * d1 + m1);
+  }
+  for (; c < c1; ++c) out[c - c0] = WeightAt(w, r, c);  // a column range narrower than a block
+}
+
+void ProjectKeptRows(const float* x, int64_t S, const Matrix& w, const std::vector<int64_t>& rows, float* out,
+                     const Parallel& parallel) {
+  const int64_t D = w.cols, R = static_cast<int64_t>(rows.size());
+  const bool prompt = S >= kPrefillTokens && GemmAvailable();
+  if (w.format == WeightFormat::kF32) {
+    if (prompt) return PromptProjectRows(x, S, D, RowPointers(w.f32(), rows, D, 0), out, parallel);
+    ProjectRows(x, S, D, RowPointers(w.f32(), rows, D, 0), out, parallel);
+    return;
+  }
+  if (R == 0) return;
+  if (S >= kPrefillTokens) {  // a prompt: the kept rows once in fp32, then the blocked products
+    std::vector<float> dense(static_cast<size_t>(R * D));
+    ForChunks(parallel, R, std::max<int64_t>(1, std::min<int64_t>(64, R / 16)), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) DequantizeRow(w, rows[i], 0, D, dense.data() + i * D);
+    });
+    std::vector<int64_t> all(static_cast<size_t>(R));
+    for (int64_t i = 0; i < R; ++i) all[i] = i;
+    if (prompt) return PromptProjectRows(x, S, D, RowPointers(dense.data(), all, D, 0), out, parallel);
+    ProjectRows(x, S, D, RowPointers(dense.data(), all, D, 0), out, parallel);
+    return;
+  }
+  const int64_t nb = D / kBlock;
+  std::vector<float> xsum(static_cast<size_t>(S * nb), 0.f);  // x's block sums, for the minimums
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t d = 0; d < D; ++d) xsum[s * nb + d / kBlock] += x[s * D + d];
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(64, R / 16));
+  ForChunks(parallel, R, tasks, 4, [&](int64_t i0, int64_t i1) {
+#ifdef SHADOWLLM_AVX2
+    if (HasAvx2()) return DotQuantRowsAvx2(x, xsum.data(), S, w, rows.data(), i0, i1, out);
+#endif
+    DotQuantRows(x, xsum.data(), S, w, rows.data(), i0, i1, out);
+  });
+}
+
+void GatherKeptRows(const Matrix& w, const std::vector<int64_t>& rows, const float* coeff, int64_t S, int64_t col,
+                    int64_t width, const float* bias, float* y, const Parallel& parallel) {
+  const int64_t R = static_cast<int64_t>(rows.size());
+  const bool prompt = S >= kPrefillTokens && GemmAvailable();
+  if (w.format == WeightFormat::kF32) {
+    if (prompt) return PromptGatherRows(RowPointers(w.f32(), rows, w.cols, col), coeff, S, width, bias, y, parallel);
+    GatherProject(RowPointers(w.f32(), rows, w.cols, col), coeff, S, width, bias, y, parallel);
+    return;
+  }
+  if (S >= kPrefillTokens) {
+    std::vector<float> dense(static_cast<size_t>(R * width));
+    ForChunks(parallel, R, std::max<int64_t>(1, std::min<int64_t>(64, R / 16)), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) DequantizeRow(w, rows[i], col, col + width, dense.data() + i * width);
+    });
+    std::vector<const float*> pointers;
+    pointers.reserve(static_cast<size_t>(R));
+    for (int64_t i = 0; i < R; ++i) pointers.push_back(dense.data() + i * width);
+    if (prompt) return PromptGatherRows(pointers, coeff, S, width, bias, y, parallel);
+    GatherProject(pointers, coeff, S, width, bias, y, parallel);
+    return;
+  }
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t c = 0; c < width; ++c) y[s * width + c] = bias ? bias[c] : 0.f;
+  if (R == 0) return;
+  // threads split the columns (in whole blocks): each reads only its columns of the kept rows
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(8, width / 64));
+  ForChunks(parallel, width, tasks, kBlock, [&](int64_t c0, int64_t c1) {
+#ifdef SHADOWLLM_AVX2
+    if (HasAvx2()) return GatherQuantColumnsAvx2(w, rows, coeff, S, col, width, c0, c1, y);
+#endif
+    GatherQuantColumns(w, rows, coeff, S, col, width, c0, c1, y);
+  });
+}
+
+void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels, const Matrix& w,
+                    int64_t col, int64_t width, const float* bias, float* out, const Parallel& parallel) {
+  std::vector<float> coeff(channels.size() * static_cast<size_t>(S));
+  for (size_t c = 0; c < channels.size(); ++c)
+    for (int64_t s = 0; s < S; ++s) coeff[c * S + s] = x[s * D + channels[c]];
+  GatherKeptRows(w, channels, coeff.data(), S, col, width, bias, out, parallel);
+}
+
+}  // namespace shadowllm

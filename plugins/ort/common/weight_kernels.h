@@ -1,0 +1,38 @@
+// The sparse products of both ops over a projection in any weight format (plugins/common/weight_format.h).
+// fp32 goes to the row kernels (row_kernels.h) as before. Quantized weights: at decode (S < 4 tokens)
+// the codes of the kept rows are decoded in registers inside the loop, so a step reads only the kept
+// rows' codes and their blocks' scales; a prompt (S >= 4) dequantizes the kept rows once into an
+// fp32 scratch and runs the fp32 blocked products, whose cost the S tokens share.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "../../common/weight_format.h"
+#include "parallel.h"
+
+namespace shadowllm {
+
+// out[i * S + s] = x[s, :] . w[rows[i], :] for a matrix whose rows are the outputs (row-major input
+// projection [out, in]: blocks along its rows, block_axis 1). x is [S, w.cols].
+void ProjectKeptRows(const float* x, int64_t S, const Matrix& w, const std::vector<int64_t>& rows, float* out,
+                     const Parallel& parallel);
+
+// y[s * width + c] = bias[c] + sum_i coeff[i * S + s] * w[rows[i], col + c] for a matrix whose rows are
+// the inputs (output projections, channel-major input projections: block_axis 0). rows ascending;
+// bias may be null; col even.
+void GatherKeptRows(const Matrix& w, const std::vector<int64_t>& rows, const float* coeff, int64_t S, int64_t col,
+                    int64_t width, const float* bias, float* y, const Parallel& parallel);
+
+// Channel-major input projection (activation thresholds): columns [col, col + width) of a [D, ld]
+// weight stored one row per input channel, of which only the kept `channels` are read:
+// out[s, :] = bias + sum over kept d of x[s, d] * w[d, col : col + width]  (out row-major [S, width]).
+// x must already hold zeros where the threshold dropped an entry of a token.
+void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels, const Matrix& w,
+                    int64_t col, int64_t width, const float* bias, float* out, const Parallel& parallel);
+
+// w[r, c0:c1) as fp32 into out (any format and block axis; c0, c1 multiples of 32 for quantized
+// matrices, or c1 the row's end).
+void DequantizeRow(const Matrix& w, int64_t r, int64_t c0, int64_t c1, float* out);
+
+}  // namespace shadowllm

@@ -49,9 +49,9 @@ def session_options(native: bool | None):
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = QUIET
-    # A quantized export's function bodies hold DequantizeLinear -> MatMul, which onnxruntime fuses into
-    # MatMulNBits; left at its default it then rounds the activations to int8 (accuracy level 4: a
-    # 0.5-1% error on each product). Level 0 keeps them fp32, so the bodies compute the contract exactly.
+    # A quantized export's function bodies hold DequantizeLinear -> MatMul pairs, which onnxruntime may
+    # fuse into MatMulNBits; left at its default that rounds the activations to int8 (accuracy level 4:
+    # a 0.5-1% error on each product). Level 0 keeps them fp32, so the bodies compute the contract exactly.
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     return options, register_native(options, native)
 

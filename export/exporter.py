@@ -25,8 +25,8 @@ from shadowllm.models.rotation import rotation_tensors, same_rotation
 from .graph import POLICIES, THRESHOLDED, ExportModule
 from .names import cache_names
 from .weights import quantize_graph
-from .onnx_ops import (DOMAIN, OPSET, PLUGIN_ATTRS, AttentionVariant, MLPVariant, attention_function, layout_attrs,
-                       mlp_function, register_schemas)
+from .onnx_ops import (DOMAIN, OPSET, PLUGIN_ATTRS, AttentionVariant, MLPVariant, attention_function,
+                       blocked_matmul_function, layout_attrs, mlp_function, register_schemas)
 
 MANIFEST = "shadowllm.json"
 FORMAT = "shadowllm-export/1"
@@ -134,7 +134,8 @@ def trace(model, policy: str = "dense", static_scores=None, target: str = "both"
                  attention_function(AttentionVariant(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.scale,
                                                      arch.rope, w0.b_q is not None, w0.b_o is not None,
                                                      "active" if module.granularity == "sequence" else "all",
-                                                     thresholded, module.weight_layout, weights))):
+                                                     thresholded, module.weight_layout, weights)),
+                 *([blocked_matmul_function(HEAD_FORMAT)] if weights != "fp32" else [])):
         function = ir.serde.deserialize_function(body)
         ir_model.functions[function.identifier()] = function
     ir_model._shadowllm_module = module  # the initializers' tensors live as long as the model

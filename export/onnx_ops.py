@@ -45,11 +45,12 @@ MLP_BASE_INPUTS = ["x", "w_in", "b_in", "w_gate", "w_out_t", "b_out", "mask", "t
 ATTENTION_BASE_INPUTS = ["x", "w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o_t", "b_o", "past_key", "past_value",
                          "attention_mask", "position_ids", "cos", "sin", "head_mask", "t_x", "t_o"]
 MLP_INPUTS = MLP_BASE_INPUTS + _scales(MLP_WEIGHTS)
+MATMUL_INPUTS = ["x", "w", "w_scale", "w_min"]  # BlockedMatMul: the LM head of a quantized export
 ATTENTION_INPUTS = ATTENTION_BASE_INPUTS + _scales(ATTENTION_WEIGHTS)
 THRESHOLDS = {"t_x", "t_h", "t_o"}  # optional fp32 scalars: an entry v of that input counts when |v| >= t
 SCALES = set(_scales(MLP_WEIGHTS + ATTENTION_WEIGHTS))
 WEIGHTS = set(MLP_WEIGHTS + ATTENTION_WEIGHTS)
-OPTIONAL = {"b_in", "w_gate", "b_out", "b_q", "b_k", "b_v", "b_o", "cos", "sin"} | THRESHOLDS | SCALES
+OPTIONAL = {"b_in", "w_gate", "b_out", "b_q", "b_k", "b_v", "b_o", "cos", "sin", "w_min"} | THRESHOLDS | SCALES
 ATTENTION_OUTPUTS = ["y", "present_key", "present_value"]
 MASKED = float(np.finfo(np.float32).min)  # score of a hidden key: a fully hidden row attends uniformly
 
@@ -234,6 +235,15 @@ def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
                                             "weight_layout", "block_size", "plugin_namespace", "plugin_version"])
 
 
+def blocked_matmul_function(weights: str) -> onnx.FunctionProto:
+    """y = x @ w^T with w [N, D] as codes in blocks of 32 along D (the LM head of a quantized export):
+    the dequantized matrix, then a MatMul. The native kernel reads the codes in place instead."""
+    b = _Body()
+    b.rename(b("MatMul", "x", b("Transpose", _weight(b, "w", weights, 1), perm=[1, 0])), "y")
+    return helper.make_function(DOMAIN, "BlockedMatMul", MATMUL_INPUTS, ["y"], b.nodes,
+                                [helper.make_opsetid("", OPSET)], attributes=["block_size"])
+
+
 def _node_inputs(inputs: dict, formal: list[str]) -> list[str]:
     """Tensor names in formal order; absent optional inputs are "" and trailing ones are left off."""
     names = [inputs.get(k, "") for k in formal]
@@ -264,7 +274,7 @@ def attention_node(inputs: dict, outputs: list[str], v: AttentionVariant, name: 
 def _schema(name, inputs, outputs, attrs, doc, infer):
     P, S = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption
     types = {"mask": "B", "head_mask": "B", "attention_mask": "I", "position_ids": "I", "t_x": "F", "t_h": "F",
-             "t_o": "F", **{w: "W" for w in WEIGHTS}, **{s: "H" for s in SCALES}}
+             "t_o": "F", **{w: "W" for w in WEIGHTS | {"w"}}, **{s: "H" for s in SCALES | {"w_scale", "w_min"}}}
     formal_in = [P(n, types.get(n, "T"), "", param_option=S.Optional if n in OPTIONAL else S.Single)
                  for n in inputs]
     formal_out = [P(n, "T", "") for n in outputs]
@@ -286,6 +296,16 @@ def _attr(name, kind, required=True):
 
 def _infer_mlp(ctx):
     ctx.set_output_type(0, ctx.get_input_type(0))
+
+
+def _infer_matmul(ctx):
+    x, w = ctx.get_input_type(0), ctx.get_input_type(1)
+    t = onnx.TypeProto()
+    t.tensor_type.elem_type = x.tensor_type.elem_type
+    if x.tensor_type.HasField("shape") and w.tensor_type.HasField("shape"):
+        for d in list(x.tensor_type.shape.dim)[:-1] + [w.tensor_type.shape.dim[0]]:
+            t.tensor_type.shape.dim.add().CopyFrom(d)
+    ctx.set_output_type(0, t)
 
 
 def _infer_attention(ctx):
@@ -323,3 +343,6 @@ def register_schemas() -> None:
          _attr("rope", A.INT), _attr("kv_policy", A.STRING)] + plugin,
         "Attention that computes only the heads kept by head_mask[B,H], with KV cache (docs/export-format.md).",
         _infer_attention))
+    onnx.defs.register_schema(_schema(
+        "BlockedMatMul", MATMUL_INPUTS, ["y"], [_attr("block_size", A.INT, False)],
+        "y = x @ w^T, w as block codes with fp16 scales (docs/export-format.md).", _infer_matmul))

@@ -88,6 +88,19 @@ def fake_quantize(w: torch.Tensor, fmt: str, axis: int) -> torch.Tensor:
 
 
 HEAD_FORMAT = "int8"  # the LM head of a quantized export: 4 bits by rounding costs SmolLM2 +6.5% perplexity
+BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1 + 2 / 32, "int4": 0.5 + 4 / 32}  # a block's fp16 scale (and minimum) shared
+
+
+def token_bytes(arch, fraction: float, fmt: str) -> int:
+    """Weight bytes a decode token reads: `fraction` of the decoder blocks' projections at `fmt` (scales
+    included) plus the whole LM head at its format. arch: an adapter's Arch."""
+    head = arch.vocab * arch.hidden * BYTES_PER_WEIGHT[head_format(fmt)]
+    return int(fraction * arch.block_parameters * BYTES_PER_WEIGHT[fmt] + head)
+
+
+def head_format(fmt: str) -> str:
+    """The LM head's format in an export whose projections are `fmt`."""
+    return "fp32" if fmt == "fp32" else HEAD_FORMAT
 
 
 def fake_quantize_(model, fmt: str) -> None:

@@ -55,6 +55,8 @@ class Row:
     predictor: str | None = None  # folder name of the predictor a row used (two of one kind stay apart)
     allocation: str | None = None  # threshold rows: uniform | greedy
     head_sparsity: float | None = None  # shadow+threshold rows: the heads the predictor drops
+    weights: str = "fp32"  # the projections' format (models/quant.py); the LM head int8 when quantized
+    bytes_per_token: int | None = None  # weight bytes a decode token reads: blocks at bytes_fraction, LM head
 
 
 # Methods a deployed model can run (`shadowllm export --policy ...`); the others are baselines or ceilings.
@@ -541,15 +543,19 @@ def rows_table(rows: list[Row]) -> list[str]:
     """The markdown table of every row (the report's first table; the demo prints it alone)."""
     named = any(r.predictor for r in rows)  # reports written before rows named their predictor lack the column
     allocated = any(r.allocation for r in rows)  # threshold rows: their allocation (and the hybrid's heads)
+    sized = any(r.bytes_per_token for r in rows)  # reports written before rows carried their format lack these
     lines = ["| method | granularity | criterion | " + ("predictor | " if named else "") +
-             ("allocation | " if allocated else "") + "target | sparsity | ppl | last-word acc | bytes_fraction |",
-             "|---|---|---|" + ("---|" if named else "") + ("---|" if allocated else "") + "---|---:|---:|---:|---:|"]
+             ("allocation | " if allocated else "") + "target | sparsity | ppl | last-word acc | bytes_fraction |" +
+             (" weights | MB per token |" if sized else ""),
+             "|---|---|---|" + ("---|" if named else "") + ("---|" if allocated else "") + "---|---:|---:|---:|---:|" +
+             ("---|---:|" if sized else "")]
     for r in rows:
         acc = "" if r.lastword_acc is None else f"{r.lastword_acc:.3f}"
         alloc = (r.allocation or "") + (f", heads {r.head_sparsity:g}" if r.head_sparsity is not None else "")
         lines.append(f"| {r.method} | {r.granularity} | {r.criterion or ''} | " +
                      (f"{r.predictor or ''} | " if named else "") + (f"{alloc} | " if allocated else "") +
-                     f"{r.target} | {r.sparsity} | {r.ppl:.2f} | {acc} | {r.bytes_fraction:.3f} |")
+                     f"{r.target} | {r.sparsity} | {r.ppl:.2f} | {acc} | {r.bytes_fraction:.3f} |" +
+                     (f" {r.weights} | {(r.bytes_per_token or 0) / 1e6:.1f} |" if sized else ""))
     return lines
 
 

@@ -250,9 +250,13 @@ def cmd_eval(args):
             check_grid_sparsity(s)
     from shadowllm.models import corpus
 
+    from shadowllm.models.quant import check_format, fake_quantize_, token_bytes
+
+    check_format(args.weights)  # before loading: a bad --weights is one line
     text = corpus(args.corpus, args.text_field)  # before loading the model: a bad --corpus is one line
     merged = [rows_from_json(path) for path in args.merge]
     model, tokenizer = load(args.model)
+    fake_quantize_(model, args.weights)  # the PyTorch reference on the values an export of that format holds
     args.window, args.prompt, scored = scoring_window(tokenizer, text, args.split, args.window, args.prompt,
                                                       args.max_windows, adapter_for(model).arch.max_positions)
     print(f"[shadowllm] {scored}", file=sys.stderr)
@@ -266,7 +270,7 @@ def cmd_eval(args):
     predictors = [load_predictor(p, model) for p in args.predictor]
     tables, threshold_source, threshold_model = None, None, None
     if thresholded:
-        calib, threshold_source = _threshold_calibration(model, tokenizer, args.thresholds)
+        calib, threshold_source = _threshold_calibration(model, tokenizer, args.thresholds, args.weights)
         arch = adapter_for(model).arch
         tables = {a: threshold_table(calib, arch, a)[1] for a in threshold_allocations}
         threshold_model = calib.model_for(model)
@@ -280,10 +284,13 @@ def cmd_eval(args):
                     args.window, args.prompt, static, oracle, mask_allocation, args.lastword, args.seed,
                     args.method, threshold_tables=tables, hybrid_head_sparsity=args.hybrid_head_sparsity,
                     text_corpus=text, threshold_model=threshold_model)
+    for row in rows:
+        row.weights, row.bytes_per_token = args.weights, token_bytes(adapter_for(model).arch, row.bytes_fraction,
+                                                                     args.weights)
     rows += merged
     command = "shadowllm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     meta = {"model": args.model or "smollm2-135m", **text.describe(), "split": args.split, "window": args.window,
-            "prompt": args.prompt,
+            "prompt": args.prompt, "weights": args.weights,
             "allocation": mask_allocation, "threshold_allocations": threshold_allocations if thresholded else [],
             "thresholds": threshold_source, "merged": list(args.merge), "predictors": [p.manifest for p in predictors]}
     if args.out:
@@ -423,6 +430,8 @@ def cmd_bench(args):
     for flag in ("tokens", "repeats", "prompt_tokens", "threads"):
         if getattr(args, flag) is not None:
             setattr(plan, flag, getattr(args, flag))
+    if args.no_predictors:
+        plan.predictor_policies = False
     rows, meta = run(plan)
     command = "shadowllm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.out:
@@ -544,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lastword", type=int, default=32, help="articles for last-word accuracy (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="report prefix: writes PREFIX.json, .md, .png")
+    p.add_argument("--weights", default="fp32",
+                   help="score the model with its projections on this format's grid (as `export --weights`): "
+                        "fp32, int8 or int4; threshold rows then use an unrotated calibration")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export model + masks to ONNX with the sparse custom ops")
@@ -621,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, default=None, help="runs per cell (default 3; quick 2)")
     p.add_argument("--prompt-tokens", type=positive_int, default=None, help="prompt length (default 128; quick 64)")
     p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: all cores)")
+    p.add_argument("--no-predictors", action="store_true",
+                   help="skip the shadow and dejavu cells (their predictors train first: minutes on SmolLM2)")
     p.add_argument("--out", default=None, help="report prefix: writes PREFIX.json, PREFIX.md and PREFIX.png")
     p.set_defaults(func=cmd_bench)
 

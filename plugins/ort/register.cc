@@ -2,6 +2,7 @@
 #include <mutex>
 #include <string>
 
+#include "blocked_matmul/op.h"
 #include "common/ort_helpers.h"
 #include "sparse_head_attention/op.h"
 #include "sparse_neuron_mlp/op.h"
@@ -9,6 +10,7 @@
 namespace {
 shadowllm::SparseNeuronMLPOp g_mlp;
 shadowllm::SparseHeadAttentionOp g_attention;
+shadowllm::BlockedMatMulOp g_matmul;
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api) {
@@ -32,6 +34,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
     domains.emplace_back("ai.shadowllm");
     domains.back().Add(&g_mlp);
     domains.back().Add(&g_attention);
+    domains.back().Add(&g_matmul);
     Ort::UnownedSessionOptions(options).Add(domains.back());
   } catch (const std::exception& e) {
     return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());

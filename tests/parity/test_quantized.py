@@ -4,6 +4,8 @@ on fresh random inputs, and whole exports through `parity`."""
 
 from __future__ import annotations
 
+import json
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -15,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from shadowllm.cli import main
 from shadowllm.compiler.native import session_options
 from shadowllm.export.onnx_ops import (DOMAIN, OPSET, AttentionVariant, MLPVariant, attention_function, attention_node,
-                                       mlp_function, mlp_node, register_schemas)
+                                       blocked_matmul_function, mlp_function, mlp_node, register_schemas)
 from shadowllm.models import ShadowError
 from shadowllm.models.quant import BLOCK, fake_quantize, quantize
 from shadowllm.models.tiny import save_tiny
@@ -153,6 +155,23 @@ def test_attention_with_quantized_weights(fmt, layout, S):
             assert rel_error(ours, want) < REL, native
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", ((1, 1), (2, 3), (1, 6)))  # decode steps, and a prompt's every position
+def test_blocked_matmul(fmt, shape):
+    """The quantized LM head: y = x @ w^T from the codes, native kernel and function body, against the
+    float64 product of the dequantized values."""
+    rng = np.random.default_rng()  # fresh inputs every run; the tolerance holds for any draw
+    N, D = 4160, 96  # N: more than one 4,096-row chunk of the prompt path
+    inits, exact = _quantized_initializers("w", (rng.standard_normal((N, D)) * 0.1).astype(np.float32), fmt, 1)
+    x = rng.standard_normal((*shape, D)).astype(np.float32)
+    names = ["x"] + [i.name for i in inits]
+    node = helper.make_node("BlockedMatMul", names, ["y"], domain=DOMAIN, block_size=BLOCK)
+    want = x.astype(np.float64) @ exact.T
+    for native in (True, False):
+        (got,) = _run(node, blocked_matmul_function(fmt), {"x": x}, inits, {"y": (*shape, N)}, native)
+        assert rel_error(got, want) < REL, native
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     # realistic proportions at test size: GQA 3:1, head_dim 16 (hidden 96 / 6 heads), F a multiple of 32
@@ -188,3 +207,25 @@ def test_bad_weights_and_unsupported_targets_are_one_line(tiny_llama, tmp_path, 
     save_tiny("llama", tmp_path / "ragged")  # F = 80: not a whole number of blocks
     assert main(["export", str(tmp_path / "ragged"), "--weights", "int4", "--out", str(tmp_path / "y")]) == 2
     assert "not a multiple of the block (32)" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_eval_scores_the_quantized_values_and_counts_their_bytes(tiny_llama, tmp_path, capsys):
+    """`eval --weights`: the rows name the format, the dense perplexity is the fake-quantized model's
+    (not the fp32 one's), and bytes per token count the blocks at the format's rate plus an int8 head."""
+    runs = {}
+    for fmt in ("fp32", "int4"):
+        out = tmp_path / f"eval-{fmt}"
+        assert main(["eval", str(tiny_llama), "--method", "dense", "--weights", fmt, "--max-windows", "2",
+                     "--window", "64", "--prompt", "32", "--lastword", "0", "--out", str(out)]) in (0, None)
+        runs[fmt] = json.loads(out.with_suffix(".json").read_text())
+    fp32, int4 = (runs[f]["rows"][0] for f in ("fp32", "int4"))
+    assert (fp32["weights"], int4["weights"]) == ("fp32", "int4") and runs["int4"]["weights"] == "int4"
+    assert fp32["ppl"] != int4["ppl"]  # a random model is off the grid: the int4 values are scored
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    D, F, V, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    E = D // cfg["num_attention_heads"]
+    blocks = L * (2 * D * D + 2 * cfg["num_key_value_heads"] * E * D + 3 * D * F)
+    assert fp32["bytes_per_token"] == int(4 * blocks + 4 * V * D)
+    assert int4["bytes_per_token"] == int((0.5 + 4 / 32) * blocks + (1 + 2 / 32) * V * D)
+    assert main(["eval", str(tiny_llama), "--weights", "int2", "--out", str(tmp_path / "x")]) == 2
+    assert "--weights 'int2': expected one of fp32, int8, int4" in capsys.readouterr().err

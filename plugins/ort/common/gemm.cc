@@ -18,50 +18,39 @@ constexpr int64_t kMC = 96;           // rows of A packed per task
 constexpr int64_t kNC = 256;          // columns per task
 
 
-// A[i0 : i0 + m, k0 : k0 + kc] into tiles of kMR rows: Ap[tile][k][kMR], zero rows past m.
-void PackA(const Operand& A, int64_t i0, int64_t m, int64_t k0, int64_t kc, float* Ap) {
-  for (int64_t t = 0; t < m; t += kMR) {
-    float* dst = Ap + t * kc;
-    const int64_t rows = std::min(kMR, m - t);
-    if (!A.by_column) {
-      for (int64_t r = 0; r < kMR; ++r) {
-        if (r >= rows) {
-          for (int64_t k = 0; k < kc; ++k) dst[k * kMR + r] = 0.f;
+// Lines [s0, s0 + n) of an operand (rows of A, columns of B) over depth [k0, k0 + kc), into strips of
+// W lines: dst[strip][k][W], zero lines past n. per_line: the operand's pointers each lead one line
+// (else each leads one depth step, the lines running along it).
+void Pack(const Operand& X, bool per_line, int64_t s0, int64_t n, int64_t k0, int64_t kc, int64_t W, float* dst) {
+  for (int64_t t = 0; t < n; t += W) {
+    float* out = dst + t * kc;
+    const int64_t lines = std::min(W, n - t);
+    if (per_line) {
+      for (int64_t r = 0; r < W; ++r) {
+        if (r >= lines) {
+          for (int64_t k = 0; k < kc; ++k) out[k * W + r] = 0.f;
           continue;
         }
-        const float* src = A.ptr[i0 + t + r] + k0;
-        for (int64_t k = 0; k < kc; ++k) dst[k * kMR + r] = src[k];
+        const float* src = X.ptr[s0 + t + r] + k0;
+        for (int64_t k = 0; k < kc; ++k) out[k * W + r] = src[k];
       }
     } else {
       for (int64_t k = 0; k < kc; ++k) {
-        const float* src = A.ptr[k0 + k] + i0 + t;
-        for (int64_t r = 0; r < kMR; ++r) dst[k * kMR + r] = r < rows ? src[r] : 0.f;
+        const float* src = X.ptr[k0 + k] + s0 + t;
+        for (int64_t r = 0; r < W; ++r) out[k * W + r] = r < lines ? src[r] : 0.f;
       }
     }
   }
 }
 
-// B[k0 : k0 + kc, j0 : j0 + n] into panels of kNR columns: Bp[panel][k][kNR], zero columns past n.
+// A[i0 : i0 + m, k0 : k0 + kc] into tiles of kMR rows: Ap[tile][k][kMR].
+void PackA(const Operand& A, int64_t i0, int64_t m, int64_t k0, int64_t kc, float* Ap) {
+  Pack(A, !A.by_column, i0, m, k0, kc, kMR, Ap);
+}
+
+// B[k0 : k0 + kc, j0 : j0 + n] into panels of kNR columns: Bp[panel][k][kNR].
 void PackB(const Operand& B, int64_t k0, int64_t kc, int64_t j0, int64_t n, float* Bp) {
-  for (int64_t p = 0; p < n; p += kNR) {
-    float* dst = Bp + p * kc;
-    const int64_t cols = std::min(kNR, n - p);
-    if (!B.by_column) {
-      for (int64_t k = 0; k < kc; ++k) {
-        const float* src = B.ptr[k0 + k] + j0 + p;
-        for (int64_t c = 0; c < kNR; ++c) dst[k * kNR + c] = c < cols ? src[c] : 0.f;
-      }
-    } else {
-      for (int64_t c = 0; c < kNR; ++c) {
-        if (c >= cols) {
-          for (int64_t k = 0; k < kc; ++k) dst[k * kNR + c] = 0.f;
-          continue;
-        }
-        const float* src = B.ptr[j0 + p + c] + k0;
-        for (int64_t k = 0; k < kc; ++k) dst[k * kNR + c] = src[k];
-      }
-    }
-  }
+  Pack(B, B.by_column, j0, n, k0, kc, kNR, Bp);
 }
 
 #ifdef SHADOWLLM_GEMM

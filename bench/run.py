@@ -100,9 +100,10 @@ class HFEager:
     def __init__(self, model):
         self.model = model
 
-    def forward(self, input_ids, attention_mask, state):
+    def forward(self, input_ids, attention_mask, state, last_only: bool = False):
         with torch.inference_mode():
-            out = self.model(input_ids, attention_mask=attention_mask, cache=state, use_cache=True)
+            out = self.model(input_ids, attention_mask=attention_mask, cache=state, use_cache=True,
+                             logits_to_keep=1 if last_only else 0)
         return out.logits, out.cache
 
 
@@ -126,7 +127,9 @@ def _run(backend, prompt, tokens: int, state0, generated: list | None = None):
     `generated` receives the new token ids."""
     mask = torch.ones_like(prompt)
     start = time.perf_counter()
-    logits, state = backend.forward(prompt, mask, state0() if state0 else None)
+    # the LM head on the last position only, as generation runs a prompt (runtime/generate.py) and
+    # llama.cpp does: time to first token, not the cost of every position's logits
+    logits, state = backend.forward(prompt, mask, state0() if state0 else None, last_only=True)
     prefill = time.perf_counter() - start
     nxt = logits[:, -1].argmax(-1, keepdim=True)
     ttft = time.perf_counter() - start

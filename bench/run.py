@@ -203,11 +203,13 @@ def random_masks(arch: dict, head_sparsity: float, neuron_sparsity: float, seed:
 
 
 def _bench_arch(folder: Path) -> dict:
+    from shadowllm.export.folder import weights_format
+
     manifest = json.loads((folder / "shadowllm.json").read_text())
     config = json.loads((folder / "config.json").read_text())
     return dict(manifest["arch"], hidden=config["hidden_size"], gated=manifest["arch"]["family"] != "opt",
                 kv_policy=manifest.get("kv_policy", "all"),
-                weights=(manifest.get("weights") or {}).get("format", "fp32"))
+                weights=weights_format(manifest))
 
 
 def _cached_export(root: Path, model, tokenizer, policy: str, predictor=None, predictor_dir=None,

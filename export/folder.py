@@ -34,6 +34,11 @@ def check_export_folder(folder: Path, graph: bool = True) -> dict:
     return manifest
 
 
+def weights_format(manifest: dict) -> str:
+    """The projections' format an export holds (models/quant.py); fp32 before export revision 5."""
+    return (manifest.get("weights") or {}).get("format", "fp32")
+
+
 def sparsity_value(manifest: dict, sparsity, flag: str = "--sparsity") -> np.ndarray:
     """The graph's `sparsity` input (fp32 scalar) for a requested sparsity; one clear line naming `flag`
     when the export cannot take it (outside [0, 1), or off a threshold table's grid)."""

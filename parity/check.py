@@ -36,7 +36,7 @@ import torch
 from shadowllm.models import ShadowError, adapter_for, fingerprint
 
 from shadowllm.compiler.native import session_options
-from shadowllm.export.folder import check_export_folder
+from shadowllm.export.folder import check_export_folder, weights_format
 from shadowllm.runtime.policy import export_model, export_policy
 from shadowllm.runtime.memory import release_memory
 from shadowllm.runtime.ort_backend import OrtBackend
@@ -299,7 +299,7 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
     report.tolerance = max(ATOL, FP32_FACTOR * report.fp32_reference_error)
     logit_tolerance = _logit_tolerance(_float64(model), ids, mask, logits32, logits)  # [B, S]
     report.logits_tolerance = (float(logit_tolerance[mask.bool()].min()), float(logit_tolerance[mask.bool()].max()))
-    weights = (manifest.get("weights") or {}).get("format", "fp32")
+    weights = weights_format(manifest)
     if weights != "fp32":
         check = _source_check(source_logits, model, ids, mask, logit_tolerance)
         report.quantization = (weights, check.max_abs, check.max_rel)

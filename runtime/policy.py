@@ -52,7 +52,9 @@ def export_model(folder: Path, manifest: dict, model):
     the caller), or its copy rotated as the export's threshold calibration asks (models/rotation.py;
     the rotation is stored beside the table), or its copy with the projections on the export's
     weight grid (models/quant.py; a quantized export is never rotated)."""
-    weights = (manifest.get("weights") or {}).get("format", "fp32")  # before revision 5: fp32
+    from shadowllm.export.folder import weights_format
+
+    weights = weights_format(manifest)
     if weights != "fp32":
         import copy
 

@@ -249,7 +249,6 @@ def cmd_eval(args):
         for s in args.sparsity:
             check_grid_sparsity(s)
     from shadowllm.models import corpus
-
     from shadowllm.models.quant import check_format, fake_quantize_, token_bytes
 
     check_format(args.weights)  # before loading: a bad --weights is one line
@@ -284,9 +283,9 @@ def cmd_eval(args):
                     args.window, args.prompt, static, oracle, mask_allocation, args.lastword, args.seed,
                     args.method, threshold_tables=tables, hybrid_head_sparsity=args.hybrid_head_sparsity,
                     text_corpus=text, threshold_model=threshold_model)
+    arch = adapter_for(model).arch
     for row in rows:
-        row.weights, row.bytes_per_token = args.weights, token_bytes(adapter_for(model).arch, row.bytes_fraction,
-                                                                     args.weights)
+        row.weights, row.bytes_per_token = args.weights, token_bytes(arch, row.bytes_fraction, args.weights)
     rows += merged
     command = "shadowllm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     meta = {"model": args.model or "smollm2-135m", **text.describe(), "split": args.split, "window": args.window,

@@ -25,14 +25,19 @@ from shadowllm.models.rotation import rotation_tensors, same_rotation
 from .graph import POLICIES, THRESHOLDED, ExportModule
 from .names import cache_names
 from .weights import quantize_graph
-from .onnx_ops import (DOMAIN, OPSET, PLUGIN_ATTRS, AttentionVariant, MLPVariant, attention_function,
-                       blocked_matmul_function, layout_attrs, mlp_function, register_schemas)
+from .onnx_ops import (ATTENTION_INPUTS, ATTENTION_BASE_INPUTS, DOMAIN, OPSET, PLUGIN_ATTRS, QK_NORMS, AttentionVariant,
+                       MLPVariant, attention_function, blocked_matmul_function, family_attrs, layout_attrs,
+                       mlp_function, register_schemas)
+
+SCALE_INPUTS = ATTENTION_INPUTS[len(ATTENTION_BASE_INPUTS):-len(QK_NORMS)]
 
 MANIFEST = "shadowllm.json"
 FORMAT = "shadowllm-export/1"
 # Bumped whenever the exporter writes a different graph for the same model (4: `logits_to_keep`, the
 # KV cache written in place); folders cached under it (demo, bench) are made again.
-REVISION = 5  # 5: quantized projections (--weights int8|int4: codes + `<weight>_scale` / `_min` inputs)
+# 5: quantized projections (--weights int8|int4: codes + `<weight>_scale` / `_min` inputs); 6: q_norm / k_norm
+# inputs, the sliding_window and qk_norm_eps attributes, partial rotary tables, post-norms (the newer families)
+REVISION = 6
 _custom = onnxscript.values.Opset(domain=DOMAIN, version=1)
 
 
@@ -42,12 +47,16 @@ def _mlp_translation(x, w_in, b_in, w_gate, w_out_t, b_out, mask, t_x, t_h, acti
 
 
 def _attention_translation(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask,
-                           position_ids, cos, sin, head_mask, t_x, t_o, num_heads: int, num_kv_heads: int,
-                           head_dim: int, scale: float, rope: int, kv_policy: str, weight_layout: str):
+                           position_ids, cos, sin, head_mask, t_x, t_o, q_norm, k_norm, num_heads: int,
+                           num_kv_heads: int, head_dim: int, scale: float, rope: int, kv_policy: str,
+                           weight_layout: str, sliding_window: int, qk_norm_eps: float):
+    # q_norm / k_norm follow the eight scale / minimum slots, which quantize_graph fills (or not)
+    norms = [None] * len(SCALE_INPUTS) + [q_norm, k_norm] if q_norm is not None else []
     return _custom.SparseHeadAttention(
         x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask, position_ids, cos, sin,
-        head_mask, t_x, t_o, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale,
-        rope=rope, kv_policy=kv_policy, **layout_attrs(weight_layout), **PLUGIN_ATTRS)
+        head_mask, t_x, t_o, *norms, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale,
+        rope=rope, kv_policy=kv_policy, **layout_attrs(weight_layout),
+        **family_attrs(sliding_window or None, qk_norm_eps if q_norm is not None else None), **PLUGIN_ATTRS)
 
 
 LOGITS_TO_KEEP = "logits_to_keep"  # optional input (default 0 = every position), added after tracing
@@ -134,7 +143,9 @@ def trace(model, policy: str = "dense", static_scores=None, target: str = "both"
                  attention_function(AttentionVariant(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.scale,
                                                      arch.rope, w0.b_q is not None, w0.b_o is not None,
                                                      "active" if module.granularity == "sequence" else "all",
-                                                     thresholded, module.weight_layout, weights)),
+                                                     thresholded, module.weight_layout, weights,
+                                                     module.qk_norm_eps, arch.sliding_window is not None,
+                                                     arch.rotary_dim)),
                  *([blocked_matmul_function(HEAD_FORMAT)] if weights != "fp32" else [])):
         function = ir.serde.deserialize_function(body)
         ir_model.functions[function.identifier()] = function
@@ -280,10 +291,6 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
         raise ShadowError(f"--out {out}: " + ("folder exists and is not empty" if out.is_dir() else "is a file") +
                           "; choose a new folder")
     arch = adapter_for(model).arch
-    if arch.sliding_window is not None and arch.sliding_window < arch.max_positions:
-        raise ShadowError(f"{arch.model_type} attends within a sliding window of {arch.sliding_window} tokens "
-                          f"(of {arch.max_positions} positions); the sparse ops attend to the whole cache, so past "
-                          "the window the export would silently differ from the model: not supported")
     print(f"[shadowllm] tracing {arch.model_type} ({arch.num_layers} layers) with policy {policy}", file=sys.stderr)
     if target not in ("heads", "neurons", "both"):
         raise ShadowError(f"--target {target!r}: expected heads, neurons or both")

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from shadowllm.models import adapter_for
+from shadowllm.models.reference import post_norm
 
 from . import ops  # noqa: F401  (registers torch.ops.shadowllm.*)
 
@@ -86,9 +87,13 @@ class ExportModule(nn.Module):
             return (t.t() if name in CHANNEL_MAJOR and self.weight_layout == "channel_major" else t).contiguous()
 
         self.attn, self.mlp = [], []
+        self.qk_norm_eps = None
         for layer in range(a.num_layers):
             w, m = adapter.attention(layer), adapter.mlp(layer)
             self.attn.append({k: keep(k, getattr(w, k)) for k in ("w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o_t", "b_o")})
+            if w.q_norm is not None:  # the per-head norms' weights ride as inputs; one eps for the model
+                self.attn[-1].update(q_norm=keep("q_norm", w.q_norm.weight), k_norm=keep("k_norm", w.k_norm.weight))
+                self.qk_norm_eps = float(w.q_norm.eps)
             self.mlp.append({k: keep(k, getattr(m, k)) for k in ("w_in", "b_in", "w_gate", "w_out_t", "b_out")})
         # Register them so torch.export lifts them into initializers with readable names.
         for layer, (wa, wm) in enumerate(zip(self.attn, self.mlp)):
@@ -96,12 +101,13 @@ class ExportModule(nn.Module):
                 if t is not None:
                     self.register_buffer(f"layers_{layer}_{k}", t, persistent=False)
                     (wa if k in wa else wm)[k] = getattr(self, f"layers_{layer}_{k}")
-        if a.rope:
-            cos, sin = adapter.rope(torch.arange(a.max_positions)[None])
-            self.register_buffer("rope_cos", cos[0].contiguous(), persistent=False)
-            self.register_buffer("rope_sin", sin[0].contiguous(), persistent=False)
-        else:
-            self.rope_cos = self.rope_sin = None
+        # one cos/sin table pair per RoPE kind the layers read (gemma3_text: local and global bases)
+        self.rope_tables = {}
+        for i, (kind, (cos, sin)) in enumerate(adapter.ropes(torch.arange(a.max_positions)[None]).items()):
+            suffix = "" if i == 0 else f"_{kind}"
+            self.register_buffer(f"rope_cos{suffix}", cos[0].contiguous(), persistent=False)
+            self.register_buffer(f"rope_sin{suffix}", sin[0].contiguous(), persistent=False)
+            self.rope_tables[kind] = (f"rope_cos{suffix}", f"rope_sin{suffix}")
         if policy == "static":
             heads, neurons = static_scores
             # Scores are constants, so their order is too: only the rank goes into the graph.
@@ -176,29 +182,37 @@ class ExportModule(nn.Module):
                 layer_neurons[layer + 1] = nm | prefill_t
             w = self.attn[layer]
             x = adapter.attn_norm(layer)(h) if a.pre_norm else h
+            cos, sin = self._rope(layer)
             y, key, value = torch.ops.shadowllm.sparse_head_attention(
                 x, w["w_q"], w["b_q"], w["w_k"], w["b_k"], w["w_v"], w["b_v"], w["w_o_t"], w["b_o"],
                 past_key_values[2 * layer], past_key_values[2 * layer + 1], attention_mask, position_ids,
-                self.rope_cos, self.rope_sin, layer_heads[layer], *self._thresholds(thresholds, layer, 0),
-                a.num_heads, a.num_kv_heads, a.head_dim, a.scale, int(a.rope), kv_policy, self.weight_layout)
+                cos, sin, layer_heads[layer], *self._thresholds(thresholds, layer, 0), w.get("q_norm"),
+                w.get("k_norm"), a.num_heads, a.num_kv_heads, a.head_dim, a.scale, int(a.rope), kv_policy,
+                self.weight_layout, a.window(layer), self.qk_norm_eps or 0.0)
             if layer == 0 and self.policy in ("shadow", "shadow+threshold"):
                 heads, neurons = self._predict_after_layer0(y[:, -1], head_mask, neuron_mask, sparsity, prefill,
                                                             prefill_t)
                 layer_heads = [heads[:, l] for l in range(a.num_layers)]
                 layer_neurons = [neurons[:, l] for l in range(a.num_layers)]
             presents += [key, value]
-            h = h + y
+            h = h + post_norm(adapter.post_attn_norm(layer), y)
             if not a.pre_norm:
                 h = adapter.attn_norm(layer)(h)
             m = self.mlp[layer]
             x = adapter.mlp_norm(layer)(h) if a.pre_norm else h
-            h = h + torch.ops.shadowllm.sparse_neuron_mlp(x, m["w_in"], m["b_in"], m["w_gate"], m["w_out_t"],
-                                                          m["b_out"], layer_neurons[layer],
-                                                          *self._thresholds(thresholds, layer, 2), a.activation,
-                                                          self.weight_layout)
+            h = h + post_norm(adapter.post_mlp_norm(layer), torch.ops.shadowllm.sparse_neuron_mlp(
+                x, m["w_in"], m["b_in"], m["w_gate"], m["w_out_t"], m["b_out"], layer_neurons[layer],
+                *self._thresholds(thresholds, layer, 2), a.activation, self.weight_layout))
             if not a.pre_norm:
                 h = adapter.mlp_norm(layer)(h)
         return (adapter.logits(h), *presents, torch.stack(layer_heads, 1), torch.stack(layer_neurons, 1))
+
+    def _rope(self, layer: int):
+        """(cos, sin) tables of this layer's RoPE kind; (None, None) without RoPE."""
+        if not self.rope_tables:
+            return None, None
+        cos, sin = self.rope_tables[self.arch.rope_kind(layer)]
+        return getattr(self, cos), getattr(self, sin)
 
     def _thresholds(self, thresholds, layer: int, first: int):
         """(t for the op's input, t for its inner input): the attention's (t_x, t_o) at first=0, the

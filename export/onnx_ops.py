@@ -46,11 +46,13 @@ ATTENTION_BASE_INPUTS = ["x", "w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o_t",
                          "attention_mask", "position_ids", "cos", "sin", "head_mask", "t_x", "t_o"]
 MLP_INPUTS = MLP_BASE_INPUTS + _scales(MLP_WEIGHTS)
 MATMUL_INPUTS = ["x", "w", "w_scale", "w_min"]  # BlockedMatMul: the LM head of a quantized export
-ATTENTION_INPUTS = ATTENTION_BASE_INPUTS + _scales(ATTENTION_WEIGHTS)
+# q_norm / k_norm (per-head RMSNorm weights [E], qwen3 / gemma3_text) were appended in revision 6
+QK_NORMS = ["q_norm", "k_norm"]
+ATTENTION_INPUTS = ATTENTION_BASE_INPUTS + _scales(ATTENTION_WEIGHTS) + QK_NORMS
 THRESHOLDS = {"t_x", "t_h", "t_o"}  # optional fp32 scalars: an entry v of that input counts when |v| >= t
 SCALES = set(_scales(MLP_WEIGHTS + ATTENTION_WEIGHTS))
 WEIGHTS = set(MLP_WEIGHTS + ATTENTION_WEIGHTS)
-OPTIONAL = {"b_in", "w_gate", "b_out", "b_q", "b_k", "b_v", "b_o", "cos", "sin", "w_min"} | THRESHOLDS | SCALES
+OPTIONAL = {"b_in", "w_gate", "b_out", "b_q", "b_k", "b_v", "b_o", "cos", "sin", "w_min"} | THRESHOLDS | SCALES | set(QK_NORMS)
 ATTENTION_OUTPUTS = ["y", "present_key", "present_value"]
 MASKED = float(np.finfo(np.float32).min)  # score of a hidden key: a fully hidden row attends uniformly
 
@@ -141,6 +143,9 @@ class AttentionVariant:
     thresholds: bool = False  # t_x and t_o are inputs
     weight_layout: str = "row_major"  # of w_q / w_k / w_v: row_major [out, D] | channel_major [D, out]
     weights: str = "fp32"  # fp32 | int8 | int4 (models/quant.py): the projections' format
+    qk_norm_eps: float | None = None  # q_norm and k_norm are inputs (RMSNorm with this eps); None: absent
+    windowed: bool = False  # some layer has a sliding window: the body reads the node's sliding_window
+    rotary_dim: int = 0  # dimensions RoPE rotates (the cos/sin tables' width x 2); 0: head_dim
 
 
 def mlp_function(v: MLPVariant) -> onnx.FunctionProto:
@@ -169,13 +174,35 @@ def _heads(b: _Body, t, n, E):
     return b("Transpose", b("Reshape", t, b.const([0, 0, n, E])), perm=[0, 2, 1, 3])
 
 
-def _rope(b: _Body, t, cos, sin, E):
-    half = E // 2
+def _rope(b: _Body, t, cos, sin, E, R):
+    """Rotate-half RoPE on the first R dimensions of t [B, n, S, E]; the rest pass through."""
+    half = R // 2
     t1 = b("Slice", t, b.const([0]), b.const([half]), b.const([3]))
-    t2 = b("Slice", t, b.const([half]), b.const([E]), b.const([3]))
+    t2 = b("Slice", t, b.const([half]), b.const([R]), b.const([3]))
     first = b("Sub", b("Mul", t1, cos), b("Mul", t2, sin))
     second = b("Add", b("Mul", t2, cos), b("Mul", t1, sin))
-    return b("Concat", first, second, axis=3)
+    if R == E:
+        return b("Concat", first, second, axis=3)
+    return b("Concat", first, second, b("Slice", t, b.const([R]), b.const([E]), b.const([3])), axis=3)
+
+
+def _rms_norm(b: _Body, t, weight, eps: float):
+    """RMSNorm over the last axis: t / sqrt(mean(t^2) + eps) * weight."""
+    mean = b("ReduceMean", b("Mul", t, t), b.const([-1]), keepdims=1)
+    rms = b("Sqrt", b("Add", mean, b("CastLike", b.const(eps, np.float32), t)))
+    return b("Mul", b("Div", t, rms), weight)
+
+
+def _attribute_int(b: _Body, name: str):
+    """The calling node's int attribute `name` as an int64 scalar tensor (an attribute reference)."""
+    b.n += 1
+    out = f"a{b.n}"
+    node = helper.make_node("Constant", [], [out])
+    ref = onnx.AttributeProto()
+    ref.name, ref.ref_attr_name, ref.type = "value_int", name, onnx.AttributeProto.INT
+    node.attribute.append(ref)
+    b.nodes.append(node)
+    return out
 
 
 def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
@@ -187,10 +214,13 @@ def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
     q = _heads(b, _linear(b, x, "w_q", "b_q" if v.bias_qkv else None, cm, v.weights), H, E)
     k = _heads(b, _linear(b, x, "w_k", "b_k" if v.bias_qkv else None, cm, v.weights), G, E)
     val = _heads(b, _linear(b, x, "w_v", "b_v" if v.bias_qkv else None, cm, v.weights), G, E)
+    if v.qk_norm_eps is not None:  # per-head RMSNorm over head_dim, before RoPE
+        q, k = _rms_norm(b, q, "q_norm", v.qk_norm_eps), _rms_norm(b, k, "k_norm", v.qk_norm_eps)
     if v.rope:
-        cos = b("Unsqueeze", b("Gather", "cos", "position_ids", axis=0), b.const([1]))  # [B, 1, S, E/2]
+        cos = b("Unsqueeze", b("Gather", "cos", "position_ids", axis=0), b.const([1]))  # [B, 1, S, R/2]
         sin = b("Unsqueeze", b("Gather", "sin", "position_ids", axis=0), b.const([1]))
-        q, k = _rope(b, q, cos, sin, E), _rope(b, k, cos, sin, E)
+        R = v.rotary_dim or E
+        q, k = _rope(b, q, cos, sin, E, R), _rope(b, k, cos, sin, E, R)
     if v.kv_policy == "active":  # kv heads no active query head reads: zeros in the new cache slots
         groups = b("ReduceMax", b("Reshape", b("Cast", "head_mask", to=TensorProto.INT64), b.const([0, G, H // G])),
                    b.const([2]), keepdims=0)  # [B, G]
@@ -220,6 +250,11 @@ def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
     j = b("Range", zero, b("Squeeze", T), one)
     causal = b("LessOrEqual", b("Unsqueeze", j, b.const([0])), b("Unsqueeze", i, b.const([1])))  # [S, T]
     padding = b("Unsqueeze", b("Cast", "attention_mask", to=TensorProto.BOOL), b.const([1, 2]))  # [B, 1, 1, T]
+    if v.windowed:  # and i's cache index - j < sliding_window, unless the node's window is 0 (whole cache)
+        window = _attribute_int(b, "sliding_window")
+        distance = b("Sub", b("Unsqueeze", i, b.const([1])), b("Unsqueeze", j, b.const([0])))
+        inside = b("Or", b("Less", distance, window), b("LessOrEqual", window, zero))
+        causal = b("And", causal, inside)
     visible = b("And", causal, padding)
     scores = b("Where", visible, scores, b("CastLike", b.const(MASKED, np.float32), "x"))
     context = b("MatMul", b("Softmax", scores, axis=-1), values)  # [B, H, S, E]
@@ -232,7 +267,10 @@ def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
     return helper.make_function(DOMAIN, "SparseHeadAttention", ATTENTION_INPUTS, ATTENTION_OUTPUTS, b.nodes,
                                 [helper.make_opsetid("", OPSET)],
                                 attributes=["num_heads", "num_kv_heads", "head_dim", "scale", "rope", "kv_policy",
-                                            "weight_layout", "block_size", "plugin_namespace", "plugin_version"])
+                                            "weight_layout", "block_size", "qk_norm_eps", "plugin_namespace",
+                                            "plugin_version"],
+                                # a node without sliding_window (a global layer) reads the whole cache
+                                attribute_protos=[helper.make_attribute("sliding_window", 0)])
 
 
 def blocked_matmul_function(weights: str) -> onnx.FunctionProto:
@@ -263,11 +301,23 @@ def mlp_node(inputs: dict, output: str, activation: str, name: str, weight_layou
                             domain=DOMAIN, activation=activation, **layout_attrs(weight_layout), **PLUGIN_ATTRS)
 
 
-def attention_node(inputs: dict, outputs: list[str], v: AttentionVariant, name: str) -> onnx.NodeProto:
+def family_attrs(sliding_window: int | None, qk_norm_eps: float | None) -> dict:
+    """The attributes of revision 6, written only where a model uses them: `sliding_window` on the nodes
+    of windowed layers (absent: 0, the whole cache), `qk_norm_eps` with q/k norms."""
+    attrs = {}
+    if sliding_window:
+        attrs["sliding_window"] = int(sliding_window)
+    if qk_norm_eps is not None:
+        attrs["qk_norm_eps"] = float(qk_norm_eps)
+    return attrs
+
+
+def attention_node(inputs: dict, outputs: list[str], v: AttentionVariant, name: str, window: int = 0) -> onnx.NodeProto:
     return helper.make_node("SparseHeadAttention", _node_inputs(inputs, ATTENTION_INPUTS), outputs,
                             name=name, domain=DOMAIN, num_heads=v.num_heads, num_kv_heads=v.num_kv_heads,
                             head_dim=v.head_dim, scale=float(v.scale), rope=int(v.rope), kv_policy=v.kv_policy,
-                            **layout_attrs(v.weight_layout), **PLUGIN_ATTRS)
+                            **layout_attrs(v.weight_layout),
+                            **family_attrs(window, v.qk_norm_eps), **PLUGIN_ATTRS)
 
 
 # ---------------------------------------------------------------- schemas
@@ -340,7 +390,8 @@ def register_schemas() -> None:
     onnx.defs.register_schema(_schema(
         "SparseHeadAttention", ATTENTION_INPUTS, ATTENTION_OUTPUTS,
         [_attr("num_heads", A.INT), _attr("num_kv_heads", A.INT), _attr("head_dim", A.INT), _attr("scale", A.FLOAT),
-         _attr("rope", A.INT), _attr("kv_policy", A.STRING)] + plugin,
+         _attr("rope", A.INT), _attr("kv_policy", A.STRING), _attr("sliding_window", A.INT, False),
+         _attr("qk_norm_eps", A.FLOAT, False)] + plugin,
         "Attention that computes only the heads kept by head_mask[B,H], with KV cache (docs/export-format.md).",
         _infer_attention))
     onnx.defs.register_schema(_schema(

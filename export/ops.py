@@ -8,14 +8,18 @@ shadowllm::sparse_neuron_mlp(x[B,S,D], w_in[F,D], b_in[F]?, w_gate[F,D]?, w_out_
                              mask[B,F] bool, t_x[]?, t_h[]?, activation, weight_layout) -> y[B,S,D]
 shadowllm::sparse_head_attention(x, w_q, b_q?, w_k, b_k?, w_v, b_v?, w_o_t, b_o?, past_key[B,G,C,E],
                              past_value, attention_mask[B,T], position_ids[B,S], cos[M,E/2]?,
-                             sin[M,E/2]?, head_mask[B,H] bool, t_x[]?, t_o[]?, num_heads, num_kv_heads,
-                             head_dim, scale, rope, kv_policy, weight_layout)
+                             sin[M,E/2]?, head_mask[B,H] bool, t_x[]?, t_o[]?, q_norm[E]?, k_norm[E]?,
+                             num_heads, num_kv_heads, head_dim, scale, rope, kv_policy, weight_layout,
+                             sliding_window, qk_norm_eps)
                              -> (y, present_key[B,G,max(C,T),E], present_value)
 The past is the first P = T - S positions of past_key (C >= P); present is past_key with the new
 positions P..T-1 written (C = P: present = past + new; C >= T: a cache updated in place).
 t_*: activation thresholds (fp32 scalars; an entry v counts only when |v| >= t). weight_layout
 "row_major" keeps the input projections [out, in]; "channel_major" hands them in transposed ([D, F],
 [D, H*E], ...), the layout in which a kernel reads only the kept input channels' weights.
+q_norm / k_norm: per-head RMSNorm weights (eps qk_norm_eps) applied to q and k before RoPE; cos/sin
+[M, R/2] with R < E rotate the first R dimensions of a head only (partial rotary); sliding_window > 0:
+new token i (cache index P + i) sees key j only when P + i - j < sliding_window.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from shadowllm.models.adapters import AttentionWeights, MLPWeights
-from shadowllm.models.reference import attention_block, mlp_block
+from shadowllm.models.adapters import AttentionWeights, MLPWeights, Norm
+from shadowllm.models.reference import attention_block, in_window, mlp_block
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 WEIGHT_LAYOUTS = ("row_major", "channel_major")
@@ -83,15 +87,18 @@ def sparse_head_attention(x: Tensor, w_q: Tensor, b_q: Optional[Tensor], w_k: Te
                           w_v: Tensor, b_v: Optional[Tensor], w_o_t: Tensor, b_o: Optional[Tensor],
                           past_key: Tensor, past_value: Tensor, attention_mask: Tensor, position_ids: Tensor,
                           cos: Optional[Tensor], sin: Optional[Tensor], head_mask: Tensor, t_x: Optional[Tensor],
-                          t_o: Optional[Tensor], num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                          rope: int, kv_policy: str, weight_layout: str) -> tuple[Tensor, Tensor, Tensor]:
+                          t_o: Optional[Tensor], q_norm: Optional[Tensor], k_norm: Optional[Tensor], num_heads: int,
+                          num_kv_heads: int, head_dim: int, scale: float, rope: int, kv_policy: str,
+                          weight_layout: str, sliding_window: int, qk_norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
     shape = HeadShape(num_heads, num_kv_heads, head_dim, scale)
+    norm = (lambda t: None if t is None else Norm("rmsnorm", t, None, qk_norm_eps))
     w = AttentionWeights(w_q=_row_major(w_q, weight_layout), w_k=_row_major(w_k, weight_layout),
-                         w_v=_row_major(w_v, weight_layout), w_o_t=w_o_t, b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o)
+                         w_v=_row_major(w_v, weight_layout), w_o_t=w_o_t, b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o,
+                         q_norm=norm(q_norm), k_norm=norm(k_norm))
     tables = (cos[position_ids], sin[position_ids]) if rope else None
     T = attention_mask.shape[1]
     P = T - x.shape[1]
-    allowed = _allowed(attention_mask, P, x.shape[1])
+    allowed = in_window(_allowed(attention_mask, P, x.shape[1]), sliding_window)
     y, key, value = attention_block(shape, w, x, (past_key[:, :, :P], past_value[:, :, :P]), allowed, tables,
                                     head_mask.bool(), kv_policy=kv_policy, t_x=t_x, t_o=t_o)
     # positions T.. of a larger past_key are kept as they are (a preallocated cache's unused tail)
@@ -100,7 +107,8 @@ def sparse_head_attention(x: Tensor, w_q: Tensor, b_q: Optional[Tensor], w_k: Te
 
 @sparse_head_attention.register_fake
 def _(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask, position_ids, cos, sin,
-      head_mask, t_x, t_o, num_heads, num_kv_heads, head_dim, scale, rope, kv_policy, weight_layout):
+      head_mask, t_x, t_o, q_norm, k_norm, num_heads, num_kv_heads, head_dim, scale, rope, kv_policy, weight_layout,
+      sliding_window, qk_norm_eps):
     B, G, C, E = past_key.shape
     N = torch.sym_max(C, attention_mask.shape[1])
     return torch.empty_like(x), past_key.new_empty(B, G, N, E), past_value.new_empty(B, G, N, E)

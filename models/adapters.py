@@ -9,8 +9,18 @@ copies), so gradients flow back into the model when a criterion needs them.
 Two families cover the models we support:
 - OPT: LayerNorm (pre- or post-norm), biases everywhere, learned positions (offset 2), ReLU MLP,
   optional project_in / project_out around the decoder;
-- Llama family (Llama, SmolLM2, Mistral, Qwen2): RMSNorm, RoPE, grouped-query attention, SwiGLU
-  MLP, optional q/k/v biases (Qwen2), tied or untied embeddings.
+- Llama family: RMSNorm, RoPE, grouped-query attention, gated MLP, tied or untied embeddings, and what
+  its descendants add on the same skeleton:
+  - llama, mistral, qwen2: q/k/v biases (Qwen2), sliding-window attention (Mistral; Qwen2 with
+    use_sliding_window) on every layer or on the layers `layer_types` names;
+  - qwen3: a per-head RMSNorm on q and on k before RoPE (`q_norm` / `k_norm`), head_dim not hidden/heads;
+  - gemma3_text: embeddings scaled by sqrt(hidden), RMSNorm scaling by (1 + w) (handed out folded: the
+    same fp32 product), norms before *and after* attention and MLP, gated gelu-tanh MLP, q/k norms,
+    the score scale from query_pre_attn_scalar, local sliding-window layers interleaved with global
+    ones, each kind with its own RoPE table;
+  - phi3 (Phi-3, Phi-3.5, Phi-4-mini): fused qkv_proj and gate_up_proj handed out as row views of the
+    fused weights, partial rotary embeddings, longrope (the short factors: positions are capped at
+    original_max_position_embeddings, past which transformers switches to the long ones).
 """
 
 from __future__ import annotations
@@ -34,8 +44,14 @@ _ACTIVATIONS = {
     "swish": "silu",
 }
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 SUPPORTED = ("opt",) + LLAMA_FAMILY
+
+
+def check_supported(model_type) -> None:
+    """The one-line refusal of a model family outside the list (before any weight is read)."""
+    if model_type not in SUPPORTED:
+        raise ShadowError(f"model_type {model_type!r} is not supported (expected one of: {', '.join(SUPPORTED)})")
 
 
 def activation_fn(name: str):
@@ -56,7 +72,7 @@ class Arch:
     """The shape of a model, in the letters of docs/export-format.md."""
 
     family: str  # "opt" | "llama"
-    model_type: str  # the HF model_type (opt, llama, mistral, qwen2)
+    model_type: str  # the HF model_type (SUPPORTED)
     num_layers: int  # L
     hidden: int  # D
     num_heads: int  # H
@@ -71,7 +87,14 @@ class Arch:
     norm: str  # "layernorm" | "rmsnorm"
     norm_eps: float
     pre_norm: bool  # False only for post-norm OPT variants (opt-350m)
-    sliding_window: int | None = None
+    windows: tuple[int, ...] = ()  # per layer: keys a query sees (its own included); 0 = the whole cache
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (qwen3, gemma3_text)
+    post_norms: bool = False  # a norm on each block's output before the residual add (gemma3_text)
+    embed_scale: float | None = None  # embeddings multiplied by it (gemma3_text: sqrt(hidden))
+    attn_scale: float | None = None  # the score scale when it is not head_dim^-0.5 (gemma3_text)
+    rope_kinds: tuple[str, ...] = ()  # per layer: which RoPE table it reads (empty: one table, "default")
+    rope_bases: tuple[tuple[str, float], ...] = ()  # (kind, theta) of each table, for `info`
+    rotary_dim: int = 0  # dimensions of a head that RoPE rotates (phi3's partial rotary); 0 = head_dim
 
     @property
     def heads_per_group(self) -> int:
@@ -79,7 +102,36 @@ class Arch:
 
     @property
     def scale(self) -> float:
-        return self.head_dim**-0.5
+        return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The widest window of the windowed layers; None when every layer sees the whole cache."""
+        return max(self.windows) if any(self.windows) else None
+
+    def window(self, layer: int) -> int:
+        return self.windows[layer] if self.windows else 0
+
+    def rope_kind(self, layer: int) -> str:
+        return self.rope_kinds[layer] if self.rope_kinds else "default"
+
+    def features(self) -> list[str]:
+        """What this family adds to the plain skeleton, in words (for `info`)."""
+        out = []
+        if self.qk_norm:
+            out.append("q/k norm")
+        if self.post_norms:
+            out.append("post-norms (after attention and MLP)")
+        if self.embed_scale is not None:
+            out.append(f"embeddings x {self.embed_scale:.4g}")
+        if self.attn_scale is not None:
+            out.append(f"score scale {self.attn_scale:.4g}")
+        if self.sliding_window is not None:
+            windowed = sum(1 for w in self.windows if w)
+            out.append(f"sliding window {self.sliding_window} on {windowed} of {self.num_layers} layers")
+        if self.rotary_dim and self.rotary_dim != self.head_dim:
+            out.append(f"partial rotary ({self.rotary_dim} of {self.head_dim} dims)")
+        return out
 
     @property
     def block_parameters(self) -> int:
@@ -103,6 +155,8 @@ class AttentionWeights:
     b_k: torch.Tensor | None = None
     b_v: torch.Tensor | None = None
     b_o: torch.Tensor | None = None
+    q_norm: "Norm | None" = None  # per-head RMSNorm of q / k (over head_dim) before RoPE
+    k_norm: "Norm | None" = None
 
 
 @dataclass
@@ -186,9 +240,24 @@ class Adapter:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def rope(self, position_ids: torch.Tensor):
-        """cos, sin of shape [B, S, E/2] at `position_ids`, or None without RoPE."""
+    def post_attn_norm(self, layer: int) -> "Norm | None":
+        """The norm on the attention block's output before the residual add (post_norms), or None."""
         return None
+
+    def post_mlp_norm(self, layer: int) -> "Norm | None":
+        return None
+
+    def rope(self, position_ids: torch.Tensor, kind: str = "default"):
+        """cos, sin of shape [B, S, R/2] at `position_ids` from the RoPE table `kind` (Arch.rope_kind),
+        R the rotated dimensions of a head (head_dim unless partial); None without RoPE."""
+        return None
+
+    def ropes(self, position_ids: torch.Tensor) -> dict:
+        """{kind: (cos, sin)} for every table the layers read ({} without RoPE)."""
+        arch = self.arch
+        if not arch.rope:
+            return {}
+        return {k: self.rope(position_ids, k) for k in dict.fromkeys(arch.rope_kind(i) for i in range(arch.num_layers))}
 
 
 class OptAdapter(Adapter):
@@ -263,27 +332,43 @@ class OptAdapter(Adapter):
         return F.linear(hidden, self._head())
 
 
+def _layer_windows(cfg, num_layers: int) -> tuple[int, ...]:
+    """Per layer, the sliding window of its attention (0: the whole cache), as transformers applies it:
+    the layers `layer_types` calls sliding_attention when the config has that list (qwen2, qwen3,
+    gemma3_text: set from use_sliding_window / max_window_layers / the pattern), else every layer when
+    `sliding_window` is set (mistral, phi3)."""
+    window = getattr(cfg, "sliding_window", None)
+    if cfg.model_type in ("qwen2", "qwen3") and not getattr(cfg, "use_sliding_window", False):
+        window = None
+    if not window:
+        return ()
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        windows = tuple(int(window) if t == "sliding_attention" else 0 for t in types)
+    else:
+        windows = (int(window),) * num_layers
+    return windows if any(windows) else ()
+
+
 class LlamaAdapter(Adapter):
+    """The Llama skeleton and its descendants (module docstring); a subclass per family overrides
+    only where the family differs."""
+
     def __init__(self, model):
         super().__init__(model)
         cfg = model.config
         self.inner = model.model
-        first = self.inner.layers[0]
-        if hasattr(first.self_attn, "q_norm"):
-            raise ShadowError(f"model_type {cfg.model_type!r} with q/k norms is not supported")
-        if getattr(cfg, "mlp_bias", False):
-            raise ShadowError("Llama-family models with mlp_bias=True are not supported (SparseNeuronMLP has no gate bias)")
-        act = _ACTIVATIONS.get(cfg.hidden_act)
+        self._check(cfg)
+        act = _ACTIVATIONS.get(self._activation_name(cfg))
         if act is None:
-            raise ShadowError(f"activation {cfg.hidden_act!r} is not supported")
+            raise ShadowError(f"activation {self._activation_name(cfg)!r} is not supported")
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        rotary = self.inner.rotary_emb
-        if rotary.inv_freq.numel() * 2 != head_dim:
-            raise ShadowError("partial rotary embeddings are not supported (inv_freq does not cover head_dim)")
-        window = getattr(cfg, "sliding_window", None)
-        if cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
-            window = None
+        inv_freq = self._inv_freq()
+        rotary_dim = inv_freq.numel() * 2
+        if rotary_dim > head_dim or rotary_dim % 2:
+            raise ShadowError(f"rotary embeddings over {rotary_dim} dimensions do not fit head_dim {head_dim}")
+        first = self.inner.layers[0].self_attn
         self.arch = Arch(
             family="llama",
             model_type=cfg.model_type,
@@ -297,33 +382,76 @@ class LlamaAdapter(Adapter):
             gated=True,
             rope=True,
             vocab=cfg.vocab_size,
-            max_positions=cfg.max_position_embeddings,
+            max_positions=self._max_positions(cfg),
             norm="rmsnorm",
             norm_eps=cfg.rms_norm_eps,
             pre_norm=True,
-            sliding_window=window,
+            windows=_layer_windows(cfg, cfg.num_hidden_layers),
+            qk_norm=hasattr(first, "q_norm"),
+            rotary_dim=0 if rotary_dim == head_dim else rotary_dim,
+            **self._extras(cfg),
         )
 
+    # ---- what a family overrides
+    def _check(self, cfg):
+        if getattr(cfg, "mlp_bias", False):
+            raise ShadowError("Llama-family models with mlp_bias=True are not supported (SparseNeuronMLP has no gate bias)")
+
+    def _activation_name(self, cfg) -> str:
+        return cfg.hidden_act
+
+    def _max_positions(self, cfg) -> int:
+        return cfg.max_position_embeddings
+
+    def _extras(self, cfg) -> dict:
+        return {"rope_bases": (("default", float(self._theta(cfg))),) if self._theta(cfg) else ()}
+
+    @staticmethod
+    def _theta(cfg, kind: str | None = None):
+        params = getattr(cfg, "rope_parameters", None) or {}
+        if kind is not None:
+            params = params.get(kind) or {}
+        return params.get("rope_theta", getattr(cfg, "rope_theta", None))
+
+    def _inv_freq(self, kind: str = "default") -> torch.Tensor:
+        return self.inner.rotary_emb.inv_freq
+
+    def _attention_scaling(self, kind: str = "default") -> float:
+        return float(getattr(self.inner.rotary_emb, "attention_scaling", 1.0))
+
+    def _norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    # ---- the interface
     def _layer(self, i):
         return self.inner.layers[i]
+
+    def _qkv(self, a):
+        """(w_q, b_q, w_k, b_k, w_v, b_v) of one attention module, in the model's own dtype."""
+        return (a.q_proj.weight, _bias(a.q_proj), a.k_proj.weight, _bias(a.k_proj), a.v_proj.weight, _bias(a.v_proj))
 
     def attention(self, layer):
         a = self._layer(layer).self_attn
         t = self._t
+        w_q, b_q, w_k, b_k, w_v, b_v = self._qkv(a)
         return AttentionWeights(
-            w_q=t(a.q_proj.weight), b_q=t(_bias(a.q_proj)),
-            w_k=t(a.k_proj.weight), b_k=t(_bias(a.k_proj)),
-            w_v=t(a.v_proj.weight), b_v=t(_bias(a.v_proj)),
+            w_q=t(w_q), b_q=t(b_q), w_k=t(w_k), b_k=t(b_k), w_v=t(w_v), b_v=t(b_v),
             w_o_t=t(a.o_proj.weight).t(), b_o=t(_bias(a.o_proj)),
+            q_norm=self._norm(a.q_norm) if self.arch.qk_norm else None,
+            k_norm=self._norm(a.k_norm) if self.arch.qk_norm else None,
         )
+
+    def _gate_up(self, m):
+        return m.gate_proj.weight, m.up_proj.weight
 
     def mlp(self, layer):
         m, t = self._layer(layer).mlp, self._t
-        return MLPWeights(w_in=t(m.up_proj.weight), w_gate=t(m.gate_proj.weight), w_out_t=t(m.down_proj.weight).t())
+        gate, up = self._gate_up(m)
+        return MLPWeights(w_in=t(up), w_gate=t(gate), w_out_t=t(m.down_proj.weight).t())
 
     def _norm(self, rms) -> Norm:
         eps = getattr(rms, "variance_epsilon", None) or getattr(rms, "eps", self.arch.norm_eps)
-        return Norm("rmsnorm", self._t(rms.weight), None, eps)
+        return Norm("rmsnorm", self._t(self._norm_weight(rms.weight)), None, eps)
 
     def attn_norm(self, layer):
         return self._norm(self._layer(layer).input_layernorm)
@@ -337,11 +465,88 @@ class LlamaAdapter(Adapter):
     def logits(self, hidden):
         return F.linear(self._norm(self.inner.norm)(hidden), self._head())
 
-    def rope(self, position_ids):
-        rotary = self.inner.rotary_emb
-        freqs = position_ids.float()[..., None] * rotary.inv_freq.float()
-        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    def rope(self, position_ids, kind="default"):
+        freqs = position_ids.float()[..., None] * self._inv_freq(kind).float()
+        scaling = self._attention_scaling(kind)
         return torch.cos(freqs) * scaling, torch.sin(freqs) * scaling
+
+
+class Gemma3Adapter(LlamaAdapter):
+    """gemma3_text: see the module docstring. Norm weights are handed out as (1 + w), the factor Gemma's
+    RMSNorm multiplies by (computed in fp32 there too, so the product is the same)."""
+
+    def _check(self, cfg):
+        for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if getattr(cfg, name, None) is not None:
+                raise ShadowError(f"gemma3_text with {name}={getattr(cfg, name)} is not supported (the sparse ops do "
+                                  "not soft-cap)")
+        if getattr(cfg, "use_bidirectional_attention", False):
+            raise ShadowError("gemma3_text with use_bidirectional_attention=True is not a causal LM: not supported")
+
+    def _activation_name(self, cfg):
+        return getattr(cfg, "hidden_activation", None) or cfg.hidden_act
+
+    def _kinds(self, cfg) -> tuple[str, ...]:
+        return tuple(cfg.layer_types)
+
+    def _extras(self, cfg):
+        kinds = self._kinds(cfg)
+        return {"post_norms": True, "embed_scale": float(cfg.hidden_size**0.5),
+                "attn_scale": float(cfg.query_pre_attn_scalar) ** -0.5, "rope_kinds": kinds,
+                "rope_bases": tuple((k, float(self._theta(cfg, k))) for k in dict.fromkeys(kinds))}
+
+    def _inv_freq(self, kind="full_attention"):
+        kind = "full_attention" if kind == "default" else kind
+        return getattr(self.inner.rotary_emb, f"{kind}_inv_freq")
+
+    def _attention_scaling(self, kind="full_attention"):
+        kind = "full_attention" if kind == "default" else kind
+        return float(getattr(self.inner.rotary_emb, f"{kind}_attention_scaling"))
+
+    def _norm_weight(self, weight):
+        return 1.0 + weight.float()
+
+    def mlp_norm(self, layer):
+        return self._norm(self._layer(layer).pre_feedforward_layernorm)
+
+    def post_attn_norm(self, layer):
+        return self._norm(self._layer(layer).post_attention_layernorm)
+
+    def post_mlp_norm(self, layer):
+        return self._norm(self._layer(layer).post_feedforward_layernorm)
+
+    def embed(self, input_ids, position_ids):
+        x = self._rows(input_ids, self.inner.embed_tokens.weight)
+        # transformers multiplies by the scale held in the weights' dtype
+        return x * torch.tensor(self.arch.embed_scale, dtype=self.inner.embed_tokens.weight.dtype).to(x.dtype)
+
+
+class Phi3Adapter(LlamaAdapter):
+    """phi3: fused projections handed out as row views (gradients and in-place rotations reach the
+    fused weights), partial rotary and longrope handled by the RoPE tables."""
+
+    def _max_positions(self, cfg):
+        params = getattr(cfg, "rope_parameters", None) or {}
+        if params.get("rope_type") == "longrope":
+            # transformers uses the short factors up to original_max_position_embeddings and switches every
+            # position to the long ones past it: one fixed table cannot be both, so the context stops there.
+            return min(cfg.max_position_embeddings, int(cfg.original_max_position_embeddings))
+        return cfg.max_position_embeddings
+
+    def _qkv(self, a):
+        q_rows = self.arch.num_heads * self.arch.head_dim
+        kv_rows = self.arch.num_kv_heads * self.arch.head_dim
+        w = a.qkv_proj.weight
+        b = _bias(a.qkv_proj)
+        cut = (slice(0, q_rows), slice(q_rows, q_rows + kv_rows), slice(q_rows + kv_rows, q_rows + 2 * kv_rows))
+        return tuple(x for s in cut for x in (w[s], None if b is None else b[s]))
+
+    def _gate_up(self, m):
+        f = self.arch.ffn
+        return m.gate_up_proj.weight[:f], m.gate_up_proj.weight[f:]
+
+
+_ADAPTERS = {"opt": OptAdapter, "gemma3_text": Gemma3Adapter, "phi3": Phi3Adapter}
 
 
 def adapter_for(model) -> Adapter:
@@ -350,13 +555,7 @@ def adapter_for(model) -> Adapter:
     if cached is not None:
         return cached
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type == "opt":
-        adapter = OptAdapter(model)
-    elif model_type in LLAMA_FAMILY:
-        adapter = LlamaAdapter(model)
-    else:
-        raise ShadowError(
-            f"model_type {model_type!r} is not supported (expected one of: {', '.join(SUPPORTED)})"
-        )
+    check_supported(model_type)
+    adapter = _ADAPTERS.get(model_type, LlamaAdapter)(model)
     model._shadowllm_adapter = adapter
     return adapter

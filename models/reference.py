@@ -74,11 +74,23 @@ def _project_out(t, w_t, b):
 
 
 def _apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on t[b, n, S, E] with cos/sin [b, S, E/2]."""
-    half = t.shape[-1] // 2
-    t1, t2 = t[..., :half], t[..., half:]
+    """Rotate-half RoPE on t[b, n, S, E] with cos/sin [b, S, R/2]: the first R dimensions rotate (R = E
+    unless the rotary embedding is partial), the rest pass through."""
+    half = cos.shape[-1]
+    t1, t2, rest = t[..., :half], t[..., half:2 * half], t[..., 2 * half:]
     c, s = cos[:, None], sin[:, None]
-    return torch.cat([t1 * c - t2 * s, t2 * c + t1 * s], dim=-1)
+    return torch.cat([t1 * c - t2 * s, t2 * c + t1 * s, rest], dim=-1)
+
+
+def in_window(allowed: torch.Tensor, window: int) -> torch.Tensor:
+    """allowed [B, S, T] restricted to a sliding window: new token i (cache index T - S + i) sees key j
+    only when i's index - j < window (its own key included: transformers' sliding_window_overlay, on
+    cache indices). window 0: unchanged."""
+    if not window:
+        return allowed
+    S, T = allowed.shape[-2], allowed.shape[-1]
+    query = torch.arange(T - S, T, device=allowed.device)[:, None]
+    return allowed & (query - torch.arange(T, device=allowed.device)[None, :] < window)
 
 
 def _observe(observer, layer, name, t):
@@ -127,6 +139,8 @@ def attention_rows(arch, w: AttentionWeights, x, past, allowed, rope, heads, tok
     q = _linear(xq, _rows(w.w_q, heads, E), _rows(w.b_q, heads, E)).view(b, S, n_heads, E).transpose(1, 2)
     k = _linear(xk, _rows(w.w_k, groups, E), _rows(w.b_k, groups, E)).view(b, S, n_groups, E).transpose(1, 2)
     v = _linear(xv, _rows(w.w_v, groups, E), _rows(w.b_v, groups, E)).view(b, S, n_groups, E).transpose(1, 2)
+    if w.q_norm is not None:  # per-head RMSNorm over head_dim, before RoPE (qwen3, gemma3_text)
+        q, k = w.q_norm(q), w.k_norm(k)
     if rope is not None:
         q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
     if groups is not None:
@@ -242,6 +256,11 @@ def mlp_block(activation: str, w: MLPWeights, x, neuron_mask=None, token_mask=No
     return _by_rows(ys, B, x)
 
 
+def post_norm(norm, t):
+    """A block's output through its post-norm (gemma3_text), or as it is."""
+    return t if norm is None else norm(t)
+
+
 def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention_mask=None, past=None,
                    *, kv_policy: str = "all", observer: Observer | None = None, thresholds=None,
                    last_only: bool = False):
@@ -275,8 +294,6 @@ def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention
         attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
     if tuple(attention_mask.shape) != (B, T):
         raise ShadowError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected [B, past+new] = {(B, T)}")
-    if arch.sliding_window is not None and T > arch.sliding_window:
-        raise ShadowError(f"sequence of {T} tokens exceeds the sliding window ({arch.sliding_window}), not supported")
     seq_heads, tok_heads = _check_mask("head_mask", head_mask, B, S, L, arch.num_heads)
     seq_neurons, tok_neurons = _check_mask("neuron_mask", neuron_mask, B, S, L, arch.ffn)
     thr = _check_thresholds(thresholds, B, S, L)
@@ -289,7 +306,7 @@ def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention
     allowed = causal[None] & attention_mask.bool()[:, None, :]  # [B, S, T]
 
     h = adapter.embed(input_ids, position_ids)
-    rope = adapter.rope(position_ids) if arch.rope else None
+    ropes = adapter.ropes(position_ids)
     if past is None:
         empty = h.new_zeros(B, arch.num_kv_heads, 0, arch.head_dim)
         past = [(empty, empty)] * L
@@ -300,21 +317,23 @@ def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention
         # --- attention block ---
         w = adapter.attention(layer)
         x = _observe(observer, layer, "attn_in", adapter.attn_norm(layer)(h) if arch.pre_norm else h)
-        y, key, value = attention_block(arch, w, x, past[layer], allowed, rope,
+        y, key, value = attention_block(arch, w, x, past[layer], in_window(allowed, arch.window(layer)),
+                                        ropes.get(arch.rope_kind(layer)),
                                         None if seq_heads is None else seq_heads[:, layer],
                                         None if tok_heads is None else tok_heads[:, :, layer], kv_policy,
                                         observer, layer, t[0], t[1])
-        a = _observe(observer, layer, "attn_out", y)
+        a = _observe(observer, layer, "attn_out", y)  # the op's output (before a post-norm)
         presents.append((key, value))
-        h = h + a
+        h = h + post_norm(adapter.post_attn_norm(layer), a)
         if not arch.pre_norm:
             h = adapter.attn_norm(layer)(h)
         # --- MLP block ---
         w = adapter.mlp(layer)
         x = _observe(observer, layer, "mlp_in", adapter.mlp_norm(layer)(h) if arch.pre_norm else h)
-        h = h + _observe(observer, layer, "mlp_out", mlp_block(
+        m = _observe(observer, layer, "mlp_out", mlp_block(
             arch.activation, w, x, None if seq_neurons is None else seq_neurons[:, layer],
             None if tok_neurons is None else tok_neurons[:, :, layer], observer, layer, t[2], t[3]))
+        h = h + post_norm(adapter.post_mlp_norm(layer), m)
         if not arch.pre_norm:
             h = adapter.mlp_norm(layer)(h)
     return adapter.logits(h[:, -1:] if last_only else h), tuple(presents)

@@ -48,7 +48,22 @@ CACHED = ("_shadowllm_fingerprint", "_shadowllm_adapter", "_shadowllm_float64")
 
 
 def can_rotate_residual(model) -> bool:
-    return adapter_for(model).arch.norm == "rmsnorm"
+    """Whether the residual stream's rotation folds exactly: RMSNorm everywhere, and no norm on a block's
+    output (gemma3_text's post-norms scale a rotated vector by a per-coordinate weight between the block
+    and the residual add, with no linear after them to absorb the rotation)."""
+    arch = adapter_for(model).arch
+    return arch.norm == "rmsnorm" and not arch.post_norms
+
+
+def residual_refusal(model) -> str | None:
+    """Why the residual basis stays the model's own (one line for the calibration report), or None."""
+    arch = adapter_for(model).arch
+    if arch.norm != "rmsnorm":
+        return f"residual stream not rotated: {arch.model_type} uses {arch.norm} (a rotation keeps RMS, not the mean)"
+    if arch.post_norms:
+        return (f"residual stream not rotated: {arch.model_type}'s post-norms sit between each block and the "
+                "residual add with no linear to absorb a rotation; value heads rotated only")
+    return None
 
 
 @torch.no_grad()
@@ -215,7 +230,7 @@ def rotated(model, rotation: dict, where: str = "rotation"):
         _rotate_values(adapter, arch, rotation["values"].double())
     if rotation.get("residual") is not None:
         if not can_rotate_residual(out):
-            raise ShadowError(f"a residual rotation needs RMSNorm; {arch.model_type} uses {arch.norm}")
+            raise ShadowError(f"a residual rotation does not fit this model ({residual_refusal(out)})")
         _rotate_residual(out, adapter, arch, rotation["residual"].double())
     return out
 

@@ -23,7 +23,50 @@ TINY_CONFIGS = {
         hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
         pad_token_id=256, bos_token_id=257, eos_token_id=258,
     ),
+    # The families after Llama (models/adapters.py), each at the proportions its small releases have.
+    # Qwen3: q/k norms, head_dim 32 != hidden/heads, GQA 4:2, tied.
+    "qwen3": dict(
+        model_type="qwen3", vocab_size=260, hidden_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, intermediate_size=80, max_position_embeddings=128,
+        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+        pad_token_id=256, bos_token_id=257, eos_token_id=258,
+    ),
+    # Gemma 3 (270M-like): one kv head, (1 + w) norms before and after each block, gelu-tanh, local
+    # layers with a window of 8 and their own RoPE base interleaved with global ones, scaled embeddings.
+    "gemma3_text": dict(
+        model_type="gemma3_text", vocab_size=260, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, intermediate_size=96, max_position_embeddings=128,
+        hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, query_pre_attn_scalar=24,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_theta=1000000.0, rope_local_base_freq=10000.0, tie_word_embeddings=True,
+        pad_token_id=256, bos_token_id=257, eos_token_id=258,
+    ),
+    # Phi-3 / Phi-4-mini: fused qkv and gate_up, partial rotary (half of each head), untied head.
+    "phi3": dict(
+        model_type="phi3", vocab_size=260, hidden_size=96, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, intermediate_size=80, max_position_embeddings=128,
+        original_max_position_embeddings=128, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0,
+        partial_rotary_factor=0.5, tie_word_embeddings=False, sliding_window=None,
+        pad_token_id=256, bos_token_id=257, eos_token_id=258,
+    ),
+    # Sliding-window attention on the Llama skeleton: Qwen2 windowing the layers from max_window_layers
+    # on, Mistral every layer.
+    "qwen2-window": dict(
+        model_type="qwen2", vocab_size=260, hidden_size=96, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, intermediate_size=80, max_position_embeddings=128, hidden_act="silu",
+        rms_norm_eps=1e-6, rope_theta=10000.0, use_sliding_window=True, sliding_window=8, max_window_layers=1,
+        tie_word_embeddings=False, pad_token_id=256, bos_token_id=257, eos_token_id=258,
+    ),
+    "mistral-window": dict(
+        model_type="mistral", vocab_size=260, hidden_size=96, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=16, intermediate_size=80, max_position_embeddings=128, hidden_act="silu",
+        rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=8, tie_word_embeddings=False,
+        pad_token_id=256, bos_token_id=257, eos_token_id=258,
+    ),
 }
+# tiny configs whose norm weights are drawn at random too (so that a q/k norm or a (1 + w) offset
+# handled wrongly shows); the older ones keep HF's ones, which their tests' tolerances were set on
+RANDOM_NORMS = ("qwen3", "gemma3_text", "phi3", "qwen2-window", "mistral-window")
 
 
 # Benchmark shapes in the memory-bound regime (issue 6): decode speed is set by the bytes of weights
@@ -60,7 +103,7 @@ def build_synthetic(name: str, seed: int = 0):
 
 
 def build_model(model_type: str, seed: int = 0, **overrides):
-    """A randomly initialised HF causal LM of `model_type` ("opt" | "llama") in fp32, eval mode."""
+    """A randomly initialised HF causal LM of one of TINY_CONFIGS (by key) in fp32, eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     params = dict(TINY_CONFIGS[model_type], **overrides)
@@ -76,6 +119,8 @@ def build_model(model_type: str, seed: int = 0, **overrides):
                 p.normal_(0.0, 0.15)
             elif "bias" in name:
                 p.normal_(0.0, 0.05)
+            elif "norm" in name and model_type in RANDOM_NORMS:  # Gemma stores w of (1 + w): centred on 0
+                p.normal_(0.0 if model_type == "gemma3_text" else 1.0, 0.2)
     return model.eval()
 
 

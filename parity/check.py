@@ -430,13 +430,13 @@ def _check_thresholded_ops(report: ParityReport, model64, manifest: dict, thresh
     entries (within KEPT_TIE of the threshold) explains it to OP_TOL; anything else fails. Returns the
     number of internal entries within NEAR_TIE of their threshold this step."""
     from shadowllm.models import adapter_for
-    from shadowllm.models.reference import attention_block, mlp_block
+    from shadowllm.models.reference import attention_block, in_window, mlp_block
 
     adapter = adapter_for(model64)
     arch = adapter.arch
     probe = after["probe"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
-    rope = adapter.rope(positions) if arch.rope else None
+    ropes = adapter.ropes(positions)
     allowed = mask.bool()[:, None, :]
     heads = torch.from_numpy(after["heads"].numpy())
     neurons = torch.from_numpy(after["neurons"].numpy())
@@ -453,7 +453,8 @@ def _check_thresholded_ops(report: ParityReport, model64, manifest: dict, thresh
             if op == "attention":
                 past = tuple(torch.from_numpy(OrtBackend.past_arrays(before)[2 * layer + i]).double() for i in (0, 1))
                 on = heads[:, layer]
-                ref, _, _ = attention_block(arch, adapter.attention(layer), x, past, allowed, rope,
+                ref, _, _ = attention_block(arch, adapter.attention(layer), x, past,
+                                            in_window(allowed, arch.window(layer)), ropes.get(arch.rope_kind(layer)),
                                             token_mask=on[:, None, :], kv_policy="all", observer=observe,
                                             layer=layer, t_x=t[0], t_o=t[1])
                 internal, threshold, rows = (seen["head_context"] * on[:, None, :, None]).flatten(2), t[1], \

@@ -42,9 +42,11 @@ def fixed_masks(kind: str, model, tokenizer=None, head_sparsity: float = 0.0, ne
 
 
 def static_scores(model, tokenizer, calibration_windows: int = 8, window_length: int = 256, progress: bool = True):
-    """L2 magnitude importance aggregated over the first windows of the wiki train split."""
+    """L2 magnitude importance aggregated over the first windows of the wiki train split (windows no
+    longer than the model's context)."""
     if tokenizer is None:
         raise ShadowError("static masks need the model's tokenizer (for the calibration corpus)")
+    window_length = min(window_length, adapter_for(model).arch.max_positions)
     windows = corpus("wiki").windows(tokenizer, "train", window_length, limit=calibration_windows)
     return l2_scores(model, windows, progress=progress)
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from shadowllm.models import ShadowError, adapter_for, corpus, fingerprint, sparse_forward
-from shadowllm.models.reference import THRESHOLD_INPUTS, attention_block, keep_large, mlp_block
-from shadowllm.models.rotation import (ROTATIONS, check_rotation, fit_rotation, fit_steps, rotated,
+from shadowllm.models.reference import THRESHOLD_INPUTS, attention_block, in_window, keep_large, mlp_block
+from shadowllm.models.rotation import (ROTATIONS, check_rotation, fit_rotation, fit_steps, residual_refusal, rotated,
                                       rotation_from_tensors, rotation_tensors)
 
 from .artifacts import check_model, read_manifest
@@ -194,6 +195,9 @@ def calibrate_thresholds(model, tokenizer, out: str | os.PathLike | None, corpus
         bar = tqdm(total=fit_steps(model, fit.shape[0], rotate), desc="fit rotations", disable=not progress)
         rotation = fit_rotation(model, fit, batch_size, progress=bar.update, kind=rotate)
         bar.close()
+        why = residual_refusal(model)
+        if why is not None and progress:
+            print(f"[shadowllm] calibrate: {why}", file=sys.stderr)
     calib = Calibration({}, torch.zeros(L, 4, BINS, dtype=torch.float64), None, rotation=rotation)
     work = calib.model_for(model)
     hist = calib.histograms
@@ -219,7 +223,7 @@ def calibrate_thresholds(model, tokenizer, out: str | os.PathLike | None, corpus
         "greedy_windows": min(greedy_windows, samples), "inputs": list(THRESHOLD_INPUTS), "levels": list(LEVELS),
         "rotation": None if rotation is None else {
             "kind": rotate, "windows": min(ROTATION_WINDOWS, samples),
-            "spaces": [name for name, q in rotation.items() if q is not None]},
+            "spaces": [name for name, q in rotation.items() if q is not None], "note": residual_refusal(model)},
         "histogram": {"log10_lo": LOG_LO, "log10_hi": LOG_HI, "bins": BINS},
         "cost": "Fisher (labels sampled from the model) of the block output change, per input and level, "
                 "second half of each window thresholded (the first a dense prompt)",
@@ -285,13 +289,14 @@ def decode_probes(model, windows: torch.Tensor, batch_size: int, progress: bool,
         seen, grads = fisher_gradients(model, ids)
         B, S = ids.shape
         P = S // 2  # the dense prompt
-        rope = adapter.rope(torch.arange(S).expand(B, S)) if arch.rope else None
-        prompt_rope, decode_rope = (None, None) if rope is None else ((rope[0][:, :P], rope[1][:, :P]),
-                                                                      (rope[0][:, P:], rope[1][:, P:]))
-        allowed = torch.ones(S, S, dtype=torch.bool).tril()[None].expand(B, S, S)
+        ropes = adapter.ropes(torch.arange(S).expand(B, S))
+        causal = torch.ones(S, S, dtype=torch.bool).tril()[None].expand(B, S, S)
         empty = torch.zeros(B, arch.num_kv_heads, 0, arch.head_dim)
         for layer in range(L):
             wa, wm = adapter.attention(layer), adapter.mlp(layer)
+            rope, allowed = ropes.get(arch.rope_kind(layer)), in_window(causal, arch.window(layer))
+            prompt_rope, decode_rope = (None, None) if rope is None else ((rope[0][:, :P], rope[1][:, :P]),
+                                                                          (rope[0][:, P:], rope[1][:, P:]))
             x_attn, ctx = seen[(layer, "attn_in")], seen[(layer, "head_context")][:, P:].flatten(2)
             x_mlp, hidden = seen[(layer, "mlp_in")][:, P:], seen[(layer, "neuron_act")][:, P:]
             _, *past = attention_block(arch, wa, x_attn[:, :P], (empty, empty), allowed[:, :P, :P], prompt_rope)

@@ -11,9 +11,9 @@
 namespace shadowllm {
 namespace {
 
-// Rotate-half RoPE in place on one [E] vector at position `pos`.
-void Rope(float* t, const float* cos, const float* sin, int64_t pos, int64_t E) {
-  const int64_t half = E / 2;
+// Rotate-half RoPE in place on the first 2*half entries of one head vector at position `pos` (half = E/2
+// unless the rotary embedding is partial; the rest pass through).
+void Rope(float* t, const float* cos, const float* sin, int64_t pos, int64_t half) {
   const float* c = cos + pos * half;
   const float* s = sin + pos * half;
   for (int64_t i = 0; i < half; ++i) {
@@ -21,6 +21,15 @@ void Rope(float* t, const float* cos, const float* sin, int64_t pos, int64_t E) 
     t[i] = t1 * c[i] - t2 * s[i];
     t[i + half] = t2 * c[i] + t1 * s[i];
   }
+}
+
+// RMSNorm in place over one [E] head vector (qwen3 / gemma3_text q and k norms), in float as transformers.
+void HeadNorm(float* t, const float* weight, float eps, int64_t E) {
+  if (weight == nullptr) return;
+  double squares = 0.0;
+  for (int64_t e = 0; e < E; ++e) squares += static_cast<double>(t[e]) * t[e];
+  const float inv = 1.f / std::sqrt(static_cast<float>(squares / static_cast<double>(E)) + eps);
+  for (int64_t e = 0; e < E; ++e) t[e] = weight[e] * (t[e] * inv);
 }
 
 }  // namespace
@@ -109,7 +118,8 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
           pk[s * E + e] = k_rows[e * S + s] + (a.b_k ? a.b_k[g * E + e] : 0.f);
           pv[s * E + e] = v_rows[e * S + s] + (a.b_v ? a.b_v[g * E + e] : 0.f);
         }
-        if (a.rope) Rope(pk + s * E, a.cos, a.sin, positions[s], E);
+        HeadNorm(pk + s * E, a.k_norm, a.qk_norm_eps, E);
+        if (a.rope) Rope(pk + s * E, a.cos, a.sin, positions[s], a.rope_half);
       }
     }
 
@@ -140,11 +150,13 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
         const int64_t k = k0 + i, h = heads[k];
         float* qi = q.data() + i * E;
         for (int64_t e = 0; e < E; ++e) qi[e] = proj[(k * E + e) * S + s] + (a.b_q ? a.b_q[h * E + e] : 0.f);
-        if (a.rope) Rope(qi, a.cos, a.sin, positions[s], E);
+        HeadNorm(qi, a.q_norm, a.qk_norm_eps, E);
+        if (a.rope) Rope(qi, a.cos, a.sin, positions[s], a.rope_half);
         part(k, s, c)[0] = -FLT_MAX;
       }
+      const int64_t oldest = a.window > 0 ? P + s - a.window + 1 : 0;  // the first key inside the window
       for (int64_t j = 0; j < width; ++j) {
-        const bool seen = j0 + j <= P + s && visible[j0 + j];
+        const bool seen = j0 + j <= P + s && j0 + j >= oldest && visible[j0 + j];
         for (int64_t i = 0; i < n; ++i) {
           const float v = seen ? Dot(q.data() + i * E, keys + (j0 + j) * E, E) * a.scale : -FLT_MAX;
           p[i * width + j] = v;

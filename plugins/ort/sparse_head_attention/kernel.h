@@ -21,12 +21,15 @@ struct AttentionArgs {
   const float *past_key, *past_value;               // [B, G, C, E], the past in the first P positions
   const int64_t* attention_mask;                    // [B, T]
   const int64_t* position_ids;                      // [B, S]
-  const float *cos, *sin;                           // [M, E/2] or null (no RoPE)
+  const float *cos, *sin;                           // [M, R/2] or null (no RoPE); R <= E dims rotate
+  const float *q_norm, *k_norm;                     // [E] per-head RMSNorm weights before RoPE, or null
   const bool* head_mask;                            // [B, H]
   const float *t_x, *t_o;                           // thresholds on x and on the context, or null
   float *y, *present_key, *present_value;           // [B, S, D], [B, G, max(C, T), E] x2 (may alias past)
   int64_t B, S, D, P, C, H, G, E, max_positions;  // P = T - S past positions, C = past_key's length axis
-  float scale;
+  int64_t rope_half;  // R/2, the cos/sin tables' width
+  int64_t window;     // sliding window (0: the whole cache): token at cache index i sees key j when i - j < window
+  float scale, qk_norm_eps;
   bool rope;
   bool kv_active;      // kv_policy == "active"
   bool channel_major;  // weight_layout == "channel_major": w_q / w_k / w_v are [D, H*E] / [D, G*E]

@@ -10,7 +10,9 @@ SparseHeadAttentionKernel::SparseHeadAttentionKernel(const OrtKernelInfo* info)
     : num_heads(Attribute<int64_t>(info, "num_heads", 0)),
       num_kv_heads(Attribute<int64_t>(info, "num_kv_heads", 0)),
       head_dim(Attribute<int64_t>(info, "head_dim", 0)),
+      sliding_window(Attribute<int64_t>(info, "sliding_window", 0)),
       scale(Attribute<float>(info, "scale", 0.f)),
+      qk_norm_eps(Attribute<float>(info, "qk_norm_eps", 1e-6f)),
       rope(Attribute<int64_t>(info, "rope", 0) != 0),
       kv_active(Attribute<std::string>(info, "kv_policy", "all") == "active"),
       channel_major(ChannelMajor(info, "SparseHeadAttention")) {
@@ -18,6 +20,9 @@ SparseHeadAttentionKernel::SparseHeadAttentionKernel(const OrtKernelInfo* info)
   if (num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || num_heads % num_kv_heads != 0)
     throw std::invalid_argument("SparseHeadAttention: num_heads, num_kv_heads, head_dim must be positive and "
                                 "num_heads a multiple of num_kv_heads");
+  if (sliding_window < 0)
+    throw std::invalid_argument("SparseHeadAttention: sliding_window must be >= 0 (0: the whole cache), got " +
+                                std::to_string(sliding_window));
 }
 
 void SparseHeadAttentionKernel::Compute(OrtKernelContext* context) {
@@ -59,10 +64,25 @@ void SparseHeadAttentionKernel::Compute(OrtKernelContext* context) {
   a.t_x = ScalarInput(ctx, 16, "SparseHeadAttention", "t_x");
   a.t_o = ScalarInput(ctx, 17, "SparseHeadAttention", "t_o");
   a.channel_major = channel_major;
+  a.window = sliding_window;
+  a.q_norm = InputData<float>(ctx, 26);
+  a.k_norm = InputData<float>(ctx, 27);
+  a.qk_norm_eps = qk_norm_eps;
+  if ((a.q_norm == nullptr) != (a.k_norm == nullptr))
+    throw std::invalid_argument("SparseHeadAttention: q_norm and k_norm come together (one of them is absent)");
+  for (int i : {26, 27})
+    if (InputData<float>(ctx, i) != nullptr && InputShape(ctx, i) != std::vector<int64_t>{a.E})
+      throw std::invalid_argument(std::string("SparseHeadAttention: ") + (i == 26 ? "q_norm" : "k_norm") +
+                                  " must have shape [head_dim] = [" + std::to_string(a.E) + "]");
   if (rope && (a.cos == nullptr || a.sin == nullptr))
     throw std::invalid_argument("SparseHeadAttention: rope=1 needs the cos and sin inputs");
   if (rope) {  // a position past the cos/sin table would read outside it
-    const int64_t rows = InputShape(ctx, 13)[0];
+    const std::vector<int64_t> table = InputShape(ctx, 13);
+    a.rope_half = table[1];  // R/2: the first R of a head's E dimensions rotate (partial rotary when R < E)
+    if (2 * a.rope_half > a.E || a.rope_half <= 0)
+      throw std::invalid_argument("SparseHeadAttention: cos/sin tables of width " + std::to_string(a.rope_half) +
+                                  " rotate more than head_dim " + std::to_string(a.E) + " dimensions");
+    const int64_t rows = table[0];
     for (int64_t i = 0; i < a.B * a.S; ++i)
       if (a.position_ids[i] < 0 || a.position_ids[i] >= rows)
         throw std::invalid_argument("SparseHeadAttention: position_ids holds " + std::to_string(a.position_ids[i]) +

@@ -34,7 +34,7 @@ from .folders import target_folder, write_manifest
 
 # The optional slots of each op, in the order the plugins number their bits (plugin.h of each op).
 OPTIONAL = {"SparseNeuronMLP": ["b_in", "w_gate", "b_out"],
-            "SparseHeadAttention": ["b_q", "b_k", "b_v", "b_o", "cos", "sin"]}
+            "SparseHeadAttention": ["b_q", "b_k", "b_v", "b_o", "cos", "sin", "q_norm", "k_norm"]}
 CONTRACT = {"SparseNeuronMLP": MLP_INPUTS, "SparseHeadAttention": ATTENTION_INPUTS}
 MASK_SLOT = {"SparseNeuronMLP": "mask", "SparseHeadAttention": "head_mask"}
 

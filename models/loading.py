@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_for
+from .adapters import adapter_for, check_supported
 from .errors import ShadowError
 from .paths import atomic_folder
 
@@ -175,6 +175,7 @@ def check_folder(folder: Path) -> None:
         raise ShadowError(f"{config}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise ShadowError(f"{config}: has no model_type")
+    check_supported(cfg["model_type"])  # before any weight is read
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:

@@ -30,7 +30,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from shadowllm.models import ShadowError, adapter_for
-from shadowllm.models.adapters import AttentionWeights, MLPWeights
+from shadowllm.models.adapters import AttentionWeights, MLPWeights, Norm
+from shadowllm.models.reference import post_norm
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -54,6 +55,10 @@ class _Layer:
     mlp: MLPWeights
     attn_norm: object
     mlp_norm: object
+    post_attn_norm: object = None  # gemma3_text: the norms on each block's output before the residual add
+    post_mlp_norm: object = None
+    window: int = 0  # sliding window of this layer's attention (0: every key)
+    rope: str = "default"  # the RoPE table it reads
 
 
 @dataclass
@@ -108,10 +113,9 @@ class CudaBackend:
         channel_major = self.thresholds is not None
         with torch.no_grad():
             self.layers = [self._layer(i, channel_major) for i in range(arch.num_layers)]
-            self.cos = self.sin = None
-            if arch.rope:
-                cos, sin = self.adapter.rope(torch.arange(arch.max_positions, device=self.device)[None])
-                self.cos, self.sin = (t[0].to(self.dtype).contiguous() for t in (cos, sin))
+            # one cos/sin table pair per RoPE kind (gemma3_text: local and global bases)
+            self.ropes = {kind: tuple(t[0].to(self.dtype).contiguous() for t in pair) for kind, pair in
+                          self.adapter.ropes(torch.arange(arch.max_positions, device=self.device)[None]).items()}
         L = arch.num_layers
         self.head_mask = (torch.ones(L, arch.num_heads, dtype=torch.bool) if head_mask is None
                           else head_mask.bool()).to(self.device)
@@ -147,13 +151,19 @@ class CudaBackend:
 
     def _layer(self, i: int, channel_major: bool) -> _Layer:
         a, m = self.adapter.attention(i), self.adapter.mlp(i)
-        own = lambda t: None if t is None else t.detach().contiguous()  # noqa: E731  (w_o_t / w_out_t: copies)
+        def own(t):  # w_o_t / w_out_t: copies; a q/k norm keeps its eps with its own weight
+            if t is None:
+                return None
+            if isinstance(t, Norm):
+                return replace(t, weight=own(t.weight))
+            return t.detach().contiguous()
         attention = AttentionWeights(**{k: own(v) for k, v in vars(a).items()})
         mlp = MLPWeights(**{k: own(v) for k, v in vars(m).items()})
         if channel_major:  # the layout weight_layout=channel_major names: gate / up stored [D, F]
             mlp = replace(mlp, w_in=mlp.w_in.t().contiguous(),
                           w_gate=None if mlp.w_gate is None else mlp.w_gate.t().contiguous())
-        return _Layer(attention, mlp, self.adapter.attn_norm(i), self.adapter.mlp_norm(i))
+        return _Layer(attention, mlp, self.adapter.attn_norm(i), self.adapter.mlp_norm(i), self.adapter.post_attn_norm(i),
+                      self.adapter.post_mlp_norm(i), self.arch.window(i), self.arch.rope_kind(i))
 
     # ---------------------------------------------------------------- one forward
     def _workspace(self, kind: str, tokens: int) -> torch.Tensor:
@@ -180,22 +190,23 @@ class CudaBackend:
         for i, layer in enumerate(self.layers):
             if self._dejavu(decode) and i + 1 < a.num_layers:  # lookahead: this input picks the next layer's masks
                 self._fill(heads, neurons, i + 1, self.predictor.net.layer(i + 1, x[:, -1].float()), dense_layers=())
+            cos, sin = self.ropes.get(layer.rope, (None, None))
             self.kernels.sparse_head_attention(
                 layer.attn_norm(x), layer.attention, state.keys[i], state.values[i], attention_mask, position_ids,
-                self.cos, self.sin, heads[i], y, attn_ws, past=past, heads=a.num_heads, kv_heads=a.num_kv_heads,
+                cos, sin, heads[i], y, attn_ws, past=past, heads=a.num_heads, kv_heads=a.num_kv_heads,
                 head_dim=a.head_dim, scale=a.scale, kv_active=self.kv_active,
                 t_x=None if thr is None else thr[i, 0], t_o=None if thr is None else thr[i, 1],
-                past_length=past_length, clean=clean)
+                past_length=past_length, clean=clean, window=layer.window)
             if i == 0 and self._after_layer0(decode):  # layer 0 is dense; its output picks layers 1..
                 self._fill(heads, neurons, slice(None), self.predictor.net(y[:, -1].float()))
                 if not decode:
                     state.masks = (heads, neurons)  # per sequence: carried through decode
-            x = x + y
+            x = x + post_norm(layer.post_attn_norm, y)
             self.kernels.sparse_neuron_mlp(
                 layer.mlp_norm(x), layer.mlp, neurons[i], y, mlp_ws, activation=a.activation,
                 t_x=None if thr is None else thr[i, 2], t_h=None if thr is None else thr[i, 3],
                 channel_major=self.thresholds is not None, clean=clean)
-            x = x + y
+            x = x + post_norm(layer.post_mlp_norm, y)
         return self.adapter.logits(x[:, -1:] if last_only else x).float()
 
     # ---------------------------------------------------------------- masks and predictors

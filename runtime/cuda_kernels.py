@@ -50,7 +50,7 @@ def library() -> ctypes.CDLL:
     lib.shadowllm_cuda_attention_workspace_bytes.restype = _I64
     lib.shadowllm_cuda_attention_workspace_bytes.argtypes = [_I64] * 6
     lib.shadowllm_cuda_attention_launch.argtypes = ([_P] * 15 + [_I64] + [_P] * 6 + [_I64] * 8 + [_F32, _I32, _I32, _I32]
-                                                    + [_P, _I32, _P, _P, _I64])
+                                                    + [_P, _I32, _P, _P, _I64] + [_P, _P, _F32, _I64, _I64])
     if lib.shadowllm_cuda_device_count() < 1:
         raise ShadowError("the CUDA kernels see no CUDA device")
     return lib
@@ -93,11 +93,12 @@ def sparse_neuron_mlp(x, w, mask, y, workspace, *, activation: str, t_x=None, t_
 
 def sparse_head_attention(x, w, k_cache, v_cache, attention_mask, position_ids, cos, sin, head_mask, y, workspace, *,
                           past: int, heads: int, kv_heads: int, head_dim: int, scale: float, kv_active: bool,
-                          t_x=None, t_o=None, past_length=None, clean=True):
+                          t_x=None, t_o=None, past_length=None, clean=True, window: int = 0):
     """y [B, S, D] = SparseHeadAttention(x) with the new K/V written in place into k_cache / v_cache
     [B, G, capacity, E] at positions past..past+S-1. attention_mask [B, >= past+S] int64 (its row
-    length is the stride); position_ids [B, S] int64; cos / sin [M, E/2] or None; head_mask [B, H]
-    bool. past_length: an int64 device scalar holding `past` (CUDA graphs), or None."""
+    length is the stride); position_ids [B, S] int64; cos / sin [M, R/2] (R <= E rotated) or None;
+    head_mask [B, H] bool; w.q_norm / w.k_norm: per-head RMSNorms or None; window: sliding window (0:
+    every key). past_length: an int64 device scalar holding `past` (CUDA graphs), or None."""
     B, S, D = x.shape
     capacity = k_cache.shape[2]
     rope = cos is not None
@@ -106,4 +107,7 @@ def sparse_head_attention(x, w, k_cache, v_cache, attention_mask, position_ids, 
         _ptr(w.b_o), _ptr(k_cache), _ptr(v_cache), _ptr(attention_mask), _ptr(position_ids), _ptr(cos), _ptr(sin),
         cos.shape[0] if rope else 0, _ptr(head_mask), _ptr(t_x), _ptr(t_o), _ptr(y), _ptr(k_cache), _ptr(v_cache),
         B, S, D, past, heads, kv_heads, head_dim, capacity, scale, int(rope), int(kv_active), DTYPES[x.dtype],
-        _ptr(workspace), int(clean), _stream(), _ptr(past_length), attention_mask.shape[1]), "SparseHeadAttention")
+        _ptr(workspace), int(clean), _stream(), _ptr(past_length), attention_mask.shape[1],
+        _ptr(None if w.q_norm is None else w.q_norm.weight), _ptr(None if w.k_norm is None else w.k_norm.weight),
+        float(w.q_norm.eps) if w.q_norm is not None else 1e-6, int(window), cos.shape[1] if rope else 0),
+        "SparseHeadAttention")

@@ -30,14 +30,15 @@ def sparse_neuron_mlp(x, w, mask, y, workspace, *, activation: str, t_x=None, t_
 
 def sparse_head_attention(x, w, k_cache, v_cache, attention_mask, position_ids, cos, sin, head_mask, y, workspace, *,
                           past: int, heads: int, kv_heads: int, head_dim: int, scale: float, kv_active: bool,
-                          t_x=None, t_o=None, past_length=None, clean=True):
+                          t_x=None, t_o=None, past_length=None, clean=True, window: int = 0):
     if past_length is not None:
         raise ValueError("the reference kernels take the past length on the host (no CUDA graphs)")
     T = past + x.shape[1]
     out, keys, values = torch.ops.shadowllm.sparse_head_attention(
         x, w.w_q, w.b_q, w.w_k, w.b_k, w.w_v, w.b_v, w.w_o_t, w.b_o, k_cache, v_cache, attention_mask[:, :T],
-        position_ids, cos, sin, head_mask, t_x, t_o, heads, kv_heads, head_dim, scale, int(cos is not None),
-        "active" if kv_active else "all", "row_major")
+        position_ids, cos, sin, head_mask, t_x, t_o, None if w.q_norm is None else w.q_norm.weight,
+        None if w.k_norm is None else w.k_norm.weight, heads, kv_heads, head_dim, scale, int(cos is not None),
+        "active" if kv_active else "all", "row_major", window, 1e-6 if w.q_norm is None else float(w.q_norm.eps))
     k_cache.copy_(keys)  # the op's present: the cache with positions past..T-1 written
     v_cache.copy_(values)
     y.copy_(out)

@@ -11,6 +11,14 @@ def parameter_count(model) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
 
+def _positions(arch) -> str:
+    if not arch.rope:
+        return "learned"
+    bases = ", ".join(f"{kind} base {theta:g}" if kind != "default" else f"base {theta:g}"
+                      for kind, theta in arch.rope_bases)
+    return "RoPE" + (f": {bases}" if bases else "")
+
+
 def architecture_table(model) -> str:
     arch = adapter_for(model).arch
     n, nbytes = parameter_count(model)
@@ -24,7 +32,8 @@ def architecture_table(model) -> str:
         ("neurons (FFN)", arch.ffn),
         ("activation", arch.activation + (" (gated)" if arch.gated else "")),
         ("norm", arch.norm + ("" if arch.pre_norm else " (post-norm)")),
-        ("positions", f"{arch.max_positions} ({'RoPE' if arch.rope else 'learned'})"),
+        ("positions", f"{arch.max_positions} ({_positions(arch)})"),
+        ("features", ", ".join(arch.features()) or "none beyond the family's skeleton"),
         ("vocabulary", arch.vocab),
         ("parameters", f"{n:,} ({n / 1e6:.1f} M)"),
         ("weight bytes", f"{nbytes:,} ({nbytes / 2**20:.1f} MiB, {next(model.parameters()).dtype})"),

@@ -181,7 +181,8 @@ SHADOWLLM_EXPORT int32_t shadowllm_cuda_attention_launch(
     const float* t_x, const float* t_o, void* y, void* present_key, void* present_value, int64_t B, int64_t S,
     int64_t D, int64_t P, int64_t H, int64_t G, int64_t E, int64_t capacity, float scale, int32_t rope,
     int32_t kv_active, int32_t dtype, void* workspace, int32_t workspace_clean, void* stream,
-    const int64_t* past_length, int64_t mask_stride) {
+    const int64_t* past_length, int64_t mask_stride, const void* q_norm, const void* k_norm, float qk_norm_eps,
+    int64_t window, int64_t rope_half) {
   AttentionLaunch a{};
   a.x = x, a.w_q = w_q, a.b_q = b_q, a.w_k = w_k, a.b_k = b_k, a.w_v = w_v, a.b_v = b_v;
   a.w_o_t = w_o_t, a.b_o = b_o, a.past_key = past_key, a.past_value = past_value;
@@ -194,6 +195,8 @@ SHADOWLLM_EXPORT int32_t shadowllm_cuda_attention_launch(
   a.dtype = static_cast<DType>(dtype);
   a.workspace_clean = workspace_clean != 0;
   a.past_length = past_length, a.mask_stride = mask_stride;
+  a.q_norm = q_norm, a.k_norm = k_norm, a.qk_norm_eps = qk_norm_eps, a.window = window;
+  a.rope_half = rope ? rope_half : 0;
   if (const char* why = AttentionUnsupported(a)) {
     g_error = std::string("SparseHeadAttention launch: ") + why;
     return 1;
@@ -203,6 +206,8 @@ SHADOWLLM_EXPORT int32_t shadowllm_cuda_attention_launch(
 }
 
 // Host arrays. capacity == 0: present = past + new ([B, G, P+S, E]) from past_key / past_value.
+// q_norm / k_norm ([E], or null), window (0: every key) and rope_half (cos / sin width; 0: E / 2) as
+// the launch above takes them.
 // capacity > 0: in place — present_key / present_value are [B, G, capacity, E] in and out, their
 // first P positions the past (past_key / past_value are not read); the new rows are written at
 // P..P+S-1 and every other position is left as it was.
@@ -212,9 +217,11 @@ SHADOWLLM_EXPORT int32_t shadowllm_cuda_sparse_head_attention(
     const int64_t* position_ids, const void* cos, const void* sin, int64_t rope_positions, const bool* head_mask,
     const float* t_x, const float* t_o, void* y, void* present_key, void* present_value, int64_t B, int64_t S,
     int64_t D, int64_t P, int64_t H, int64_t G, int64_t E, int64_t capacity, float scale, int32_t rope,
-    int32_t kv_active, int32_t dtype, float* kernel_ms) {
+    int32_t kv_active, int32_t dtype, float* kernel_ms, const void* q_norm, const void* k_norm, float qk_norm_eps,
+    int64_t window, int64_t rope_half) {
   const size_t e = DTypeBytes(static_cast<DType>(dtype));
   const int64_t T = P + S;
+  const int64_t half = rope_half ? rope_half : E / 2;
   const bool in_place = capacity > 0;
   const int64_t cap = in_place ? capacity : T;
   const size_t cache_bytes = B * G * cap * E * e;
@@ -231,8 +238,9 @@ SHADOWLLM_EXPORT int32_t shadowllm_cuda_sparse_head_attention(
   const void *d_bv = up(b_v, G * E * e), *d_wo = up(w_o_t, H * E * D * e), *d_bo = up(b_o, D * e);
   const auto* d_mask = static_cast<const int64_t*>(up(attention_mask, B * T * sizeof(int64_t)));
   const auto* d_pos = static_cast<const int64_t*>(up(position_ids, B * S * sizeof(int64_t)));
-  const void* d_cos = up(rope ? cos : nullptr, rope_positions * (E / 2) * e);
-  const void* d_sin = up(rope ? sin : nullptr, rope_positions * (E / 2) * e);
+  const void* d_cos = up(rope ? cos : nullptr, rope_positions * half * e);
+  const void* d_sin = up(rope ? sin : nullptr, rope_positions * half * e);
+  const void *d_qn = up(q_norm, E * e), *d_kn = up(k_norm, E * e);
   const auto* d_heads = static_cast<const bool*>(up(head_mask, B * H));
   const auto* d_tx = static_cast<const float*>(up(t_x, sizeof(float)));
   const auto* d_to = static_cast<const float*>(up(t_o, sizeof(float)));
@@ -242,7 +250,7 @@ SHADOWLLM_EXPORT int32_t shadowllm_cuda_sparse_head_attention(
     const int32_t rc = shadowllm_cuda_attention_launch(
         d_x, d_wq, d_bq, d_wk, d_bk, d_wv, d_bv, d_wo, d_bo, d_past_key, d_past_value, d_mask, d_pos, d_cos, d_sin,
         rope_positions, d_heads, d_tx, d_to, d_y, d_present_key, d_present_value, B, S, D, P, H, G, E, cap, scale,
-        rope, kv_active, dtype, workspace, clean, nullptr, nullptr, 0);
+        rope, kv_active, dtype, workspace, clean, nullptr, nullptr, 0, d_qn, d_kn, qk_norm_eps, window, rope_half);
     if (rc != 0) refused = g_error;
     return rc == 0 ? cudaSuccess : cudaErrorInvalidValue;
   };

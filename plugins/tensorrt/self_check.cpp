@@ -109,17 +109,21 @@ SHADOWLLM_EXPORT int32_t shadowllm_trt_self_check(char* buffer, int32_t size) {
                                       PluginField("plugin_version", "1", PluginFieldType::kCHAR, 2)};
   const int64_t heads = 9, kv = 3, dim = 64, rope = 1;  // int64 as some parsers pass them
   const float scale = 0.125f;
-  const int32_t optional_attn = 0b110000;  // cos, sin present; no biases
+  const int32_t optional_attn = 0b11110000;  // cos, sin, q_norm, k_norm present; no biases (a Qwen3 / Gemma 3 layer)
+  const int64_t window = 512;
+  const float qk_eps = 1e-6f;
   std::vector<PluginField> attn_fields{PluginField("num_heads", &heads, PluginFieldType::kINT64, 1),
                                        PluginField("num_kv_heads", &kv, PluginFieldType::kINT64, 1),
                                        PluginField("head_dim", &dim, PluginFieldType::kINT64, 1),
                                        PluginField("scale", &scale, PluginFieldType::kFLOAT32, 1),
                                        PluginField("rope", &rope, PluginFieldType::kINT64, 1),
                                        PluginField("kv_policy", "active", PluginFieldType::kCHAR, 7),
+                                       PluginField("sliding_window", &window, PluginFieldType::kINT64, 1),
+                                       PluginField("qk_norm_eps", &qk_eps, PluginFieldType::kFLOAT32, 1),
                                        PluginField("optional_inputs", &optional_attn, PluginFieldType::kINT32, 1)};
   const std::vector<std::vector<PluginField>*> all{&mlp_fields, &attn_fields};
   const DataType F = DataType::kFLOAT, I = DataType::kINT64, M = DataType::kINT32;  // masks: int32
-  const std::vector<std::vector<DataType>> index_types{{F, F, F, F, M}, {F, F, F, F, F, F, F, I, I, F, F, M}};
+  const std::vector<std::vector<DataType>> index_types{{F, F, F, F, M}, {F, F, F, F, F, F, F, I, I, F, F, M, F, F}};
   const int32_t nb_outputs[] = {1, 3};
 
   for (int32_t i = 0; i < 2; ++i) {

@@ -61,10 +61,21 @@ def attention_case(draw):
     H = G * draw(st.integers(1, 3))
     E = draw(st.sampled_from([2, 4, 8]))
     B, S, P, D = draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.integers(0, 4)), draw(WIDTHS)
-    v = AttentionVariant(num_heads=H, num_kv_heads=G, head_dim=E, scale=E ** -0.5, rope=draw(st.booleans()),
+    rope = draw(st.booleans())
+    v = AttentionVariant(num_heads=H, num_kv_heads=G, head_dim=E, scale=E ** -0.5, rope=rope,
                          bias_qkv=draw(st.booleans()), bias_o=draw(st.booleans()),
-                         kv_policy=draw(st.sampled_from(["all", "active"])))
+                         kv_policy=draw(st.sampled_from(["all", "active"])),
+                         # revision 6: q/k norms, a sliding window, partial rotary (qwen3, gemma3_text, phi3)
+                         qk_norm_eps=draw(st.sampled_from([None, 1e-6])), windowed=draw(st.booleans()),
+                         rotary_dim=E // 2 if rope and E >= 4 and draw(st.booleans()) else 0)
     return B, S, P, D, v, draw(st.integers(0, 2**31 - 1)), draw(st.sampled_from([0.0, 0.4, 0.8, 1.0]))
+
+
+def case_window(case) -> int:
+    """The sliding window of a windowed case's node (1..4, so that it cuts into P + S of up to 10
+    positions), drawn from its seed; 0 (every key) for the others."""
+    v, seed = case[4], case[5]
+    return 1 + seed % 4 if v.windowed else 0
 
 
 # Positions past_key holds beyond the past (C = P + spare): 0 = present is past + new; 7 (> any S) = a
@@ -91,17 +102,38 @@ def attention_tensors(case, spare: int = 0) -> dict:
     if v.bias_o:
         t["b_o"] = f(D)
     if v.rope:
-        inv = 1.0 / (10000 ** (np.arange(0, E, 2) / E))
+        R = v.rotary_dim or E
+        inv = 1.0 / (10000 ** (np.arange(0, R, 2) / R))
         angles = np.arange(16)[:, None] * inv[None, :]
         t.update(cos=np.cos(angles).astype(np.float32), sin=np.sin(angles).astype(np.float32))
+    if v.qk_norm_eps is not None:
+        t.update(q_norm=(1 + 0.3 * r.standard_normal(E)).astype(np.float32),
+                 k_norm=(1 + 0.3 * r.standard_normal(E)).astype(np.float32))
     return t
 
 
-def attention_reference(t: dict, v: AttentionVariant):
+def attention_args(t: dict, v: AttentionVariant, window: int = 0) -> dict:
+    """The keyword arguments of revision 6 for the NumPy reference."""
+    return dict(q_norm=t.get("q_norm"), k_norm=t.get("k_norm"), eps=v.qk_norm_eps or 1e-6, window=window)
+
+
+def attention_reference(t: dict, v: AttentionVariant, window: int = 0):
     """([y, present_key, present_value] in float64, the magnitude of each output's terms)."""
     *expect, magnitude = ref.sparse_head_attention(*[t.get(k) for k in ATTENTION_INPUTS[:16]], v.num_heads, v.num_kv_heads,
-                                                   v.head_dim, v.scale, v.rope, v.kv_policy, magnitude=True)
+                                                   v.head_dim, v.scale, v.rope, v.kv_policy, magnitude=True,
+                                                   **attention_args(t, v, window))
     return expect, [magnitude, None, None]  # the caches are plain projections, no long sums
+
+
+def eager_attention(tt: dict, v: AttentionVariant, layout: str = "row_major", window: int = 0):
+    """The torch op (export/ops.py) on torch tensors `tt` named as the contract names its inputs."""
+    import torch
+
+    from shadowllm.export.onnx_ops import ATTENTION_BASE_INPUTS
+
+    return torch.ops.shadowllm.sparse_head_attention(
+        *[tt.get(k) for k in ATTENTION_BASE_INPUTS], tt.get("q_norm"), tt.get("k_norm"), v.num_heads, v.num_kv_heads,
+        v.head_dim, v.scale, int(v.rope), v.kv_policy, layout, window, v.qk_norm_eps or 1e-6)
 
 
 # ---------------------------------------------------------------- activation thresholds

@@ -61,16 +61,26 @@ def sparse_neuron_mlp(x, w_in, b_in, w_gate, w_out_t, b_out, mask, act, magnitud
 
 
 def _rope(t, cos, sin):
-    half = t.shape[-1] // 2
-    t1, t2 = t[..., :half], t[..., half:]
-    return np.concatenate([t1 * cos - t2 * sin, t2 * cos + t1 * sin], axis=-1)
+    """Rotate-half on the first 2 * cos.shape[-1] entries (partial rotary when fewer than E); the rest pass."""
+    half = cos.shape[-1]
+    t1, t2, rest = t[..., :half], t[..., half:2 * half], t[..., 2 * half:]
+    return np.concatenate([t1 * cos - t2 * sin, t2 * cos + t1 * sin, rest], axis=-1)
 
 
 def _rope_magnitude(m, cos, sin):
     """The magnitude of RoPE's terms given the magnitude m of its input's terms."""
-    half = m.shape[-1] // 2
-    m1, m2, c, s = m[..., :half], m[..., half:], np.abs(cos), np.abs(sin)
-    return np.concatenate([m1 * c + m2 * s, m2 * c + m1 * s], axis=-1)
+    half = cos.shape[-1]
+    m1, m2, rest, c, s = m[..., :half], m[..., half:2 * half], m[..., 2 * half:], np.abs(cos), np.abs(sin)
+    return np.concatenate([m1 * c + m2 * s, m2 * c + m1 * s, rest], axis=-1)
+
+
+def _head_norm(t, m, weight, eps):
+    """RMSNorm over a head's entries (q/k norms) of t [S, E], and the magnitude of its terms (m scaled by
+    the same factor: the norm's own rounding is relative)."""
+    if weight is None:
+        return t, m
+    inv = 1.0 / np.sqrt((t * t).mean(-1, keepdims=True) + eps)
+    return t * inv * weight, m * inv * np.abs(weight)
 
 
 def _project_magnitude(x, w, bias):
@@ -79,12 +89,13 @@ def _project_magnitude(x, w, bias):
 
 def sparse_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask,
                           position_ids, cos, sin, head_mask, H, G, E, scale, rope, kv_policy, magnitude=False,
-                          t_x=None, t_o=None, seen=None):
+                          t_x=None, t_o=None, seen=None, q_norm=None, k_norm=None, eps=1e-6, window=0):
     """(y, present_key, present_value); with magnitude=True also the rounding scale of y: the sum of
     |terms| added into it, plus the rounding of the scores (from the q and k projections) carried
     through the softmax: sum_j p_j |score error scale_j| |v_j - context| + sum_j p_j |v_j terms|.
     t_x / t_o: activation thresholds on x and on the context before o. seen: a list that receives
-    every context entry of a kept head before t_o applies."""
+    every context entry of a kept head before t_o applies. q_norm / k_norm: per-head RMSNorm weights
+    (eps) before RoPE; window > 0: token i (cache index P + i) sees key j only when P + i - j < window."""
     x = keep_large(x.astype(np.float64), t_x)
     B, S, D = x.shape
     T = attention_mask.shape[1]
@@ -105,6 +116,7 @@ def sparse_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key,
             mk = _project_magnitude(x[b], w_k[g * E:(g + 1) * E], b_k[g * E:(g + 1) * E] if b_k is not None else None)
             mag_v[b, g, P:] = _project_magnitude(x[b], w_v[g * E:(g + 1) * E],
                                                  b_v[g * E:(g + 1) * E] if b_v is not None else None)
+            k, mk = _head_norm(k, mk, k_norm, eps)
             if rope:
                 k = _rope(k, cos[position_ids[b]], sin[position_ids[b]])
                 mk = _rope_magnitude(mk, cos[position_ids[b]], sin[position_ids[b]])
@@ -116,6 +128,7 @@ def sparse_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key,
             g = h // per_group
             q = x[b] @ w_q[h * E:(h + 1) * E].T + (b_q[h * E:(h + 1) * E] if b_q is not None else 0.0)
             mq = _project_magnitude(x[b], w_q[h * E:(h + 1) * E], b_q[h * E:(h + 1) * E] if b_q is not None else None)
+            q, mq = _head_norm(q, mq, q_norm, eps)
             if rope:
                 q = _rope(q, cos[position_ids[b]], sin[position_ids[b]])
                 mq = _rope_magnitude(mq, cos[position_ids[b]], sin[position_ids[b]])
@@ -123,7 +136,7 @@ def sparse_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key,
             score_mag = (mq @ np.abs(present_k[b, g]).T + np.abs(q) @ mag_k[b, g].T) * scale
             for i in range(S):
                 for j in range(T):
-                    if j > P + i or not attention_mask[b, j]:
+                    if j > P + i or not attention_mask[b, j] or (window and P + i - j >= window):
                         scores[i, j] = MASKED
             scores = scores - scores.max(-1, keepdims=True)
             probs = np.exp(scores)

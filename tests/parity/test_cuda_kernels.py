@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from shadowllm.export.onnx_ops import ATTENTION_INPUTS, AttentionVariant, MLPVariant
 from tests.parity import numpy_reference as ref
-from tests.parity.cases import (COMPUTED_MODES, INPUT_MODES, REL, SETTINGS, attention_case, attention_reference,
-                                attention_tensors, mlp_case, mlp_reference, mlp_tensors, mlp_threshold_case, rel_error,
-                                threshold_for_computed, threshold_for_input)
+from tests.parity.cases import (COMPUTED_MODES, INPUT_MODES, REL, SETTINGS, attention_args, attention_case,
+                                attention_reference, attention_tensors, case_window, mlp_case, mlp_reference,
+                                mlp_tensors, mlp_threshold_case, rel_error, threshold_for_computed, threshold_for_input)
 from tests.parity.cases import channel_major as channel_major_copy
 from tests.parity.trt_library import load
 
@@ -92,7 +92,7 @@ def run_mlp(lib, t, v, dtype="fp32", t_x=None, t_h=None, channel_major=False):
     return _loaded(y, dtype), ms.value
 
 
-def run_attention(lib, t, v, dtype="fp32", t_x=None, t_o=None, capacity=0, caches=None):
+def run_attention(lib, t, v, dtype="fp32", t_x=None, t_o=None, capacity=0, caches=None, window=0):
     """(y, present_key, present_value). capacity > 0: in place, caches = the [B, G, capacity, E]
     float32 key / value buffers holding the past in their first P positions (returned whole)."""
     s = {k: _stored(a, dtype) for k, a in t.items()}
@@ -114,7 +114,8 @@ def run_attention(lib, t, v, dtype="fp32", t_x=None, t_o=None, capacity=0, cache
         *args, i64(rope_positions), _ptr(t["head_mask"]), _scalar(t_x), _scalar(t_o), _ptr(y), _ptr(pk), _ptr(pv),
         i64(B), i64(S), i64(D), i64(P), i64(H), i64(G), i64(E), i64(capacity), ctypes.c_float(v.scale),
         ctypes.c_int32(int(v.rope)), ctypes.c_int32(v.kv_policy == "active"), ctypes.c_int32(DTYPES[dtype]),
-        ctypes.byref(ms))
+        ctypes.byref(ms), _ptr(s.get("q_norm")), _ptr(s.get("k_norm")), ctypes.c_float(v.qk_norm_eps or 1e-6),
+        i64(window), i64(t["cos"].shape[1] if v.rope else 0))
     assert rc == 0, lib.shadowllm_cuda_last_error().decode()
     return (_loaded(y, dtype), _loaded(pk, dtype), _loaded(pv, dtype)), ms.value
 
@@ -140,15 +141,16 @@ def test_cuda_sparse_neuron_mlp(lib, case):
 def test_cuda_sparse_head_attention(lib, case):
     v = case[4]
     t = attention_tensors(case)
-    expect, magnitudes = attention_reference(t, v)
-    got, _ = run_attention(lib, t, v)
+    window = case_window(case)
+    expect, magnitudes = attention_reference(t, v, window)
+    got, _ = run_attention(lib, t, v, window=window)
     for ours, reference, mag in zip(got, expect, magnitudes):
         assert rel_error(ours, reference, mag) < REL
-    got16, _ = run_attention(lib, t, v, "fp16")
+    got16, _ = run_attention(lib, t, v, "fp16", window=window)
     for ours, reference, mag in zip(got16, expect, magnitudes):
         assert rel_error(ours, reference, mag) < FP16_REL
-    expect_bf16, magnitudes_bf16 = attention_reference(rounded(t, "bf16"), v)
-    gotbf, _ = run_attention(lib, t, v, "bf16")
+    expect_bf16, magnitudes_bf16 = attention_reference(rounded(t, "bf16"), v, window)
+    gotbf, _ = run_attention(lib, t, v, "bf16", window=window)
     for ours, reference, mag in zip(gotbf, expect_bf16, magnitudes_bf16):
         assert rel_error(ours, reference, mag) < BF16_REL
 
@@ -174,11 +176,13 @@ def test_cuda_attention_with_thresholds(lib, case, x_mode, o_mode):
     t_x = threshold_for_input(t["x"], x_mode, seed)
     args = [t.get(k) for k in ATTENTION_INPUTS[:16]] + [v.num_heads, v.num_kv_heads, v.head_dim, v.scale, v.rope,
                                                          v.kv_policy]
+    window = case_window(case)
+    extra = attention_args(t, v, window)
     seen = []
-    ref.sparse_head_attention(*args, t_x=t_x, seen=seen)
+    ref.sparse_head_attention(*args, t_x=t_x, seen=seen, **extra)
     t_o = threshold_for_computed(seen, o_mode)
-    *expect, magnitude = ref.sparse_head_attention(*args, magnitude=True, t_x=t_x, t_o=t_o)
-    got, _ = run_attention(lib, t, v, t_x=t_x, t_o=t_o)
+    *expect, magnitude = ref.sparse_head_attention(*args, magnitude=True, t_x=t_x, t_o=t_o, **extra)
+    got, _ = run_attention(lib, t, v, t_x=t_x, t_o=t_o, window=window)
     for ours, reference, mag in zip(got, expect, [magnitude, None, None]):
         assert rel_error(ours, reference, mag) < REL
 

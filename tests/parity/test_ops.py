@@ -21,8 +21,8 @@ from shadowllm.export.onnx_ops import (ATTENTION_BASE_INPUTS, DOMAIN, MLP_BASE_I
                                        attention_function, attention_node, mlp_function, mlp_node,
                                        register_schemas)
 from tests.parity import numpy_reference as ref
-from tests.parity.cases import (COMPUTED_MODES, INPUT_MODES, REL, SETTINGS, SPARE, attention_case, attention_reference,
-                                attention_tensors, channel_major, mlp_case, mlp_reference, mlp_tensors, mlp_threshold_case, rel_error,
+from tests.parity.cases import (COMPUTED_MODES, INPUT_MODES, REL, SETTINGS, SPARE, attention_args, attention_case,
+                                attention_reference, attention_tensors, case_window, channel_major, eager_attention, mlp_case, mlp_reference, mlp_tensors, mlp_threshold_case, rel_error,
                                 threshold_for_computed, threshold_for_input)
 
 
@@ -81,15 +81,15 @@ def test_sparse_head_attention(case, spare):
     H, G, E = v.num_heads, v.num_kv_heads, v.head_dim
     T = max(P + spare, P + S)  # present's positions
     t = attention_tensors(case, spare)
-    expect, magnitudes = attention_reference(t, v)
+    window = case_window(case)
+    expect, magnitudes = attention_reference(t, v, window)
     tt = {k: torch.from_numpy(a) for k, a in t.items()}
-    eager = torch.ops.shadowllm.sparse_head_attention(*[tt.get(k) for k in ATTENTION_BASE_INPUTS], H, G, E, v.scale,
-                                                      int(v.rope), v.kv_policy, "row_major")
+    eager = eager_attention(tt, v, window=window)
     names = ["y", "present_key", "present_value"]
     shapes = dict(zip(names, [(B, S, D), (B, G, T, E), (B, G, T, E)]))
-    got = run_function(attention_node({k: k for k in t}, names, v, "attn"), attention_function(v), t, shapes)
-    native = run_function(attention_node({k: k for k in t}, names, v, "attn"), attention_function(v), t, shapes,
-                          native=True)
+    node = attention_node({k: k for k in t}, names, v, "attn", window)
+    got = run_function(node, attention_function(v), t, shapes)
+    native = run_function(node, attention_function(v), t, shapes, native=True)
     for ours_eager, ours_onnx, ours_native, reference, mag in zip(eager, got, native, expect, magnitudes):
         assert rel_error(ours_eager.numpy(), reference, mag) < REL
         assert rel_error(ours_onnx, reference, mag) < REL
@@ -134,20 +134,21 @@ def test_sparse_head_attention_with_thresholds(case, x_mode, o_mode, layout, spa
     t = attention_tensors(case, spare)
     t_x = threshold_for_input(t["x"], x_mode, seed)
     args = [t.get(k) for k in ATTENTION_BASE_INPUTS[:16]] + [H, G, E, v.scale, v.rope, v.kv_policy]
+    window = case_window(case)
+    extra = attention_args(t, v, window)
     seen = []
-    ref.sparse_head_attention(*args, t_x=t_x, seen=seen)
+    ref.sparse_head_attention(*args, t_x=t_x, seen=seen, **extra)
     t_o = threshold_for_computed(seen, o_mode)
-    *expect, magnitude = ref.sparse_head_attention(*args, magnitude=True, t_x=t_x, t_o=t_o)
+    *expect, magnitude = ref.sparse_head_attention(*args, magnitude=True, t_x=t_x, t_o=t_o, **extra)
     magnitudes = [magnitude, None, None]
     if layout == "channel_major":
         t = channel_major(t, ("w_q", "w_k", "w_v"))
     t.update(t_x=np.array(t_x), t_o=np.array(t_o))
     tt = {k: torch.from_numpy(np.asarray(a)) for k, a in t.items()}
-    eager = torch.ops.shadowllm.sparse_head_attention(*[tt.get(k) for k in ATTENTION_BASE_INPUTS], H, G, E, v.scale,
-                                                      int(v.rope), v.kv_policy, layout)
+    eager = eager_attention(tt, v, layout, window)
     names = ["y", "present_key", "present_value"]
     shapes = dict(zip(names, [(B, S, D), (B, G, T, E), (B, G, T, E)]))
-    node = attention_node({k: k for k in t}, names, v, "attn")
+    node = attention_node({k: k for k in t}, names, v, "attn", window)
     got = run_function(node, attention_function(v), t, shapes)
     native = run_function(node, attention_function(v), t, shapes, native=True)
     for ours_eager, ours_onnx, ours_native, reference, mag in zip(eager, got, native, expect, magnitudes):

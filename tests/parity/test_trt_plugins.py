@@ -47,6 +47,7 @@ def test_plugin_self_check():
     report = buf.value.decode()
     assert rc == 0, report
     assert "kv_policy=active" in report and "activation=silu" in report
+    assert "sliding_window=512" in report and "optional_inputs=240" in report  # revision 6 fields round-trip
     assert "activation 'tanh' is not one of" in report  # the bad attribute reached the logger
 
 

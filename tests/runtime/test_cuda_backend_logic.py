@@ -190,3 +190,19 @@ def test_an_export_skeleton_without_its_graph_runs_on_the_backend(tmp_path, monk
     monkeypatch.setenv("SHADOWLLM_GGUF", str(tmp_path / "other.gguf"))
     with pytest.raises(ShadowError, match="SHADOWLLM_GGUF"):
         locate_gguf(EMBEDDED["smollm2-135m"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "phi3", "mistral-window"])
+def test_newer_families_match_the_reference(family, device):
+    """q/k norms, post-norms, per-layer RoPE tables, partial rotary and sliding windows (8 tokens, a
+    prompt of 7 + 12 decode steps crosses it) through the backend's kernels, thresholds on."""
+    from shadowllm.models import adapter_for
+
+    model = build_model(family, seed=3)
+    thresholds = torch.full((adapter_for(model).arch.num_layers, 4), 0.05)
+    ids, mask = batch()
+    reference, _ = decode(TorchBackend(model, thresholds=thresholds), ids, mask, 12)
+    ours, _ = decode(CudaBackend(copy.deepcopy(model), thresholds=thresholds, dtype="fp32", device=device,
+                                 capacity=8), ids, mask, 12)
+    assert_same(ours, reference)

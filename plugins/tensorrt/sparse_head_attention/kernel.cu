@@ -137,6 +137,57 @@ struct ProjectOp {
   }
 };
 
+// q/k norms and partial rotary (qwen3, gemma3_text, phi3): the projection wrote q and k unrotated;
+// a warp per (token, q head or k head) of the heads this token computes: RMSNorm over the head's E
+// entries (fp32 sum, as transformers), then rotate-half RoPE on its first 2 * half entries.
+template <typename T>
+struct NormRopeArgs {
+  Dims<T> dims;
+  float* q;
+  T* present_key;
+  const T *q_norm, *k_norm, *cos, *sin;
+  const int64_t* position_ids;
+  int64_t rope_positions, half, M;
+  float eps;
+};
+
+template <typename T>
+__global__ void NormRopeKernel(NormRopeArgs<T> a) {
+  const Dims<T>& d = a.dims;
+  const int64_t units = d.H + d.G;
+  const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (w >= a.M * units) return;
+  const int64_t m = w / units, u = w % units, b = m / d.S, s = m % d.S;
+  const bool is_q = u < d.H;
+  const int64_t head = is_q ? u : u - d.H;
+  if (is_q ? !d.HeadOn(b, head) : !d.GroupOn(b, head)) return;
+  float* q_row = a.q + (m * d.H + head) * d.E;
+  T* k_row = a.present_key + d.CacheRow(b, head, d.Past() + s);
+  auto load = [&](int64_t e) { return is_q ? q_row[e] : ToFloat(k_row[e]); };
+  auto store = [&](int64_t e, float v) {
+    if (is_q) q_row[e] = v;
+    else k_row[e] = FromFloat<T>(v);
+  };
+  const T* weight = is_q ? a.q_norm : a.k_norm;
+  if (weight != nullptr) {
+    float squares = 0.f;
+    for (int64_t e = lane; e < d.E; e += 32) squares += load(e) * load(e);
+    const float inv = rsqrtf(WarpSum(squares) / static_cast<float>(d.E) + a.eps);
+    for (int64_t e = lane; e < d.E; e += 32) store(e, ToFloat(weight[e]) * (load(e) * inv));
+    __syncwarp();  // the rotation below pairs entries other lanes wrote
+  }
+  if (a.cos == nullptr) return;
+  int64_t pos = a.position_ids[m];
+  pos = pos < 0 ? 0 : pos >= a.rope_positions ? a.rope_positions - 1 : pos;
+  for (int64_t i = lane; i < a.half; i += 32) {
+    const float c = ToFloat(a.cos[pos * a.half + i]), sn = ToFloat(a.sin[pos * a.half + i]);
+    const float t1 = load(i), t2 = load(i + a.half);
+    store(i, t1 * c - t2 * sn);
+    store(i + a.half, t2 * c + t1 * sn);
+  }
+}
+
 template <typename T>
 __global__ void CopyPastKernel(const T* past, T* present, int64_t BG, int64_t P, int64_t capacity, int64_t E) {
   const int64_t total = BG * P * E;
@@ -159,6 +210,7 @@ struct AttendArgs {
   Scratch sc;
   int64_t splits;
   int lanes_per_key;
+  int64_t window;  // 0: every key
 };
 
 // Flash-decoding: grid (M * G * splits), one CTA per (token, kv head, key split), 128 threads. The
@@ -234,7 +286,7 @@ __global__ void __launch_bounds__(kAttendThreads) AttendKernel(AttendArgs<T> a) 
           }
         }
       }
-      const bool visible = j < j1 && j <= P + s && visible_mask[j] != 0;
+      const bool visible = j < j1 && j <= P + s && visible_mask[j] != 0 && (a.window == 0 || P + s - j < a.window);
 #pragma unroll
       for (int hh = 0; hh < HPG; ++hh) p_s[hh][tid] = j >= j1 ? -INFINITY : visible ? dot[hh] : -FLT_MAX;
     }
@@ -407,14 +459,18 @@ cudaError_t Launch(const AttentionLaunch& a, void* workspace, cudaStream_t strea
   }
   const Dims<T> dims{MaskView{a.head_mask, a.mask_int32}, a.S, a.P, a.H, a.G, a.E, a.capacity, a.kv_active, a.past_length, a.mask_stride};
   const int mt_size = TokenGroup(M);
+  const int64_t half = a.rope_half ? a.rope_half : a.E / 2;
+  // RoPE fused into the projection's pairs (i, i + E/2) unless a norm must see the whole head first or
+  // the table rotates fewer entries: then a second kernel normalises and rotates.
+  const bool separate = a.q_norm != nullptr || (a.rope && half != a.E / 2);
   WithTokenGroup(mt_size, [&](auto mt_c) {
     constexpr int MT = decltype(mt_c)::value;
     const ProjectOp<T> project{dims,
                                static_cast<const T*>(a.w_q), static_cast<const T*>(a.b_q),
                                static_cast<const T*>(a.w_k), static_cast<const T*>(a.b_k),
                                static_cast<const T*>(a.w_v), static_cast<const T*>(a.b_v),
-                               a.rope ? static_cast<const T*>(a.cos) : nullptr,
-                               a.rope ? static_cast<const T*>(a.sin) : nullptr,
+                               a.rope && !separate ? static_cast<const T*>(a.cos) : nullptr,
+                               a.rope && !separate ? static_cast<const T*>(a.sin) : nullptr,
                                a.position_ids, a.rope_positions, a.D, sc.q, present_key, present_value};
     const int64_t units = (a.H + 2 * a.G) * (a.E / 2);
     const bool vec = Aligned16<T>(a.x, a.D) && Aligned16<T>(a.w_q, a.D) && Aligned16<T>(a.w_k, a.D) &&
@@ -424,10 +480,19 @@ cudaError_t Launch(const AttentionLaunch& a, void* workspace, cudaStream_t strea
       LaunchRowDot<T, MT, 2, VEC>(project, static_cast<const T*>(a.x), a.t_x, M, a.D, units, stream);
     });
   });
+  if (separate) {
+    const NormRopeArgs<T> norm{dims, sc.q, present_key, static_cast<const T*>(a.q_norm),
+                               static_cast<const T*>(a.k_norm), a.rope ? static_cast<const T*>(a.cos) : nullptr,
+                               a.rope ? static_cast<const T*>(a.sin) : nullptr, a.position_ids, a.rope_positions,
+                               half, M, a.qk_norm_eps};
+    const int64_t threads = M * (a.H + a.G) * 32;
+    NormRopeKernel<T><<<Blocks(threads, 256), 256, 0, stream>>>(norm);
+  }
   const bool vec = AttendVector<T>(a);
   const int lanes_per_key = vec ? static_cast<int>(a.E / kLaneElems) : 32;
   const int64_t splits = AttendSplits(M, a.G, T_, kAttendThreads);
-  const AttendArgs<T> args{dims, present_key, present_value, a.attention_mask, sc.q, a.scale, sc, splits, lanes_per_key};
+  const AttendArgs<T> args{dims, present_key, present_value, a.attention_mask, sc.q, a.scale, sc, splits, lanes_per_key,
+                           a.window};
   const int64_t per_group = a.H / a.G;
   const unsigned grid = static_cast<unsigned>(M * a.G * splits);
   WithVector<T>(vec, [&](auto vec_c) {
@@ -469,6 +534,9 @@ const char* AttentionUnsupported(const AttentionLaunch& a) {
     return "a device-side past length needs the in-place cache (past aliasing present)";
   if (a.mask_stride != 0 && a.mask_stride < a.P + a.S) return "the attention mask's row stride is below past + new";
   if (a.rope && a.rope_positions <= 0) return "RoPE without a cos/sin table";
+  if (a.rope_half < 0 || 2 * a.rope_half > a.E) return "the cos/sin table is wider than half of head_dim";
+  if ((a.q_norm == nullptr) != (a.k_norm == nullptr)) return "q_norm and k_norm come together";
+  if (a.window < 0) return "sliding_window must be >= 0";
   if (a.past_key == a.present_key ? a.past_value != a.present_value : a.past_value == a.present_value)
     return "past key and value must both alias the present caches or neither";
   return nullptr;

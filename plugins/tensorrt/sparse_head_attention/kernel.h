@@ -16,7 +16,8 @@ struct AttentionLaunch {
   const void *past_key, *past_value;
   const int64_t* attention_mask;  // [B, P+S]
   const int64_t* position_ids;    // [B, S] (clamped to the RoPE table)
-  const void *cos, *sin;          // [rope_positions, E/2] or null (no RoPE)
+  const void *cos, *sin;          // [rope_positions, rope_half] or null (no RoPE)
+  const void *q_norm, *k_norm;    // [E] per-head RMSNorm weights applied to q and k before RoPE, or null
   const void* head_mask;          // [B, H] bool (or int32: mask_int32)
   const float *t_x, *t_o;         // device fp32 scalars or null: thresholds on x and on the context
   void *y, *present_key, *present_value;  // [B, S, D], [B, G, capacity, E] x2 (new rows at P..P+S-1)
@@ -24,7 +25,9 @@ struct AttentionLaunch {
   int64_t capacity;        // present's length axis, >= P + S (max(past_rows, P + S) for the ONNX contract)
   int64_t past_rows;       // past_key's length axis when it is not present (0: P); copied whole
   int64_t rope_positions;  // rows of cos / sin
-  float scale;
+  int64_t rope_half;       // cos / sin width: the first 2 * rope_half of a head's E entries rotate (0: E / 2)
+  int64_t window;          // sliding window: the token at cache index i sees key j when i - j < window (0: all)
+  float scale, qk_norm_eps;
   bool rope;
   bool kv_active;
   DType dtype;
@@ -44,7 +47,8 @@ const char* AttentionUnsupported(const AttentionLaunch& a);
 
 // On `stream`, no host synchronisation: copy the past into the present unless in place; one
 // row-dot kernel for q of kept heads and k/v of needed kv heads (a warp per RoPE pair of rows, k/v
-// written straight into the cache); flash-decoding over the keys (one CTA per token, kv head and
+// written straight into the cache; with q/k norms or a partial rotary table RoPE moves to a second
+// kernel, a warp per head vector, that normalises and then rotates); flash-decoding over the keys (one CTA per token, kv head and
 // key split: each needed group's K/V read once for all its kept heads; the last split combines);
 // the split-K output projection over the kept heads' w_o_t rows.
 cudaError_t LaunchSparseHeadAttention(const AttentionLaunch& a, void* workspace, cudaStream_t stream);

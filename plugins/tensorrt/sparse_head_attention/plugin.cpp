@@ -11,7 +11,7 @@ using nvinfer1::PluginField;
 using nvinfer1::PluginFieldType;
 
 SparseHeadAttentionPlugin::SparseHeadAttentionPlugin(AttentionConfig config, int64_t optional_inputs)
-    : config_(config), inputs_(kSlots, {kBQ, kBK, kBV, kBO, kCos, kSin}, optional_inputs) {
+    : config_(config), inputs_(kSlots, {kBQ, kBK, kBV, kBO, kCos, kSin, kQNorm, kKNorm}, optional_inputs) {
   if (config.num_heads <= 0 || config.num_kv_heads <= 0 || config.head_dim <= 0 ||
       config.num_heads % config.num_kv_heads != 0)
     throw std::invalid_argument("num_heads, num_kv_heads, head_dim must be positive and num_heads a multiple of "
@@ -19,6 +19,9 @@ SparseHeadAttentionPlugin::SparseHeadAttentionPlugin(AttentionConfig config, int
   if (config.rope && (inputs_.Index(kCos) < 0 || inputs_.Index(kSin) < 0))
     throw std::invalid_argument("rope=1 needs the cos and sin inputs");
   if (config.rope && config.head_dim % 2 != 0) throw std::invalid_argument("rope=1 needs an even head_dim");
+  if ((inputs_.Index(kQNorm) < 0) != (inputs_.Index(kKNorm) < 0))
+    throw std::invalid_argument("q_norm and k_norm come together");
+  if (config.window < 0) throw std::invalid_argument("sliding_window must be >= 0");
 }
 
 nvinfer1::IPluginV3* SparseHeadAttentionPlugin::clone() noexcept {
@@ -81,8 +84,14 @@ std::string SparseHeadAttentionPlugin::ShapeError(const nvinfer1::PluginTensorDe
            std::to_string(T - S);
   why = ExpectDims(dims(kPositionIds), {B, S}, "position_ids");
   if (why.empty()) why = ExpectDims(dims(kHeadMask), {B, H}, "head_mask");
-  for (auto [slot, name] : {std::pair{kCos, "cos"}, std::pair{kSin, "sin"}})
-    if (why.empty() && inputs_.Index(slot) >= 0) why = ExpectDims(dims(slot), {-1, E / 2}, name);
+  for (auto [slot, name] : {std::pair{kCos, "cos"}, std::pair{kSin, "sin"}})  // [M, R/2], R <= E (partial rotary)
+    if (why.empty() && inputs_.Index(slot) >= 0) {
+      why = ExpectDims(dims(slot), {-1, -1}, name);
+      if (why.empty() && (dims(slot).d[1] < 1 || 2 * dims(slot).d[1] > E))
+        why = std::string(name) + " is " + DimsText(dims(slot)) + ": its width must lie in 1..head_dim/2";
+    }
+  for (auto [slot, name] : {std::pair{kQNorm, "q_norm"}, std::pair{kKNorm, "k_norm"}})
+    if (why.empty() && inputs_.Index(slot) >= 0) why = ExpectDims(dims(slot), {E}, name);
   return why;
 }
 
@@ -138,6 +147,11 @@ int32_t SparseHeadAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* inp
   a.past_rows = input_desc[inputs_.Index(kPastKey)].dims.d[2];
   a.capacity = a.past_rows > T ? a.past_rows : T;
   a.rope_positions = inputs_.Index(kCos) < 0 ? 0 : input_desc[inputs_.Index(kCos)].dims.d[0];
+  a.rope_half = inputs_.Index(kCos) < 0 ? 0 : input_desc[inputs_.Index(kCos)].dims.d[1];
+  a.q_norm = in(kQNorm);
+  a.k_norm = in(kKNorm);
+  a.qk_norm_eps = config_.qk_norm_eps;
+  a.window = config_.window;
   a.H = config_.num_heads;
   a.G = config_.num_kv_heads;
   a.E = config_.head_dim;
@@ -156,6 +170,8 @@ const nvinfer1::PluginFieldCollection* SparseHeadAttentionPlugin::getFieldsToSer
   fields_.Float("scale", config_.scale);
   fields_.Int("rope", config_.rope ? 1 : 0);
   fields_.String("kv_policy", config_.kv_active ? "active" : "all");
+  fields_.Int("sliding_window", static_cast<int32_t>(config_.window));
+  fields_.Float("qk_norm_eps", config_.qk_norm_eps);
   fields_.Int("optional_inputs", static_cast<int32_t>(inputs_.Bits()));
   return fields_.Collection();
 }
@@ -168,6 +184,8 @@ SparseHeadAttentionCreator::SparseHeadAttentionCreator()
                          PluginField("scale", nullptr, PluginFieldType::kFLOAT32, 1),
                          PluginField("rope", nullptr, PluginFieldType::kINT32, 1),
                          PluginField("kv_policy", nullptr, PluginFieldType::kCHAR, 0),
+                         PluginField("sliding_window", nullptr, PluginFieldType::kINT32, 1),
+                         PluginField("qk_norm_eps", nullptr, PluginFieldType::kFLOAT32, 1),
                          PluginField("optional_inputs", nullptr, PluginFieldType::kINT32, 1)}) {}
 
 nvinfer1::IPluginV3* SparseHeadAttentionCreator::Create(const FieldReader& fields) {
@@ -175,7 +193,9 @@ nvinfer1::IPluginV3* SparseHeadAttentionCreator::Create(const FieldReader& field
   if (policy != "all" && policy != "active")
     throw std::invalid_argument("kv_policy '" + policy + "' is not one of all, active");
   AttentionConfig config{fields.Int("num_heads"), fields.Int("num_kv_heads"), fields.Int("head_dim"),
-                         fields.Float("scale"), fields.Has("rope") && fields.Int("rope") != 0, policy == "active"};
+                         fields.Float("scale"), fields.Has("rope") && fields.Int("rope") != 0, policy == "active",
+                         fields.Has("sliding_window") ? fields.Int("sliding_window") : 0,
+                         fields.Has("qk_norm_eps") ? fields.Float("qk_norm_eps") : 1e-6f};
   const int64_t optional = fields.Has("optional_inputs") ? fields.Int("optional_inputs") : -1;
   return new SparseHeadAttentionPlugin(config, optional);
 }

@@ -13,13 +13,16 @@ struct AttentionConfig {
   float scale;
   bool rope;
   bool kv_active;  // kv_policy == "active"
+  int64_t window = 0;         // sliding_window (0: every key)
+  float qk_norm_eps = 1e-6f;  // of the q_norm / k_norm inputs, when present
 };
 
 class SparseHeadAttentionPlugin : public SparsePluginBase {
  public:
-  // Contract slots (docs/export-format.md).
+  // Contract slots (docs/export-format.md). The thresholds and quantized weights' scales between head_mask and
+  // q_norm are not plugin inputs (compiler/tensorrt.py refuses such nodes), so q_norm / k_norm follow head_mask.
   enum Slot { kX, kWQ, kBQ, kWK, kBK, kWV, kBV, kWOT, kBO, kPastKey, kPastValue, kAttentionMask, kPositionIds,
-              kCos, kSin, kHeadMask, kSlots };
+              kCos, kSin, kHeadMask, kQNorm, kKNorm, kSlots };
 
   SparseHeadAttentionPlugin(AttentionConfig config, int64_t optional_inputs);
   nvinfer1::IPluginV3* clone() noexcept override;

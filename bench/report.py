@@ -29,6 +29,9 @@ def markdown(rows, meta: dict, command: str) -> str:
               "predictor prefill / decode |",
               "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        if r.note:  # a peer that could not run here
+            lines.append(f"| {r.model} | {r.backend} | {r.weights} | {r.policy} | | | not run: {r.note} |" + " |" * 8)
+            continue
         base = _ort_dense(rows, r.model)
         ratio = f"{r.decode_tok_s / base:.2f}x" if base else ""
         peak_bound = f"{r.peak_bound_tok_s:.1f}" if r.peak_bound_tok_s else "–"
@@ -59,7 +62,7 @@ def plot(rows, path: Path):
     models = list(dict.fromkeys(r.model for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
-        everything = [r for r in rows if r.model == model and r.policy in ("dense", "random")]
+        everything = [r for r in rows if r.model == model and r.policy in ("dense", "random") and not r.note]
         mine = [r for r in everything if getattr(r, "weights", "fp32") == "fp32"]
         four_bit = sorted((r.neuron_sparsity, r.decode_tok_s) for r in everything
                           if r.weights == "int4" and r.backend == "ort-native" and r.head_sparsity == r.neuron_sparsity)
@@ -82,6 +85,10 @@ def plot(rows, path: Path):
             base = next((r.decode_tok_s for r in mine if r.backend == backend), None)
             if base:
                 ax.axhline(base, color=color, lw=1, ls="-.", label=backend)
+        for r in everything:  # the peers: llama.cpp on the GGUF types, onnxruntime's MatMulNBits
+            if r.backend in ("llama.cpp", "ort-matmulnbits"):
+                ax.axhline(r.decode_tok_s, lw=1, ls="--", color="C7" if r.backend == "llama.cpp" else "C8",
+                           alpha=1.0 if r.weights in ("Q4_1", "int4") else 0.5, label=f"{r.backend} {r.weights}")
         ax.set_title(model)
         ax.set_xlabel("sparsity (fraction of neurons off)")
         ax.set_ylabel("decode tokens/s (median)")

@@ -68,7 +68,8 @@ class Row:
     repeats: int = 0
     prompt_tokens: int = 0
     sparsity: float | None = None  # threshold cells: the runtime sparsity (row of the threshold table)
-    weights: str = "fp32"  # the export's projection format (models/quant.py)
+    weights: str = "fp32"  # the export's projection format (models/quant.py), or a GGUF type (llama.cpp rows)
+    note: str | None = None  # a peer that did not run: why (its figures are then None)
 
 
 @dataclass
@@ -82,12 +83,13 @@ class Plan:
     threshold_grid: tuple = (0.25, 0.4, 0.5)
     predictor_policies: bool = True
     threads: int | None = None
+    peers: bool = True  # llama.cpp (when installed) and onnxruntime MatMulNBits rows, on the real model
     notes: list = field(default_factory=list)
 
     @classmethod
     def quick(cls) -> "Plan":
         return cls(models=REAL, tokens=16, repeats=2, prompt_tokens=64, native_grid=((0.0, 0.0), (0.5, 0.5)),
-                   threshold_grid=(0.5,), predictor_policies=False)
+                   threshold_grid=(0.5,), predictor_policies=False, peers=False)
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -314,6 +316,26 @@ def _sample(samples, model_name, backend_name, policy, hs, ns, backend, prompt, 
           f"{speed:7.2f} tok/s, prefill {prefill:.0f} ms", flush=True)
 
 
+def _peer_sample(samples, model_name, backend_name, weights, backend, prompt, plan, nbytes: int):
+    """One measured run of a peer engine (bench/peers.py), dense, with the bytes its weights take."""
+    speed, prefill, ttft, _ = measure(backend, prompt, plan.tokens)
+    samples.append(dict(key=(model_name, backend_name, "dense", 0.0, 0.0, None, weights), speed=speed, prefill=prefill,
+                        ttft=ttft, rss=_peak_rss_mb(), shares=None, generated=[], bytes=nbytes))
+    print(f"[shadowllm] bench {model_name:<15} {backend_name:<12} {weights:<5} dense {speed:7.2f} tok/s, "
+          f"prefill {prefill:.0f} ms", flush=True)
+
+
+def _missing_peer_rows(name: str, plan: Plan) -> list:
+    """Rows for the peers that cannot run here, each saying why."""
+    from .peers import LLAMA_CPP_TYPES, llama_cpp_missing
+
+    why = llama_cpp_missing()
+    if why is None:
+        return []
+    return [Row(name, "llama.cpp", "dense", 0.0, 0.0, None, None, None, None, None, None, None, None, tokens=plan.tokens,
+                prompt_tokens=plan.prompt_tokens, weights=kind, note=why) for kind in LLAMA_CPP_TYPES]
+
+
 def _rows(samples: list, plan: Plan) -> list:
     """One row per cell: medians over its rounds, spread = max - min, peak RSS = the highest. Each
     round's bound uses the bandwidth read just before that round's group ran."""
@@ -347,8 +369,9 @@ def _isolated(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def _prepare(name: str, predictor_policies: bool) -> dict:
-    """The exports a model's cells need, made once and cached: {"dense": folder, policy: folder}."""
+def _prepare(name: str, predictor_policies: bool, peers: bool = False, threads: int | None = None) -> dict:
+    """The exports a model's cells need, made once and cached: {"dense": folder, policy: folder}; with
+    peers, the peers' files too: "ort-matmulnbits" and "llama.cpp <type>" (bench/peers.py)."""
     model, tokenizer, root = _load_model(name)
     root.mkdir(parents=True, exist_ok=True)
     folders = {"dense": _cached_export(root, model, tokenizer, "dense"),
@@ -362,6 +385,16 @@ def _prepare(name: str, predictor_policies: bool) -> dict:
         fake_quantize_(model, "int4")
         for policy in ("dense", "threshold"):
             folders[f"{policy}-int4"] = _cached_export(root, model, tokenizer, policy, weights="int4")
+    if peers and name in REAL:
+        from shadowllm.models.loading import EMBEDDED, locate_gguf
+
+        from .peers import LLAMA_CPP_TYPES, llama_cpp_file, llama_cpp_missing, matmulnbits_folder
+
+        dense = Path(folders["dense"])
+        folders["ort-matmulnbits"] = matmulnbits_folder(dense, root / f"{dense.name}-matmulnbits")
+        if llama_cpp_missing() is None:
+            for kind in LLAMA_CPP_TYPES:
+                folders[f"llama.cpp {kind}"] = llama_cpp_file(locate_gguf(EMBEDDED[name]), kind, root / "gguf", threads)
     return {k: str(v) for k, v in folders.items()}
 
 
@@ -369,9 +402,21 @@ def _group(name: str, kind: str, folder: str, plan: Plan, prompt, first_round: b
     """One round of the cells that share one loaded model or session: a sample per cell. The first
     round also profiles (predictor share; op shares of native decode at 50/50)."""
     folder = Path(folder)
-    arch = _bench_arch(folder)
     samples: list = []
     _reset_peak_rss()
+    if kind.startswith("llama.cpp"):
+        from .peers import LlamaCpp, gguf_tensor_bytes
+
+        _peer_sample(samples, name, "llama.cpp", kind.split()[1], LlamaCpp(folder, plan.threads), prompt, plan,
+                     gguf_tensor_bytes(folder))
+        return samples
+    if kind == "ort-matmulnbits":
+        from .peers import matmulnbits_bytes
+
+        backend = OrtBackend(folder, 0.0, threads=plan.threads, native=False)
+        _peer_sample(samples, name, kind, "int4", backend, prompt, plan, matmulnbits_bytes(folder))
+        return samples
+    arch = _bench_arch(folder)
     if kind == "hf-eager":
         model = model if model is not None else _load_model(name)[0]
         _sample(samples, name, kind, "dense", 0.0, 0.0, HFEager(model), prompt, plan, arch, dense_bytes=True)
@@ -430,7 +475,7 @@ def bench_model(name: str, plan: Plan, bandwidth, model=None, tokenizer=None, ro
     given (tests, tiny models) everything runs in this process instead. `bandwidth()` reads the
     machine's bandwidth now (bytes/s); it is called before every group of every round."""
     if model is None:
-        folders = _isolated(_prepare, name, plan.predictor_policies)
+        folders = _isolated(_prepare, name, plan.predictor_policies, plan.peers, plan.threads)
         run_group = lambda *args: _isolated(_group, *args)  # noqa: E731
     else:
         root.mkdir(parents=True, exist_ok=True)
@@ -450,13 +495,16 @@ def bench_model(name: str, plan: Plan, bandwidth, model=None, tokenizer=None, ro
         groups += [("ort-native", folders["dense-int4"])]
         if plan.threshold_grid:
             groups.append(("threshold", folders["threshold-int4"]))
+    groups += [(kind, folder) for kind, folder in folders.items() if kind.startswith("llama.cpp") or
+               kind == "ort-matmulnbits"]  # the peers (bench/peers.py)
     samples = []
     for round_ in range(plan.repeats):
         for kind, folder in groups:
             reading = bandwidth()
             for sample in run_group(name, kind, folder, plan, prompt, round_ == 0):
                 samples.append(dict(sample, bandwidth=reading))
-    return _rows(samples, plan)
+    missing = _missing_peer_rows(name, plan) if plan.peers and name in REAL and model is None else []
+    return _rows(samples, plan) + missing
 
 
 def tensorrt_status() -> str | None:
@@ -473,6 +521,8 @@ def tensorrt_status() -> str | None:
 def hold_to_peak(rows: list, peak: float):
     """Also hold every cell to the run's highest bandwidth reading: the strictest bound."""
     for row in rows:
+        if row.note:  # a peer that did not run
+            continue
         row.peak_bound_tok_s = round(peak / row.bytes_per_token, 2)
         row.achieved_of_peak_bound = round(row.decode_tok_s / row.peak_bound_tok_s, 3)
 

@@ -46,6 +46,7 @@ _ACTIVATIONS = {
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 SUPPORTED = ("opt",) + LLAMA_FAMILY
+WINDOWED = ("mistral", "qwen2", "qwen3", "gemma3_text", "phi3")  # families whose transformers code applies a window
 
 
 def check_supported(model_type) -> None:
@@ -337,6 +338,8 @@ def _layer_windows(cfg, num_layers: int) -> tuple[int, ...]:
     the layers `layer_types` calls sliding_attention when the config has that list (qwen2, qwen3,
     gemma3_text: set from use_sliding_window / max_window_layers / the pattern), else every layer when
     `sliding_window` is set (mistral, phi3)."""
+    if cfg.model_type not in WINDOWED:  # transformers' Llama ignores a stray `sliding_window` in its config
+        return ()
     window = getattr(cfg, "sliding_window", None)
     if cfg.model_type in ("qwen2", "qwen3") and not getattr(cfg, "use_sliding_window", False):
         window = None

@@ -4,6 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# --peers: also build llama-cpp-python from source (about 6 min on 2 cores), for the llama.cpp rows
+# of `shadowllm bench`; the rest of shadowllm does not need it.
+peers=0
+for arg in "$@"; do
+  case "$arg" in
+    --peers) peers=1 ;;
+    *) echo "scripts/setup.sh: unknown argument '$arg' (expected --peers or nothing)" >&2; exit 2 ;;
+  esac
+done
+
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null 2>&1 || python=python3
 [ -x .venv/bin/python ] || "$python" -m venv .venv
@@ -37,4 +47,9 @@ fi
 # headers with this venv's pip).
 PYTHON="$PWD/.venv/bin/python" cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$(nproc)" >/dev/null
+if [ "$peers" = 1 ]; then
+  # CPU build, this machine's instruction set (llama.cpp's default GGML_NATIVE), both cores
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "${pip[@]}" install --no-binary llama-cpp-python \
+    llama-cpp-python==0.3.36
+fi
 echo "shadowllm: environment ready in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

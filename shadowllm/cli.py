@@ -431,6 +431,8 @@ def cmd_bench(args):
             setattr(plan, flag, getattr(args, flag))
     if args.no_predictors:
         plan.predictor_policies = False
+    if args.no_peers:
+        plan.peers = False
     rows, meta = run(plan)
     command = "shadowllm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.out:
@@ -634,6 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--no-predictors", action="store_true",
                    help="skip the shadow and dejavu cells (their predictors train first: minutes on SmolLM2)")
+    p.add_argument("--no-peers", action="store_true",
+                   help="skip the peer rows on SmolLM2: llama.cpp on the GGUF (Q4_1 as shipped, Q8_0, F32; when "
+                        "llama-cpp-python is installed: scripts/setup.sh --peers) and onnxruntime's own 4-bit "
+                        "MatMulNBits on our dense export")
     p.add_argument("--out", default=None, help="report prefix: writes PREFIX.json, PREFIX.md and PREFIX.png")
     p.set_defaults(func=cmd_bench)
 

@@ -54,3 +54,4 @@ def default_export(tmp_path_factory):
             made[policy] = out
         return made[policy]
     return make
+

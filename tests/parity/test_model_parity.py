@@ -393,3 +393,41 @@ def test_tensorrt_profile_is_one_consistent_call_at_kopt(max_tokens):
     new, mask, past = shapes["input_ids"][1][1], shapes["attention_mask"][1][1], shapes["past_key_values.0.key"][1][2]
     assert mask == past + new and shapes["position_ids"][1] == shapes["input_ids"][1]
     assert shapes["attention_mask"][2][1] == shapes["past_key_values.0.key"][2][2] + 1  # T = (T - 1) + 1
+
+
+def test_bench_peer_matmulnbits_is_onnxruntime_int4_of_our_dense_export(exported, tmp_path):
+    """The `ort-matmulnbits` peer of `shadowllm bench`: our dense export with its bodies inlined, every
+    projection and the LM head as onnxruntime's own MatMulNBits (4 bits, blocks of 32, int8 activations),
+    run by the same backend; its logits are the dense model's to 4-bit rounding. A missing llama.cpp is
+    a row saying why."""
+    import onnx
+
+    from shadowllm.bench.peers import MATMULNBITS_ACCURACY, llama_cpp_missing, matmulnbits_bytes, matmulnbits_folder
+    from shadowllm.bench.report import markdown
+    from shadowllm.bench.run import Plan, _missing_peer_rows
+
+    model, tok, dense, _, _ = exported
+    folder = matmulnbits_folder(dense, tmp_path / "mnb")
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    quantized = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert quantized and not [n for n in graph.node if n.domain == "ai.shadowllm"]
+    assert all(next(a.i for a in n.attribute if a.name == "accuracy_level") == MATMULNBITS_ACCURACY for n in quantized)
+    assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in {i.name for i in graph.initializer}]
+    assert 0 < matmulnbits_bytes(folder) < matmulnbits_bytes(dense)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    reference = OrtBackend(dense, native=False).forward(ids, mask, None)[0]
+    # the plain-ONNX graph the quantizer starts from (bodies inlined, weights folded) is the export itself
+    plain = OrtBackend(matmulnbits_folder(dense, tmp_path / "plain", quantize=False), native=False)
+    assert torch.allclose(plain.forward(ids, mask, None)[0], reference, atol=1e-4, rtol=1e-4)
+    ours = OrtBackend(folder, native=False).forward(ids, mask, None)[0]
+    assert torch.isfinite(ours).all()
+    # 4-bit weights (random, std 0.15: ~12% rounding error per weight) and int8 activations through 3 layers
+    assert float((ours - reference).norm() / reference.norm()) < 0.6
+    rows = _missing_peer_rows("smollm2-135m", Plan())
+    if llama_cpp_missing() is None:
+        assert rows == []
+    else:
+        assert [r.weights for r in rows] == ["Q4_1", "Q8_0", "F32"] and all("not installed" in r.note for r in rows)
+        assert "not run: llama-cpp-python is not installed" in markdown(rows, {"bandwidth_gb_s": 1, "threads": 2},
+                                                                        "shadowllm bench")

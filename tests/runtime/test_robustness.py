@@ -77,15 +77,18 @@ def test_native_attention_refuses_positions_past_the_rope_table(tmp_path):
         sess.run(None, feeds)
 
 
-def test_export_refuses_sliding_window_models(tmp_path):
-    model = build_model("llama", seed=1)
-    model.config.sliding_window = 16
-    model.__dict__.pop("_shadowllm_adapter", None)
-    from shadowllm.export.exporter import export
+def test_a_stray_sliding_window_in_a_llama_config_is_ignored_as_transformers_does():
+    """Sliding windows are exported since revision 6 (tests/parity/test_families.py); a `sliding_window`
+    key in a Llama config changes nothing in transformers' Llama, so it must not window ours either."""
+    from shadowllm.models import adapter_for, sparse_forward
 
-    with pytest.raises(ShadowError, match="sliding window of 16 tokens"):
-        export(model, byte_tokenizer(), tmp_path / "e")
-    assert not (tmp_path / "e").exists()
+    model = build_model("llama", seed=1)
+    model.config.sliding_window = 4
+    model.__dict__.pop("_shadowllm_adapter", None)
+    assert adapter_for(model).arch.windows == ()
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(sparse_forward(model, ids)[0], model(ids).logits, atol=1e-5)
 
 
 def test_generate_leaves_the_global_rng_alone():

@@ -92,7 +92,8 @@ class LlamaCpp:
         if state is None:
             self.llm.reset()
         self.llm.eval(input_ids[0].tolist())
-        logits = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+        # the last position's logits, straight from the context (without logits_all, `scores` is not filled)
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),)).copy()
         return torch.from_numpy(logits)[None, None], self.llm.n_tokens
 
 

@@ -116,6 +116,22 @@ class Arch:
     def rope_kind(self, layer: int) -> str:
         return self.rope_kinds[layer] if self.rope_kinds else "default"
 
+    def identity(self) -> str:
+        """The shape as text, for fingerprints (models/loading.py): exactly the repr Arch had before the
+        fields of export revision 6, which enter only where they differ from their defaults, so that a
+        model of an older family keeps its fingerprint (the shipped calibrations are named by it, and
+        exports record it)."""
+        import dataclasses
+
+        old = [f.name for f in dataclasses.fields(self)][:16]  # family .. pre_norm
+        text = ", ".join(f"{name}={getattr(self, name)!r}" for name in old) + f", sliding_window={self.sliding_window!r}"
+        extra = [f for f in dataclasses.fields(self)[16:]
+                 if f.name not in ("windows", "rope_bases") and getattr(self, f.name) != f.default]
+        if self.sliding_window is not None and len(set(self.windows)) > 1:  # windows on some layers only
+            extra.append(next(f for f in dataclasses.fields(self) if f.name == "windows"))
+        text += "".join(f", {f.name}={getattr(self, f.name)!r}" for f in extra)
+        return f"Arch({text})"
+
     def features(self) -> list[str]:
         """What this family adds to the plain skeleton, in words (for `info`)."""
         out = []

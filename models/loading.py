@@ -59,7 +59,7 @@ def fingerprint(model) -> str:
     if cached:
         return cached
     h = hashlib.sha256()
-    h.update(repr(adapter_for(model).arch).encode())
+    h.update(adapter_for(model).arch.identity().encode())
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())

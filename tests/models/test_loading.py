@@ -145,3 +145,17 @@ def test_atomic_folder_never_replaces_what_another_process_wrote(tmp_path):
             (tmp / "a").write_text("half")
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]
+
+
+def test_fingerprints_of_older_families_did_not_move():
+    """A fingerprint hashes the shape's text (Arch.identity) with the weights; the fields revision 6 added
+    for newer families enter only when set, so a Llama / OPT model keeps the fingerprint it had before
+    them: the shipped built-in calibrations are named by it, and older exports record it."""
+    from shadowllm.models import adapter_for
+    from shadowllm.models.tiny import build_model
+
+    assert adapter_for(build_model("llama")).arch.identity() == (
+        "Arch(family='llama', model_type='llama', num_layers=3, hidden=96, num_heads=6, num_kv_heads=2, head_dim=16, "
+        "ffn=80, activation='silu', gated=True, rope=True, vocab=260, max_positions=128, norm='rmsnorm', "
+        "norm_eps=1e-05, pre_norm=True, sliding_window=None)")
+    assert "qk_norm=True" in adapter_for(build_model("qwen3")).arch.identity()

@@ -25,11 +25,8 @@ from shadowllm.models.rotation import rotation_tensors, same_rotation
 from .graph import POLICIES, THRESHOLDED, ExportModule
 from .names import cache_names
 from .weights import quantize_graph
-from .onnx_ops import (ATTENTION_INPUTS, ATTENTION_BASE_INPUTS, DOMAIN, OPSET, PLUGIN_ATTRS, QK_NORMS, AttentionVariant,
-                       MLPVariant, attention_function, blocked_matmul_function, family_attrs, layout_attrs,
-                       mlp_function, register_schemas)
-
-SCALE_INPUTS = ATTENTION_INPUTS[len(ATTENTION_BASE_INPUTS):-len(QK_NORMS)]
+from .onnx_ops import (ATTENTION_SCALES, DOMAIN, OPSET, PLUGIN_ATTRS, AttentionVariant, MLPVariant, attention_function,
+                       blocked_matmul_function, family_attrs, layout_attrs, mlp_function, register_schemas)
 
 MANIFEST = "shadowllm.json"
 FORMAT = "shadowllm-export/1"
@@ -51,7 +48,7 @@ def _attention_translation(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key
                            num_kv_heads: int, head_dim: int, scale: float, rope: int, kv_policy: str,
                            weight_layout: str, sliding_window: int, qk_norm_eps: float):
     # q_norm / k_norm follow the eight scale / minimum slots, which quantize_graph fills (or not)
-    norms = [None] * len(SCALE_INPUTS) + [q_norm, k_norm] if q_norm is not None else []
+    norms = [None] * len(ATTENTION_SCALES) + [q_norm, k_norm] if q_norm is not None else []
     return _custom.SparseHeadAttention(
         x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask, position_ids, cos, sin,
         head_mask, t_x, t_o, *norms, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale,

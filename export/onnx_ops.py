@@ -48,7 +48,8 @@ MLP_INPUTS = MLP_BASE_INPUTS + _scales(MLP_WEIGHTS)
 MATMUL_INPUTS = ["x", "w", "w_scale", "w_min"]  # BlockedMatMul: the LM head of a quantized export
 # q_norm / k_norm (per-head RMSNorm weights [E], qwen3 / gemma3_text) were appended in revision 6
 QK_NORMS = ["q_norm", "k_norm"]
-ATTENTION_INPUTS = ATTENTION_BASE_INPUTS + _scales(ATTENTION_WEIGHTS) + QK_NORMS
+ATTENTION_SCALES = _scales(ATTENTION_WEIGHTS)
+ATTENTION_INPUTS = ATTENTION_BASE_INPUTS + ATTENTION_SCALES + QK_NORMS
 THRESHOLDS = {"t_x", "t_h", "t_o"}  # optional fp32 scalars: an entry v of that input counts when |v| >= t
 SCALES = set(_scales(MLP_WEIGHTS + ATTENTION_WEIGHTS))
 WEIGHTS = set(MLP_WEIGHTS + ATTENTION_WEIGHTS)

@@ -383,7 +383,7 @@ class LlamaAdapter(Adapter):
             raise ShadowError(f"activation {self._activation_name(cfg)!r} is not supported")
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        inv_freq = self._inv_freq()
+        inv_freq, _ = self._rotary()
         rotary_dim = inv_freq.numel() * 2
         if rotary_dim > head_dim or rotary_dim % 2:
             raise ShadowError(f"rotary embeddings over {rotary_dim} dimensions do not fit head_dim {head_dim}")
@@ -423,7 +423,8 @@ class LlamaAdapter(Adapter):
         return cfg.max_position_embeddings
 
     def _extras(self, cfg) -> dict:
-        return {"rope_bases": (("default", float(self._theta(cfg))),) if self._theta(cfg) else ()}
+        theta = self._theta(cfg)
+        return {"rope_bases": (("default", float(theta)),) if theta else ()}
 
     @staticmethod
     def _theta(cfg, kind: str | None = None):
@@ -432,11 +433,10 @@ class LlamaAdapter(Adapter):
             params = params.get(kind) or {}
         return params.get("rope_theta", getattr(cfg, "rope_theta", None))
 
-    def _inv_freq(self, kind: str = "default") -> torch.Tensor:
-        return self.inner.rotary_emb.inv_freq
-
-    def _attention_scaling(self, kind: str = "default") -> float:
-        return float(getattr(self.inner.rotary_emb, "attention_scaling", 1.0))
+    def _rotary(self, kind: str = "default") -> tuple[torch.Tensor, float]:
+        """(inverse frequencies, attention scaling) of the RoPE table `kind`."""
+        rotary = self.inner.rotary_emb
+        return rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0))
 
     def _norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
@@ -485,8 +485,8 @@ class LlamaAdapter(Adapter):
         return F.linear(self._norm(self.inner.norm)(hidden), self._head())
 
     def rope(self, position_ids, kind="default"):
-        freqs = position_ids.float()[..., None] * self._inv_freq(kind).float()
-        scaling = self._attention_scaling(kind)
+        inv_freq, scaling = self._rotary(kind)
+        freqs = position_ids.float()[..., None] * inv_freq.float()
         return torch.cos(freqs) * scaling, torch.sin(freqs) * scaling
 
 
@@ -514,13 +514,10 @@ class Gemma3Adapter(LlamaAdapter):
                 "attn_scale": float(cfg.query_pre_attn_scalar) ** -0.5, "rope_kinds": kinds,
                 "rope_bases": tuple((k, float(self._theta(cfg, k))) for k in dict.fromkeys(kinds))}
 
-    def _inv_freq(self, kind="full_attention"):
-        kind = "full_attention" if kind == "default" else kind
-        return getattr(self.inner.rotary_emb, f"{kind}_inv_freq")
-
-    def _attention_scaling(self, kind="full_attention"):
-        kind = "full_attention" if kind == "default" else kind
-        return float(getattr(self.inner.rotary_emb, f"{kind}_attention_scaling"))
+    def _rotary(self, kind="default"):
+        kind = "full_attention" if kind == "default" else kind  # "default": the global layers' table
+        rotary = self.inner.rotary_emb
+        return getattr(rotary, f"{kind}_inv_freq"), float(getattr(rotary, f"{kind}_attention_scaling"))
 
     def _norm_weight(self, weight):
         return 1.0 + weight.float()

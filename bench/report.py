@@ -24,13 +24,14 @@ def markdown(rows, meta: dict, command: str) -> str:
     lines += [f"Note: {n}" for n in meta.get("notes", [])]
     lines += ["Two bounds per cell: the round's (bandwidth read just before) and the peak (the run's highest "
               "reading, the strictest).", ""]
-    lines += ["", "| model | backend | weights | policy | heads off | neurons off | decode tok/s | spread | vs ort-dense | "
+    lines += ["", "| model | backend | weights | activations | policy | heads off | neurons off | decode tok/s | spread | vs ort-dense | "
               "bound tok/s (round / peak) | of bound (round / peak) | prefill ms | TTFT ms | peak RSS MB | "
               "predictor prefill / decode |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r.note:  # a peer that could not run here
-            lines.append(f"| {r.model} | {r.backend} | {r.weights} | {r.policy} | | | not run: {r.note} |" + " |" * 8)
+            lines.append(f"| {r.model} | {r.backend} | {r.weights} | {getattr(r, 'activations', 'fp32')} | {r.policy} "
+                         f"| | | not run: {r.note} |" + " |" * 8)
             continue
         base = _ort_dense(rows, r.model)
         ratio = f"{r.decode_tok_s / base:.2f}x" if base else ""
@@ -39,7 +40,8 @@ def markdown(rows, meta: dict, command: str) -> str:
         share = (f"{r.predictor_prefill_share:.1%} / {r.predictor_decode_share:.1%}"
                  if r.predictor_prefill_share is not None else "")
         policy = r.policy if getattr(r, "sparsity", None) is None else f"{r.policy} {r.sparsity:g}"
-        lines.append(f"| {r.model} | {r.backend} | {getattr(r, 'weights', 'fp32')} | {policy} | {r.head_sparsity:g} | {r.neuron_sparsity:g} | "
+        lines.append(f"| {r.model} | {r.backend} | {getattr(r, 'weights', 'fp32')} | {getattr(r, 'activations', 'fp32')} "
+                     f"| {policy} | {r.head_sparsity:g} | {r.neuron_sparsity:g} | "
                      f"{r.decode_tok_s:.2f} | {r.decode_spread:.2f} | {ratio} | {r.bound_tok_s:.1f} / {peak_bound} | "
                      f"{r.achieved_of_bound:.0%} / {peak_frac} | {r.prefill_ms:.0f} | {r.ttft_ms:.0f} | "
                      f"{r.peak_rss_mb:.0f} | {share} |")
@@ -65,9 +67,11 @@ def plot(rows, path: Path):
         everything = [r for r in rows if r.model == model and r.policy in ("dense", "random") and not r.note]
         mine = [r for r in everything if getattr(r, "weights", "fp32") == "fp32"]
         four_bit = sorted((r.neuron_sparsity, r.decode_tok_s) for r in everything
-                          if r.weights == "int4" and r.backend == "ort-native" and r.head_sparsity == r.neuron_sparsity)
+                          if r.weights != "fp32" and r.backend == "ort-native" and r.head_sparsity == r.neuron_sparsity
+                          and getattr(r, "activations", "fp32") == "int8")
         if four_bit:
-            ax.plot(*zip(*four_bit), "o-", color="C5", label="ort-native int4 (heads = neurons)")
+            kind = next(r.weights for r in everything if r.weights != "fp32" and r.backend == "ort-native")
+            ax.plot(*zip(*four_bit), "o-", color="C5", label=f"ort-native {kind} (heads = neurons)")
         for backend, style in (("ort-native", "o-"), ("ort-function", "s--"), ("tensorrt", "^-")):
             diagonal = sorted((r.neuron_sparsity, r.decode_tok_s) for r in mine
                               if r.backend == backend and r.head_sparsity == r.neuron_sparsity)

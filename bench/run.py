@@ -69,6 +69,7 @@ class Row:
     prompt_tokens: int = 0
     sparsity: float | None = None  # threshold cells: the runtime sparsity (row of the threshold table)
     weights: str = "fp32"  # the export's projection format (models/quant.py), or a GGUF type (llama.cpp rows)
+    activations: str = "fp32"  # the projections' inputs: fp32, or int8 (rounded per block of 32; peers: their own)
     note: str | None = None  # a peer that did not run: why (its figures are then None)
 
 
@@ -205,21 +206,24 @@ def random_masks(arch: dict, head_sparsity: float, neuron_sparsity: float, seed:
 
 
 def _bench_arch(folder: Path) -> dict:
-    from shadowllm.export.folder import weights_format
+    from shadowllm.export.folder import weights_format, weights_label
 
     manifest = json.loads((folder / "shadowllm.json").read_text())
     config = json.loads((folder / "config.json").read_text())
     return dict(manifest["arch"], hidden=config["hidden_size"], gated=manifest["arch"]["family"] != "opt",
                 kv_policy=manifest.get("kv_policy", "all"),
-                weights=weights_format(manifest))
+                weights=weights_format(manifest), weights_label=weights_label(manifest),
+                activations=(manifest.get("weights") or {}).get("activations", "fp32"))
 
 
 def _cached_export(root: Path, model, tokenizer, policy: str, predictor=None, predictor_dir=None,
-                   weights: str = "fp32") -> Path:
-    """An export of `model` (on the `weights` grid already, models/quant.py), made once."""
+                   weights: str = "fp32", label: str | None = None) -> Path:
+    """An export of `model` (on the `weights` grid already, models/quant.py), made once. label: what the
+    folder name calls the weights (default: their format)."""
     from shadowllm.export.exporter import REVISION, export
 
-    folder = root / f"export-{policy}{'' if weights == 'fp32' else '-' + weights}-v{REVISION}"
+    label = label or weights
+    folder = root / f"export-{policy}{'' if label == 'fp32' else '-' + label}-v{REVISION}"
     if not (folder / "shadowllm.json").is_file():
         thresholds = _uniform_thresholds(model, tokenizer, root) if policy == "threshold" else None
         export(model, tokenizer, folder, policy, predictor=predictor, predictor_dir=predictor_dir,
@@ -306,20 +310,26 @@ def _sample(samples, model_name, backend_name, policy, hs, ns, backend, prompt, 
     else:  # predictor policies: the masks the predictor chose for the first decode step
         heads, neurons = decode_state["heads"].numpy()[0], decode_state["neurons"].numpy()[0]
     kv_policy = "all" if dense_bytes else arch["kv_policy"]
-    samples.append(dict(key=(model_name, backend_name, policy, hs, ns, sparsity, arch["weights"]), speed=speed,
+    samples.append(dict(key=(model_name, backend_name, policy, hs, ns, sparsity, arch["weights_label"],
+                             arch["activations"]),
+                        speed=speed,
                         prefill=prefill,
                         ttft=ttft, rss=_peak_rss_mb(), shares=shares, generated=generated,
                         bytes=None if sparsity is not None else decode_bytes(
                             arch, heads, neurons, plan.prompt_tokens + plan.tokens // 2, kv_policy)))
     what = f"sparsity {sparsity:<4}" if sparsity is not None else f"heads {hs:<4} neurons {ns:<4}"
-    print(f"[shadowllm] bench {model_name:<15} {backend_name:<12} {arch['weights']:<5} {policy:<9} {what} "
+    print(f"[shadowllm] bench {model_name:<15} {backend_name:<12} {arch['weights_label']:<5} {arch['activations']:<4} "
+          f"{policy:<9} {what} "
           f"{speed:7.2f} tok/s, prefill {prefill:.0f} ms", flush=True)
 
 
 def _peer_sample(samples, model_name, backend_name, weights, backend, prompt, plan, nbytes: int):
     """One measured run of a peer engine (bench/peers.py), dense, with the bytes its weights take."""
     speed, prefill, ttft, _ = measure(backend, prompt, plan.tokens)
-    samples.append(dict(key=(model_name, backend_name, "dense", 0.0, 0.0, None, weights), speed=speed, prefill=prefill,
+    # llama.cpp's quantized types and MatMulNBits at accuracy_level 4 multiply int8-rounded activations
+    activations = "fp32" if weights in ("F32", "F16", "fp32") else "int8"
+    samples.append(dict(key=(model_name, backend_name, "dense", 0.0, 0.0, None, weights, activations), speed=speed,
+                        prefill=prefill,
                         ttft=ttft, rss=_peak_rss_mb(), shares=None, generated=[], bytes=nbytes))
     print(f"[shadowllm] bench {model_name:<15} {backend_name:<12} {weights:<5} dense {speed:7.2f} tok/s, "
           f"prefill {prefill:.0f} ms", flush=True)
@@ -333,7 +343,8 @@ def _missing_peer_rows(name: str, plan: Plan) -> list:
     if why is None:
         return []
     return [Row(name, "llama.cpp", "dense", 0.0, 0.0, None, None, None, None, None, None, None, None, tokens=plan.tokens,
-                prompt_tokens=plan.prompt_tokens, weights=kind, note=why) for kind in LLAMA_CPP_TYPES]
+                prompt_tokens=plan.prompt_tokens, weights=kind, activations="fp32" if kind == "F32" else "int8",
+                note=why) for kind in LLAMA_CPP_TYPES]
 
 
 def _rows(samples: list, plan: Plan) -> list:
@@ -343,7 +354,7 @@ def _rows(samples: list, plan: Plan) -> list:
     for sample in samples:
         cells.setdefault(sample["key"], []).append(sample)
     rows = []
-    for (model, backend, policy, hs, ns, sparsity, weights), runs in cells.items():
+    for (model, backend, policy, hs, ns, sparsity, weights, activations), runs in cells.items():
         speeds = [r["speed"] for r in runs]
         bounds = [r["bandwidth"] / r["bytes"] for r in runs]
         shares = next((r["shares"] for r in runs if r["shares"]), None)
@@ -354,7 +365,7 @@ def _rows(samples: list, plan: Plan) -> list:
                   round(max(r["rss"] for r in runs), 0),
                   shares["predictor_prefill"] if shares else None, shares["predictor_decode"] if shares else None,
                   shares.get("decode_op_shares") if shares else None, tokens=plan.tokens, repeats=len(runs),
-                  prompt_tokens=plan.prompt_tokens, sparsity=sparsity, weights=weights)
+                  prompt_tokens=plan.prompt_tokens, sparsity=sparsity, weights=weights, activations=activations)
         rows.append(row)
     return rows
 
@@ -379,12 +390,16 @@ def _prepare(name: str, predictor_policies: bool, peers: bool = False, threads: 
     if predictor_policies and name in REAL:
         for policy, (predictor, pdir) in _predictors(model, tokenizer, root).items():
             folders[policy] = _cached_export(root, model, tokenizer, policy, predictor, pdir)
-    if name in REAL:  # 4-bit cells: the embedded model's own Q4_1 grid (fake_quantize_ leaves its values as they are)
-        from shadowllm.models.quant import fake_quantize_
+    if name in REAL:  # 4-bit cells: the embedded GGUF's own blocks (`--weights gguf`: its Q4_1 codes as they are)
+        from shadowllm.models.quant import fake_quantize_, resolve_weights
 
-        fake_quantize_(model, "int4")
+        fmt, blocks = resolve_weights(model, "gguf")
+        fake_quantize_(model, fmt, blocks, "int8")  # int8 activations: the integer decode kernels
         for policy in ("dense", "threshold"):
-            folders[f"{policy}-int4"] = _cached_export(root, model, tokenizer, policy, weights="int4")
+            folders[f"{policy}-int4"] = _cached_export(root, model, tokenizer, policy, weights=fmt, label="gguf")
+        # and dense with fp32 activations (the float kernels), to show what the integer products buy
+        model._shadowllm_activations = "fp32"
+        folders["dense-int4-fp32"] = _cached_export(root, model, tokenizer, "dense", weights=fmt, label="gguf-fp32act")
     if peers and name in REAL:
         from shadowllm.models.loading import EMBEDDED, locate_gguf
 
@@ -449,6 +464,9 @@ def _group(name: str, kind: str, folder: str, plan: Plan, prompt, first_round: b
             for sample in samples:
                 if sample["key"][3:5] == (0.5, 0.5):
                     sample["shares"] = {"predictor_prefill": None, "predictor_decode": None, "decode_op_shares": ops}
+    elif kind == "ort-native-dense":  # the native kernels, dense only (a second export of the same weights)
+        backend = OrtBackend(folder, 0.0, threads=plan.threads, native=True)
+        _sample(samples, name, "ort-native", "dense", 0.0, 0.0, backend, prompt, plan, arch, random_masks(arch, 0, 0))
     elif kind == "threshold":
         backend = OrtBackend(folder, 0.0, threads=plan.threads, native=True)
         for s in plan.threshold_grid:
@@ -492,7 +510,7 @@ def bench_model(name: str, plan: Plan, bandwidth, model=None, tokenizer=None, ro
     if plan.threshold_grid:
         groups.append(("threshold", folders["threshold"]))
     if "dense-int4" in folders:  # the same native cells on 4-bit weights
-        groups += [("ort-native", folders["dense-int4"])]
+        groups += [("ort-native", folders["dense-int4"]), ("ort-native-dense", folders["dense-int4-fp32"])]
         if plan.threshold_grid:
             groups.append(("threshold", folders["threshold-int4"]))
     groups += [(kind, folder) for kind, folder in folders.items() if kind.startswith("llama.cpp") or

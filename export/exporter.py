@@ -34,7 +34,9 @@ FORMAT = "shadowllm-export/1"
 # KV cache written in place); folders cached under it (demo, bench) are made again.
 # 5: quantized projections (--weights int8|int4: codes + `<weight>_scale` / `_min` inputs); 6: q_norm / k_norm
 # inputs, the sliding_window and qk_norm_eps attributes, partial rotary tables, post-norms (the newer families)
-REVISION = 6
+# 7: RMSNorm written as x / sqrt(mean(x^2) + eps) * w (onnxruntime fuses it: one node per norm, not seven), the
+# mask outputs handed on whole, --weights gguf (the source file's own blocks; manifest weights.gguf)
+REVISION = 7
 _custom = onnxscript.values.Opset(domain=DOMAIN, version=1)
 
 
@@ -100,7 +102,8 @@ def check_threshold_table(thresholds, num_layers: int):
 
 
 def trace(model, policy: str = "dense", static_scores=None, target: str = "both", predictor=None,
-          thresholds=None, head_sparsity: float = 0.0, weights: str = "fp32"):
+          thresholds=None, head_sparsity: float = 0.0, weights: str = "fp32", blocks=None,
+          activations: str = "fp32"):
     """The ONNX model for `model` under `policy`, as an onnx_ir Model whose initializers still point at
     the traced module's tensors (written out by `export` one at a time: no in-memory proto holding
     every weight a second time)."""
@@ -134,16 +137,17 @@ def trace(model, policy: str = "dense", static_scores=None, target: str = "both"
     w0 = adapter_for(model).attention(0)
     m0 = adapter_for(model).mlp(0)
     thresholded = policy in THRESHOLDED
-    weight_bytes = quantize_graph(ir_model, weights)
+    weight_bytes = quantize_graph(ir_model, weights, blocks, activations)
     for body in (mlp_function(MLPVariant(arch.activation, m0.w_gate is not None, m0.b_in is not None,
-                                         m0.b_out is not None, thresholded, module.weight_layout, weights)),
+                                         m0.b_out is not None, thresholded, module.weight_layout, weights,
+                                         activations)),
                  attention_function(AttentionVariant(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.scale,
                                                      arch.rope, w0.b_q is not None, w0.b_o is not None,
                                                      "active" if module.granularity == "sequence" else "all",
                                                      thresholded, module.weight_layout, weights,
                                                      module.qk_norm_eps, arch.sliding_window is not None,
-                                                     arch.rotary_dim)),
-                 *([blocked_matmul_function(HEAD_FORMAT)] if weights != "fp32" else [])):
+                                                     arch.rotary_dim, activations)),
+                 *([blocked_matmul_function(HEAD_FORMAT, activations)] if weights != "fp32" else [])):
         function = ir.serde.deserialize_function(body)
         ir_model.functions[function.identifier()] = function
     ir_model._shadowllm_module = module  # the initializers' tensors live as long as the model
@@ -307,7 +311,10 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
     if weights != on_grid:
         raise ShadowError(f"--weights {weights}: the model's projections are {on_grid}; put them on the grid first "
                           f"(shadowllm.models.quant.fake_quantize_(model, {weights!r}))")
-    traced = trace(model, policy, static_scores, target, predictor, thresholds, head_sparsity, weights)
+    blocks = getattr(model, "_shadowllm_gguf", None)  # --weights gguf: the file's own codes (models/gguf_blocks.py)
+    activations = getattr(model, "_shadowllm_activations", "fp32")  # --activations int8: fake_quantize_ set it
+    traced = trace(model, policy, static_scores, target, predictor, thresholds, head_sparsity, weights, blocks,
+                   activations)
     from shadowllm.models.paths import atomic_folder
 
     with atomic_folder(out) as tmp:
@@ -344,7 +351,8 @@ def export(model, tokenizer, out: str | os.PathLike, policy: str = "dense", stat
             "head_sparsity": head_sparsity if policy == "shadow+threshold" else None,
             "weights": {"format": weights, "block": BLOCK if weights != "fp32" else None,
                         "lm_head": HEAD_FORMAT if weights != "fp32" else "fp32",
-                        "quantized_bytes": traced._shadowllm_weight_bytes or None},
+                        "quantized_bytes": traced._shadowllm_weight_bytes or None, "activations": activations,
+                        **({"gguf": blocks.gguf_types(), "gguf_file": blocks.path.name} if blocks else {})},
             "ops": {f"{DOMAIN}::SparseHeadAttention": 1, f"{DOMAIN}::SparseNeuronMLP": 1},
             "arch": {"family": arch.family, "layers": arch.num_layers, "hidden": arch.hidden, "heads": arch.num_heads,
                      "kv_heads": arch.num_kv_heads, "head_dim": arch.head_dim, "neurons": arch.ffn,

@@ -39,6 +39,12 @@ def weights_format(manifest: dict) -> str:
     return (manifest.get("weights") or {}).get("format", "fp32")
 
 
+def weights_label(manifest: dict) -> str:
+    """What a result row calls the export's weights: the GGUF block type of a `--weights gguf` export
+    (e.g. Q4_1), else its format."""
+    return (manifest.get("weights") or {}).get("gguf") or weights_format(manifest)
+
+
 def sparsity_value(manifest: dict, sparsity, flag: str = "--sparsity") -> np.ndarray:
     """The graph's `sparsity` input (fp32 scalar) for a requested sparsity; one clear line naming `flag`
     when the export cannot take it (outside [0, 1), or off a threshold table's grid)."""

@@ -156,12 +156,14 @@ class ExportModule(nn.Module):
         past_len = torch.zeros((), dtype=torch.int64) + (attention_mask.shape[1] - input_ids.shape[1])
         prefill_t = past_len == 0  # the same as a tensor: masks | prefill_t = dense at prefill
         B = input_ids.shape[0]
+        carried = None  # (head, neuron) masks [B, L, *] handed out whole, where the policy has them so
         full_h = torch.ones(B, a.num_heads, dtype=torch.bool)  # layer 0 is always dense
         full_n = torch.ones(B, a.ffn, dtype=torch.bool)
         if self.policy in ("dense", "static", "threshold"):
             heads, neurons = self.masks(head_mask, neuron_mask, sparsity)
             layer_heads = [heads[:, l] for l in range(a.num_layers)]
             layer_neurons = [neurons[:, l] for l in range(a.num_layers)]
+            carried = heads, neurons  # the masks out as they came: no per-layer re-stacking in the graph
         else:  # filled as the predictors run; layer 0 is always dense
             layer_heads, layer_neurons = [full_h] + [None] * (a.num_layers - 1), [full_n] + [None] * (a.num_layers - 1)
         kv_policy = "active" if self.granularity == "sequence" else "all"
@@ -194,6 +196,7 @@ class ExportModule(nn.Module):
                                                             prefill_t)
                 layer_heads = [heads[:, l] for l in range(a.num_layers)]
                 layer_neurons = [neurons[:, l] for l in range(a.num_layers)]
+                carried = heads, neurons
             presents += [key, value]
             h = h + post_norm(adapter.post_attn_norm(layer), y)
             if not a.pre_norm:
@@ -205,7 +208,9 @@ class ExportModule(nn.Module):
                 *self._thresholds(thresholds, layer, 2), a.activation, self.weight_layout))
             if not a.pre_norm:
                 h = adapter.mlp_norm(layer)(h)
-        return (adapter.logits(h), *presents, torch.stack(layer_heads, 1), torch.stack(layer_neurons, 1))
+        if carried is None:  # dejavu: assembled layer by layer
+            carried = torch.stack(layer_heads, 1), torch.stack(layer_neurons, 1)
+        return (adapter.logits(h), *presents, *carried)
 
     def _rope(self, layer: int):
         """(cos, sin) tables of this layer's RoPE kind; (None, None) without RoPE."""

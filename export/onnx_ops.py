@@ -103,6 +103,18 @@ def _linear(b: _Body, x, w, bias, channel_major=False, weights="fp32"):
     return b("Add", y, bias) if bias else y
 
 
+def _on_grid(b: _Body, t, activations: str):
+    """t [B, S, N] on the int8 activation grid (activation_bits 8; models/quant.round_activations): in
+    blocks of 32 along N, d = max|v| / 127, v -> Round(v / d) * d (ties to even; zero blocks stay zero)."""
+    if activations == "fp32":
+        return t
+    blocks = b("Reshape", t, b.const([0, 0, -1, BLOCK]))
+    d = b("Div", b("ReduceMax", b("Abs", blocks), b.const([-1]), keepdims=1), b("CastLike", b.const(127.0, np.float32), t))
+    zero, one = b("CastLike", b.const(0.0, np.float32), t), b("CastLike", b.const(1.0, np.float32), t)
+    q = b("Round", b("Div", blocks, b("Where", b("Equal", d, zero), one, d)))
+    return b("Reshape", b("Mul", q, d), b("Shape", t))
+
+
 def _keep_large(b: _Body, t, threshold):
     """t with the entries below the threshold in magnitude set to zero (ties kept)."""
     return b("Mul", t, b("CastLike", b("GreaterOrEqual", b("Abs", t), b("CastLike", threshold, t)), t))
@@ -129,6 +141,7 @@ class MLPVariant:
     thresholds: bool = False  # t_x and t_h are inputs
     weight_layout: str = "row_major"  # of w_in / w_gate: row_major [F, D] | channel_major [D, F]
     weights: str = "fp32"  # fp32 | int8 | int4 (models/quant.py): the projections' format
+    activations: str = "fp32"  # fp32 | int8: the projections' inputs rounded to the int8 grid (activation_bits 8)
 
 
 @dataclass(frozen=True)
@@ -147,6 +160,7 @@ class AttentionVariant:
     qk_norm_eps: float | None = None  # q_norm and k_norm are inputs (RMSNorm with this eps); None: absent
     windowed: bool = False  # some layer has a sliding window: the body reads the node's sliding_window
     rotary_dim: int = 0  # dimensions RoPE rotates (the cos/sin tables' width x 2); 0: head_dim
+    activations: str = "fp32"  # fp32 | int8: the projections' inputs rounded to the int8 grid (activation_bits 8)
 
 
 def mlp_function(v: MLPVariant) -> onnx.FunctionProto:
@@ -154,7 +168,7 @@ def mlp_function(v: MLPVariant) -> onnx.FunctionProto:
     thresholded by t_x and t_h in the variants that take them."""
     b = _Body()
     cm = v.weight_layout == "channel_major"
-    x = _keep_large(b, "x", "t_x") if v.thresholds else "x"
+    x = _on_grid(b, _keep_large(b, "x", "t_x") if v.thresholds else "x", v.activations)
     up = _linear(b, x, "w_in", "b_in" if v.bias_in else None, cm, v.weights)
     h = b("Mul", _activation(b, v.activation, _linear(b, x, "w_gate", None, cm, v.weights)), up) if v.gated \
         else _activation(b, v.activation, up)
@@ -162,12 +176,12 @@ def mlp_function(v: MLPVariant) -> onnx.FunctionProto:
     h = b("Mul", h, mask)
     if v.thresholds:
         h = _keep_large(b, h, "t_h")
-    y = b("MatMul", h, _weight(b, "w_out_t", v.weights, 0))
+    y = b("MatMul", _on_grid(b, h, v.activations), _weight(b, "w_out_t", v.weights, 0))
     b.rename(b("Add", y, "b_out") if v.bias_out else y, "y")
     return helper.make_function(DOMAIN, "SparseNeuronMLP", MLP_INPUTS, ["y"], b.nodes,
                                 [helper.make_opsetid("", OPSET)],
-                                attributes=["activation", "weight_layout", "block_size", "plugin_namespace",
-                                            "plugin_version"])
+                                attributes=["activation", "weight_layout", "block_size", "activation_bits",
+                                            "plugin_namespace", "plugin_version"])
 
 
 def _heads(b: _Body, t, n, E):
@@ -211,7 +225,7 @@ def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
     b = _Body()
     H, G, E = v.num_heads, v.num_kv_heads, v.head_dim
     cm = v.weight_layout == "channel_major"
-    x = _keep_large(b, "x", "t_x") if v.thresholds else "x"
+    x = _on_grid(b, _keep_large(b, "x", "t_x") if v.thresholds else "x", v.activations)
     q = _heads(b, _linear(b, x, "w_q", "b_q" if v.bias_qkv else None, cm, v.weights), H, E)
     k = _heads(b, _linear(b, x, "w_k", "b_k" if v.bias_qkv else None, cm, v.weights), G, E)
     val = _heads(b, _linear(b, x, "w_v", "b_v" if v.bias_qkv else None, cm, v.weights), G, E)
@@ -263,24 +277,27 @@ def attention_function(v: AttentionVariant) -> onnx.FunctionProto:
     context = b("Reshape", b("Transpose", b("Mul", context, on), perm=[0, 2, 1, 3]), b.const([0, 0, H * E]))
     if v.thresholds:
         context = _keep_large(b, context, "t_o")
-    y = b("MatMul", context, _weight(b, "w_o_t", v.weights, 0))
+    y = b("MatMul", _on_grid(b, context, v.activations), _weight(b, "w_o_t", v.weights, 0))
     b.rename(b("Add", y, "b_o") if v.bias_o else y, "y")
     return helper.make_function(DOMAIN, "SparseHeadAttention", ATTENTION_INPUTS, ATTENTION_OUTPUTS, b.nodes,
                                 [helper.make_opsetid("", OPSET)],
                                 attributes=["num_heads", "num_kv_heads", "head_dim", "scale", "rope", "kv_policy",
-                                            "weight_layout", "block_size", "qk_norm_eps", "plugin_namespace",
+                                            "weight_layout", "block_size", "activation_bits", "qk_norm_eps",
+                                            "plugin_namespace",
                                             "plugin_version"],
                                 # a node without sliding_window (a global layer) reads the whole cache
                                 attribute_protos=[helper.make_attribute("sliding_window", 0)])
 
 
-def blocked_matmul_function(weights: str) -> onnx.FunctionProto:
+def blocked_matmul_function(weights: str, activations: str = "fp32") -> onnx.FunctionProto:
     """y = x @ w^T with w [N, D] as codes in blocks of 32 along D (the LM head of a quantized export):
-    the dequantized matrix, then a MatMul. The native kernel reads the codes in place instead."""
+    the dequantized matrix, then a MatMul (x on the int8 activation grid first with activation_bits 8).
+    The native kernel reads the codes in place instead."""
     b = _Body()
-    b.rename(b("MatMul", "x", b("Transpose", _weight(b, "w", weights, 1), perm=[1, 0])), "y")
+    x = _on_grid(b, "x", activations)
+    b.rename(b("MatMul", x, b("Transpose", _weight(b, "w", weights, 1), perm=[1, 0])), "y")
     return helper.make_function(DOMAIN, "BlockedMatMul", MATMUL_INPUTS, ["y"], b.nodes,
-                                [helper.make_opsetid("", OPSET)], attributes=["block_size"])
+                                [helper.make_opsetid("", OPSET)], attributes=["block_size", "activation_bits"])
 
 
 def _node_inputs(inputs: dict, formal: list[str]) -> list[str]:
@@ -384,7 +401,7 @@ def register_schemas() -> None:
         return
     A = onnx.defs.OpSchema.AttrType
     plugin = [_attr("weight_layout", A.STRING, False), _attr("block_size", A.INT, False),
-              _attr("plugin_namespace", A.STRING, False), _attr("plugin_version", A.STRING, False)]
+              _attr("activation_bits", A.INT, False), _attr("plugin_namespace", A.STRING, False), _attr("plugin_version", A.STRING, False)]
     onnx.defs.register_schema(_schema(
         "SparseNeuronMLP", MLP_INPUTS, ["y"], [_attr("activation", A.STRING)] + plugin,
         "FFN that computes only the neurons kept by mask[B,F] (docs/export-format.md).", _infer_mlp))
@@ -396,5 +413,5 @@ def register_schemas() -> None:
         "Attention that computes only the heads kept by head_mask[B,H], with KV cache (docs/export-format.md).",
         _infer_attention))
     onnx.defs.register_schema(_schema(
-        "BlockedMatMul", MATMUL_INPUTS, ["y"], [_attr("block_size", A.INT, False)],
+        "BlockedMatMul", MATMUL_INPUTS, ["y"], [_attr("block_size", A.INT, False), _attr("activation_bits", A.INT, False)],
         "y = x @ w^T, w as block codes with fp16 scales (docs/export-format.md).", _infer_matmul))

@@ -33,14 +33,15 @@ def _nodes(graph):
                 yield from _nodes(attr.value)
 
 
-def quantize_lm_head(graph) -> int:
+def quantize_lm_head(graph, blocks=None, activations: str = "fp32") -> int:
     """The LM head (MatMul(h, Transpose(W[V, D])) -> logits) as one BlockedMatMul node over int8 codes
     [V, D] in blocks of 32 along D with fp16 scales (the Q8_0 grid): the native library reads the
     codes in place (a token reads 1.06 bytes a weight instead of 4); without it, the op's function
     body dequantizes and multiplies. onnxruntime's own fusion of DequantizeLinear + MatMul into an
     8-bit MatMulNBits was 80% of an int4 decode step (it dequantizes the whole head every call at
     fp32 accuracy). The fp32 table stays for the embedding Gather when the head is tied (a Gather
-    reads one row a token). Returns the bytes of codes + scales."""
+    reads one row a token). blocks (`--weights gguf`): the file's own Q8_0 blocks of the head when it
+    holds them (the same values as re-quantizing them). Returns the bytes of codes + scales."""
     import onnx_ir as ir
 
     logits = next(v for v in graph.outputs if v.name == "logits")
@@ -51,7 +52,10 @@ def quantize_lm_head(graph) -> int:
             or (perm is not None and list(perm.value) != [1, 0])):
         raise ValueError("export: the LM head is not MatMul(h, Transpose(weight)); cannot quantize it")
     table = transpose.inputs[0]
-    q = quantize(torch.from_numpy(np.ascontiguousarray(table.const_value.numpy())), HEAD_FORMAT, 1)
+    w = torch.from_numpy(np.ascontiguousarray(table.const_value.numpy()))
+    q = blocks.lookup(w, 1) if blocks is not None else None
+    if q is None or q.fmt != HEAD_FORMAT:
+        q = quantize(w, HEAD_FORMAT, 1)
     tensors = [ir.Tensor(q.codes.numpy(), name="lm_head.weight"),
                ir.Tensor(q.scale.numpy(), name="lm_head.weight_scale")]
     if q.minimum is not None:
@@ -61,7 +65,8 @@ def quantize_lm_head(graph) -> int:
         v = ir.Value(name=tensor.name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
         graph.register_initializer(v)
         values.append(v)
-    node = ir.node("BlockedMatMul", [head.inputs[0], *values], domain=DOMAIN, attributes={"block_size": BLOCK},
+    attributes = {"block_size": BLOCK, **({"activation_bits": 8} if activations == "int8" else {})}
+    node = ir.node("BlockedMatMul", [head.inputs[0], *values], domain=DOMAIN, attributes=attributes,
                    name="lm_head/blocked_matmul")
     graph.insert_before(head, [node])
     logits_value = head.outputs[0]
@@ -76,9 +81,12 @@ def quantize_lm_head(graph) -> int:
     return sum(t.nbytes for t in tensors)
 
 
-def quantize_graph(ir_model, fmt: str) -> int:
+def quantize_graph(ir_model, fmt: str, blocks=None, activations: str = "fp32") -> int:
     """Rewrite every sparse node's projections in `fmt` (int8 | int4), and the LM head in int8.
-    Returns the bytes the quantized weights now take (codes + scales)."""
+    blocks (models/gguf_blocks.py, `--weights gguf`): each projection's codes and scales are the GGUF
+    file's own, found by value, instead of computed. activations int8: the nodes get activation_bits 8
+    (their projections' inputs rounded to the int8 grid, docs/export-format.md). Returns the bytes the quantized weights now take
+    (codes + scales)."""
     import onnx_ir as ir
 
     check_format(fmt)
@@ -102,7 +110,10 @@ def quantize_graph(ir_model, fmt: str) -> int:
                 if array is None:
                     raise ValueError(f"{node.name}: input {w} is not an initializer; cannot quantize it")
                 axis = 0 if (w in _OUTPUT_PROJECTIONS or channel_major) else 1
-                q = quantize(torch.from_numpy(np.ascontiguousarray(array)), fmt, axis)
+                w_t = torch.from_numpy(np.ascontiguousarray(array))
+                q = blocks.lookup(w_t, axis) if blocks is not None else quantize(w_t, fmt, axis)
+                if q is None:
+                    raise ValueError(f"{node.name}: {w} is not one of {blocks.path.name}'s carried matrices")
                 codes = q.codes.numpy().astype(ml_dtypes.uint4 if fmt == "int4" else np.int8)
                 name = f"{node.name}.{w}" if node.name else value.name  # layers.3.mlp.w_in, its _scale, _min
                 parts = [(name, ir.Tensor(codes, name=name))]
@@ -126,4 +137,6 @@ def quantize_graph(ir_model, fmt: str) -> int:
         last = max(i for i, v in enumerate(node.inputs) if v is not None)
         node.resize_inputs(last + 1)
         node.attributes["block_size"] = ir.AttrInt64("block_size", BLOCK)
-    return total + quantize_lm_head(graph)
+        if activations == "int8":
+            node.attributes["activation_bits"] = ir.AttrInt64("activation_bits", 8)
+    return total + quantize_lm_head(graph, blocks, activations)

@@ -197,6 +197,10 @@ class Norm:
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         # RMSNorm in fp32, as the Llama family computes it.
         xf = x.float()
+        if torch.onnx.is_in_onnx_export():
+            # x / sqrt(...) * w: the pattern onnxruntime fuses into one SimplifiedLayerNormalization node
+            # (7 nodes -> 1 per norm; x * rsqrt(...) is not matched). Within an ulp of the eager form.
+            return (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
 
@@ -238,6 +242,15 @@ class Adapter:
         if getattr(self, "_head_cache", None) is None:
             self._head_cache = weight.detach().to(self.dtype)
         return self._head_cache
+
+    def _project_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (after the final norm) times the LM head; with int8 activations (quant.fake_quantize_)
+        the head's input is rounded to the activation grid first, as the quantized head computes."""
+        if getattr(self.model, "_shadowllm_activations", "fp32") != "fp32":
+            from .quant import round_activations
+
+            hidden = round_activations(hidden)
+        return F.linear(hidden, self._head())
 
     def attention(self, layer: int) -> AttentionWeights:
         raise NotImplementedError
@@ -346,7 +359,7 @@ class OptAdapter(Adapter):
             hidden = self._norm(d.final_layer_norm)(hidden)
         if d.project_out is not None:
             hidden = F.linear(hidden, t(d.project_out.weight), t(_bias(d.project_out)))
-        return F.linear(hidden, self._head())
+        return self._project_head(hidden)
 
 
 def _layer_windows(cfg, num_layers: int) -> tuple[int, ...]:
@@ -482,7 +495,7 @@ class LlamaAdapter(Adapter):
         return self._rows(input_ids, self.inner.embed_tokens.weight)
 
     def logits(self, hidden):
-        return F.linear(self._norm(self.inner.norm)(hidden), self._head())
+        return self._project_head(self._norm(self.inner.norm)(hidden))
 
     def rope(self, position_ids, kind="default"):
         inv_freq, scaling = self._rotary(kind)

@@ -87,6 +87,39 @@ def fake_quantize(w: torch.Tensor, fmt: str, axis: int) -> torch.Tensor:
     return w if fmt == "fp32" else quantize(w, fmt, axis).dequantize().to(w.dtype)
 
 
+ACTIVATIONS = ("fp32", "int8")
+
+
+def check_activations(value: str, flag: str = "--activations") -> str:
+    if value not in ACTIVATIONS:
+        raise ShadowError(f"{flag} {value!r}: expected one of {', '.join(ACTIVATIONS)}")
+    return value
+
+
+def default_activations(fmt: str, value: str | None) -> str:
+    """`--activations` as given, else int8 with quantized weights (what the integer kernels multiply) and
+    fp32 with fp32 weights."""
+    if value is None:
+        return "fp32" if fmt == "fp32" else "int8"
+    return check_activations(value)
+
+
+def round_activations(t: torch.Tensor) -> torch.Tensor:
+    """t on the int8 activation grid (`--activations int8`, docs/export-format.md): in blocks of BLOCK
+    along the last axis, d = max|v| / 127 and v -> round(v / d) * d (ties to even; a block of zeros
+    stays zero), d and the division in fp32 whatever t's dtype, so every backend rounds the same fp32
+    values the same way. What llama.cpp's Q8 activations and onnxruntime's accuracy_level 4 compute;
+    integer kernels then multiply the codes."""
+    shape = t.shape
+    if shape[-1] % BLOCK:
+        raise ShadowError(f"--activations int8: an input of width {shape[-1]} is not a multiple of the block ({BLOCK})")
+    v = t.float().reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK)
+    d = v.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.round(v / torch.where(d == 0, torch.ones_like(d), d))
+    wide = torch.promote_types(t.dtype, torch.float32)  # q * d exact in a float64 reference
+    return (q.to(wide) * d.to(wide)).reshape(shape).to(t.dtype)
+
+
 HEAD_FORMAT = "int8"  # the LM head of a quantized export: 4 bits by rounding costs SmolLM2 +6.5% perplexity
 BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1 + 2 / 32, "int4": 0.5 + 4 / 32}  # a block's fp16 scale (and minimum) shared
 
@@ -103,15 +136,48 @@ def head_format(fmt: str) -> str:
     return "fp32" if fmt == "fp32" else HEAD_FORMAT
 
 
-def fake_quantize_(model, fmt: str) -> None:
+def check_weights_flag(value: str) -> str:
+    """`--weights` of export / eval: a format, or `gguf` (the source GGUF's own blocks, models/gguf_blocks.py)."""
+    if value == "gguf":
+        return value
+    try:
+        return check_format(value)
+    except ShadowError:
+        raise ShadowError(f"--weights {value!r}: expected one of {', '.join(FORMATS)}, gguf") from None
+
+
+def resolve_weights(model, value: str):
+    """(format, GgufBlocks | None) for `--weights value` on a loaded model: gguf reads the blocks of the
+    file the model was converted from and names the format they are (int4 | int8)."""
+    check_weights_flag(value)
+    if value != "gguf":
+        return value, None
+    from .gguf_blocks import GgufBlocks, gguf_of
+
+    blocks = GgufBlocks(gguf_of(model))
+    return blocks.format(), blocks
+
+
+def fake_quantize_(model, fmt: str, blocks=None, activations: str = "fp32") -> None:
     """Put every projection of the model's decoder blocks on the format's grid, in place (blocks
     along each projection's input), and the LM head on the int8 grid (the Q8_0 of GGUF files, blocks
-    along the hidden size; a tied embedding shares it). Norms and biases keep their values."""
+    along the hidden size; a tied embedding shares it). Norms and biases keep their values.
+
+    blocks (models/gguf_blocks.py, `--weights gguf`): the values are the GGUF file's own blocks, found
+    by value (an error names a projection the file does not hold in a carried type); the LM head takes
+    the file's Q8_0 blocks when it has them, else the int8 grid.
+
+    activations: `int8` also puts every projection's input on the activation grid as the reference
+    runs (round_activations; the LM head's input too); quantized weights only."""
     from .adapters import adapter_for
     from .loading import fingerprint
 
     check_format(fmt)
+    check_activations(activations)
     if fmt == "fp32":
+        if activations != "fp32":
+            raise ShadowError("--activations int8 applies to quantized weights (--weights int8, int4 or gguf), "
+                              "whose integer kernels multiply the rounded inputs")
         return
     if getattr(model, "_shadowllm_weights", "fp32") != "fp32":
         raise ShadowError(f"the model's projections are already {model._shadowllm_weights}")
@@ -124,11 +190,23 @@ def fake_quantize_(model, fmt: str) -> None:
             a, m = adapter.attention(layer), adapter.mlp(layer)
             # input projections are [out, in] (blocks along axis 1); output projections are handed out
             # transposed, [in, out] (blocks along axis 0)
-            for w, axis in ((a.w_q, 1), (a.w_k, 1), (a.w_v, 1), (a.w_o_t, 0), (m.w_in, 1), (m.w_gate, 1),
-                            (m.w_out_t, 0)):
-                if w is not None:
+            for name, w, axis in (("q", a.w_q, 1), ("k", a.w_k, 1), ("v", a.w_v, 1), ("o", a.w_o_t, 0),
+                                  ("up", m.w_in, 1), ("gate", m.w_gate, 1), ("down", m.w_out_t, 0)):
+                if w is None:
+                    continue
+                if blocks is None:
                     w.copy_(fake_quantize(w, fmt, axis))
+                    continue
+                q = blocks.lookup(w, axis)
+                if q is None:
+                    raise ShadowError(f"--weights gguf: layer {layer}'s {name} projection is not one of "
+                                      f"{blocks.path.name}'s matrices in a carried type (its values differ)")
+                w.copy_(q.dequantize())  # the same values: found by them
         head = model.get_output_embeddings().weight  # [V, D]
-        head.copy_(fake_quantize(head, HEAD_FORMAT, 1))
+        carried = blocks.lookup(head, 1) if blocks is not None else None
+        head.copy_(carried.dequantize() if carried is not None and carried.fmt == HEAD_FORMAT
+                   else fake_quantize(head, HEAD_FORMAT, 1))
     model._shadowllm_weights = fmt
+    model._shadowllm_gguf = blocks
+    model._shadowllm_activations = activations
     model._shadowllm_fingerprint = None  # computed again from the new values when asked

@@ -19,6 +19,7 @@ import torch
 
 from .adapters import AttentionWeights, MLPWeights, activation_fn, adapter_for
 from .errors import ShadowError
+from .quant import round_activations
 
 # observer(layer, name, tensor) -> tensor | None. Names: "residual" (layer input [B,S,D]),
 # "attn_in" (the normalised attention input [B,S,D]), "attn_out" (attention block output [B,S,D]),
@@ -52,6 +53,21 @@ def _per_matrix(x, threshold, n: int) -> tuple:
     if isinstance(threshold, tuple):
         return tuple(keep_large(x, t) for t in threshold)
     return (keep_large(x, threshold),) * n
+
+
+def _on_grid(t: torch.Tensor, activations: str, idx: torch.Tensor | None = None, size: int = 1,
+             full: int = 0) -> torch.Tensor:
+    """A projection's input on the activation grid (`--activations int8`: quant.round_activations),
+    or as it is (fp32). t may hold only the units `idx` (each `size` entries wide) of an input `full`
+    wide, the rest skipped: the blocks follow the full input (the skipped entries are zeros there)."""
+    if activations == "fp32":
+        return t
+    if idx is None:
+        return round_activations(t)
+    cols = (idx[:, None] * size + torch.arange(size, device=t.device)).flatten()
+    whole = t.new_zeros(*t.shape[:-1], full)
+    whole[..., cols] = t
+    return round_activations(whole)[..., cols]
 
 
 def _rows(w: torch.Tensor | None, idx: torch.Tensor | None, size: int) -> torch.Tensor | None:
@@ -118,8 +134,9 @@ def _row_groups(mask: torch.Tensor | None, batch: int):
 
 
 def attention_rows(arch, w: AttentionWeights, x, past, allowed, rope, heads, token_mask, kv_policy,
-                   observer, layer, t_x=None, t_o=None):
+                   observer, layer, t_x=None, t_o=None, activations: str = "fp32"):
     """Attention for rows sharing `heads` (None = all). Returns (y, key, value) for those rows.
+    activations: int8 rounds every projection's input to the activation grid (after the thresholds).
 
     `arch` needs only head_dim, num_heads, num_kv_heads, heads_per_group and scale (an Arch or the
     attributes of a SparseHeadAttention node).
@@ -135,7 +152,7 @@ def attention_rows(arch, w: AttentionWeights, x, past, allowed, rope, heads, tok
         groups = None
     n_heads = H if heads is None else heads.numel()
     n_groups = G if groups is None else groups.numel()
-    xq, xk, xv = _per_matrix(x, t_x, 3)
+    xq, xk, xv = (_on_grid(t, activations) for t in _per_matrix(x, t_x, 3))
     q = _linear(xq, _rows(w.w_q, heads, E), _rows(w.b_q, heads, E)).view(b, S, n_heads, E).transpose(1, 2)
     k = _linear(xk, _rows(w.w_k, groups, E), _rows(w.b_k, groups, E)).view(b, S, n_groups, E).transpose(1, 2)
     v = _linear(xv, _rows(w.w_v, groups, E), _rows(w.b_v, groups, E)).view(b, S, n_groups, E).transpose(1, 2)
@@ -164,13 +181,14 @@ def attention_rows(arch, w: AttentionWeights, x, past, allowed, rope, heads, tok
         context = _observe(observer, layer, "head_context", context)
     if token_mask is not None:
         context = context * token_mask[..., None].to(context.dtype)
-    context = keep_large(context, t_o)
-    return _project_out(context.reshape(b, S, n_heads * E), _rows(w.w_o_t, heads, E), w.b_o), key, value
+    context = _on_grid(keep_large(context, t_o).reshape(b, S, n_heads * E), activations, heads, E, H * E)
+    return _project_out(context, _rows(w.w_o_t, heads, E), w.b_o), key, value
 
 
-def mlp_rows(activation: str, w: MLPWeights, x, neurons, token_mask, observer, layer, t_x=None, t_h=None):
+def mlp_rows(activation: str, w: MLPWeights, x, neurons, token_mask, observer, layer, t_x=None, t_h=None,
+             activations: str = "fp32"):
     act = activation_fn(activation)
-    x_gate, x_in = _per_matrix(x, t_x, 2)
+    x_gate, x_in = (_on_grid(t, activations) for t in _per_matrix(x, t_x, 2))
     w_in, b_in = _rows(w.w_in, neurons, 1), _rows(w.b_in, neurons, 1)
     if w.w_gate is not None:
         hidden = act(x_gate @ _rows(w.w_gate, neurons, 1).t()) * _linear(x_in, w_in, b_in)
@@ -180,7 +198,7 @@ def mlp_rows(activation: str, w: MLPWeights, x, neurons, token_mask, observer, l
         hidden = _observe(observer, layer, "neuron_act", hidden)
     if token_mask is not None:
         hidden = hidden * token_mask.to(hidden.dtype)
-    hidden = keep_large(hidden, t_h)
+    hidden = _on_grid(keep_large(hidden, t_h), activations, neurons, 1, w.w_out_t.shape[0])
     return _project_out(hidden, _rows(w.w_out_t, neurons, 1), w.b_out)
 
 
@@ -227,7 +245,8 @@ def _selector(rows):
 
 
 def attention_block(arch, w: AttentionWeights, x, past, allowed, rope, head_mask=None, token_mask=None,
-                    kv_policy: str = "all", observer: Observer | None = None, layer: int = 0, t_x=None, t_o=None):
+                    kv_policy: str = "all", observer: Observer | None = None, layer: int = 0, t_x=None, t_o=None,
+                    activations: str = "fp32"):
     """One attention block over a batch: x [B,S,D], past (key, value) [B,G,P,E], allowed [B,S,T] bool,
     rope (cos, sin) [B,S,E/2] or None, head_mask [B,H] (per sequence: skipped) or None, token_mask
     [B,S,H] (zeroed) or None, thresholds t_x (on x) and t_o (on the context before o): None, 0-d or
@@ -238,13 +257,13 @@ def attention_block(arch, w: AttentionWeights, x, past, allowed, rope, head_mask
         sel = _selector(rows)
         y, k, v = attention_rows(arch, w, sel(x), (sel(past[0]), sel(past[1])), sel(allowed),
                              None if rope is None else (sel(rope[0]), sel(rope[1])), heads,
-                             sel(token_mask), kv_policy, observer, layer, sel(t_x), sel(t_o))
+                             sel(token_mask), kv_policy, observer, layer, sel(t_x), sel(t_o), activations)
         ys.append((rows, y)), keys.append((rows, k)), values.append((rows, v))
     return _by_rows(ys, B, x), _by_rows(keys, B, x), _by_rows(values, B, x)
 
 
 def mlp_block(activation: str, w: MLPWeights, x, neuron_mask=None, token_mask=None,
-              observer: Observer | None = None, layer: int = 0, t_x=None, t_h=None):
+              observer: Observer | None = None, layer: int = 0, t_x=None, t_h=None, activations: str = "fp32"):
     """One MLP block over a batch: x [B,S,D]; neuron_mask [B,F] (per sequence: skipped) or None;
     token_mask [B,S,F] (zeroed) or None; thresholds t_x (on x) and t_h (on the hidden h): None, 0-d
     or [B,S]. Returns y [B,S,D]."""
@@ -252,7 +271,8 @@ def mlp_block(activation: str, w: MLPWeights, x, neuron_mask=None, token_mask=No
     ys = []
     for rows, neurons in _row_groups(neuron_mask, B):
         sel = _selector(rows)
-        ys.append((rows, mlp_rows(activation, w, sel(x), neurons, sel(token_mask), observer, layer, sel(t_x), sel(t_h))))
+        ys.append((rows, mlp_rows(activation, w, sel(x), neurons, sel(token_mask), observer, layer, sel(t_x), sel(t_h),
+                                  activations)))
     return _by_rows(ys, B, x)
 
 
@@ -278,6 +298,7 @@ def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention
     """
     adapter = adapter_for(model)
     arch = adapter.arch
+    activations = getattr(model, "_shadowllm_activations", "fp32")  # quant.fake_quantize_ sets it
     if kv_policy not in ("all", "active"):
         raise ShadowError(f"kv_policy {kv_policy!r}: expected 'all' or 'active'")
     if input_ids.dim() != 2:
@@ -321,7 +342,7 @@ def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention
                                         ropes.get(arch.rope_kind(layer)),
                                         None if seq_heads is None else seq_heads[:, layer],
                                         None if tok_heads is None else tok_heads[:, :, layer], kv_policy,
-                                        observer, layer, t[0], t[1])
+                                        observer, layer, t[0], t[1], activations)
         a = _observe(observer, layer, "attn_out", y)  # the op's output (before a post-norm)
         presents.append((key, value))
         h = h + post_norm(adapter.post_attn_norm(layer), a)
@@ -332,7 +353,7 @@ def sparse_forward(model, input_ids, head_mask=None, neuron_mask=None, attention
         x = _observe(observer, layer, "mlp_in", adapter.mlp_norm(layer)(h) if arch.pre_norm else h)
         m = _observe(observer, layer, "mlp_out", mlp_block(
             arch.activation, w, x, None if seq_neurons is None else seq_neurons[:, layer],
-            None if tok_neurons is None else tok_neurons[:, :, layer], observer, layer, t[2], t[3]))
+            None if tok_neurons is None else tok_neurons[:, :, layer], observer, layer, t[2], t[3], activations))
         h = h + post_norm(adapter.post_mlp_norm(layer), m)
         if not arch.pre_norm:
             h = adapter.mlp_norm(layer)(h)

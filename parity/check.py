@@ -50,6 +50,18 @@ KEPT_TIE = 1e-5  # an internal entry within this (x that input's largest magnitu
 # rounding over the layers) may decide differently: a step with one may differ beyond tolerance
 NEAR_TIE = 1e-4
 FP32_FACTOR = 2.0
+# Exports with int8 activations (--activations int8): rounding to the grid is discontinuous; an entry
+# whose fp32 value lies within rounding error of a boundary rounds either way, and PyTorch fp32 and the
+# graph each flip their own entries (summation orders differ), whose effects then spread through the
+# layers. Their distances from float64 are sums of such flips, alike in size, not in sign: twice fails
+# by chance (a tiny random Llama: 1.01x PyTorch's distance on one decode step), four times does not.
+# The op-level tests hold each op to a float64 reference with each boundary case's effect bounded
+# (tests/parity/test_quantized.py).
+GRID_FACTOR = 4.0
+
+
+def _factor(manifest: dict) -> float:
+    return GRID_FACTOR if (manifest.get("weights") or {}).get("activations", "fp32") != "fp32" else FP32_FACTOR
 
 
 @dataclass
@@ -161,7 +173,7 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def _logit_tolerance(model64, ids, mask, logits32, logits64) -> torch.Tensor:
+def _logit_tolerance(model64, ids, mask, logits32, logits64, factor: float = FP32_FACTOR) -> torch.Tensor:
     """[B, S]: each position's prefill-logit tolerance (module docstring). The magnitude comes from a
     dense float64 pass (masks change it by a small factor, not its order)."""
     from shadowllm.models import sparse_forward
@@ -178,7 +190,7 @@ def _logit_tolerance(model64, ids, mask, logits32, logits64) -> torch.Tensor:
     scale = scale.clamp(min=1e-30).sqrt()
     valid = mask.bool()
     ratio = float(((logits32.double() - logits64).abs().amax(-1) / scale)[valid].max())
-    return (FP32_FACTOR * ratio * scale).clamp(min=ATOL)
+    return (factor * ratio * scale).clamp(min=ATOL)
 
 
 def _dense_logits64(model, ids, mask) -> torch.Tensor:
@@ -296,8 +308,8 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
     logits, state = exact.forward(ids, mask, None)
     valid = mask.bool().numpy()
     report.fp32_reference_error = float((logits32.double() - logits)[mask.bool()].abs().max())
-    report.tolerance = max(ATOL, FP32_FACTOR * report.fp32_reference_error)
-    logit_tolerance = _logit_tolerance(_float64(model), ids, mask, logits32, logits)  # [B, S]
+    report.tolerance = max(ATOL, _factor(manifest) * report.fp32_reference_error)
+    logit_tolerance = _logit_tolerance(_float64(model), ids, mask, logits32, logits, _factor(manifest))  # [B, S]
     report.logits_tolerance = (float(logit_tolerance[mask.bool()].min()), float(logit_tolerance[mask.bool()].max()))
     weights = weights_format(manifest)
     if weights != "fp32":
@@ -367,8 +379,11 @@ def check(folder: str | os.PathLike, model, tokenizer, sparsity: float = 0.5, st
         o_next, t_next = o_logits[:, -1].argmax(-1), e_logits[:, -1].argmax(-1)
         step_diff = float((o_logits[:, -1].double() - e_logits[:, -1]).abs().max())
         # thresholds: each step on its own (a tie's effect must not widen the bound of later steps)
-        step_tol = report.tolerance if thresholded else max(
-            decode_tol, FP32_FACTOR * float((t_logits[:, -1].double() - e_logits[:, -1]).abs().max()))
+        torch_step = _factor(manifest) * float((t_logits[:, -1].double() - e_logits[:, -1]).abs().max())
+        # (with the int8 activation grid a thresholded step takes its own PyTorch distance too, still not
+        # carried into later steps: every step starts from the graph's cache)
+        step_tol = max(decode_tol, torch_step) if not thresholded else \
+            max(report.tolerance, torch_step) if _factor(manifest) == GRID_FACTOR else report.tolerance
         if tie_step and (step_diff > step_tol or not torch.equal(o_next, t_next)):
             report.tie_steps += 1  # a near-tie there (op check); the logits of this step are not comparable
         else:
@@ -440,6 +455,7 @@ def _check_thresholded_ops(report: ParityReport, model64, manifest: dict, thresh
     allowed = mask.bool()[:, None, :]
     heads = torch.from_numpy(after["heads"].numpy())
     neurons = torch.from_numpy(after["neurons"].numpy())
+    activations = (manifest.get("weights") or {}).get("activations", "fp32")
     near = 0
     for layer in range(arch.num_layers):
         t = thresholds[layer].double()
@@ -456,25 +472,44 @@ def _check_thresholded_ops(report: ParityReport, model64, manifest: dict, thresh
                 ref, _, _ = attention_block(arch, adapter.attention(layer), x, past,
                                             in_window(allowed, arch.window(layer)), ropes.get(arch.rope_kind(layer)),
                                             token_mask=on[:, None, :], kv_policy="all", observer=observe,
-                                            layer=layer, t_x=t[0], t_o=t[1])
+                                            layer=layer, t_x=t[0], t_o=t[1], activations=activations)
                 internal, threshold, rows = (seen["head_context"] * on[:, None, :, None]).flatten(2), t[1], \
                     adapter.attention(layer).w_o_t
             else:
                 on = neurons[:, layer]
                 w = adapter.mlp(layer)
                 ref = mlp_block(arch.activation, w, x, token_mask=on[:, None, :], observer=observe, layer=layer,
-                                t_x=t[2], t_h=t[3])
+                                t_x=t[2], t_h=t[3], activations=activations)
                 internal, threshold, rows = seen["neuron_act"] * on[:, None, :], t[3], w.w_out_t
             report.threshold_ops_checked += 1
             gap = (internal.abs() - threshold).abs()
             near += int(((gap <= NEAR_TIE * internal.abs().amax(-1, keepdim=True)) & (internal != 0)).sum())
             scale = ref.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-30)  # per token (outlier channels)
-            if bool(((y - ref).abs() <= OP_TOL * scale).all()):
+            tol = OP_TOL * scale
+            if activations != "fp32":  # the int8 grid's boundary cases of h / the context (x is the graph's own)
+                tol = tol + _grid_bound(torch.where(internal.abs() >= threshold, internal, 0.0), rows)
+            if bool(((y - ref).abs() <= tol).all()):
                 continue
             ties = (gap <= KEPT_TIE * internal.abs().amax(-1, keepdim=True)) & (internal != 0)
-            report.threshold_ops_match &= _explained_by_ties(y - ref, internal, ties, threshold, rows, OP_TOL * scale)
+            report.threshold_ops_match &= _explained_by_ties(y - ref, internal, ties, threshold, rows, tol)
             report.threshold_ties += int(ties.sum())
     return near
+
+
+NEAR_HALF = 1e-2  # code units of the int8 activation grid: a boundary case fp32 and float64 may round apart
+
+
+def _grid_bound(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """What rounding v [B, S, N] onto the int8 activation grid (models/quant.round_activations) may
+    move v @ rows by between two implementations whose values of v differ by rounding: d x |row| for
+    each entry within NEAR_HALF of a rounding boundary (d its block's scale)."""
+    from shadowllm.models.quant import BLOCK
+
+    blocks = v.reshape(*v.shape[:-1], v.shape[-1] // BLOCK, BLOCK)
+    d = blocks.abs().amax(-1, keepdim=True) / 127.0
+    r = blocks / d.clamp(min=1e-300)
+    near = ((r - r.floor() - 0.5).abs() < NEAR_HALF) & (d > 0)
+    return (near * d).reshape(v.shape) @ rows.abs().to(v.dtype)
 
 
 def _explained_by_ties(diff, internal, ties, threshold, rows, tol) -> bool:

@@ -143,6 +143,11 @@ class CudaBackend:
         folder = Path(folder)
         manifest = check_export_folder(folder, graph=False)
         sparsity_value(manifest, sparsity)
+        if (manifest.get("weights") or {}).get("activations", "fp32") != "fp32":
+            from shadowllm.models import ShadowError
+
+            raise ShadowError(f"{folder}: its ops round activations to int8 (export --activations int8); the CUDA "
+                              "kernels compute fp32 activations: export with --activations fp32 to run it here")
         model = exported_model(folder, manifest, model)  # rotated when the export's thresholds are
         config = export_policy(folder, manifest, model, sparsity)
         backend = cls(model, **config, kv_policy=manifest.get("kv_policy", "all"), dtype=dtype, device=device, **kwargs)

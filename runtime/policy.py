@@ -60,8 +60,13 @@ def export_model(folder: Path, manifest: dict, model):
 
         from shadowllm.models.quant import fake_quantize_
 
+        blocks = None
+        if (manifest.get("weights") or {}).get("gguf"):  # the file's own blocks, as the export carried them
+            from shadowllm.models.gguf_blocks import GgufBlocks, gguf_of
+
+            blocks = GgufBlocks(gguf_of(model))
         quantized = copy.deepcopy(model)
-        fake_quantize_(quantized, weights)
+        fake_quantize_(quantized, weights, blocks, manifest["weights"].get("activations", "fp32"))
         return quantized
     if not (manifest.get("thresholds") or {}).get("rotation"):
         return model

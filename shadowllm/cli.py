@@ -249,13 +249,17 @@ def cmd_eval(args):
         for s in args.sparsity:
             check_grid_sparsity(s)
     from shadowllm.models import corpus
-    from shadowllm.models.quant import check_format, fake_quantize_, token_bytes
+    from shadowllm.models.quant import (check_weights_flag, default_activations, fake_quantize_, resolve_weights,
+                                        token_bytes)
 
-    check_format(args.weights)  # before loading: a bad --weights is one line
+    check_weights_flag(args.weights)  # before loading: a bad --weights is one line
+    default_activations("int4", args.activations)  # likewise --activations
     text = corpus(args.corpus, args.text_field)  # before loading the model: a bad --corpus is one line
     merged = [rows_from_json(path) for path in args.merge]
     model, tokenizer = load(args.model)
-    fake_quantize_(model, args.weights)  # the PyTorch reference on the values an export of that format holds
+    fmt, blocks = resolve_weights(model, args.weights)
+    activations = default_activations(fmt, args.activations)
+    fake_quantize_(model, fmt, blocks, activations)  # the PyTorch reference on the values an export of that format holds
     args.window, args.prompt, scored = scoring_window(tokenizer, text, args.split, args.window, args.prompt,
                                                       args.max_windows, adapter_for(model).arch.max_positions)
     print(f"[shadowllm] {scored}", file=sys.stderr)
@@ -269,7 +273,7 @@ def cmd_eval(args):
     predictors = [load_predictor(p, model) for p in args.predictor]
     tables, threshold_source, threshold_model = None, None, None
     if thresholded:
-        calib, threshold_source = _threshold_calibration(model, tokenizer, args.thresholds, args.weights)
+        calib, threshold_source = _threshold_calibration(model, tokenizer, args.thresholds, fmt)
         arch = adapter_for(model).arch
         tables = {a: threshold_table(calib, arch, a)[1] for a in threshold_allocations}
         threshold_model = calib.model_for(model)
@@ -285,11 +289,12 @@ def cmd_eval(args):
                     text_corpus=text, threshold_model=threshold_model)
     arch = adapter_for(model).arch
     for row in rows:
-        row.weights, row.bytes_per_token = args.weights, token_bytes(arch, row.bytes_fraction, args.weights)
+        row.weights = blocks.gguf_types() if blocks is not None else fmt
+        row.bytes_per_token = token_bytes(arch, row.bytes_fraction, fmt)
     rows += merged
     command = "shadowllm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     meta = {"model": args.model or "smollm2-135m", **text.describe(), "split": args.split, "window": args.window,
-            "prompt": args.prompt, "weights": args.weights,
+            "prompt": args.prompt, "weights": args.weights, "activations": activations,
             "allocation": mask_allocation, "threshold_allocations": threshold_allocations if thresholded else [],
             "thresholds": threshold_source, "merged": list(args.merge), "predictors": [p.manifest for p in predictors]}
     if args.out:
@@ -307,11 +312,14 @@ def _sparsities(text: str):
 def cmd_export(args):
     from shadowllm.export.exporter import export
     from shadowllm.models import load
-    from shadowllm.models.quant import check_format, fake_quantize_
+    from shadowllm.models.quant import check_weights_flag, default_activations, fake_quantize_, resolve_weights
 
-    check_format(args.weights)  # before loading: a bad --weights is one line
+    check_weights_flag(args.weights)  # before loading: a bad --weights is one line
+    default_activations("int4", args.activations)  # likewise --activations
     model, tokenizer = load(args.model)
-    fake_quantize_(model, args.weights)  # first: scores, predictors and thresholds see the weights that run
+    fmt, blocks = resolve_weights(model, args.weights)
+    activations = default_activations(fmt, args.activations)
+    fake_quantize_(model, fmt, blocks, activations)  # first: scores, predictors and thresholds see what runs
     static, source = None, None
     if args.policy == "static":
         if args.traces:
@@ -336,14 +344,14 @@ def cmd_export(args):
         from shadowllm.models import adapter_for
         from shadowllm.predictor.thresholds import threshold_table
 
-        calib, where = _threshold_calibration(model, tokenizer, args.thresholds, args.weights)
+        calib, where = _threshold_calibration(model, tokenizer, args.thresholds, fmt)
         thresholds = threshold_table(calib, adapter_for(model).arch, args.allocation)
         threshold_source = {"calibration": where, "allocation": args.allocation,
                             **{k: calib.manifest.get(k) for k in ("corpus", "split", "samples", "window",
                                                                    "greedy_windows")}}
         model = calib.model_for(model)  # rotated when the calibration was: the export carries the rotation
     out = export(model, tokenizer, args.out, args.policy, static, source, args.target, predictor, args.predictor,
-                 thresholds, threshold_source, args.head_sparsity, args.weights)
+                 thresholds, threshold_source, args.head_sparsity, fmt)
     sizes = sum(f.stat().st_size for f in out.iterdir())
     print(f"exported {args.policy} model to {out} ({sizes / 2**20:.1f} MiB)")
 
@@ -556,7 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report prefix: writes PREFIX.json, .md, .png")
     p.add_argument("--weights", default="fp32",
                    help="score the model with its projections on this format's grid (as `export --weights`): "
-                        "fp32, int8 or int4; threshold rows then use an unrotated calibration")
+                        "fp32, int8, int4 or gguf (the source GGUF's own blocks); threshold rows then use an "
+                        "unrotated calibration")
+    p.add_argument("--activations", default=None,
+                   help="int8 or fp32: the projections' inputs as `export --activations` (default: int8 with "
+                        "quantized weights)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export model + masks to ONNX with the sparse custom ops")
@@ -577,7 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static: what the runtime sparsity applies to")
     p.add_argument("--weights", default="fp32",
                    help="the projections' format: fp32 (default), int8 (symmetric, the Q8_0 grid) or int4 "
-                        "(asymmetric, the Q4_1 grid: the embedded model's own), in blocks of 32 along the input")
+                        "(asymmetric, the Q4_1 grid: the embedded model's own), in blocks of 32 along the input; "
+                        "gguf: the source GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks, bit for bit")
+    p.add_argument("--activations", default=None,
+                   help="what the projections' inputs are: int8 (rounded per block of 32, as llama.cpp and "
+                        "onnxruntime's int4 kernels do: the integer kernels then multiply bytes; the default "
+                        "with quantized weights) or fp32 (the default with fp32 weights)")
     p.add_argument("--out", required=True, help="export folder (must not exist or be empty)")
     p.set_defaults(func=cmd_export)
 

@@ -28,20 +28,48 @@ def activation_magnitude(name, t):
     return np.abs(t) if name != "relu" else np.abs(activation(name, t))
 
 
+GRID_BLOCK = 32
+NEAR_HALF = 1e-2  # code units: an entry this close to a rounding boundary may round either way (fp32 vs float64)
+
+
+def on_grid(v, flips=None, w=None):
+    """v [S, N] (float64) on the int8 activation grid (activation_bits 8, docs/export-format.md): per
+    block of 32 along N, d = max|v| / 127 and v -> round(v / d) * d, d and v / d in float32 as every
+    backend computes them (ties to even). flips [S, D] (with w [N, D], the weight v multiplies): adds,
+    for each entry within NEAR_HALF of a rounding boundary, d * |w row| — what an implementation whose
+    fp32 value of that entry lies on the other side may differ by (internal values only: the op's own
+    inputs are the same fp32 numbers on both sides)."""
+    S, N = v.shape
+    v32 = v.astype(np.float32).reshape(S, N // GRID_BLOCK, GRID_BLOCK)
+    d = np.abs(v32).max(-1, keepdims=True) / np.float32(127)
+    safe = np.where(d == 0, np.float32(1), d)
+    out = (np.round(v32 / safe).astype(np.float64) * d.astype(np.float64)).reshape(S, N)
+    if flips is not None:
+        r = v.reshape(S, N // GRID_BLOCK, GRID_BLOCK) / safe.astype(np.float64)
+        near = (np.abs(np.abs(r - np.floor(r)) - 0.5) < NEAR_HALF) & (d != 0)
+        flips += (near * d.astype(np.float64)).reshape(S, N) @ np.abs(w)
+    return out
+
+
 def keep_large(v, t):
     """Entries of v whose magnitude is below the threshold t set to zero (|v| >= t counts; None: all)."""
     return v if t is None else np.where(np.abs(v) >= float(t), v, 0.0)
 
 
 def sparse_neuron_mlp(x, w_in, b_in, w_gate, w_out_t, b_out, mask, act, magnitude=False, t_x=None, t_h=None,
-                      seen=None):
+                      seen=None, grid=False, flips=None):
     """y; with magnitude=True also the sum of |terms| added into each output (its rounding scale).
     t_x / t_h: activation thresholds on x and on the hidden h. seen: a list that receives every h
-    of a kept neuron before t_h applies."""
+    of a kept neuron before t_h applies. grid: x and h on the int8 activation grid (on_grid); flips
+    [B, S, D] receives the bound of h's boundary cases."""
     x = keep_large(x.astype(np.float64), t_x)
     B, S, D = x.shape
+    F = mask.shape[1]
     y, mag = np.zeros((B, S, D)), np.zeros((B, S, D))
     for b in range(B):
+        if grid:
+            x[b] = on_grid(x[b])
+        hidden = np.zeros((S, F))  # kept neurons' h after t_h; the rest zero
         for n in np.flatnonzero(mask[b]):
             up = x[b] @ w_in[n] + (b_in[n] if b_in is not None else 0.0)
             h = activation(act, x[b] @ w_gate[n]) * up if w_gate is not None else activation(act, up)
@@ -49,11 +77,13 @@ def sparse_neuron_mlp(x, w_in, b_in, w_gate, w_out_t, b_out, mask, act, magnitud
                 seen.extend(h.tolist())
             if t_h is not None and not (np.abs(h) >= float(t_h)).any():
                 continue
-            h = keep_large(h, t_h)
-            y[b] += h[:, None] * w_out_t[n][None, :]
+            hidden[:, n] = h = keep_large(h, t_h)
             h_mag = (activation_magnitude(act, x[b] @ w_gate[n]) * np.abs(up) if w_gate is not None
                      else activation_magnitude(act, up))
             mag[b] += (h_mag * (h != 0))[:, None] * np.abs(w_out_t[n][None, :])
+        if grid:
+            hidden = on_grid(hidden, flips[b] if flips is not None else None, w_out_t)
+        y[b] += hidden @ w_out_t
     if b_out is not None:
         y += b_out
         mag += np.abs(b_out)
@@ -89,15 +119,20 @@ def _project_magnitude(x, w, bias):
 
 def sparse_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key, past_value, attention_mask,
                           position_ids, cos, sin, head_mask, H, G, E, scale, rope, kv_policy, magnitude=False,
-                          t_x=None, t_o=None, seen=None, q_norm=None, k_norm=None, eps=1e-6, window=0):
+                          t_x=None, t_o=None, seen=None, q_norm=None, k_norm=None, eps=1e-6, window=0,
+                          grid=False, flips=None):
     """(y, present_key, present_value); with magnitude=True also the rounding scale of y: the sum of
     |terms| added into it, plus the rounding of the scores (from the q and k projections) carried
     through the softmax: sum_j p_j |score error scale_j| |v_j - context| + sum_j p_j |v_j terms|.
     t_x / t_o: activation thresholds on x and on the context before o. seen: a list that receives
     every context entry of a kept head before t_o applies. q_norm / k_norm: per-head RMSNorm weights
-    (eps) before RoPE; window > 0: token i (cache index P + i) sees key j only when P + i - j < window."""
+    (eps) before RoPE; window > 0: token i (cache index P + i) sees key j only when P + i - j < window.
+    grid: x and the context on the int8 activation grid (on_grid); flips [B, S, D] receives the bound
+    of the context's boundary cases."""
     x = keep_large(x.astype(np.float64), t_x)
     B, S, D = x.shape
+    if grid:
+        x = np.stack([on_grid(x[b]) for b in range(B)])
     T = attention_mask.shape[1]
     P = T - S  # the past: past_key's first P positions; positions T.. of a larger one are carried over
     tail_k, tail_v = past_key[:, :, T:], past_value[:, :, T:]
@@ -124,6 +159,7 @@ def sparse_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key,
     present_k = np.concatenate([past_key, new_k], axis=2)
     present_v = np.concatenate([past_value, new_v], axis=2)
     for b in range(B):
+        contexts = np.zeros((S, H * E))  # kept heads' context after t_o; the rest zero
         for h in np.flatnonzero(head_mask[b]):
             g = h // per_group
             q = x[b] @ w_q[h * E:(h + 1) * E].T + (b_q[h * E:(h + 1) * E] if b_q is not None else 0.0)
@@ -148,8 +184,11 @@ def sparse_head_attention(x, w_q, b_q, w_k, b_k, w_v, b_v, w_o_t, b_o, past_key,
             spread = np.abs(present_v[b, g][None, :, :] - context[:, None, :])  # [S, T, E]
             context_mag = (np.abs(context) + np.einsum("st,st,ste->se", probs, score_mag, spread)
                            + probs @ mag_v[b, g]) * (context != 0)
-            y[b] += context @ w_o_t[h * E:(h + 1) * E]
+            contexts[:, h * E:(h + 1) * E] = context
             mag[b] += context_mag @ np.abs(w_o_t[h * E:(h + 1) * E])
+        if grid:
+            contexts = on_grid(contexts, flips[b] if flips is not None else None, w_o_t)
+        y[b] += contexts @ w_o_t
     if b_o is not None:
         y += b_o
         mag += np.abs(b_o)

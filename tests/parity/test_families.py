@@ -103,14 +103,16 @@ def family_exports(family, tmp_path_factory):
     return _EXPORTS[family]
 
 
-@pytest.mark.parametrize("policy", ["dense", "static", "threshold"])
-@pytest.mark.parametrize("native", [True, False])
+# static's graph is dense's with other masks: its function bodies add nothing dense's do not check.
+# 16 decode steps: a 21-token prompt plus 16 is twice the tiny models' window of 8 and more.
+@pytest.mark.parametrize("policy,native", [("dense", True), ("dense", False), ("static", True),
+                                           ("threshold", True), ("threshold", False)])
 @pytest.mark.parametrize("family", EXPORTED)
 def test_family_exports_pass_parity(family, policy, native, tmp_path_factory):
     model, tok, out, _ = family_exports(family, tmp_path_factory)
-    report = check(out[policy], model, tok, sparsity=0.5, steps=32, native=native)
+    report = check(out[policy], model, tok, sparsity=0.5, steps=16, native=native)
     assert report.passed, report.table()
-    assert report.greedy_tokens == 32
+    assert report.greedy_tokens == 16
 
 
 @pytest.mark.parametrize("family", EXPORTED)

@@ -8,7 +8,10 @@
 
 namespace shadowllm {
 
-BlockedMatMulKernel::BlockedMatMulKernel(const OrtKernelInfo* info) { CheckBlockSize(info, "BlockedMatMul"); }
+BlockedMatMulKernel::BlockedMatMulKernel(const OrtKernelInfo* info)
+    : activation_bits(ActivationBits(info, "BlockedMatMul")) {
+  CheckBlockSize(info, "BlockedMatMul");
+}
 
 // Every row of w is kept, so this is ProjectKeptRows over all of them: a decode step (a few tokens)
 // decodes the codes in registers; more tokens dequantize a chunk of rows at a time into fp32 and run
@@ -25,6 +28,13 @@ void BlockedMatMulKernel::Compute(OrtKernelContext* context) {
   y_shape.back() = w.rows;
   const int64_t T = std::accumulate(x_shape.begin(), x_shape.end() - 1, int64_t{1}, std::multiplies<int64_t>());
   const float* x = InputData<float>(ctx, 0);
+  std::vector<float> grid_x;
+  ActivationCodes codes;
+  if (activation_bits) {  // x on the int8 grid; a decode step's rows then multiply codes as integers
+    grid_x.assign(x, x + T * w.cols);
+    RoundToGrid(grid_x.data(), T, w.cols, &codes);
+    x = grid_x.data();
+  }
   float* y = ctx.GetOutput(0, y_shape).GetTensorMutableData<float>();
   if (T == 0 || w.rows == 0) return;
   const OrtParallel parallel(ctx);
@@ -35,7 +45,7 @@ void BlockedMatMulKernel::Compute(OrtKernelContext* context) {
     const int64_t r1 = std::min(w.rows, r0 + chunk);
     rows.resize(static_cast<size_t>(r1 - r0));
     std::iota(rows.begin(), rows.end(), r0);
-    ProjectKeptRows(x, T, w, rows, out.data(), parallel);  // out[i * T + t]
+    ProjectKeptRows(x, T, w, rows, out.data(), parallel, activation_bits ? &codes : nullptr);  // out[i * T + t]
     for (int64_t i = 0; i < r1 - r0; ++i)
       for (int64_t t = 0; t < T; ++t) y[t * w.rows + r0 + i] = out[i * T + t];
   }

@@ -9,6 +9,7 @@ namespace shadowllm {
 struct BlockedMatMulKernel {
   explicit BlockedMatMulKernel(const OrtKernelInfo* info);
   void Compute(OrtKernelContext* context);
+  int activation_bits;  // 8: x rounded to the int8 activation grid (activation_grid.h) first
 };
 
 struct BlockedMatMulOp : Ort::CustomOpBase<BlockedMatMulOp, BlockedMatMulKernel> {

@@ -95,6 +95,14 @@ inline void CheckBlockSize(const OrtKernelInfo* info, const char* op) {
     throw std::invalid_argument(std::string(op) + ": block_size " + std::to_string(block) + " (the kernels read 32)");
 }
 
+// The activation_bits attribute: 0 (absent: fp32 inputs) or 8 (the int8 activation grid, activation_grid.h).
+inline int ActivationBits(const OrtKernelInfo* info, const char* op) {
+  const int64_t bits = Attribute<int64_t>(info, "activation_bits", 0);
+  if (bits != 0 && bits != 8)
+    throw std::invalid_argument(std::string(op) + ": activation_bits " + std::to_string(bits) + " (expected 0 or 8)");
+  return static_cast<int>(bits);
+}
+
 // The weight_layout attribute: false for row_major (the default), true for channel_major.
 inline bool ChannelMajor(const OrtKernelInfo* info, const char* op) {
   const std::string layout = Attribute<std::string>(info, "weight_layout", "row_major");

@@ -261,6 +261,59 @@ AVX2_TARGET void GatherQuantColumnsAvx2S(const Matrix& w, const std::vector<int6
   }
 }
 
+// The same dots with x on the int8 activation grid (activation_grid.h), as integers: per block, the
+// 32 weight codes as bytes (int4: the two nibble planes of 16 bytes; int8: their magnitudes, the signs
+// moved onto x's codes) meet x's 32 codes in one maddubs (pairs summed to 16 bits: at most
+// 2 * 128 * 127, no saturation), one madd to 32 bits, one conversion, one FMA with d_w * d_x. An int4
+// block's minimum meets d_x * sum(q_x) (codes.dsum) once per block.
+template <int kS>
+AVX2_TARGET void DotQuantRowsInt8Avx2S(const ActivationCodes& x, int64_t S_, const Matrix& w, const int64_t* rows,
+                                       int64_t i0, int64_t i1, float* out) {
+  const int64_t S = kS > 0 ? kS : S_;
+  const int64_t D = w.cols, nb = D / kBlock;
+  const bool int4 = w.format == WeightFormat::kInt4;
+  const int8_t* q = int4 ? x.q_pairs.data() : x.q.data();
+  const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t r = rows[i];
+    __m256 acc[kMaxDecode];
+    float lift[kMaxDecode] = {};
+    for (int64_t s = 0; s < S; ++s) acc[s] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i codes;
+      if (int4) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.bytes() + (r * D + b * kBlock) / 2));
+        codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+      } else {
+        codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.data) + r * D + b * kBlock));
+      }
+      const float dw = _cvtsh_ss(w.scale[r * nb + b]);
+      for (int64_t s = 0; s < S; ++s) {
+        __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + s * D + b * kBlock));
+        __m256i wq = codes;
+        if (!int4) {  // maddubs multiplies unsigned by signed bytes: |w| by x with w's sign
+          xq = _mm256_sign_epi8(xq, codes);
+          wq = _mm256_sign_epi8(codes, codes);
+        }
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones));
+        acc[s] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d[s * nb + b]), dot, acc[s]);
+      }
+      if (w.minimum) {
+        const float m = _cvtsh_ss(w.minimum[r * nb + b]);
+        for (int64_t s = 0; s < S; ++s) lift[s] += m * x.dsum[s * nb + b];
+      }
+    }
+    for (int64_t s = 0; s < S; ++s) out[i * S + s] = Sum8(acc[s]) + lift[s];
+  }
+}
+
+AVX2_TARGET
+void DotQuantRowsInt8Avx2(const ActivationCodes& x, int64_t S, const Matrix& w, const int64_t* rows, int64_t i0,
+                          int64_t i1, float* out) {
+  if (S == 1) return DotQuantRowsInt8Avx2S<1>(x, S, w, rows, i0, i1, out);
+  DotQuantRowsInt8Avx2S<0>(x, S, w, rows, i0, i1, out);
+}
+
 AVX2_TARGET
 void DotQuantRowsAvx2(const float* x, const float* xsum, int64_t S, const Matrix& w, const int64_t* rows, int64_t i0,
                       int64_t i1, float* out) {
@@ -367,7 +420,7 @@ void DequantizeRow(const Matrix& w, int64_t r, int64_t c0, int64_t c1, float* ou
 }
 
 void ProjectKeptRows(const float* x, int64_t S, const Matrix& w, const std::vector<int64_t>& rows, float* out,
-                     const Parallel& parallel) {
+                     const Parallel& parallel, const ActivationCodes* codes) {
   const int64_t D = w.cols, R = static_cast<int64_t>(rows.size());
   const bool prompt = S >= kPrefillTokens && GemmAvailable();
   if (w.format == WeightFormat::kF32) {
@@ -387,11 +440,19 @@ void ProjectKeptRows(const float* x, int64_t S, const Matrix& w, const std::vect
     ProjectRows(x, S, D, RowPointers(dense.data(), all, D, 0), out, parallel);
     return;
   }
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(64, R / 16));
+#ifdef SHADOWLLM_AVX2
+  if (codes != nullptr && HasAvx2()) {  // x on the int8 grid: integer products
+    ForChunks(parallel, R, tasks, 4, [&](int64_t i0, int64_t i1) {
+      DotQuantRowsInt8Avx2(*codes, S, w, rows.data(), i0, i1, out);
+    });
+    return;
+  }
+#endif
   const int64_t nb = D / kBlock;
   std::vector<float> xsum(static_cast<size_t>(S * nb), 0.f);  // x's block sums, for the minimums
   for (int64_t s = 0; s < S; ++s)
     for (int64_t d = 0; d < D; ++d) xsum[s * nb + d / kBlock] += x[s * D + d];
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(64, R / 16));
   ForChunks(parallel, R, tasks, 4, [&](int64_t i0, int64_t i1) {
 #ifdef SHADOWLLM_AVX2
     if (HasAvx2()) return DotQuantRowsAvx2(x, xsum.data(), S, w, rows.data(), i0, i1, out);

@@ -39,9 +39,16 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
   const int64_t C = a.C, N = std::max(C, T);  // past_key's positions, present's
   const bool in_place = a.present_key == a.past_key;
   const int64_t per_group = H / G;
-  std::vector<float> kept_x;
+  std::vector<float> kept_x, grid_x;
+  ActivationCodes codes;
+  const ActivationCodes* x_codes = a.activation_bits ? &codes : nullptr;
   for (int64_t b = 0; b < a.B; ++b) {
     const float* x = KeepLarge(a.x + b * S * D, S * D, a.t_x, kept_x);  // below t_x: zero
+    if (a.activation_bits) {  // then onto the int8 grid; the integer kernels read the codes
+      grid_x.assign(x, x + S * D);
+      RoundToGrid(grid_x.data(), S, D, &codes);
+      x = grid_x.data();
+    }
     const std::vector<int64_t> heads = ActiveRows(a.head_mask + b * H, H);
     const int64_t K = static_cast<int64_t>(heads.size());
     std::vector<int64_t> groups;  // kv heads whose new K/V are computed
@@ -86,9 +93,9 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
         return rows;
       };
       const std::vector<int64_t> q_rows = unit_rows(heads), kv_rows = unit_rows(groups);
-      ProjectKeptRows(x, S, a.w_q, q_rows, proj.data(), parallel);
-      ProjectKeptRows(x, S, a.w_k, kv_rows, proj.data() + K * E * S, parallel);
-      ProjectKeptRows(x, S, a.w_v, kv_rows, proj.data() + (K + NG) * E * S, parallel);
+      ProjectKeptRows(x, S, a.w_q, q_rows, proj.data(), parallel, x_codes);
+      ProjectKeptRows(x, S, a.w_k, kv_rows, proj.data() + K * E * S, parallel, x_codes);
+      ProjectKeptRows(x, S, a.w_v, kv_rows, proj.data() + (K + NG) * E * S, parallel, x_codes);
     }
 
     // Present cache: the past's positions (nothing to copy in place), then the new K/V (RoPE on K)
@@ -214,6 +221,7 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
         ++used;
         out_rows.push_back(heads[k] * E + e);
       }
+    if (a.activation_bits) RoundRowsToGrid(out_rows, context.data(), S);  // blocks of 32 of the H*E entries
     GatherKeptRows(a.w_o_t, out_rows, context.data(), S, 0, D, a.b_o, a.y + b * S * D, parallel);
   }
 }

@@ -33,6 +33,7 @@ struct AttentionArgs {
   bool rope;
   bool kv_active;      // kv_policy == "active"
   bool channel_major;  // weight_layout == "channel_major": w_q / w_k / w_v are [D, H*E] / [D, G*E]
+  int activation_bits;  // 8: x and the context rounded to the int8 activation grid (activation_grid.h)
 };
 
 void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel);

@@ -15,7 +15,8 @@ SparseHeadAttentionKernel::SparseHeadAttentionKernel(const OrtKernelInfo* info)
       qk_norm_eps(Attribute<float>(info, "qk_norm_eps", 1e-6f)),
       rope(Attribute<int64_t>(info, "rope", 0) != 0),
       kv_active(Attribute<std::string>(info, "kv_policy", "all") == "active"),
-      channel_major(ChannelMajor(info, "SparseHeadAttention")) {
+      channel_major(ChannelMajor(info, "SparseHeadAttention")),
+      activation_bits(ActivationBits(info, "SparseHeadAttention")) {
   CheckBlockSize(info, "SparseHeadAttention");
   if (num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || num_heads % num_kv_heads != 0)
     throw std::invalid_argument("SparseHeadAttention: num_heads, num_kv_heads, head_dim must be positive and "
@@ -64,6 +65,9 @@ void SparseHeadAttentionKernel::Compute(OrtKernelContext* context) {
   a.t_x = ScalarInput(ctx, 16, "SparseHeadAttention", "t_x");
   a.t_o = ScalarInput(ctx, 17, "SparseHeadAttention", "t_o");
   a.channel_major = channel_major;
+  a.activation_bits = activation_bits;
+  if (activation_bits && a.D % kBlock)
+    throw std::invalid_argument("SparseHeadAttention: activation_bits 8 needs an input width that is a multiple of 32");
   a.window = sliding_window;
   a.q_norm = InputData<float>(ctx, 26);
   a.k_norm = InputData<float>(ctx, 27);

@@ -13,6 +13,7 @@ struct SparseHeadAttentionKernel {
   int64_t sliding_window;
   float scale, qk_norm_eps;
   bool rope, kv_active, channel_major;
+  int activation_bits;
 };
 
 struct SparseHeadAttentionOp : Ort::CustomOpBase<SparseHeadAttentionOp, SparseHeadAttentionKernel> {

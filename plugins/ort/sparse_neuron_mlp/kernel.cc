@@ -9,9 +9,16 @@ namespace shadowllm {
 void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel) {
   const int64_t D = a.D, S = a.S, F = a.F;
   const bool gated = a.w_gate.present();
-  std::vector<float> kept_x;
+  std::vector<float> kept_x, grid_x;
+  ActivationCodes codes;
+  const ActivationCodes* x_codes = a.activation_bits ? &codes : nullptr;
   for (int64_t b = 0; b < a.B; ++b) {
     const float* x = KeepLarge(a.x + b * S * D, S * D, a.t_x, kept_x);  // below t_x: zero
+    if (a.activation_bits) {  // then onto the int8 grid; the integer kernels read the codes
+      grid_x.assign(x, x + S * D);
+      RoundToGrid(grid_x.data(), S, D, &codes);
+      x = grid_x.data();
+    }
     const std::vector<int64_t> kept = ActiveRows(a.mask + b * F, F);
     const int64_t K = static_cast<int64_t>(kept.size());
     // Pre-activations of the kept neurons, [rows, S]: up (w_in) rows 0..K-1, then (gated) gate rows.
@@ -28,8 +35,8 @@ void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel) {
       }
     } else {
       // Input rows: the kept w_in rows, then (gated) the kept w_gate rows.
-      ProjectKeptRows(x, S, a.w_in, kept, pre.data(), parallel);
-      if (gated) ProjectKeptRows(x, S, a.w_gate, kept, pre.data() + K * S, parallel);
+      ProjectKeptRows(x, S, a.w_in, kept, pre.data(), parallel, x_codes);
+      if (gated) ProjectKeptRows(x, S, a.w_gate, kept, pre.data() + K * S, parallel, x_codes);
     }
     const float* up = pre.data();
     const float* gate = pre.data() + K * S;
@@ -54,6 +61,7 @@ void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel) {
       if (any) out_rows.push_back(kept[k]);
       else h.resize(first);
     }
+    if (a.activation_bits) RoundRowsToGrid(out_rows, h.data(), S);  // h's blocks: 32 neurons
     GatherKeptRows(a.w_out_t, out_rows, h.data(), S, 0, D, a.b_out, a.y + b * S * D, parallel);
   }
 }

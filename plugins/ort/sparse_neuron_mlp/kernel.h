@@ -24,6 +24,7 @@ struct MLPArgs {
   int64_t B, S, D, F;
   Activation activation;
   bool channel_major;  // weight_layout == "channel_major": w_in / w_gate are [D, F]
+  int activation_bits;  // 8: x and h rounded to the int8 activation grid (activation_grid.h) before their products
 };
 
 // y = sum over kept n of h_n(x) * w_out_t[n] + b_out, per batch row: the kept neurons are listed

@@ -4,7 +4,8 @@ namespace shadowllm {
 
 SparseNeuronMLPKernel::SparseNeuronMLPKernel(const OrtKernelInfo* info)
     : activation(ParseActivation(Attribute<std::string>(info, "activation", "relu"))),
-      channel_major(ChannelMajor(info, "SparseNeuronMLP")) {
+      channel_major(ChannelMajor(info, "SparseNeuronMLP")),
+      activation_bits(ActivationBits(info, "SparseNeuronMLP")) {
   CheckBlockSize(info, "SparseNeuronMLP");
 }
 
@@ -27,6 +28,9 @@ void SparseNeuronMLPKernel::Compute(OrtKernelContext* context) {
   a.t_x = ScalarInput(ctx, 7, "SparseNeuronMLP", "t_x");
   a.t_h = ScalarInput(ctx, 8, "SparseNeuronMLP", "t_h");
   a.channel_major = channel_major;
+  a.activation_bits = activation_bits;
+  if (activation_bits && a.D % kBlock)
+    throw std::invalid_argument("SparseNeuronMLP: activation_bits 8 needs an input width that is a multiple of 32");
   a.activation = activation;
   a.y = ctx.GetOutput(0, x_shape).GetTensorMutableData<float>();
   SparseNeuronMLP(a, OrtParallel(ctx));

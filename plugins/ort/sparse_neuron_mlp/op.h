@@ -11,6 +11,7 @@ struct SparseNeuronMLPKernel {
   void Compute(OrtKernelContext* context);
   Activation activation;
   bool channel_major;
+  int activation_bits;
 };
 
 struct SparseNeuronMLPOp : Ort::CustomOpBase<SparseNeuronMLPOp, SparseNeuronMLPKernel> {

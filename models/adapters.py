@@ -245,8 +245,9 @@ class Adapter:
 
     def _project_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (after the final norm) times the LM head; with int8 activations (quant.fake_quantize_)
-        the head's input is rounded to the activation grid first, as the quantized head computes."""
-        if getattr(self.model, "_shadowllm_activations", "fp32") != "fp32":
+        the head's input is rounded to the activation grid first, as the quantized head computes. (Not
+        while exporting: the exported head, a BlockedMatMul with activation_bits 8, rounds its input.)"""
+        if getattr(self.model, "_shadowllm_activations", "fp32") != "fp32" and not torch.onnx.is_in_onnx_export():
             from .quant import round_activations
 
             hidden = round_activations(hidden)

@@ -186,5 +186,5 @@ def test_predictor_policies_pass_parity(family, tmp_path):
             tmp_path / kind)
         folder = export(model, tok, tmp_path / f"export-{kind}", kind, predictor=load_predictor(tmp_path / kind, model),
                         predictor_dir=str(tmp_path / kind))
-        report = check(folder, model, tok, sparsity=0.5, steps=32, native=True)
+        report = check(folder, model, tok, sparsity=0.5, steps=16, native=True)
         assert report.passed, report.table()

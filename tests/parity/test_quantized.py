@@ -237,6 +237,7 @@ def test_int8_activations_are_recorded_and_refused_where_fp32_runs(tiny_llama, t
     bits = {n.op_type: {a.name: a.i for a in n.attribute}.get("activation_bits") for n in graph.node
             if n.domain == DOMAIN}
     assert bits == {"SparseHeadAttention": 8, "SparseNeuronMLP": 8, "BlockedMatMul": 8}
+    assert not any(n.op_type == "Round" for n in graph.node)  # the ops round; the graph around them does not
     assert json.loads((out / "shadowllm.json").read_text())["weights"]["activations"] == "int8"
     with pytest.raises(ShadowError, match=r"round activations to int8 .* export with --activations fp32"):
         CudaBackend.from_export(out, 0.0, dtype="fp32", device="cpu")

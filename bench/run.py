@@ -391,10 +391,9 @@ def _prepare(name: str, predictor_policies: bool, peers: bool = False, threads: 
         for policy, (predictor, pdir) in _predictors(model, tokenizer, root).items():
             folders[policy] = _cached_export(root, model, tokenizer, policy, predictor, pdir)
     if name in REAL:  # 4-bit cells: the embedded GGUF's own blocks (`--weights gguf`: its Q4_1 codes as they are)
-        from shadowllm.models.quant import fake_quantize_, resolve_weights
+        from shadowllm.models.quant import apply_weights
 
-        fmt, blocks = resolve_weights(model, "gguf")
-        fake_quantize_(model, fmt, blocks, "int8")  # int8 activations: the integer decode kernels
+        fmt, _, _ = apply_weights(model, "gguf", "int8")  # int8 activations: the integer decode kernels
         for policy in ("dense", "threshold"):
             folders[f"{policy}-int4"] = _cached_export(root, model, tokenizer, policy, weights=fmt, label="gguf")
         # and dense with fp32 activations (the float kernels), to show what the integer products buy

@@ -158,6 +158,15 @@ def resolve_weights(model, value: str):
     return blocks.format(), blocks
 
 
+def apply_weights(model, weights: str, activations: str | None = None):
+    """`--weights` and `--activations` on a loaded model, in place (resolve_weights, default_activations,
+    fake_quantize_): returns (format, GgufBlocks | None, activations)."""
+    fmt, blocks = resolve_weights(model, weights)
+    activations = default_activations(fmt, activations)
+    fake_quantize_(model, fmt, blocks, activations)
+    return fmt, blocks, activations
+
+
 def fake_quantize_(model, fmt: str, blocks=None, activations: str = "fp32") -> None:
     """Put every projection of the model's decoder blocks on the format's grid, in place (blocks
     along each projection's input), and the LM head on the int8 grid (the Q8_0 of GGUF files, blocks

@@ -249,17 +249,16 @@ def cmd_eval(args):
         for s in args.sparsity:
             check_grid_sparsity(s)
     from shadowllm.models import corpus
-    from shadowllm.models.quant import (check_weights_flag, default_activations, fake_quantize_, resolve_weights,
-                                        token_bytes)
+    from shadowllm.models.quant import apply_weights, check_activations, check_weights_flag, token_bytes
 
-    check_weights_flag(args.weights)  # before loading: a bad --weights is one line
-    default_activations("int4", args.activations)  # likewise --activations
+    check_weights_flag(args.weights)  # before loading: a bad --weights (or --activations) is one line
+    if args.activations is not None:
+        check_activations(args.activations)
     text = corpus(args.corpus, args.text_field)  # before loading the model: a bad --corpus is one line
     merged = [rows_from_json(path) for path in args.merge]
     model, tokenizer = load(args.model)
-    fmt, blocks = resolve_weights(model, args.weights)
-    activations = default_activations(fmt, args.activations)
-    fake_quantize_(model, fmt, blocks, activations)  # the PyTorch reference on the values an export of that format holds
+    # the PyTorch reference on the values an export of that format holds
+    fmt, blocks, activations = apply_weights(model, args.weights, args.activations)
     args.window, args.prompt, scored = scoring_window(tokenizer, text, args.split, args.window, args.prompt,
                                                       args.max_windows, adapter_for(model).arch.max_positions)
     print(f"[shadowllm] {scored}", file=sys.stderr)
@@ -312,14 +311,13 @@ def _sparsities(text: str):
 def cmd_export(args):
     from shadowllm.export.exporter import export
     from shadowllm.models import load
-    from shadowllm.models.quant import check_weights_flag, default_activations, fake_quantize_, resolve_weights
+    from shadowllm.models.quant import apply_weights, check_activations, check_weights_flag
 
-    check_weights_flag(args.weights)  # before loading: a bad --weights is one line
-    default_activations("int4", args.activations)  # likewise --activations
+    check_weights_flag(args.weights)  # before loading: a bad --weights (or --activations) is one line
+    if args.activations is not None:
+        check_activations(args.activations)
     model, tokenizer = load(args.model)
-    fmt, blocks = resolve_weights(model, args.weights)
-    activations = default_activations(fmt, args.activations)
-    fake_quantize_(model, fmt, blocks, activations)  # first: scores, predictors and thresholds see what runs
+    fmt, _, _ = apply_weights(model, args.weights, args.activations)  # first: scores, predictors, thresholds see it
     static, source = None, None
     if args.policy == "static":
         if args.traces:

@@ -7,6 +7,7 @@ cancels (terms of size 1 summing to 0.005, or gelu / silu far in their negative 
 fp32's rounding, which every fp32 implementation shares, instead of the kernel."""
 
 import numpy as np
+import pytest
 import onnx
 import onnxruntime as ort
 import torch
@@ -17,8 +18,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from shadowllm.export import ops  # noqa: F401  (registers the torch ops)
-from shadowllm.export.onnx_ops import (ATTENTION_BASE_INPUTS, DOMAIN, MLP_BASE_INPUTS, OPSET, MLPVariant,
-                                       attention_function, attention_node, mlp_function, mlp_node,
+from shadowllm.export.onnx_ops import (ATTENTION_BASE_INPUTS, DOMAIN, MLP_BASE_INPUTS, OPSET, AttentionVariant,
+                                       MLPVariant, attention_function, attention_node, mlp_function, mlp_node,
                                        register_schemas)
 from tests.parity import numpy_reference as ref
 from tests.parity.cases import (COMPUTED_MODES, INPUT_MODES, REL, SETTINGS, SPARE, attention_args, attention_case,
@@ -94,6 +95,22 @@ def test_sparse_head_attention(case, spare):
         assert rel_error(ours_eager.numpy(), reference, mag) < REL
         assert rel_error(ours_onnx, reference, mag) < REL
         assert rel_error(ours_native, reference, mag) < REL
+
+
+@pytest.mark.parametrize("S, window", [(1, 0), (1, 100), (3, 0)])
+def test_native_attention_splits_long_contexts_over_key_blocks(S, window):
+    """700 past positions: the native kernel splits a step's keys into blocks (64..512 keys, about 8
+    tasks) whose softmax partials it merges; a sliding window hides whole blocks of them."""
+    v = AttentionVariant(4, 2, 8, 8 ** -0.5, False, False, False, "all", windowed=window > 0)
+    case = (1, S, 700, 64, v, int(np.random.default_rng().integers(2**31)), 1.0)  # fresh inputs each run
+    t = attention_tensors(case)
+    expect, magnitudes = attention_reference(t, v, window)
+    names = ["y", "present_key", "present_value"]
+    shapes = dict(zip(names, [(1, S, 64), (1, 2, 700 + S, 8), (1, 2, 700 + S, 8)]))
+    node = attention_node({k: k for k in t}, names, v, "attn", window)
+    native = run_function(node, attention_function(v), t, shapes, native=True)
+    for ours, reference, mag in zip(native, expect, magnitudes):
+        assert rel_error(ours, reference, mag) < REL
 
 
 LAYOUTS = st.sampled_from(["row_major", "channel_major"])

@@ -19,12 +19,23 @@ struct ActivationCodes {
   int64_t S = 0, D = 0;
 };
 
+// The coefficients of a gather over listed input rows (weight_kernels.h GatherKeptRows) on the grid,
+// as codes: q[i * S + s] of listed row i and token s, d[s * blocks + row / kBlock] its block's scale.
+struct RowCodes {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  int64_t blocks = 0;
+};
+
 // Rounds x [S, D] (D a multiple of kBlock) onto the grid in place; fills `codes` when not null.
 void RoundToGrid(float* x, int64_t S, int64_t D, ActivationCodes* codes);
 
 // Rounds the coefficients coeff[i * S + s] of input rows `rows` (ascending indices into the full
 // input; the rows not listed are zeros there) onto the grid in place: per token, the listed rows
-// that share a block (index / kBlock) are rounded together.
-void RoundRowsToGrid(const std::vector<int64_t>& rows, float* coeff, int64_t S);
+// that share a block (index / kBlock) are rounded together. Fills `codes` when not null.
+void RoundRowsToGrid(const std::vector<int64_t>& rows, float* coeff, int64_t S, RowCodes* codes = nullptr);
+
+// The codes of x's entries at `rows` (x rounded by RoundToGrid with these codes), for a gather.
+void SelectRowCodes(const ActivationCodes& x, const std::vector<int64_t>& rows, RowCodes* out);
 
 }  // namespace shadowllm

@@ -17,6 +17,19 @@ namespace shadowllm {
 
 typedef float V16 __attribute__((vector_size(64)));
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SHADOWLLM_X86 1
+#define SHADOWLLM_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+// Whether this CPU runs the hand-written AVX2 + FMA + F16C kernels (checked once).
+inline bool CpuHasAvx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return yes;
+}
+#else
+inline bool CpuHasAvx2() { return false; }
+#endif
+
 SHADOWLLM_INLINE V16 Load(const float* p) {
   V16 v;
   std::memcpy(&v, p, sizeof v);

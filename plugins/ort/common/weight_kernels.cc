@@ -307,6 +307,89 @@ AVX2_TARGET void DotQuantRowsInt8Avx2S(const ActivationCodes& x, int64_t S_, con
   }
 }
 
+// A decode step's gather (one token) over int4 weights with blocks across rows, coefficients on the
+// int8 grid (their codes q, block scales d): per block of listed rows, the integer sums
+// sum_k q[k] * code[k, c] for 64 columns at a time, then one scale per column: y[c] += d_w[c] * d_x *
+// sum + m[c] * d_x * sum_k q[k]. Two kept rows go through one maddubs: their 32 bytes of codes (64
+// columns each) are split into nibble planes and byte-interleaved (row a's code, row b's code, ...)
+// against the pair (q[a], q[b]) repeated — 64 weights of each row in four maddubs, no conversion to
+// float per weight (the float gather converts every code: 3x the instructions), and any two kept rows
+// of a block pair up, so a step still reads only the kept rows' codes. Sums of 8 pairs fit 16 bits
+// (8 * 2 * 15 * 127 < 2^15); then they widen to 32. Listed rows [g0, g1) (whole blocks) into y[width],
+// width a multiple of 32.
+AVX2_TARGET inline __m256i Strip(const uint8_t* p, bool half) {  // 64 columns' codes, or 32 and zeros
+  return half ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+AVX2_TARGET void GatherInt4CodesAvx2(const Matrix& w, const int64_t* rows, const int8_t* q, const float* d,
+                                     int64_t g0, int64_t g1, int64_t col, int64_t width, float* y) {
+  const int64_t C = w.cols;
+  const uint8_t* base = w.bytes();
+  const __m256i low = _mm256_set1_epi8(15);
+  for (int64_t i = g0; i < g1;) {
+    const int64_t block = rows[i] / kBlock;
+    int64_t j = i;
+    int sum = 0;
+    while (j < g1 && rows[j] / kBlock == block) sum += q[j++];
+    const float dx = d[block];
+    if (dx == 0.f) {  // every coefficient of the block is 0
+      i = j;
+      continue;
+    }
+    // The next block's rows, fetched while this one computes, one line of each per two strips (the
+    // pace this block reads its own): a block's strips visit its rows at a stride the hardware
+    // prefetcher does not follow, and a burst of a whole block's lines overflowed the miss buffers.
+    int64_t next_end = j;
+    while (next_end < g1 && rows[next_end] / kBlock == rows[j] / kBlock) ++next_end;
+    const uint16_t* dw = w.scale + block * C + col;
+    const uint16_t* mw = w.minimum ? w.minimum + block * C + col : nullptr;
+    const __m256 vdx = _mm256_set1_ps(dx), vlift = _mm256_set1_ps(dx * static_cast<float>(sum));
+    for (int64_t c = 0; c < width; c += 64) {
+      if (c % 128 == 0)
+        for (int64_t k = j; k < next_end; ++k)
+          _mm_prefetch(reinterpret_cast<const char*>(base + (rows[k] * C + col + c) / 2), _MM_HINT_T0);
+      const bool half = c + 64 > width;  // a last strip of 32 columns
+      __m256i acc[8];
+      for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_si256();
+      for (int64_t k = i; k < j;) {
+        __m256i ll = _mm256_setzero_si256(), lh = ll, hl = ll, hh = ll;
+        const int64_t stop = j < k + 16 ? j : k + 16;
+        for (; k < stop; k += 2) {
+          const bool pair = k + 1 < stop;
+          const __m256i a = Strip(base + (rows[k] * C + col + c) / 2, half);
+          const __m256i b = pair ? Strip(base + (rows[k + 1] * C + col + c) / 2, half) : _mm256_setzero_si256();
+          const __m256i cf = _mm256_set1_epi16(static_cast<int16_t>(
+              static_cast<uint8_t>(q[k]) | (pair ? static_cast<uint16_t>(static_cast<uint8_t>(q[k + 1])) << 8 : 0)));
+          const __m256i la = _mm256_and_si256(a, low), ha = _mm256_and_si256(_mm256_srli_epi16(a, 4), low);
+          const __m256i lb = _mm256_and_si256(b, low), hb = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+          // byte i of a 32-byte load holds columns 2i (low nibble) and 2i + 1; per 128-bit lane,
+          // unpacklo takes bytes 0-7 and unpackhi bytes 8-15 of the lane
+          ll = _mm256_add_epi16(ll, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(la, lb), cf));  // 0,2..14 | 32..46
+          lh = _mm256_add_epi16(lh, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(la, lb), cf));  // 16..30 | 48..62
+          hl = _mm256_add_epi16(hl, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ha, hb), cf));  // 1..15 | 33..47
+          hh = _mm256_add_epi16(hh, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ha, hb), cf));  // 17..31 | 49..63
+        }
+        // even and odd columns interleaved back: p0 = columns 0-7 | 32-39, p1 8-15 | 40-47, ...
+        const __m256i p[4] = {_mm256_unpacklo_epi16(ll, hl), _mm256_unpackhi_epi16(ll, hl),
+                              _mm256_unpacklo_epi16(lh, hh), _mm256_unpackhi_epi16(lh, hh)};
+        for (int t = 0; t < 4; ++t) {
+          acc[t] = _mm256_add_epi32(acc[t], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(p[t])));
+          acc[t + 4] = _mm256_add_epi32(acc[t + 4], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(p[t], 1)));
+        }
+      }
+      for (int t = 0; t < (half ? 4 : 8); ++t) {  // acc[t]: columns c + 8t .. c + 8t + 7
+        float* out = y + c + 8 * t;
+        __m256 v = _mm256_fmadd_ps(_mm256_mul_ps(Halves8(dw + c + 8 * t), vdx), _mm256_cvtepi32_ps(acc[t]),
+                                   _mm256_loadu_ps(out));
+        if (mw) v = _mm256_fmadd_ps(Halves8(mw + c + 8 * t), vlift, v);
+        _mm256_storeu_ps(out, v);
+      }
+    }
+    i = j;
+  }
+}
+
 AVX2_TARGET
 void DotQuantRowsInt8Avx2(const ActivationCodes& x, int64_t S, const Matrix& w, const int64_t* rows, int64_t i0,
                           int64_t i1, float* out) {
@@ -352,13 +435,6 @@ void DequantizeRowAvx2(const Matrix& w, int64_t r, int64_t c0, int64_t c1, float
   for (; c < c1; ++c) out[c - c0] = WeightAt(w, r, c);
 }
 
-bool HasAvx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return yes;
-}
-#else
-bool HasAvx2() { return false; }
 #endif
 
 std::vector<const float*> RowPointers(const float* base, const std::vector<int64_t>& rows, int64_t ld, int64_t col) {
@@ -398,7 +474,7 @@ void DequantizeRow(const Matrix& w, int64_t r, int64_t c0, int64_t c1, float* ou
     return;
   }
 #ifdef SHADOWLLM_AVX2
-  if (HasAvx2()) return DequantizeRowAvx2(w, r, c0, c1, out);
+  if (CpuHasAvx2()) return DequantizeRowAvx2(w, r, c0, c1, out);
 #endif
   int64_t c = c0;
   for (; c + kBlock <= c1; c += kBlock) {
@@ -442,7 +518,7 @@ void ProjectKeptRows(const float* x, int64_t S, const Matrix& w, const std::vect
   }
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(64, R / 16));
 #ifdef SHADOWLLM_AVX2
-  if (codes != nullptr && HasAvx2()) {  // x on the int8 grid: integer products
+  if (codes != nullptr && CpuHasAvx2()) {  // x on the int8 grid: integer products
     ForChunks(parallel, R, tasks, 4, [&](int64_t i0, int64_t i1) {
       DotQuantRowsInt8Avx2(*codes, S, w, rows.data(), i0, i1, out);
     });
@@ -455,14 +531,14 @@ void ProjectKeptRows(const float* x, int64_t S, const Matrix& w, const std::vect
     for (int64_t d = 0; d < D; ++d) xsum[s * nb + d / kBlock] += x[s * D + d];
   ForChunks(parallel, R, tasks, 4, [&](int64_t i0, int64_t i1) {
 #ifdef SHADOWLLM_AVX2
-    if (HasAvx2()) return DotQuantRowsAvx2(x, xsum.data(), S, w, rows.data(), i0, i1, out);
+    if (CpuHasAvx2()) return DotQuantRowsAvx2(x, xsum.data(), S, w, rows.data(), i0, i1, out);
 #endif
     DotQuantRows(x, xsum.data(), S, w, rows.data(), i0, i1, out);
   });
 }
 
 void GatherKeptRows(const Matrix& w, const std::vector<int64_t>& rows, const float* coeff, int64_t S, int64_t col,
-                    int64_t width, const float* bias, float* y, const Parallel& parallel) {
+                    int64_t width, const float* bias, float* y, const Parallel& parallel, const RowCodes* codes) {
   const int64_t R = static_cast<int64_t>(rows.size());
   const bool prompt = S >= kPrefillTokens && GemmAvailable();
   if (w.format == WeightFormat::kF32) {
@@ -485,22 +561,47 @@ void GatherKeptRows(const Matrix& w, const std::vector<int64_t>& rows, const flo
   for (int64_t s = 0; s < S; ++s)
     for (int64_t c = 0; c < width; ++c) y[s * width + c] = bias ? bias[c] : 0.f;
   if (R == 0) return;
+#ifdef SHADOWLLM_AVX2
+  if (codes && S == 1 && w.format == WeightFormat::kInt4 && width % kBlock == 0 && CpuHasAvx2()) {
+    // threads split the listed rows at block boundaries (each streams whole rows) and sum into their
+    // own copy of y, added up after
+    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(8, R / 128));
+    std::vector<int64_t> cut(static_cast<size_t>(tasks + 1), R);
+    cut[0] = 0;
+    for (int64_t t = 1; t < tasks; ++t) {
+      int64_t at = std::max(cut[t - 1], R * t / tasks);
+      while (at > 0 && at < R && rows[at] / kBlock == rows[at - 1] / kBlock) ++at;
+      cut[t] = at;
+    }
+    std::vector<float> part(static_cast<size_t>(tasks * width), 0.f);
+    parallel.For(tasks, [&](int64_t t) {
+      GatherInt4CodesAvx2(w, rows.data(), codes->q.data(), codes->d.data(), cut[t], cut[t + 1], col, width,
+                          part.data() + t * width);
+    });
+    for (int64_t t = 0; t < tasks; ++t)
+      for (int64_t c = 0; c < width; ++c) y[c] += part[t * width + c];
+    return;
+  }
+#endif
   // threads split the columns (in whole blocks): each reads only its columns of the kept rows
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(8, width / 64));
   ForChunks(parallel, width, tasks, kBlock, [&](int64_t c0, int64_t c1) {
 #ifdef SHADOWLLM_AVX2
-    if (HasAvx2()) return GatherQuantColumnsAvx2(w, rows, coeff, S, col, width, c0, c1, y);
+    if (CpuHasAvx2()) return GatherQuantColumnsAvx2(w, rows, coeff, S, col, width, c0, c1, y);
 #endif
     GatherQuantColumns(w, rows, coeff, S, col, width, c0, c1, y);
   });
 }
 
 void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels, const Matrix& w,
-                    int64_t col, int64_t width, const float* bias, float* out, const Parallel& parallel) {
+                    int64_t col, int64_t width, const float* bias, float* out, const Parallel& parallel,
+                    const ActivationCodes* codes) {
   std::vector<float> coeff(channels.size() * static_cast<size_t>(S));
   for (size_t c = 0; c < channels.size(); ++c)
     for (int64_t s = 0; s < S; ++s) coeff[c * S + s] = x[s * D + channels[c]];
-  GatherKeptRows(w, channels, coeff.data(), S, col, width, bias, out, parallel);
+  RowCodes row_codes;
+  if (codes) SelectRowCodes(*codes, channels, &row_codes);
+  GatherKeptRows(w, channels, coeff.data(), S, col, width, bias, out, parallel, codes ? &row_codes : nullptr);
 }
 
 }  // namespace shadowllm

@@ -24,19 +24,21 @@ void ProjectKeptRows(const float* x, int64_t S, const Matrix& w, const std::vect
 
 // y[s * width + c] = bias[c] + sum_i coeff[i * S + s] * w[rows[i], col + c] for a matrix whose rows are
 // the inputs (output projections, channel-major input projections: block_axis 0). rows ascending;
-// bias may be null; col even.
-// Coefficients on the int8 activation grid come already rounded (their values): this loop's cost is
-// converting the weight codes, which integer products of pairs of rows did not lower (measured:
-// research/decode_kernel_bench.cc's first version, 13.0 against 12.9 cycles a block).
+// bias may be null; col even. codes: the coefficients' codes on the int8 activation grid (coeff
+// then holds their values) — a decode step over int4 weights sums code products as integers, pairs
+// of kept rows at a time, and scales each column once per block.
 void GatherKeptRows(const Matrix& w, const std::vector<int64_t>& rows, const float* coeff, int64_t S, int64_t col,
-                    int64_t width, const float* bias, float* y, const Parallel& parallel);
+                    int64_t width, const float* bias, float* y, const Parallel& parallel,
+                    const RowCodes* codes = nullptr);
 
 // Channel-major input projection (activation thresholds): columns [col, col + width) of a [D, ld]
 // weight stored one row per input channel, of which only the kept `channels` are read:
 // out[s, :] = bias + sum over kept d of x[s, d] * w[d, col : col + width]  (out row-major [S, width]).
-// x must already hold zeros where the threshold dropped an entry of a token.
+// x must already hold zeros where the threshold dropped an entry of a token; codes: x's codes when
+// x is on the int8 grid (RoundToGrid).
 void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels, const Matrix& w,
-                    int64_t col, int64_t width, const float* bias, float* out, const Parallel& parallel);
+                    int64_t col, int64_t width, const float* bias, float* out, const Parallel& parallel,
+                    const ActivationCodes* codes = nullptr);
 
 // w[r, c0:c1) as fp32 into out (any format and block axis; c0, c1 multiples of 32 for quantized
 // matrices, or c1 the row's end).

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../common/vector_math.h"
 #include "../common/weight_kernels.h"
 
 namespace shadowllm {
@@ -74,7 +75,7 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
           while (j < units.size() && units[j] == units[j - 1] + 1) ++j;
           const int64_t width = static_cast<int64_t>(j - i) * E;
           block.resize(static_cast<size_t>(S * width));
-          ChannelProject(x, S, D, channels, w, units[i] * E, width, nullptr, block.data(), parallel);
+          ChannelProject(x, S, D, channels, w, units[i] * E, width, nullptr, block.data(), parallel, x_codes);
           for (int64_t c = 0; c < width; ++c)
             for (int64_t s = 0; s < S; ++s) proj[(first_row + static_cast<int64_t>(i) * E + c) * S + s] = block[s * width + c];
           i = j;
@@ -136,8 +137,10 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
     // a (head, token) are then merged. Each key and value row is read once per group — a task per
     // query head read the group's cache once per head, the decode cost that grows with the context —
     // and long contexts spread over every thread even with few kv heads (flash-decoding's split).
-    constexpr int64_t kKeysPerBlock = 512;
-    const int64_t blocks = (T + kKeysPerBlock - 1) / kKeysPerBlock;
+    // Blocks of 64..512 keys, enough of them for about 8 tasks: a decode step has only G * S tasks
+    // otherwise (3 for SmolLM2, on 2 threads: one thread ran two of them while the other waited).
+    const int64_t keys_per_block = std::min<int64_t>(512, std::max<int64_t>(64, (T * G * S + 7) / 8));
+    const int64_t blocks = (T + keys_per_block - 1) / keys_per_block;
     std::vector<int64_t> first(static_cast<size_t>(G + 1), K);  // kept heads of group g: [first[g], first[g+1])
     for (int64_t k = K - 1; k >= 0; --k) first[heads[k] / per_group] = k;
     for (int64_t g = G - 1; g >= 0; --g) first[g] = std::min(first[g], first[g + 1]);
@@ -149,7 +152,7 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
       const int64_t g = task / (S * blocks), s = task / blocks % S, c = task % blocks;
       const int64_t k0 = first[g], n = first[g + 1] - k0;
       if (n == 0) return;
-      const int64_t j0 = c * kKeysPerBlock, width = std::min(T - j0, kKeysPerBlock);
+      const int64_t j0 = c * keys_per_block, width = std::min(T - j0, keys_per_block);
       std::vector<float> q(static_cast<size_t>(n * E)), p(static_cast<size_t>(n * width));
       const float* keys = a.present_key + (b * G + g) * N * E;
       const float* values = a.present_value + (b * G + g) * N * E;
@@ -173,9 +176,7 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
       }
       for (int64_t i = 0; i < n; ++i) {
         float* r = part(k0 + i, s, c);
-        float total = 0.f;
-        for (int64_t j = 0; j < width; ++j) total += (p[i * width + j] = std::exp(p[i * width + j] - r[0]));
-        r[1] = total;
+        r[1] = ExpShiftedSum(p.data() + i * width, width, r[0]);
         std::fill(r + 2, r + 2 + E, 0.f);
       }
       for (int64_t j = 0; j < width; ++j) {
@@ -221,8 +222,10 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
         ++used;
         out_rows.push_back(heads[k] * E + e);
       }
-    if (a.activation_bits) RoundRowsToGrid(out_rows, context.data(), S);  // blocks of 32 of the H*E entries
-    GatherKeptRows(a.w_o_t, out_rows, context.data(), S, 0, D, a.b_o, a.y + b * S * D, parallel);
+    RowCodes context_codes;
+    if (a.activation_bits) RoundRowsToGrid(out_rows, context.data(), S, &context_codes);  // blocks of 32 of H*E
+    GatherKeptRows(a.w_o_t, out_rows, context.data(), S, 0, D, a.b_o, a.y + b * S * D, parallel,
+                   a.activation_bits ? &context_codes : nullptr);
   }
 }
 

@@ -2,6 +2,7 @@
 
 #include <vector>
 
+#include "../common/vector_math.h"
 #include "../common/weight_kernels.h"
 
 namespace shadowllm {
@@ -28,7 +29,7 @@ void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel) {
       const std::vector<int64_t> channels = KeptChannels(a.x + b * S * D, S, D, a.t_x);
       std::vector<float> full(static_cast<size_t>(S * F));
       for (int pass = 0; pass < (gated ? 2 : 1); ++pass) {
-        ChannelProject(x, S, D, channels, pass ? a.w_gate : a.w_in, 0, F, nullptr, full.data(), parallel);
+        ChannelProject(x, S, D, channels, pass ? a.w_gate : a.w_in, 0, F, nullptr, full.data(), parallel, x_codes);
         float* dst = pre.data() + pass * K * S;
         for (int64_t k = 0; k < K; ++k)
           for (int64_t s = 0; s < S; ++s) dst[k * S + s] = full[s * F + kept[k]];
@@ -38,31 +39,33 @@ void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel) {
       ProjectKeptRows(x, S, a.w_in, kept, pre.data(), parallel, x_codes);
       if (gated) ProjectKeptRows(x, S, a.w_gate, kept, pre.data() + K * S, parallel, x_codes);
     }
-    const float* up = pre.data();
-    const float* gate = pre.data() + K * S;
-    // h of the kept neurons; with t_h, only neurons whose h counts for some token are read out.
+    // h of the kept neurons: act(gate) * (up + bias), all at once; then, with t_h, only neurons whose h
+    // counts for some token are read out (the others' entries dropped from h).
+    float* up = pre.data();
+    if (a.b_in)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t s = 0; s < S; ++s) up[k * S + s] += a.b_in[kept[k]];
+    ActivateInPlace(a.activation, gated ? pre.data() + K * S : nullptr, up, K * S);
     std::vector<int64_t> out_rows;
     out_rows.reserve(static_cast<size_t>(K));
     std::vector<float> h;
     h.reserve(static_cast<size_t>(K * S));
     for (int64_t k = 0; k < K; ++k) {
-      const float bias = a.b_in ? a.b_in[kept[k]] : 0.f;
-      const size_t first = h.size();
+      float* v = up + k * S;
       bool any = a.t_h == nullptr;
-      for (int64_t s = 0; s < S; ++s) {
-        const float u = up[k * S + s] + bias;
-        float v = gated ? Activate(a.activation, gate[k * S + s]) * u : Activate(a.activation, u);
-        if (a.t_h) {
-          if (Counts(v, *a.t_h)) any = true;
-          else v = 0.f;
+      if (a.t_h)
+        for (int64_t s = 0; s < S; ++s) {
+          if (Counts(v[s], *a.t_h)) any = true;
+          else v[s] = 0.f;
         }
-        h.push_back(v);
-      }
-      if (any) out_rows.push_back(kept[k]);
-      else h.resize(first);
+      if (!any) continue;
+      out_rows.push_back(kept[k]);
+      h.insert(h.end(), v, v + S);
     }
-    if (a.activation_bits) RoundRowsToGrid(out_rows, h.data(), S);  // h's blocks: 32 neurons
-    GatherKeptRows(a.w_out_t, out_rows, h.data(), S, 0, D, a.b_out, a.y + b * S * D, parallel);
+    RowCodes h_codes;
+    if (a.activation_bits) RoundRowsToGrid(out_rows, h.data(), S, &h_codes);  // h's blocks: 32 neurons
+    GatherKeptRows(a.w_out_t, out_rows, h.data(), S, 0, D, a.b_out, a.y + b * S * D, parallel,
+                   a.activation_bits ? &h_codes : nullptr);
   }
 }
 

@@ -1,5 +1,7 @@
 #include "gemm.h"
 
+#include "scratch.h"
+
 #include <algorithm>
 #include <vector>
 
@@ -112,7 +114,7 @@ void Gemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, f
 #ifdef SHADOWLLM_GEMM
   if (M <= 0 || N <= 0 || K <= 0) return;
   const int64_t n_padded = (N + kNR - 1) / kNR * kNR;
-  std::vector<float> Bp(static_cast<size_t>(kKC * n_padded));
+  float* Bp = Scratch(ScratchSlot::kPanel, static_cast<size_t>(kKC * n_padded));
   const int64_t m_tasks = (M + kMC - 1) / kMC, n_tasks = (N + kNC - 1) / kNC;
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t kc = std::min(kKC, K - k0);
@@ -120,7 +122,7 @@ void Gemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, f
     const int64_t panels = n_padded / kNR;
     parallel.For(std::min<int64_t>(panels, 8), [&](int64_t t) {
       const int64_t per = (panels + 7) / 8 * kNR, p0 = t * per, p1 = std::min(N, p0 + per);
-      if (p0 < p1) PackB(B, k0, kc, p0, p1 - p0, Bp.data() + p0 * kc);
+      if (p0 < p1) PackB(B, k0, kc, p0, p1 - p0, Bp + p0 * kc);
     });
     parallel.For(m_tasks * n_tasks, [&](int64_t task) {
       const int64_t i0 = (task / n_tasks) * kMC, m = std::min(kMC, M - i0);
@@ -130,7 +132,7 @@ void Gemm(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, f
       PackA(A, i0, m, k0, kc, Ap.data());
       for (int64_t j = 0; j < n; j += kNR)
         for (int64_t i = 0; i < m; i += kMR)
-          Tile(kc, Ap.data() + i * kc, Bp.data() + (j0 + j) * kc, C + (i0 + i) * ldc + j0 + j, ldc,
+          Tile(kc, Ap.data() + i * kc, Bp + (j0 + j) * kc, C + (i0 + i) * ldc + j0 + j, ldc,
                std::min(kMR, m - i), std::min(kNR, n - j));
     });
   }

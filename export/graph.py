@@ -172,6 +172,9 @@ class ExportModule(nn.Module):
             # the table row of the runtime sparsity; all zeros (dense) at prefill
             row = torch.argmin((self.threshold_grid - sparsity.float()).abs())
             thresholds = self.threshold_table[row] * (1.0 - prefill_t.float())  # [L, 4]
+            # one Split into L * 4 one-value tensors: indexing each scalar cost a Gather per layer and
+            # one per threshold (onnxruntime ran them as 150 Split + Squeeze nodes a step)
+            thresholds = torch.split(thresholds.reshape(-1), 1)
         h = adapter.embed(input_ids, position_ids)
         presents = []
         for layer in range(a.num_layers):
@@ -224,7 +227,7 @@ class ExportModule(nn.Module):
         MLP's (t_x, t_h) at first=2; (None, None) for policies without thresholds."""
         if self.policy not in THRESHOLDED:
             return None, None
-        return thresholds[layer, first], thresholds[layer, first + 1]
+        return thresholds[4 * layer + first], thresholds[4 * layer + first + 1]
 
     def _predict_after_layer0(self, x0_last, head_mask, neuron_mask, sparsity, prefill, prefill_t):
         if self.granularity == "sequence":

@@ -28,25 +28,30 @@ __attribute__((target("avx2"))) inline __m256 GridCodes8(__m256 v, __m256 d) {
   return _mm256_round_ps(_mm256_div_ps(v, safe), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
+// 32 contiguous entries rounded in place, their codes (as floats) into q; returns the block's scale.
+__attribute__((target("avx2"))) inline float RoundBlock32Avx2(float* v, float* q) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 m = _mm256_setzero_ps();
+  for (int t = 0; t < 4; ++t) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + 8 * t)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+  const float d = BlockScale(_mm_cvtss_f32(h));
+  const __m256 vd = _mm256_set1_ps(d);
+  for (int t = 0; t < 4; ++t) {
+    const __m256 c = GridCodes8(_mm256_loadu_ps(v + 8 * t), vd);
+    _mm256_storeu_ps(q + 8 * t, c);
+    _mm256_storeu_ps(v + 8 * t, _mm256_mul_ps(c, vd));
+  }
+  return d;
+}
+
 __attribute__((target("avx2"))) void RoundBlocksAvx2(float* x, int64_t S, int64_t D, ActivationCodes* codes) {
   const int64_t nb = D / kBlock;
-  const __m256 sign = _mm256_set1_ps(-0.f);
   alignas(32) float q[kBlock];
   for (int64_t s = 0; s < S; ++s)
     for (int64_t b = 0; b < nb; ++b) {
-      float* v = x + s * D + b * kBlock;
-      __m256 m = _mm256_setzero_ps();
-      for (int t = 0; t < 4; ++t) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + 8 * t)));
-      __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
-      const float d = BlockScale(_mm_cvtss_f32(h));
-      const __m256 vd = _mm256_set1_ps(d);
-      for (int t = 0; t < 4; ++t) {
-        const __m256 c = GridCodes8(_mm256_loadu_ps(v + 8 * t), vd);
-        _mm256_store_ps(q + 8 * t, c);
-        _mm256_storeu_ps(v + 8 * t, _mm256_mul_ps(c, vd));
-      }
+      const float d = RoundBlock32Avx2(x + s * D + b * kBlock, q);
       if (!codes) continue;
       int sum = 0;
       const int64_t at = s * D + b * kBlock;
@@ -90,25 +95,12 @@ __attribute__((target("avx2"))) int64_t RoundRowBlockAvx2(float* coeff, int64_t 
 // One token's listed rows of a block (n <= kBlock contiguous coefficients: a decode step, S = 1)
 // rounded in 8 lanes, through a zero-padded copy; returns the block's scale.
 __attribute__((target("avx2"))) float RoundRunAvx2(float* v, int64_t n, int8_t* q) {
-  alignas(32) float buf[kBlock] = {};
-  alignas(32) int32_t ints[kBlock];
+  alignas(32) float buf[kBlock] = {}, codes[kBlock];
   std::copy(v, v + n, buf);
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 m = _mm256_setzero_ps();
-  for (int t = 0; t < 4; ++t) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_load_ps(buf + 8 * t)));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
-  const float d = BlockScale(_mm_cvtss_f32(h));
-  const __m256 vd = _mm256_set1_ps(d);
-  for (int t = 0; t < 4; ++t) {
-    const __m256 c = GridCodes8(_mm256_load_ps(buf + 8 * t), vd);
-    _mm256_store_ps(buf + 8 * t, _mm256_mul_ps(c, vd));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(ints + 8 * t), _mm256_cvtps_epi32(c));
-  }
+  const float d = RoundBlock32Avx2(buf, codes);
   std::copy(buf, buf + n, v);
   if (q)
-    for (int64_t k = 0; k < n; ++k) q[k] = static_cast<int8_t>(ints[k]);
+    for (int64_t k = 0; k < n; ++k) q[k] = static_cast<int8_t>(codes[k]);
   return d;
 }
 #endif

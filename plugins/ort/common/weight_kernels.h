@@ -31,6 +31,11 @@ void GatherKeptRows(const Matrix& w, const std::vector<int64_t>& rows, const flo
                     int64_t width, const float* bias, float* y, const Parallel& parallel,
                     const RowCodes* codes = nullptr);
 
+// Whether GatherKeptRows multiplies a call's coefficients as integer codes, so that its caller has
+// them rounded with codes (RoundRowsToGrid): a decode step (S = 1) over int4 weights, width a multiple
+// of 32, on AVX2. Elsewhere the codes would go unread.
+bool GatherTakesCodes(const Matrix& w, int64_t S, int64_t width);
+
 // Channel-major input projection (activation thresholds): columns [col, col + width) of a [D, ld]
 // weight stored one row per input channel, of which only the kept `channels` are read:
 // out[s, :] = bias + sum over kept d of x[s, d] * w[d, col : col + width]  (out row-major [S, width]).

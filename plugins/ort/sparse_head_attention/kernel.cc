@@ -222,10 +222,10 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
         ++used;
         out_rows.push_back(heads[k] * E + e);
       }
-    RowCodes context_codes;
-    if (a.activation_bits) RoundRowsToGrid(out_rows, context.data(), S, &context_codes);  // blocks of 32 of H*E
-    GatherKeptRows(a.w_o_t, out_rows, context.data(), S, 0, D, a.b_o, a.y + b * S * D, parallel,
-                   a.activation_bits ? &context_codes : nullptr);
+    RowCodes context_codes;  // blocks of 32 of the H*E entries
+    RowCodes* codes = a.activation_bits && GatherTakesCodes(a.w_o_t, S, D) ? &context_codes : nullptr;
+    if (a.activation_bits) RoundRowsToGrid(out_rows, context.data(), S, codes);
+    GatherKeptRows(a.w_o_t, out_rows, context.data(), S, 0, D, a.b_o, a.y + b * S * D, parallel, codes);
   }
 }
 

@@ -62,10 +62,10 @@ void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel) {
       out_rows.push_back(kept[k]);
       h.insert(h.end(), v, v + S);
     }
-    RowCodes h_codes;
-    if (a.activation_bits) RoundRowsToGrid(out_rows, h.data(), S, &h_codes);  // h's blocks: 32 neurons
-    GatherKeptRows(a.w_out_t, out_rows, h.data(), S, 0, D, a.b_out, a.y + b * S * D, parallel,
-                   a.activation_bits ? &h_codes : nullptr);
+    RowCodes h_codes;  // h's blocks: 32 neurons
+    RowCodes* codes = a.activation_bits && GatherTakesCodes(a.w_out_t, S, D) ? &h_codes : nullptr;
+    if (a.activation_bits) RoundRowsToGrid(out_rows, h.data(), S, codes);
+    GatherKeptRows(a.w_out_t, out_rows, h.data(), S, 0, D, a.b_out, a.y + b * S * D, parallel, codes);
   }
 }
 

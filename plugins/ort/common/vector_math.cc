@@ -16,10 +16,10 @@ namespace {
 // exp(x) in 8 lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact to ~1 ulp),
 // exp(r) by its Taylor series to r^7 (truncation below 2e-8 relative), times 2^n built in the
 // exponent bits. Below -87.3 the result is 0 (a hidden key's score, -FLT_MAX, weighs nothing); above
-// 88.7 it stays at exp(88.7) (SiLU needs nothing past it).
+// 88 it stays at exp(88) (2^n must stay finite: SiLU's t / (1 + exp(-t)) needs nothing past it).
 SHADOWLLM_AVX2_TARGET inline __m256 Exp8(__m256 x) {
   const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);

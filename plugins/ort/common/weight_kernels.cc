@@ -310,78 +310,98 @@ AVX2_TARGET void DotQuantRowsInt8Avx2S(const ActivationCodes& x, int64_t S_, con
 
 // A decode step's gather (one token) over int4 weights with blocks across rows, coefficients on the
 // int8 grid (their codes q, block scales d): per block of listed rows, the integer sums
-// sum_k q[k] * code[k, c] for 64 columns at a time, then one scale per column: y[c] += d_w[c] * d_x *
-// sum + m[c] * d_x * sum_k q[k]. Two kept rows go through one maddubs: their 32 bytes of codes (64
-// columns each) are split into nibble planes and byte-interleaved (row a's code, row b's code, ...)
-// against the pair (q[a], q[b]) repeated — 64 weights of each row in four maddubs, no conversion to
-// float per weight (the float gather converts every code: 3x the instructions), and any two kept rows
-// of a block pair up, so a step still reads only the kept rows' codes. Sums of 8 pairs fit 16 bits
-// (8 * 2 * 15 * 127 < 2^15); then they widen to 32. Listed rows [g0, g1) (whole blocks) into y[width],
-// width a multiple of 32.
+// sum_k q[k] * code[k, c] for every column, then one scale per column: y[c] += d_w[c] * d_x * sum +
+// m[c] * d_x * sum_k q[k]. Two kept rows go through one maddubs: their codes (64 columns per 32 bytes)
+// are split into nibble planes and byte-interleaved (row a's code, row b's code, ...) against the pair
+// (q[a], q[b]) repeated — no conversion to float per weight (the float gather converts every code: 3x
+// the instructions), and any two kept rows of a block pair up, so a step still reads only the kept
+// rows' codes. A pair streams along both its rows start to end, adding into 16-bit sums kept in an L1
+// array (sums of 8 pairs fit: 8 * 2 * 15 * 127 < 2^15), widened to 32 bits every 8 pairs; the rows
+// kAhead pairs on are prefetched a line per two strips. Two sequential streams at a time: visiting a
+// 64-column strip of every row of the block before the next strip (the earlier order) kept 16-32
+// streams open, more than the hardware prefetcher follows, and ran 1.5-2x slower out of L3
+// (research/decode_kernel_bench.cc). Listed rows [g0, g1) (whole blocks) into y[width], width a
+// multiple of 32.
 AVX2_TARGET inline __m256i Strip(const uint8_t* p, bool half) {  // 64 columns' codes, or 32 and zeros
   return half ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
               : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
+
+struct alignas(32) Lane {  // a 256-bit register's worth of memory (a vector of __m256i drops the alignment)
+  int64_t v[4];
+};
 
 AVX2_TARGET void GatherInt4CodesAvx2(const Matrix& w, const int64_t* rows, const int8_t* q, const float* d,
                                      int64_t g0, int64_t g1, int64_t col, int64_t width, float* y) {
   const int64_t C = w.cols;
   const uint8_t* base = w.bytes();
   const __m256i low = _mm256_set1_epi8(15);
+  const int64_t strips = (width + 63) / 64;
+  constexpr int64_t kAhead = 4;  // pairs: the lines of the rows 4 pairs on are fetched while a pair computes
+  thread_local std::vector<Lane> sums16, sums32;  // per strip: 4 vectors of 16-bit sums, 8 of 32-bit
+  if (static_cast<int64_t>(sums16.size()) < strips * 4) sums16.resize(strips * 4), sums32.resize(strips * 8);
+  __m256i* a16 = reinterpret_cast<__m256i*>(sums16.data());
+  __m256i* a32 = reinterpret_cast<__m256i*>(sums32.data());
   for (int64_t i = g0; i < g1;) {
     const int64_t block = rows[i] / kBlock;
     int64_t j = i;
     int sum = 0;
     while (j < g1 && rows[j] / kBlock == block) sum += q[j++];
     const float dx = d[block];
-    if (dx == 0.f) {  // every coefficient of the block is 0
+    if (dx == 0.f) {
       i = j;
       continue;
     }
-    // The next block's rows, fetched while this one computes, one line of each per two strips (the
-    // pace this block reads its own): a block's strips visit its rows at a stride the hardware
-    // prefetcher does not follow, and a burst of a whole block's lines overflowed the miss buffers.
-    int64_t next_end = j;
-    while (next_end < g1 && rows[next_end] / kBlock == rows[j] / kBlock) ++next_end;
-    const uint16_t* dw = w.scale + block * C + col;
-    const uint16_t* mw = w.minimum ? w.minimum + block * C + col : nullptr;
-    const __m256 vdx = _mm256_set1_ps(dx), vlift = _mm256_set1_ps(dx * static_cast<float>(sum));
-    for (int64_t c = 0; c < width; c += 64) {
-      if (c % 128 == 0)
-        for (int64_t k = j; k < next_end; ++k)
-          _mm_prefetch(reinterpret_cast<const char*>(base + (rows[k] * C + col + c) / 2), _MM_HINT_T0);
-      const bool half = c + 64 > width;  // a last strip of 32 columns
-      __m256i acc[8];
-      for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_si256();
-      for (int64_t k = i; k < j;) {
-        __m256i ll = _mm256_setzero_si256(), lh = ll, hl = ll, hh = ll;
-        const int64_t stop = j < k + 16 ? j : k + 16;
-        for (; k < stop; k += 2) {
-          const bool pair = k + 1 < stop;
-          const __m256i a = Strip(base + (rows[k] * C + col + c) / 2, half);
-          const __m256i b = pair ? Strip(base + (rows[k + 1] * C + col + c) / 2, half) : _mm256_setzero_si256();
-          const __m256i cf = _mm256_set1_epi16(static_cast<int16_t>(
-              static_cast<uint8_t>(q[k]) | (pair ? static_cast<uint16_t>(static_cast<uint8_t>(q[k + 1])) << 8 : 0)));
+    for (int64_t t = 0; t < strips * 8; ++t) a32[t] = _mm256_setzero_si256();
+    for (int64_t k = i; k < j;) {
+      const int64_t stop = j < k + 16 ? j : k + 16;
+      for (int64_t t = 0; t < strips * 4; ++t) a16[t] = _mm256_setzero_si256();
+      for (; k < stop; k += 2) {
+        const bool pair = k + 1 < stop;
+        const uint8_t* ra = base + (rows[k] * C + col) / 2;
+        const uint8_t* rb = pair ? base + (rows[k + 1] * C + col) / 2 : nullptr;
+        const int64_t pk = k + 2 * kAhead < g1 ? k + 2 * kAhead : -1;
+        const uint8_t* pa = pk >= 0 ? base + (rows[pk] * C + col) / 2 : nullptr;
+        const uint8_t* pb = pk >= 0 && pk + 1 < g1 ? base + (rows[pk + 1] * C + col) / 2 : nullptr;
+        const __m256i cf = _mm256_set1_epi16(static_cast<int16_t>(
+            static_cast<uint8_t>(q[k]) | (pair ? static_cast<uint16_t>(static_cast<uint8_t>(q[k + 1])) << 8 : 0)));
+        for (int64_t s = 0; s < strips; ++s) {
+          const bool half = s * 64 + 64 > width;
+          if ((s & 1) == 0) {
+            if (pa) _mm_prefetch(reinterpret_cast<const char*>(pa + s * 32), _MM_HINT_T0);
+            if (pb) _mm_prefetch(reinterpret_cast<const char*>(pb + s * 32), _MM_HINT_T0);
+          }
+          const __m256i a = Strip(ra + s * 32, half);
+          const __m256i b = pair ? Strip(rb + s * 32, half) : _mm256_setzero_si256();
           const __m256i la = _mm256_and_si256(a, low), ha = _mm256_and_si256(_mm256_srli_epi16(a, 4), low);
           const __m256i lb = _mm256_and_si256(b, low), hb = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
-          // byte i of a 32-byte load holds columns 2i (low nibble) and 2i + 1; per 128-bit lane,
-          // unpacklo takes bytes 0-7 and unpackhi bytes 8-15 of the lane
-          ll = _mm256_add_epi16(ll, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(la, lb), cf));  // 0,2..14 | 32..46
-          lh = _mm256_add_epi16(lh, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(la, lb), cf));  // 16..30 | 48..62
-          hl = _mm256_add_epi16(hl, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ha, hb), cf));  // 1..15 | 33..47
-          hh = _mm256_add_epi16(hh, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ha, hb), cf));  // 17..31 | 49..63
+          __m256i* acc = a16 + s * 4;
+          acc[0] = _mm256_add_epi16(acc[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(la, lb), cf));
+          acc[1] = _mm256_add_epi16(acc[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(la, lb), cf));
+          acc[2] = _mm256_add_epi16(acc[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ha, hb), cf));
+          acc[3] = _mm256_add_epi16(acc[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ha, hb), cf));
         }
-        // even and odd columns interleaved back: p0 = columns 0-7 | 32-39, p1 8-15 | 40-47, ...
-        const __m256i p[4] = {_mm256_unpacklo_epi16(ll, hl), _mm256_unpackhi_epi16(ll, hl),
-                              _mm256_unpacklo_epi16(lh, hh), _mm256_unpackhi_epi16(lh, hh)};
+      }
+      for (int64_t s = 0; s < strips; ++s) {
+        const __m256i* h = a16 + s * 4;
+        const __m256i p[4] = {_mm256_unpacklo_epi16(h[0], h[2]), _mm256_unpackhi_epi16(h[0], h[2]),
+                              _mm256_unpacklo_epi16(h[1], h[3]), _mm256_unpackhi_epi16(h[1], h[3])};
+        __m256i* acc = a32 + s * 8;
         for (int t = 0; t < 4; ++t) {
           acc[t] = _mm256_add_epi32(acc[t], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(p[t])));
           acc[t + 4] = _mm256_add_epi32(acc[t + 4], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(p[t], 1)));
         }
       }
-      for (int t = 0; t < (half ? 4 : 8); ++t) {  // acc[t]: columns c + 8t .. c + 8t + 7
+    }
+    const uint16_t* dw = w.scale + block * C + col;
+    const uint16_t* mw = w.minimum ? w.minimum + block * C + col : nullptr;
+    const __m256 vdx = _mm256_set1_ps(dx), vlift = _mm256_set1_ps(dx * static_cast<float>(sum));
+    for (int64_t s = 0; s < strips; ++s) {
+      const int64_t c = s * 64;
+      const bool half = c + 64 > width;
+      for (int t = 0; t < (half ? 4 : 8); ++t) {
         float* out = y + c + 8 * t;
-        __m256 v = _mm256_fmadd_ps(_mm256_mul_ps(Halves8(dw + c + 8 * t), vdx), _mm256_cvtepi32_ps(acc[t]),
+        __m256 v = _mm256_fmadd_ps(_mm256_mul_ps(Halves8(dw + c + 8 * t), vdx), _mm256_cvtepi32_ps(a32[s * 8 + t]),
                                    _mm256_loadu_ps(out));
         if (mw) v = _mm256_fmadd_ps(Halves8(mw + c + 8 * t), vlift, v);
         _mm256_storeu_ps(out, v);
@@ -556,7 +576,19 @@ bool GatherTakesCodes(const Matrix& w, int64_t S, int64_t width) {
 
 void GatherKeptRows(const Matrix& w, const std::vector<int64_t>& rows, const float* coeff, int64_t S, int64_t col,
                     int64_t width, const float* bias, float* y, const Parallel& parallel, const RowCodes* codes) {
-  const int64_t R = static_cast<int64_t>(rows.size());
+  GatherKeptRows({GatherJob{&w, col, width, bias, y}}, rows, coeff, S, parallel, codes);
+}
+
+namespace {
+
+// One job's gather without the integer kernel: fp32 weights, a prompt, or quantized weights decoded
+// to floats in the loop.
+void GatherOne(const GatherJob& job, const std::vector<int64_t>& rows, const float* coeff, int64_t S,
+               const Parallel& parallel) {
+  const Matrix& w = *job.w;
+  const int64_t R = static_cast<int64_t>(rows.size()), col = job.col, width = job.width;
+  const float* bias = job.bias;
+  float* y = job.y;
   const bool prompt = S >= kPrefillTokens && GemmAvailable();
   if (w.format == WeightFormat::kF32) {
     if (prompt) return PromptGatherRows(RowPointers(w.f32(), rows, w.cols, col), coeff, S, width, bias, y, parallel);
@@ -578,28 +610,6 @@ void GatherKeptRows(const Matrix& w, const std::vector<int64_t>& rows, const flo
   for (int64_t s = 0; s < S; ++s)
     for (int64_t c = 0; c < width; ++c) y[s * width + c] = bias ? bias[c] : 0.f;
   if (R == 0) return;
-#ifdef SHADOWLLM_AVX2
-  if (codes && GatherTakesCodes(w, S, width)) {
-    // threads split the listed rows at block boundaries (each streams whole rows) and sum into their
-    // own copy of y, added up after
-    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(8, R / 128));
-    std::vector<int64_t> cut(static_cast<size_t>(tasks + 1), R);
-    cut[0] = 0;
-    for (int64_t t = 1; t < tasks; ++t) {
-      int64_t at = std::max(cut[t - 1], R * t / tasks);
-      while (at > 0 && at < R && rows[at] / kBlock == rows[at - 1] / kBlock) ++at;
-      cut[t] = at;
-    }
-    std::vector<float> part(static_cast<size_t>(tasks * width), 0.f);
-    parallel.For(tasks, [&](int64_t t) {
-      GatherInt4CodesAvx2(w, rows.data(), codes->q.data(), codes->d.data(), cut[t], cut[t + 1], col, width,
-                          part.data() + t * width);
-    });
-    for (int64_t t = 0; t < tasks; ++t)
-      for (int64_t c = 0; c < width; ++c) y[c] += part[t * width + c];
-    return;
-  }
-#endif
   // threads split the columns (in whole blocks): each reads only its columns of the kept rows
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(8, width / 64));
   ForChunks(parallel, width, tasks, kBlock, [&](int64_t c0, int64_t c1) {
@@ -610,16 +620,79 @@ void GatherKeptRows(const Matrix& w, const std::vector<int64_t>& rows, const flo
   });
 }
 
+}  // namespace
+
+void GatherKeptRows(const std::vector<GatherJob>& jobs, const std::vector<int64_t>& rows, const float* coeff,
+                    int64_t S, const Parallel& parallel, const RowCodes* codes) {
+  bool integer = codes != nullptr;
+  for (const GatherJob& job : jobs) integer = integer && GatherTakesCodes(*job.w, S, job.width);
+  if (!integer) {
+    for (const GatherJob& job : jobs) GatherOne(job, rows, coeff, S, parallel);
+    return;
+  }
+  for (const GatherJob& job : jobs)
+    for (int64_t c = 0; c < job.width; ++c) job.y[c] = job.bias ? job.bias[c] : 0.f;
+  const int64_t R = static_cast<int64_t>(rows.size());
+  if (R == 0) return;
+#ifdef SHADOWLLM_AVX2
+  // One parallel region for every job (q, k and v, or gate and up, share their kept rows), cut into
+  // about 8 tasks of rows x columns so two threads balance: row spans end at block boundaries (a
+  // task scales its columns once per block) and sum into their own partial outputs, added after;
+  // column spans are whole 64-column strips. A region per job, cut in row spans alone, gave a
+  // decode step 2 tasks per matrix at sparsity 0.5, and one thread waited on the other's.
+  int64_t total = 0;
+  for (const GatherJob& job : jobs) total += job.width;
+  const int64_t spans = std::max<int64_t>(1, std::min<int64_t>(8, R / 64));
+  std::vector<int64_t> cut(static_cast<size_t>(spans + 1), R);
+  cut[0] = 0;
+  for (int64_t t = 1; t < spans; ++t) {
+    int64_t at = std::max(cut[t - 1], R * t / spans);
+    while (at > 0 && at < R && rows[at] / kBlock == rows[at - 1] / kBlock) ++at;
+    cut[t] = at;
+  }
+  struct Task { size_t job; int64_t span, c0, c1; };
+  std::vector<Task> tasks;
+  const int64_t columns_per_task = std::max<int64_t>(64, (total * spans / 8 + 63) / 64 * 64);
+  for (size_t j = 0; j < jobs.size(); ++j)
+    for (int64_t c0 = 0; c0 < jobs[j].width; c0 += columns_per_task)
+      for (int64_t t = 0; t < spans; ++t)
+        if (cut[t] < cut[t + 1]) tasks.push_back({j, t, c0, std::min(jobs[j].width, c0 + columns_per_task)});
+  std::vector<int64_t> offset(jobs.size() + 1, 0);  // of each job's partial outputs, spans x width
+  for (size_t j = 0; j < jobs.size(); ++j) offset[j + 1] = offset[j] + spans * jobs[j].width;
+  float* part = Scratch(ScratchSlot::kPartial, static_cast<size_t>(offset.back()));
+  parallel.For(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+    const Task& t = tasks[static_cast<size_t>(i)];
+    const GatherJob& job = jobs[t.job];
+    float* out = part + offset[t.job] + t.span * job.width + t.c0;
+    std::fill(out, out + (t.c1 - t.c0), 0.f);
+    GatherInt4CodesAvx2(*job.w, rows.data(), codes->q.data(), codes->d.data(), cut[t.span], cut[t.span + 1],
+                        job.col + t.c0, t.c1 - t.c0, out);
+  });
+  for (size_t j = 0; j < jobs.size(); ++j)
+    for (int64_t t = 0; t < spans; ++t) {
+      if (cut[t] == cut[t + 1]) continue;
+      const float* p = part + offset[j] + t * jobs[j].width;
+      for (int64_t c = 0; c < jobs[j].width; ++c) jobs[j].y[c] += p[c];
+    }
+#endif
+}
+
 void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels, const Matrix& w,
                     int64_t col, int64_t width, const float* bias, float* out, const Parallel& parallel,
                     const ActivationCodes* codes) {
+  ChannelProject(x, S, D, channels, {GatherJob{&w, col, width, bias, out}}, parallel, codes);
+}
+
+void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels,
+                    const std::vector<GatherJob>& jobs, const Parallel& parallel, const ActivationCodes* codes) {
   std::vector<float> coeff(channels.size() * static_cast<size_t>(S));
   for (size_t c = 0; c < channels.size(); ++c)
     for (int64_t s = 0; s < S; ++s) coeff[c * S + s] = x[s * D + channels[c]];
   RowCodes row_codes;
-  const bool integer = codes && GatherTakesCodes(w, S, width);
+  bool integer = codes != nullptr;
+  for (const GatherJob& job : jobs) integer = integer && GatherTakesCodes(*job.w, S, job.width);
   if (integer) SelectRowCodes(*codes, channels, &row_codes);
-  GatherKeptRows(w, channels, coeff.data(), S, col, width, bias, out, parallel, integer ? &row_codes : nullptr);
+  GatherKeptRows(jobs, channels, coeff.data(), S, parallel, integer ? &row_codes : nullptr);
 }
 
 }  // namespace shadowllm

@@ -34,6 +34,18 @@ void GatherKeptRows(const Matrix& w, const std::vector<int64_t>& rows, const flo
 // Whether GatherKeptRows multiplies a call's coefficients as integer codes, so that its caller has
 // them rounded with codes (RoundRowsToGrid): a decode step (S = 1) over int4 weights, width a multiple
 // of 32, on AVX2. Elsewhere the codes would go unread.
+// One of several gathers over the same listed rows and coefficients (q, k and v of attention, gate and
+// up of the MLP, all from one input's kept channels): y[s * width + c] = bias[c] + sum_i coeff[i * S + s]
+// * w[rows[i], col + c]. The jobs run in one parallel region.
+struct GatherJob {
+  const Matrix* w;
+  int64_t col, width;
+  const float* bias;  // may be null
+  float* y;
+};
+void GatherKeptRows(const std::vector<GatherJob>& jobs, const std::vector<int64_t>& rows, const float* coeff,
+                    int64_t S, const Parallel& parallel, const RowCodes* codes = nullptr);
+
 bool GatherTakesCodes(const Matrix& w, int64_t S, int64_t width);
 
 // Channel-major input projection (activation thresholds): columns [col, col + width) of a [D, ld]
@@ -43,6 +55,10 @@ bool GatherTakesCodes(const Matrix& w, int64_t S, int64_t width);
 // x is on the int8 grid (RoundToGrid).
 void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels, const Matrix& w,
                     int64_t col, int64_t width, const float* bias, float* out, const Parallel& parallel,
+                    const ActivationCodes* codes = nullptr);
+// The same for several column ranges (and matrices) of the one input: one parallel region.
+void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels,
+                    const std::vector<GatherJob>& jobs, const Parallel& parallel,
                     const ActivationCodes* codes = nullptr);
 
 // w[r, c0:c1) as fp32 into out (any format and block axis; c0, c1 multiples of 32 for quantized

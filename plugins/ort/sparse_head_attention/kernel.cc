@@ -68,22 +68,29 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
       // Each run of consecutive units is one column block of a [D, units*E] weight, read one kept
       // channel row at a time (KeptChannels: all D without a threshold).
       const std::vector<int64_t> channels = KeptChannels(a.x + b * S * D, S, D, a.t_x);
-      std::vector<float> block;
-      auto project_runs = [&](const std::vector<int64_t>& units, const Matrix& w, int64_t first_row) {
+      // q, k and v in one parallel region: a job per run, each into its own [S, width] block.
+      std::vector<GatherJob> jobs;
+      std::vector<int64_t> first_rows;  // of each job's run in proj
+      std::vector<std::vector<float>> blocks;
+      auto add_runs = [&](const std::vector<int64_t>& units, const Matrix& w, int64_t first_row) {
         for (size_t i = 0; i < units.size();) {
           size_t j = i + 1;
           while (j < units.size() && units[j] == units[j - 1] + 1) ++j;
           const int64_t width = static_cast<int64_t>(j - i) * E;
-          block.resize(static_cast<size_t>(S * width));
-          ChannelProject(x, S, D, channels, w, units[i] * E, width, nullptr, block.data(), parallel, x_codes);
-          for (int64_t c = 0; c < width; ++c)
-            for (int64_t s = 0; s < S; ++s) proj[(first_row + static_cast<int64_t>(i) * E + c) * S + s] = block[s * width + c];
+          blocks.emplace_back(static_cast<size_t>(S * width));
+          jobs.push_back({&w, units[i] * E, width, nullptr, nullptr});
+          first_rows.push_back(first_row + static_cast<int64_t>(i) * E);
           i = j;
         }
       };
-      project_runs(heads, a.w_q, 0);
-      project_runs(groups, a.w_k, K * E);
-      project_runs(groups, a.w_v, (K + NG) * E);
+      add_runs(heads, a.w_q, 0);
+      add_runs(groups, a.w_k, K * E);
+      add_runs(groups, a.w_v, (K + NG) * E);
+      for (size_t i = 0; i < jobs.size(); ++i) jobs[i].y = blocks[i].data();
+      ChannelProject(x, S, D, channels, jobs, parallel, x_codes);
+      for (size_t i = 0; i < jobs.size(); ++i)
+        for (int64_t c = 0; c < jobs[i].width; ++c)
+          for (int64_t s = 0; s < S; ++s) proj[(first_rows[i] + c) * S + s] = blocks[i][s * jobs[i].width + c];
     } else {
       // Every weight row this call needs: q rows of kept heads, k and v rows of the needed kv heads.
       auto unit_rows = [&](const std::vector<int64_t>& units) {

@@ -27,12 +27,20 @@ void SparseNeuronMLP(const MLPArgs& a, const Parallel& parallel) {
     if (a.channel_major) {
       // Every output of a kept channel's row, then the kept neurons picked out of it.
       const std::vector<int64_t> channels = KeptChannels(a.x + b * S * D, S, D, a.t_x);
-      std::vector<float> full(static_cast<size_t>(S * F));
-      for (int pass = 0; pass < (gated ? 2 : 1); ++pass) {
-        ChannelProject(x, S, D, channels, pass ? a.w_gate : a.w_in, 0, F, nullptr, full.data(), parallel, x_codes);
+      const int passes = gated ? 2 : 1;  // up, then gate: one parallel region
+      std::vector<float> full(static_cast<size_t>(passes * S * F));
+      std::vector<GatherJob> jobs{{&a.w_in, 0, F, nullptr, full.data()}};
+      if (gated) jobs.push_back({&a.w_gate, 0, F, nullptr, full.data() + S * F});
+      ChannelProject(x, S, D, channels, jobs, parallel, x_codes);
+      for (int pass = 0; pass < passes; ++pass) {
+        const float* src = full.data() + pass * S * F;
         float* dst = pre.data() + pass * K * S;
+        if (K == F && S == 1) {  // every neuron kept (thresholds alone): already in place
+          std::copy(src, src + F, dst);
+          continue;
+        }
         for (int64_t k = 0; k < K; ++k)
-          for (int64_t s = 0; s < S; ++s) dst[k * S + s] = full[s * F + kept[k]];
+          for (int64_t s = 0; s < S; ++s) dst[k * S + s] = src[s * F + kept[k]];
       }
     } else {
       // Input rows: the kept w_in rows, then (gated) the kept w_gate rows.

@@ -308,6 +308,43 @@ AVX2_TARGET void DotQuantRowsInt8Avx2S(const ActivationCodes& x, int64_t S_, con
   }
 }
 
+// A decode step (one token) four rows at a time: x's block codes are loaded once for the four, and
+// the four rows' sums are independent chains — one row at a time, every block's FMA waited on the
+// previous block's (latency, not bytes, set its pace: ~7.5 cycles a block in L2 or out of L3 alike).
+AVX2_TARGET void DotFourRowsInt8Avx2(const ActivationCodes& x, const Matrix& w, const int64_t* rows, int64_t i0,
+                                     int64_t i1, float* out) {
+  const int64_t D = w.cols, nb = D / kBlock;
+  const bool int4 = w.format == WeightFormat::kInt4;
+  const int8_t* q = int4 ? x.q_pairs.data() : x.q.data();
+  const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  for (int64_t i = i0; i < i1; i += 4) {
+    const int64_t r[4] = {rows[i], rows[i + 1], rows[i + 2], rows[i + 3]};
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float lift[4] = {};
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kBlock));
+      const float dx = x.d[b];
+      for (int u = 0; u < 4; ++u) {
+        __m256i wq, xs = xq;
+        if (int4) {
+          const __m128i raw =
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.bytes() + (r[u] * D + b * kBlock) / 2));
+          wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+        } else {  // maddubs multiplies unsigned by signed bytes: |w| by x with w's sign
+          const __m256i codes = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.data) + r[u] * D + b * kBlock));
+          xs = _mm256_sign_epi8(xq, codes);
+          wq = _mm256_sign_epi8(codes, codes);
+        }
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wq, xs), ones));
+        acc[u] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w.scale[r[u] * nb + b]) * dx), dot, acc[u]);
+        if (w.minimum) lift[u] += _cvtsh_ss(w.minimum[r[u] * nb + b]) * x.dsum[b];
+      }
+    }
+    for (int u = 0; u < 4; ++u) out[i + u] = Sum8(acc[u]) + lift[u];
+  }
+}
+
 // A decode step's gather (one token) over int4 weights with blocks across rows, coefficients on the
 // int8 grid (their codes q, block scales d): per block of listed rows, the integer sums
 // sum_k q[k] * code[k, c] for every column, then one scale per column: y[c] += d_w[c] * d_x * sum +
@@ -414,7 +451,11 @@ AVX2_TARGET void GatherInt4CodesAvx2(const Matrix& w, const int64_t* rows, const
 AVX2_TARGET
 void DotQuantRowsInt8Avx2(const ActivationCodes& x, int64_t S, const Matrix& w, const int64_t* rows, int64_t i0,
                           int64_t i1, float* out) {
-  if (S == 1) return DotQuantRowsInt8Avx2S<1>(x, S, w, rows, i0, i1, out);
+  if (S == 1) {
+    const int64_t i4 = i0 + (i1 - i0) / 4 * 4;
+    DotFourRowsInt8Avx2(x, w, rows, i0, i4, out);
+    return DotQuantRowsInt8Avx2S<1>(x, S, w, rows, i4, i1, out);
+  }
   DotQuantRowsInt8Avx2S<0>(x, S, w, rows, i0, i1, out);
 }
 

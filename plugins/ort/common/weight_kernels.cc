@@ -267,6 +267,22 @@ AVX2_TARGET void GatherQuantColumnsAvx2S(const Matrix& w, const std::vector<int6
 // moved onto x's codes) meet x's 32 codes in one maddubs (pairs summed to 16 bits: at most
 // 2 * 128 * 127, no saturation), one madd to 32 bits, one conversion, one FMA with d_w * d_x. An int4
 // block's minimum meets d_x * sum(q_x) (codes.dsum) once per block.
+// The integer dot of one block of weight codes (flat element index i, a multiple of 32) with x's 32
+// codes xq, as 8 float lanes to be summed: int4 codes as their two nibble planes (x's codes in the
+// matching pair order, ActivationCodes::q_pairs), int8 codes as magnitudes with the signs moved onto x.
+AVX2_TARGET inline __m256 BlockCodeDot(const Matrix& w, int64_t i, bool int4, __m256i xq) {
+  __m256i wq;
+  if (int4) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.bytes() + i / 2));
+    wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(15));
+  } else {  // maddubs multiplies unsigned by signed bytes: |w| by x with w's sign
+    const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.data) + i));
+    xq = _mm256_sign_epi8(xq, codes);
+    wq = _mm256_sign_epi8(codes, codes);
+  }
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), _mm256_set1_epi16(1)));
+}
+
 template <int kS>
 AVX2_TARGET void DotQuantRowsInt8Avx2S(const ActivationCodes& x, int64_t S_, const Matrix& w, const int64_t* rows,
                                        int64_t i0, int64_t i1, float* out) {
@@ -274,29 +290,16 @@ AVX2_TARGET void DotQuantRowsInt8Avx2S(const ActivationCodes& x, int64_t S_, con
   const int64_t D = w.cols, nb = D / kBlock;
   const bool int4 = w.format == WeightFormat::kInt4;
   const int8_t* q = int4 ? x.q_pairs.data() : x.q.data();
-  const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t r = rows[i];
     __m256 acc[kMaxDecode];
     float lift[kMaxDecode] = {};
     for (int64_t s = 0; s < S; ++s) acc[s] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-      __m256i codes;
-      if (int4) {
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.bytes() + (r * D + b * kBlock) / 2));
-        codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
-      } else {
-        codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.data) + r * D + b * kBlock));
-      }
       const float dw = _cvtsh_ss(w.scale[r * nb + b]);
-      for (int64_t s = 0; s < S; ++s) {
-        __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + s * D + b * kBlock));
-        __m256i wq = codes;
-        if (!int4) {  // maddubs multiplies unsigned by signed bytes: |w| by x with w's sign
-          xq = _mm256_sign_epi8(xq, codes);
-          wq = _mm256_sign_epi8(codes, codes);
-        }
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones));
+      for (int64_t s = 0; s < S; ++s) {  // the block's codes are read once from memory, then from L1
+        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + s * D + b * kBlock));
+        const __m256 dot = BlockCodeDot(w, r * D + b * kBlock, int4, xq);
         acc[s] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d[s * nb + b]), dot, acc[s]);
       }
       if (w.minimum) {
@@ -309,14 +312,14 @@ AVX2_TARGET void DotQuantRowsInt8Avx2S(const ActivationCodes& x, int64_t S_, con
 }
 
 // A decode step (one token) four rows at a time: x's block codes are loaded once for the four, and
-// the four rows' sums are independent chains — one row at a time, every block's FMA waited on the
-// previous block's (latency, not bytes, set its pace: ~7.5 cycles a block in L2 or out of L3 alike).
+// the four rows' sums are independent chains (one row at a time, every block's FMA waits on the
+// previous block's). research/decode_kernel_bench.cc: 7.0-8.5 -> 6.6-6.7 cycles a block in L2, out
+// of L3 within its noise.
 AVX2_TARGET void DotFourRowsInt8Avx2(const ActivationCodes& x, const Matrix& w, const int64_t* rows, int64_t i0,
                                      int64_t i1, float* out) {
   const int64_t D = w.cols, nb = D / kBlock;
   const bool int4 = w.format == WeightFormat::kInt4;
   const int8_t* q = int4 ? x.q_pairs.data() : x.q.data();
-  const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   for (int64_t i = i0; i < i1; i += 4) {
     const int64_t r[4] = {rows[i], rows[i + 1], rows[i + 2], rows[i + 3]};
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -325,18 +328,7 @@ AVX2_TARGET void DotFourRowsInt8Avx2(const ActivationCodes& x, const Matrix& w, 
       const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kBlock));
       const float dx = x.d[b];
       for (int u = 0; u < 4; ++u) {
-        __m256i wq, xs = xq;
-        if (int4) {
-          const __m128i raw =
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.bytes() + (r[u] * D + b * kBlock) / 2));
-          wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
-        } else {  // maddubs multiplies unsigned by signed bytes: |w| by x with w's sign
-          const __m256i codes = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.data) + r[u] * D + b * kBlock));
-          xs = _mm256_sign_epi8(xq, codes);
-          wq = _mm256_sign_epi8(codes, codes);
-        }
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wq, xs), ones));
+        const __m256 dot = BlockCodeDot(w, r[u] * D + b * kBlock, int4, xq);
         acc[u] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(w.scale[r[u] * nb + b]) * dx), dot, acc[u]);
         if (w.minimum) lift[u] += _cvtsh_ss(w.minimum[r[u] * nb + b]) * x.dsum[b];
       }
@@ -385,7 +377,7 @@ AVX2_TARGET void GatherInt4CodesAvx2(const Matrix& w, const int64_t* rows, const
     int sum = 0;
     while (j < g1 && rows[j] / kBlock == block) sum += q[j++];
     const float dx = d[block];
-    if (dx == 0.f) {
+    if (dx == 0.f) {  // every coefficient of the block is 0
       i = j;
       continue;
     }
@@ -412,7 +404,9 @@ AVX2_TARGET void GatherInt4CodesAvx2(const Matrix& w, const int64_t* rows, const
           const __m256i b = pair ? Strip(rb + s * 32, half) : _mm256_setzero_si256();
           const __m256i la = _mm256_and_si256(a, low), ha = _mm256_and_si256(_mm256_srli_epi16(a, 4), low);
           const __m256i lb = _mm256_and_si256(b, low), hb = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
-          __m256i* acc = a16 + s * 4;
+          // byte i of a 32-byte load holds columns 2i (low nibble) and 2i + 1; per 128-bit lane,
+          // unpacklo takes bytes 0-7 and unpackhi bytes 8-15 of the lane
+          __m256i* acc = a16 + s * 4;  // columns 0,2..14 | 32..46; 16..30 | 48..62; 1..15 | 33..47; 17..31 | 49..63
           acc[0] = _mm256_add_epi16(acc[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(la, lb), cf));
           acc[1] = _mm256_add_epi16(acc[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(la, lb), cf));
           acc[2] = _mm256_add_epi16(acc[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ha, hb), cf));
@@ -421,6 +415,7 @@ AVX2_TARGET void GatherInt4CodesAvx2(const Matrix& w, const int64_t* rows, const
       }
       for (int64_t s = 0; s < strips; ++s) {
         const __m256i* h = a16 + s * 4;
+        // even and odd columns interleaved back: p0 = columns 0-7 | 32-39, p1 8-15 | 40-47, ...
         const __m256i p[4] = {_mm256_unpacklo_epi16(h[0], h[2]), _mm256_unpackhi_epi16(h[0], h[2]),
                               _mm256_unpacklo_epi16(h[1], h[3]), _mm256_unpackhi_epi16(h[1], h[3])};
         __m256i* acc = a32 + s * 8;
@@ -661,13 +656,18 @@ void GatherOne(const GatherJob& job, const std::vector<int64_t>& rows, const flo
   });
 }
 
+// Whether the integer gather runs these jobs: every one of them takes codes.
+bool JobsTakeCodes(const std::vector<GatherJob>& jobs, int64_t S) {
+  for (const GatherJob& job : jobs)
+    if (!GatherTakesCodes(*job.w, S, job.width)) return false;
+  return true;
+}
+
 }  // namespace
 
 void GatherKeptRows(const std::vector<GatherJob>& jobs, const std::vector<int64_t>& rows, const float* coeff,
                     int64_t S, const Parallel& parallel, const RowCodes* codes) {
-  bool integer = codes != nullptr;
-  for (const GatherJob& job : jobs) integer = integer && GatherTakesCodes(*job.w, S, job.width);
-  if (!integer) {
+  if (!(codes && JobsTakeCodes(jobs, S))) {
     for (const GatherJob& job : jobs) GatherOne(job, rows, coeff, S, parallel);
     return;
   }
@@ -730,8 +730,7 @@ void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int6
   for (size_t c = 0; c < channels.size(); ++c)
     for (int64_t s = 0; s < S; ++s) coeff[c * S + s] = x[s * D + channels[c]];
   RowCodes row_codes;
-  bool integer = codes != nullptr;
-  for (const GatherJob& job : jobs) integer = integer && GatherTakesCodes(*job.w, S, job.width);
+  const bool integer = codes && JobsTakeCodes(jobs, S);
   if (integer) SelectRowCodes(*codes, channels, &row_codes);
   GatherKeptRows(jobs, channels, coeff.data(), S, parallel, integer ? &row_codes : nullptr);
 }

@@ -718,12 +718,6 @@ void GatherKeptRows(const std::vector<GatherJob>& jobs, const std::vector<int64_
 #endif
 }
 
-void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels, const Matrix& w,
-                    int64_t col, int64_t width, const float* bias, float* out, const Parallel& parallel,
-                    const ActivationCodes* codes) {
-  ChannelProject(x, S, D, channels, {GatherJob{&w, col, width, bias, out}}, parallel, codes);
-}
-
 void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels,
                     const std::vector<GatherJob>& jobs, const Parallel& parallel, const ActivationCodes* codes) {
   std::vector<float> coeff(channels.size() * static_cast<size_t>(S));

@@ -48,15 +48,12 @@ void GatherKeptRows(const std::vector<GatherJob>& jobs, const std::vector<int64_
 
 bool GatherTakesCodes(const Matrix& w, int64_t S, int64_t width);
 
-// Channel-major input projection (activation thresholds): columns [col, col + width) of a [D, ld]
-// weight stored one row per input channel, of which only the kept `channels` are read:
-// out[s, :] = bias + sum over kept d of x[s, d] * w[d, col : col + width]  (out row-major [S, width]).
-// x must already hold zeros where the threshold dropped an entry of a token; codes: x's codes when
-// x is on the int8 grid (RoundToGrid).
-void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels, const Matrix& w,
-                    int64_t col, int64_t width, const float* bias, float* out, const Parallel& parallel,
-                    const ActivationCodes* codes = nullptr);
-// The same for several column ranges (and matrices) of the one input: one parallel region.
+// Channel-major input projections (activation thresholds), one job each: columns [job.col, job.col +
+// job.width) of a [D, ld] weight stored one row per input channel, of which only the kept `channels`
+// are read: job.y[s, :] = bias + sum over kept d of x[s, d] * w[d, col : col + width] (row-major
+// [S, width]). The jobs (q, k and v, or gate and up: one input) run in one parallel region. x must
+// already hold zeros where the threshold dropped an entry of a token; codes: x's codes when x is on
+// the int8 grid (RoundToGrid).
 void ChannelProject(const float* x, int64_t S, int64_t D, const std::vector<int64_t>& channels,
                     const std::vector<GatherJob>& jobs, const Parallel& parallel,
                     const ActivationCodes* codes = nullptr);

@@ -48,8 +48,14 @@ fi
 PYTHON="$PWD/.venv/bin/python" cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$(nproc)" >/dev/null
 if [ "$peers" = 1 ]; then
-  # CPU build, this machine's instruction set (llama.cpp's default GGML_NATIVE), both cores
-  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "${pip[@]}" install --no-binary llama-cpp-python \
-    llama-cpp-python==0.3.36
+  # CPU build, this machine's instruction set (llama.cpp's default GGML_NATIVE), both cores, without
+  # its AMX backend: on Sapphire Rapids VMs ggml_backend_amx_mul_mat segfaults on the first eval
+  # (seen here; ggml-org/llama.cpp#20824), so AMX machines get llama.cpp's AVX-512 kernels. The -mno-amx
+  # flags win over -march=native in either order and change nothing on a CPU without AMX. --no-cache-dir:
+  # a wheel built with other flags is not reused.
+  amx_off="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS='$amx_off' -DCMAKE_CXX_FLAGS='$amx_off'" \
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "${pip[@]}" install --no-cache-dir \
+    --no-binary llama-cpp-python llama-cpp-python==0.3.36
 fi
 echo "shadowllm: environment ready in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

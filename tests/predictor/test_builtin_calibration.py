@@ -74,7 +74,12 @@ def test_recomputed_histograms_give_the_shipped_thresholds(smollm2, shipped):
     with torch.no_grad():
         for b in range(0, RECOMPUTED_WINDOWS, 4):
             sparse_forward(shipped.model_for(model), windows[b:b + 4], observer=observe)
-    assert torch.all(hist <= shipped.histograms)  # counts add up over windows: a part never exceeds the whole
+    # Counts add up over windows: a part never exceeds the whole, for every |v| >= 1e-4. Below it the
+    # values come from cancellation, and their relative error follows the CPU's summation order: on an
+    # AVX-512 machine (the artifact came from an AVX2 one) 530 of 1e8 counts, all |v| < 10^-4.4, moved
+    # several bins. The thresholds live far above (the 10% quantiles lie at |v| ~ 10^-3.5 and up).
+    first = int((-4.0 - th.LOG_LO) / (th.LOG_HI - th.LOG_LO) * th.BINS)
+    assert torch.all(hist[..., first:] <= shipped.histograms[..., first:])
     recomputed = th.Calibration(m, hist, None, rotation=shipped.rotation)
     for s in (0.1, 0.25, 0.5, 0.75):
         levels = torch.full((arch.num_layers, 4), s)

@@ -46,13 +46,20 @@ def quantize_lm_head(graph, blocks=None, activations: str = "fp32") -> int:
 
     logits = next(v for v in graph.outputs if v.name == "logits")
     head = logits.producer()
-    transpose = head.inputs[1].producer() if head is not None and head.op_type == "MatMul" else None
+    matmul = head is not None and head.op_type == "MatMul"
+    transpose = head.inputs[1].producer() if matmul else None
     perm = transpose.attributes.get("perm") if transpose is not None else None
-    if (transpose is None or transpose.op_type != "Transpose" or transpose.inputs[0].const_value is None
+    if matmul and transpose is None and head.inputs[1].const_value is not None:
+        # an untied head: the exporter folded the transpose into a [D, V] initializer
+        table, transpose = head.inputs[1], None
+        w = torch.from_numpy(np.ascontiguousarray(table.const_value.numpy().T))
+    elif (transpose is None or transpose.op_type != "Transpose" or transpose.inputs[0].const_value is None
             or (perm is not None and list(perm.value) != [1, 0])):
-        raise ValueError("export: the LM head is not MatMul(h, Transpose(weight)); cannot quantize it")
-    table = transpose.inputs[0]
-    w = torch.from_numpy(np.ascontiguousarray(table.const_value.numpy()))
+        raise ValueError("export: the LM head is not MatMul(h, Transpose(weight)) nor MatMul(h, constant); "
+                         "cannot quantize it")
+    else:
+        table = transpose.inputs[0]
+        w = torch.from_numpy(np.ascontiguousarray(table.const_value.numpy()))
     q = blocks.lookup(w, 1) if blocks is not None else None
     if q is None or q.fmt != HEAD_FORMAT:
         q = quantize(w, HEAD_FORMAT, 1)
@@ -74,7 +81,7 @@ def quantize_lm_head(graph, blocks=None, activations: str = "fp32") -> int:
     logits_value.name = "lm_head/fp32_logits"  # free the name before the new output takes it
     node.outputs[0].name = "logits"
     graph.remove(head, safe=True)
-    if not transpose.outputs[0].uses():
+    if transpose is not None and not transpose.outputs[0].uses():
         graph.remove(transpose, safe=True)
     if not table.uses():
         graph.initializers.pop(table.name)

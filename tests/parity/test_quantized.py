@@ -178,12 +178,14 @@ def test_attention_with_quantized_weights(fmt, layout, S, activations):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("shape", ((1, 1), (2, 3), (1, 6)))  # decode steps, and a prompt's every position
 @pytest.mark.parametrize("activations", ("fp32", "int8"))
-def test_blocked_matmul(fmt, shape, activations):
+@pytest.mark.parametrize("D", (96, 288))
+def test_blocked_matmul(fmt, shape, activations, D):
     """The quantized LM head: y = x @ w^T from the codes, native kernel and function body, against the
     float64 product of the dequantized values (x on the int8 grid first with activation_bits 8: the
-    same fp32 inputs round the same way everywhere, so no boundary case needs a bound)."""
+    same fp32 inputs round the same way everywhere, so no boundary case needs a bound). D 288: nine
+    blocks a row, the decode dot's eight-block groups and a remainder (96: the remainder alone)."""
     rng = np.random.default_rng()  # fresh inputs every run; the tolerance holds for any draw
-    N, D = 4160, 96  # N: more than one 4,096-row chunk of the prompt path
+    N = 4160  # more than one 4,096-row chunk of the prompt path
     inits, exact = _quantized_initializers("w", (rng.standard_normal((N, D)) * 0.1).astype(np.float32), fmt, 1)
     x = rng.standard_normal((*shape, D)).astype(np.float32)
     names = ["x"] + [i.name for i in inits]
@@ -280,3 +282,30 @@ def test_eval_scores_the_quantized_values_and_counts_their_bytes(tiny_llama, tmp
     assert int4["bytes_per_token"] == int((0.5 + 4 / 32) * blocks + (1 + 2 / 32) * V * D)
     assert main(["eval", str(tiny_llama), "--weights", "int2", "--out", str(tmp_path / "x")]) == 2
     assert "--weights 'int2': expected one of fp32, int8, int4, gguf" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folded", (False, True))
+def test_lm_head_is_quantized_tied_or_folded(folded):
+    """The LM head as the exporter leaves it: MatMul(h, Transpose(table)) when the embedding is tied, or
+    MatMul(h, constant [D, V]) when an untied head's transpose was folded (TinyLlama's shape): both
+    become one BlockedMatMul over the int8 codes of W [V, D], and the float table leaves the graph."""
+    import onnx_ir as ir
+
+    from shadowllm.export.weights import quantize_lm_head
+
+    rng = np.random.default_rng()
+    V, D = 64, 96
+    w = (rng.standard_normal((V, D)) * 0.1).astype(np.float32)
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, D])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, V])
+    if folded:
+        nodes, table = [helper.make_node("MatMul", ["h", "table"], ["logits"])], numpy_helper.from_array(w.T.copy(), "table")
+    else:
+        nodes = [helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["h", "table_t"], ["logits"])]
+        table = numpy_helper.from_array(w, "table")
+    model = ir.serde.deserialize_model(helper.make_model(helper.make_graph(nodes, "head", [h], [logits], [table])))
+    quantize_lm_head(model.graph)
+    assert [n.op_type for n in model.graph] == ["BlockedMatMul"] and "table" not in model.graph.initializers
+    codes = model.graph.initializers["lm_head.weight"].const_value.numpy()
+    assert np.array_equal(codes, quantize(torch.from_numpy(w), "int8", 1).codes.numpy())

@@ -85,6 +85,9 @@ class Plan:
     predictor_policies: bool = True
     threads: int | None = None
     peers: bool = True  # llama.cpp (when installed) and onnxruntime MatMulNBits rows, on the real model
+    # which weights' cells: fp32 (the exports' own weights) and int4 (SmolLM2: the embedded GGUF's Q4_1
+    # blocks; a synthetic model: int4 round-to-nearest in blocks of 32), `--weights`
+    weights: tuple = ("fp32", "int4")
     notes: list = field(default_factory=list)
 
     @classmethod
@@ -380,17 +383,22 @@ def _isolated(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def _prepare(name: str, predictor_policies: bool, peers: bool = False, threads: int | None = None) -> dict:
+def _prepare(name: str, predictor_policies: bool, peers: bool = False, threads: int | None = None,
+             weights: tuple = ("fp32", "int4")) -> dict:
     """The exports a model's cells need, made once and cached: {"dense": folder, policy: folder}; with
-    peers, the peers' files too: "ort-matmulnbits" and "llama.cpp <type>" (bench/peers.py)."""
+    peers, the peers' files too: "ort-matmulnbits" and "llama.cpp <type>" (bench/peers.py). weights:
+    which cells (Plan.weights); the fp32 dense export is also made for the peers (MatMulNBits quantizes it)."""
     model, tokenizer, root = _load_model(name)
     root.mkdir(parents=True, exist_ok=True)
-    folders = {"dense": _cached_export(root, model, tokenizer, "dense"),
-               "threshold": _cached_export(root, model, tokenizer, "threshold")}
-    if predictor_policies and name in REAL:
-        for policy, (predictor, pdir) in _predictors(model, tokenizer, root).items():
-            folders[policy] = _cached_export(root, model, tokenizer, policy, predictor, pdir)
-    if name in REAL:  # 4-bit cells: the embedded GGUF's own blocks (`--weights gguf`: its Q4_1 codes as they are)
+    folders = {}
+    if "fp32" in weights or (peers and name in REAL):
+        folders["dense"] = _cached_export(root, model, tokenizer, "dense")
+    if "fp32" in weights:
+        folders["threshold"] = _cached_export(root, model, tokenizer, "threshold")
+        if predictor_policies and name in REAL:
+            for policy, (predictor, pdir) in _predictors(model, tokenizer, root).items():
+                folders[policy] = _cached_export(root, model, tokenizer, policy, predictor, pdir)
+    if "int4" in weights and name in REAL:  # the embedded GGUF's own blocks (`--weights gguf`: its Q4_1 codes as they are)
         from shadowllm.models.quant import apply_weights
 
         fmt, _, _ = apply_weights(model, "gguf", "int8")  # int8 activations: the integer decode kernels
@@ -399,6 +407,12 @@ def _prepare(name: str, predictor_policies: bool, peers: bool = False, threads: 
         # and dense with fp32 activations (the float kernels), to show what the integer products buy
         model._shadowllm_activations = "fp32"
         folders["dense-int4-fp32"] = _cached_export(root, model, tokenizer, "dense", weights=fmt, label="gguf-fp32act")
+    elif "int4" in weights:  # a synthetic model has no file of its own: int4 round-to-nearest, int8 activations
+        from shadowllm.models.quant import apply_weights
+
+        fmt, _, _ = apply_weights(model, "int4", "int8")
+        for policy in ("dense", "threshold"):
+            folders[f"{policy}-int4"] = _cached_export(root, model, tokenizer, policy, weights=fmt)
     if peers and name in REAL:
         from shadowllm.models.loading import EMBEDDED, locate_gguf
 
@@ -492,24 +506,28 @@ def bench_model(name: str, plan: Plan, bandwidth, model=None, tokenizer=None, ro
     given (tests, tiny models) everything runs in this process instead. `bandwidth()` reads the
     machine's bandwidth now (bytes/s); it is called before every group of every round."""
     if model is None:
-        folders = _isolated(_prepare, name, plan.predictor_policies, plan.peers, plan.threads)
+        folders = _isolated(_prepare, name, plan.predictor_policies, plan.peers, plan.threads, plan.weights)
         run_group = lambda *args: _isolated(_group, *args)  # noqa: E731
     else:
         root.mkdir(parents=True, exist_ok=True)
         folders = {k: str(_cached_export(root, model, tokenizer, k)) for k in ("dense", "threshold")}
         run_group = lambda *args: _group(*args, model=model)  # noqa: E731
-    arch = _bench_arch(Path(folders["dense"]))
+    arch = _bench_arch(Path(folders.get("dense") or folders["dense-int4"]))
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, arch["vocab"], (1, plan.prompt_tokens), generator=g)
-    groups = [(kind, folders["dense"]) for kind in ["hf-eager", "ort-dense"] +
-              (["ort-function"] if plan.function_grid else []) + ["ort-native"]]
-    if tensorrt_status() is None:
-        groups.append(("tensorrt", folders["dense"]))
-    groups += [(policy, folders[policy]) for policy in ("shadow", "dejavu") if policy in folders]
-    if plan.threshold_grid:
-        groups.append(("threshold", folders["threshold"]))
+    groups = []
+    if "threshold" in folders:  # the fp32 cells
+        groups += [(kind, folders["dense"]) for kind in ["hf-eager", "ort-dense"] +
+                   (["ort-function"] if plan.function_grid else []) + ["ort-native"]]
+        if tensorrt_status() is None:
+            groups.append(("tensorrt", folders["dense"]))
+        groups += [(policy, folders[policy]) for policy in ("shadow", "dejavu") if policy in folders]
+        if plan.threshold_grid:
+            groups.append(("threshold", folders["threshold"]))
     if "dense-int4" in folders:  # the same native cells on 4-bit weights
-        groups += [("ort-native", folders["dense-int4"]), ("ort-native-dense", folders["dense-int4-fp32"])]
+        groups.append(("ort-native", folders["dense-int4"]))
+        if "dense-int4-fp32" in folders:
+            groups.append(("ort-native-dense", folders["dense-int4-fp32"]))
         if plan.threshold_grid:
             groups.append(("threshold", folders["threshold-int4"]))
     groups += [(kind, folder) for kind, folder in folders.items() if kind.startswith("llama.cpp") or

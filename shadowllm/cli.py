@@ -439,6 +439,11 @@ def cmd_bench(args):
         plan.predictor_policies = False
     if args.no_peers:
         plan.peers = False
+    if args.weights is not None:
+        unknown = [w for w in args.weights if w not in ("fp32", "int4")]
+        if unknown or not args.weights:
+            raise ShadowError(f"--weights {','.join(args.weights)}: expected fp32, int4 or both (comma-separated)")
+        plan.weights = tuple(args.weights)
     rows, meta = run(plan)
     command = "shadowllm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.out:
@@ -649,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, default=None, help="runs per cell (default 3; quick 2)")
     p.add_argument("--prompt-tokens", type=positive_int, default=None, help="prompt length (default 128; quick 64)")
     p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: all cores)")
+    p.add_argument("--weights", type=lambda v: [w for w in v.split(",") if w], default=None,
+                   help="which cells: fp32, int4 (SmolLM2: the embedded GGUF's blocks; synthetic models: int4 "
+                        "round-to-nearest) or both (default)")
     p.add_argument("--no-predictors", action="store_true",
                    help="skip the shadow and dejavu cells (their predictors train first: minutes on SmolLM2)")
     p.add_argument("--no-peers", action="store_true",

@@ -51,6 +51,7 @@ def run_cli(*args):
     (["generate", "--prompt", "x", "--head-sparsity", "half"], "--head-sparsity: expects a number"),
     (["bench", "--models", "gpt-9"], "--models gpt-9: expected some of smollm2-135m, tinyllama-1.1b, opt-1.3b"),
     (["bench", "--tokens", "0"], "--tokens: must be at least 1, got 0"),
+    (["bench", "--weights", "int5"], "--weights int5: expected fp32, int4 or both"),
     (["build", "no-such-export", "--target", "tensorrt"], "no-such-export: no such export folder"),
 ])
 def test_bad_input_is_one_clear_line(args, expected):

@@ -39,15 +39,22 @@ void BlockedMatMulKernel::Compute(OrtKernelContext* context) {
   if (T == 0 || w.rows == 0) return;
   const OrtParallel parallel(ctx);
   const int64_t chunk = T < 4 ? w.rows : 4096;
-  std::vector<float> out(static_cast<size_t>(std::min(chunk, w.rows) * T));
-  std::vector<int64_t> rows;
+  // The row list and the product are reused across calls on this thread: at a decode step (T = 1) the
+  // head's 49k-row list and its logits were otherwise allocated, faulted in and zeroed every token.
+  thread_local std::vector<int64_t> rows;
+  thread_local std::vector<float> out;
   for (int64_t r0 = 0; r0 < w.rows; r0 += chunk) {
     const int64_t r1 = std::min(w.rows, r0 + chunk);
-    rows.resize(static_cast<size_t>(r1 - r0));
-    std::iota(rows.begin(), rows.end(), r0);
-    ProjectKeptRows(x, T, w, rows, out.data(), parallel, activation_bits ? &codes : nullptr);  // out[i * T + t]
-    for (int64_t i = 0; i < r1 - r0; ++i)
-      for (int64_t t = 0; t < T; ++t) y[t * w.rows + r0 + i] = out[i * T + t];
+    if (rows.size() != static_cast<size_t>(r1 - r0) || (!rows.empty() && rows[0] != r0)) {
+      rows.resize(static_cast<size_t>(r1 - r0));
+      std::iota(rows.begin(), rows.end(), r0);
+    }
+    // one token: out[i * T + t] is y's own layout, so the rows land in place
+    float* dst = T == 1 ? y + r0 : (out.resize(static_cast<size_t>((r1 - r0) * T)), out.data());
+    ProjectKeptRows(x, T, w, rows, dst, parallel, activation_bits ? &codes : nullptr);  // dst[i * T + t]
+    if (T != 1)
+      for (int64_t i = 0; i < r1 - r0; ++i)
+        for (int64_t t = 0; t < T; ++t) y[t * w.rows + r0 + i] = out[i * T + t];
   }
 }
 

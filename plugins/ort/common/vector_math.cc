@@ -83,4 +83,50 @@ float ExpShiftedSum(float* v, int64_t n, float shift) {
   return sum;
 }
 
+// Compiled for AVX-512, AVX2 and baseline x86-64 (SHADOWLLM_CLONES), 16 entries a vector: the
+// attention kernel itself is built for baseline x86-64, where a dot of a 64-entry head ran as one
+// dependent chain of SSE multiply-adds per (head, key).
+SHADOWLLM_CLONES
+void ScoreKeys(const float* q, int64_t n, const float* keys, int64_t m, int64_t E, float scale, float* p) {
+  const int64_t E16 = E / 16 * 16;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* qi = q + i * E;
+    int64_t j = 0;
+    for (; j + 4 <= m; j += 4) {
+      const float* k0 = keys + j * E;
+      V16 acc[4] = {};
+      for (int64_t e = 0; e < E16; e += 16) {
+        const V16 qv = Load(qi + e);
+        for (int u = 0; u < 4; ++u) acc[u] += qv * Load(k0 + u * E + e);
+      }
+      for (int u = 0; u < 4; ++u) {
+        float tail = 0.f;
+        for (int64_t e = E16; e < E; ++e) tail += qi[e] * k0[u * E + e];
+        p[i * m + j + u] = scale * (Sum(acc[u]) + tail);
+      }
+    }
+    for (; j < m; ++j) {
+      float a = 0.f;
+      for (int64_t e = 0; e < E; ++e) a += qi[e] * keys[j * E + e];
+      p[i * m + j] = scale * a;
+    }
+  }
+}
+
+SHADOWLLM_CLONES
+void AccumulateValues(const float* p, int64_t n, const float* values, int64_t m, int64_t E, float* out,
+                      int64_t stride) {
+  const int64_t E16 = E / 16 * 16;
+  for (int64_t i = 0; i < n; ++i) {
+    float* oi = out + i * stride;
+    for (int64_t e = 0; e < E16; e += 16) {  // 16 context entries of head i over every key
+      V16 acc = Load(oi + e);
+      for (int64_t j = 0; j < m; ++j) acc += Splat(p[i * m + j]) * Load(values + j * E + e);
+      Store(oi + e, acc);
+    }
+    for (int64_t e = E16; e < E; ++e)
+      for (int64_t j = 0; j < m; ++j) oi[e] += p[i * m + j] * values[j * E + e];
+  }
+}
+
 }  // namespace shadowllm

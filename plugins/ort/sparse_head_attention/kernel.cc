@@ -40,8 +40,24 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
   const int64_t C = a.C, N = std::max(C, T);  // past_key's positions, present's
   const bool in_place = a.present_key == a.past_key;
   const int64_t per_group = H / G;
-  std::vector<float> kept_x, grid_x;
-  ActivationCodes codes;
+  // Per-call temporaries, kept per calling thread and reused (each is fully written before it is read;
+  // see SparseNeuronMLP). Bound as references: the parallel tasks below capture them, and a
+  // thread_local named inside a task would be the executing thread's own, empty one.
+  thread_local struct {
+    std::vector<float> kept_x, grid_x, proj, partial, context, merged;
+    std::vector<int64_t> heads, channels, first_rows, out_rows;
+    std::vector<GatherJob> jobs;
+    std::vector<std::vector<float>> run_out;  // the channel-major path's [S, width] per run
+    ActivationCodes codes;
+    RowCodes context_codes;  // blocks of 32 of the H*E entries
+  } mine;
+  auto &kept_x = mine.kept_x, &grid_x = mine.grid_x, &proj = mine.proj, &partial = mine.partial,
+       &context = mine.context, &merged = mine.merged;
+  auto &heads = mine.heads, &channels = mine.channels, &first_rows = mine.first_rows, &out_rows = mine.out_rows;
+  auto &jobs = mine.jobs;
+  auto &run_out = mine.run_out;
+  auto &codes = mine.codes;
+  auto &context_codes = mine.context_codes;
   const ActivationCodes* x_codes = a.activation_bits ? &codes : nullptr;
   for (int64_t b = 0; b < a.B; ++b) {
     const float* x = KeepLarge(a.x + b * S * D, S * D, a.t_x, kept_x);  // below t_x: zero
@@ -50,7 +66,7 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
       RoundToGrid(grid_x.data(), S, D, &codes);
       x = grid_x.data();
     }
-    const std::vector<int64_t> heads = ActiveRows(a.head_mask + b * H, H);
+    ActiveRows(a.head_mask + b * H, H, heads);
     const int64_t K = static_cast<int64_t>(heads.size());
     std::vector<int64_t> groups;  // kv heads whose new K/V are computed
     {
@@ -63,21 +79,21 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
     const int64_t* positions = a.position_ids + b * S;
 
     // q of kept heads, k and v of the needed kv heads: proj is [rows, S] with rows = (K + 2 NG) * E.
-    std::vector<float> proj(static_cast<size_t>((K + 2 * NG) * E * S));
+    proj.resize(static_cast<size_t>((K + 2 * NG) * E * S));
     if (a.channel_major) {
       // Each run of consecutive units is one column block of a [D, units*E] weight, read one kept
       // channel row at a time (KeptChannels: all D without a threshold).
-      const std::vector<int64_t> channels = KeptChannels(a.x + b * S * D, S, D, a.t_x);
+      KeptChannels(a.x + b * S * D, S, D, a.t_x, channels);
       // q, k and v in one parallel region: a job per run, each into its own [S, width] block.
-      std::vector<GatherJob> jobs;
-      std::vector<int64_t> first_rows;  // of each job's run in proj
-      std::vector<std::vector<float>> blocks;
+      jobs.clear();
+      first_rows.clear();  // of each job's run in proj
       auto add_runs = [&](const std::vector<int64_t>& units, const Matrix& w, int64_t first_row) {
         for (size_t i = 0; i < units.size();) {
           size_t j = i + 1;
           while (j < units.size() && units[j] == units[j - 1] + 1) ++j;
           const int64_t width = static_cast<int64_t>(j - i) * E;
-          blocks.emplace_back(static_cast<size_t>(S * width));
+          if (run_out.size() <= jobs.size()) run_out.emplace_back();
+          run_out[jobs.size()].resize(static_cast<size_t>(S * width));
           jobs.push_back({&w, units[i] * E, width, nullptr, nullptr});
           first_rows.push_back(first_row + static_cast<int64_t>(i) * E);
           i = j;
@@ -86,11 +102,11 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
       add_runs(heads, a.w_q, 0);
       add_runs(groups, a.w_k, K * E);
       add_runs(groups, a.w_v, (K + NG) * E);
-      for (size_t i = 0; i < jobs.size(); ++i) jobs[i].y = blocks[i].data();
+      for (size_t i = 0; i < jobs.size(); ++i) jobs[i].y = run_out[i].data();
       ChannelProject(x, S, D, channels, jobs, parallel, x_codes);
       for (size_t i = 0; i < jobs.size(); ++i)
         for (int64_t c = 0; c < jobs[i].width; ++c)
-          for (int64_t s = 0; s < S; ++s) proj[(first_rows[i] + c) * S + s] = blocks[i][s * jobs[i].width + c];
+          for (int64_t s = 0; s < S; ++s) proj[(first_rows[i] + c) * S + s] = run_out[i][s * jobs[i].width + c];
     } else {
       // Every weight row this call needs: q rows of kept heads, k and v rows of the needed kv heads.
       auto unit_rows = [&](const std::vector<int64_t>& units) {
@@ -152,7 +168,7 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
     for (int64_t k = K - 1; k >= 0; --k) first[heads[k] / per_group] = k;
     for (int64_t g = G - 1; g >= 0; --g) first[g] = std::min(first[g], first[g + 1]);
     // partials per (kept head, token, block): max, sum, then E context entries
-    std::vector<float> partial(static_cast<size_t>(K * S * blocks * (E + 2)));
+    partial.resize(static_cast<size_t>(K * S * blocks * (E + 2)));
     auto part = [&](int64_t k, int64_t s, int64_t c) { return partial.data() + ((k * S + s) * blocks + c) * (E + 2); };
     const int64_t* visible = a.attention_mask + b * T;
     parallel.For(G * S * blocks, [&](int64_t task) {
@@ -160,7 +176,10 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
       const int64_t k0 = first[g], n = first[g + 1] - k0;
       if (n == 0) return;
       const int64_t j0 = c * keys_per_block, width = std::min(T - j0, keys_per_block);
-      std::vector<float> q(static_cast<size_t>(n * E)), p(static_cast<size_t>(n * width));
+      thread_local struct { std::vector<float> q, p; } task_buffers;  // per thread: the tasks run on both
+      auto &q = task_buffers.q, &p = task_buffers.p;  // one TLS lookup per task, not one per use
+      q.resize(static_cast<size_t>(n * E));
+      p.resize(static_cast<size_t>(n * width));
       const float* keys = a.present_key + (b * G + g) * N * E;
       const float* values = a.present_value + (b * G + g) * N * E;
       for (int64_t i = 0; i < n; ++i) {
@@ -172,11 +191,14 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
         part(k, s, c)[0] = -FLT_MAX;
       }
       const int64_t oldest = a.window > 0 ? P + s - a.window + 1 : 0;  // the first key inside the window
+      // every key's score, then the hidden ones (later than the token, outside the window, padding)
+      // set to the float minimum
+      ScoreKeys(q.data(), n, keys + j0 * E, width, E, a.scale, p.data());
       for (int64_t j = 0; j < width; ++j) {
         const bool seen = j0 + j <= P + s && j0 + j >= oldest && visible[j0 + j];
         for (int64_t i = 0; i < n; ++i) {
-          const float v = seen ? Dot(q.data() + i * E, keys + (j0 + j) * E, E) * a.scale : -FLT_MAX;
-          p[i * width + j] = v;
+          float& v = p[i * width + j];
+          if (!seen) v = -FLT_MAX;
           float& top = part(k0 + i, s, c)[0];
           top = std::max(top, v);
         }
@@ -186,21 +208,17 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
         r[1] = ExpShiftedSum(p.data() + i * width, width, r[0]);
         std::fill(r + 2, r + 2 + E, 0.f);
       }
-      for (int64_t j = 0; j < width; ++j) {
-        const float* row = values + (j0 + j) * E;
-        for (int64_t i = 0; i < n; ++i) {
-          const float w = p[i * width + j];
-          float* oi = part(k0 + i, s, c) + 2;
-          for (int64_t e = 0; e < E; ++e) oi[e] += w * row[e];
-        }
-      }
+      // consecutive kept heads' partials lie S * blocks * (E + 2) floats apart
+      AccumulateValues(p.data(), n, values + j0 * E, width, E, part(k0, s, c) + 2, S * blocks * (E + 2));
     });
-    std::vector<float> context(static_cast<size_t>(K * E * S));
+    context.resize(static_cast<size_t>(K * E * S));
+    merged.resize(static_cast<size_t>(E));  // one (head, token)'s context, its blocks merged
+    float* out = merged.data();
     for (int64_t k = 0; k < K; ++k)
       for (int64_t s = 0; s < S; ++s) {
         float top = -FLT_MAX, total = 0.f;
         for (int64_t c = 0; c < blocks; ++c) top = std::max(top, part(k, s, c)[0]);
-        std::vector<float> out(static_cast<size_t>(E), 0.f);
+        std::fill(out, out + E, 0.f);
         for (int64_t c = 0; c < blocks; ++c) {
           const float* r = part(k, s, c);
           const float f = std::exp(r[0] - top);  // 0 for a block of hidden keys when some key is seen
@@ -212,8 +230,7 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
 
     // y = sum over kept heads of context_h @ w_o_t[hE:(h+1)E] + b_o: the E rows each kept head owns;
     // with t_o, only the rows of context entries that count for some token.
-    std::vector<int64_t> out_rows;
-    out_rows.reserve(static_cast<size_t>(K * E));
+    out_rows.clear();
     size_t used = 0;
     for (int64_t k = 0; k < K; ++k)
       for (int64_t e = 0; e < E; ++e) {
@@ -229,10 +246,9 @@ void SparseHeadAttention(const AttentionArgs& a, const Parallel& parallel) {
         ++used;
         out_rows.push_back(heads[k] * E + e);
       }
-    RowCodes context_codes;  // blocks of 32 of the H*E entries
-    RowCodes* codes = a.activation_bits && GatherTakesCodes(a.w_o_t, S, D) ? &context_codes : nullptr;
-    if (a.activation_bits) RoundRowsToGrid(out_rows, context.data(), S, codes);
-    GatherKeptRows(a.w_o_t, out_rows, context.data(), S, 0, D, a.b_o, a.y + b * S * D, parallel, codes);
+    RowCodes* context_grid = a.activation_bits && GatherTakesCodes(a.w_o_t, S, D) ? &context_codes : nullptr;
+    if (a.activation_bits) RoundRowsToGrid(out_rows, context.data(), S, context_grid);
+    GatherKeptRows(a.w_o_t, out_rows, context.data(), S, 0, D, a.b_o, a.y + b * S * D, parallel, context_grid);
   }
 }
 

@@ -268,19 +268,24 @@ AVX2_TARGET void GatherQuantColumnsAvx2S(const Matrix& w, const std::vector<int6
 // 2 * 128 * 127, no saturation), one madd to 32 bits, one conversion, one FMA with d_w * d_x. An int4
 // block's minimum meets d_x * sum(q_x) (codes.dsum) once per block.
 // The integer dot of one block of weight codes (flat element index i, a multiple of 32) with x's 32
-// codes xq, as 8 float lanes to be summed: int4 codes as their two nibble planes (x's codes in the
-// matching pair order, ActivationCodes::q_pairs), int8 codes as magnitudes with the signs moved onto x.
-AVX2_TARGET inline __m256 BlockCodeDot(const Matrix& w, int64_t i, bool int4, __m256i xq) {
+// codes xq, as 8 int32 lanes to be summed (BlockCodeDot: as floats): int4 codes as their two nibble
+// planes (x's codes in the matching pair order, ActivationCodes::q_pairs), int8 codes as magnitudes
+// with the signs moved onto x.
+AVX2_TARGET inline __m256i BlockCodeSums(const Matrix& w, int64_t i, bool int4, __m256i xq) {
   __m256i wq;
   if (int4) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.bytes() + i / 2));
     wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(15));
-  } else {  // maddubs multiplies unsigned by signed bytes: |w| by x with w's sign
+  } else {
     const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.data) + i));
     xq = _mm256_sign_epi8(xq, codes);
     wq = _mm256_sign_epi8(codes, codes);
   }
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), _mm256_set1_epi16(1)));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), _mm256_set1_epi16(1));
+}
+
+AVX2_TARGET inline __m256 BlockCodeDot(const Matrix& w, int64_t i, bool int4, __m256i xq) {
+  return _mm256_cvtepi32_ps(BlockCodeSums(w, i, int4, xq));
 }
 
 template <int kS>
@@ -311,13 +316,6 @@ AVX2_TARGET void DotQuantRowsInt8Avx2S(const ActivationCodes& x, int64_t S_, con
   }
 }
 
-// A decode step (one token) four rows at a time: x's block codes are loaded once for the four, and
-// the four rows' sums are independent chains. Eight blocks of a row at a time: each block's integer dot
-// stays an int32 vector until the eight are summed across lanes together (one vector, a block a lane),
-// so the fp16 scales and minimums are converted, multiplied by x's scales and accumulated eight at a
-// time, not one scalar conversion, multiply and broadcast per block and row (research/decode_kernel_bench.cc
-// on an AVX-512 Xeon, int8 inputs, cycles a 32-weight block: in L2 5.0-5.2 -> 4.0-4.1, out of cache
-// 10.3-10.5 -> 8.3-8.6).
 // Lane sums of eight int32 vectors, one vector: lane k = the sum of v[k]'s 8 lanes.
 AVX2_TARGET inline __m256i LaneSums8(const __m256i v[8]) {
   const __m256i h01 = _mm256_hadd_epi32(v[0], v[1]), h23 = _mm256_hadd_epi32(v[2], v[3]);
@@ -326,21 +324,13 @@ AVX2_TARGET inline __m256i LaneSums8(const __m256i v[8]) {
   return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
-// The integer dot of one block of weight codes with x's codes, as 8 int32 lanes (BlockCodeDot before
-// its conversion to float).
-AVX2_TARGET inline __m256i BlockCodeSums(const Matrix& w, int64_t i, bool int4, __m256i xq) {
-  __m256i wq;
-  if (int4) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.bytes() + i / 2));
-    wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(15));
-  } else {
-    const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(w.data) + i));
-    xq = _mm256_sign_epi8(xq, codes);
-    wq = _mm256_sign_epi8(codes, codes);
-  }
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), _mm256_set1_epi16(1));
-}
-
+// A decode step (one token) four rows at a time: x's block codes are loaded once for the four, and
+// the four rows' sums are independent chains. Eight blocks of a row at a time: each block's integer dot
+// stays an int32 vector until the eight are summed across lanes together (one vector, a block a lane),
+// so the fp16 scales and minimums are converted, multiplied by x's scales and accumulated eight at a
+// time, not one scalar conversion, multiply and broadcast per block and row
+// (research/decode_kernel_bench.cc on an AVX-512 Xeon, int8 inputs, cycles a 32-weight block: in L2
+// 5.0-5.2 -> 4.0-4.1, out of cache 10.3-10.5 -> 8.3-8.6).
 AVX2_TARGET void DotFourRowsInt8Avx2(const ActivationCodes& x, const Matrix& w, const int64_t* rows, int64_t i0,
                                      int64_t i1, float* out) {
   const int64_t D = w.cols, nb = D / kBlock, nb8 = nb / 8 * 8;

@@ -398,21 +398,20 @@ def _prepare(name: str, predictor_policies: bool, peers: bool = False, threads: 
         if predictor_policies and name in REAL:
             for policy, (predictor, pdir) in _predictors(model, tokenizer, root).items():
                 folders[policy] = _cached_export(root, model, tokenizer, policy, predictor, pdir)
-    if "int4" in weights and name in REAL:  # the embedded GGUF's own blocks (`--weights gguf`: its Q4_1 codes as they are)
+    if "int4" in weights:
+        # SmolLM2: the embedded GGUF's own blocks (`--weights gguf`: its Q4_1 codes as they are); a synthetic
+        # model has no file of its own: int4 round-to-nearest. int8 activations: the integer decode kernels
         from shadowllm.models.quant import apply_weights
 
-        fmt, _, _ = apply_weights(model, "gguf", "int8")  # int8 activations: the integer decode kernels
+        real = name in REAL
+        fmt, _, _ = apply_weights(model, "gguf" if real else "int4", "int8")
         for policy in ("dense", "threshold"):
-            folders[f"{policy}-int4"] = _cached_export(root, model, tokenizer, policy, weights=fmt, label="gguf")
-        # and dense with fp32 activations (the float kernels), to show what the integer products buy
-        model._shadowllm_activations = "fp32"
-        folders["dense-int4-fp32"] = _cached_export(root, model, tokenizer, "dense", weights=fmt, label="gguf-fp32act")
-    elif "int4" in weights:  # a synthetic model has no file of its own: int4 round-to-nearest, int8 activations
-        from shadowllm.models.quant import apply_weights
-
-        fmt, _, _ = apply_weights(model, "int4", "int8")
-        for policy in ("dense", "threshold"):
-            folders[f"{policy}-int4"] = _cached_export(root, model, tokenizer, policy, weights=fmt)
+            folders[f"{policy}-int4"] = _cached_export(root, model, tokenizer, policy, weights=fmt,
+                                                       label="gguf" if real else None)
+        if real:  # and dense with fp32 activations (the float kernels), to show what the integer products buy
+            model._shadowllm_activations = "fp32"
+            folders["dense-int4-fp32"] = _cached_export(root, model, tokenizer, "dense", weights=fmt,
+                                                        label="gguf-fp32act")
     if peers and name in REAL:
         from shadowllm.models.loading import EMBEDDED, locate_gguf
 
